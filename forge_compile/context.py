@@ -1,0 +1,75 @@
+"""Per-compile state shared by the backend, the passes and explain(): options, names, the report."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+__all__ = ["ForgeOptions", "FusedParam", "CompileReport", "PassContext", "current_reports"]
+
+_INNER_COMPILERS = ("inductor", "aot_eager")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgeOptions:
+    """User options of the forge backend (forge_compile.compile(fn, **options))."""
+
+    fuse: bool = True            # False: capture the whole step as one graph, rewrite nothing
+    inner: str = "inductor"      # "inductor", or "aot_eager" (no codegen: fast CPU tests)
+
+    @staticmethod
+    def from_kwargs(**kwargs) -> "ForgeOptions":
+        """Build options; an unknown name or bad value raises a one-line error naming the fix."""
+        names = [f.name for f in dataclasses.fields(ForgeOptions)]
+        for k in kwargs:
+            if k not in names:
+                raise TypeError(f"forge_compile: unknown option {k!r}; valid options: {', '.join(names)}")
+        opts = ForgeOptions(**kwargs)
+        if opts.inner not in _INNER_COMPILERS:
+            raise ValueError(f"forge_compile: inner={opts.inner!r} is not supported; "
+                             f"use one of {', '.join(map(repr, _INNER_COMPILERS))}")
+        if not isinstance(opts.fuse, bool):
+            raise TypeError(f"forge_compile: fuse must be True or False, got {opts.fuse!r}")
+        return opts
+
+
+@dataclasses.dataclass
+class FusedParam:
+    """One weight whose gradient GEMM was fused with its optimizer update."""
+
+    name: str                    # module path, e.g. "blocks.0.mlp.up.weight"
+    shape: tuple
+    gradient_bytes: int          # bytes of the gradient that is never materialised
+    rule: str                    # the epilogue program, printable
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """What one backend compile did: filled by the backend and the passes, read by explain()."""
+
+    graph_index: int
+    fused: Dict[str, FusedParam] = dataclasses.field(default_factory=dict)
+    unfused: Dict[str, str] = dataclasses.field(default_factory=dict)   # param name -> reason
+    graph_before: Optional[str] = None     # the post-grad ATen graph handed to the passes
+    graph_after: Optional[str] = None      # the same graph after the forge rewrite
+    graph_module_after: object = None      # torch.fx.GraphModule copy of graph_after (drawing)
+
+    @property
+    def gradient_bytes_eliminated(self) -> int:
+        return sum(f.gradient_bytes for f in self.fused.values())
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may read: options, the name of each graph input, the report to fill."""
+
+    options: ForgeOptions
+    input_names: List[Optional[str]]   # i-th placeholder of the ATen graph -> its user-facing name
+    report: CompileReport
+
+
+# Reports of the compiles made while explain() (or a test) listens; None when nobody listens.
+_LISTENERS: List[List[CompileReport]] = []
+
+
+def current_reports() -> List[List[CompileReport]]:
+    return _LISTENERS
