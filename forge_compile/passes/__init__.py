@@ -11,13 +11,24 @@ from typing import Callable, List
 import torch
 
 from forge_compile.context import PassContext
+from forge_compile.passes.decompose_fused_optimizers import decompose_fused_optimizers
+from forge_compile.passes.fused_linear_update import fuse_linear_updates
+from forge_compile.passes.unroll_foreach import unroll_foreach
 
 __all__ = ["PASSES", "run_passes"]
 
 Pass = Callable[[torch.fx.GraphModule, PassContext], torch.fx.GraphModule]
 
-# Order and why (filled by the rewrite work): analysis passes first, mutating passes last.
-PASSES: List[Pass] = []
+PASSES: List[Pass] = [
+    # 1. fused=True optimizers are one op over lists (_fused_adamw): rewrite them as the
+    #    equivalent _foreach_* / per-element ATen ops first, so that 2. also unrolls them.
+    decompose_fused_optimizers,
+    # 2. foreach=True (the GPU default) hides each parameter's update in list ops: one per-element
+    #    chain per parameter is what the matcher needs. Value-preserving, so safe if 3. refuses.
+    unroll_foreach,
+    # 3. the mutating rewrite, last (STYLE 4): GEMM + update region -> fused_linear_update_.
+    fuse_linear_updates,
+]
 
 
 def run_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:

@@ -1,0 +1,675 @@
+"""The FORGE rewrite: weight-gradient GEMM + its optimizer update → one in-place fused op.
+
+For every parameter W updated in the captured step (a ``copy_(W, new_W)`` at the end of the
+functional graph) the pass:
+
+1. walks back from ``new_W`` through elementwise ops to the gradient, and accepts it only if the
+   gradient is one ``mm`` seen through views/transposes/casts/copies
+   (``mm(permute(dY), X)`` in Inductor's post-grad graph, ``mm → permute → permute →
+   copy(empty, ·)`` in the raw AOT graph, ``_to_copy(mm_bf16, fp32)`` under autocast);
+2. collects the update region: every elementwise node computed from the gradient, the sinks
+   (``copy_`` of W and of the optimizer state) they feed, and the grad-independent elementwise nodes
+   (``mul(W, 1 - lr·wd)``, ``mul(v, β2)``) those read;
+3. proves with networkx (passes/liveness.py) that the gradient and every gradient-derived value
+   has no reader outside the region (no norm/clip, hook output, graph output, surviving ``.grad``),
+   that no per-step scalar the update reads is computed from the region (a trust ratio or clip
+   coefficient is), and finds the last reader of W and the state outside the region (``dX = dY·W``);
+4. lowers the region into an EpilogueProgram (forge_compile.epilogue): 0-d graph values become
+   runtime scalar inputs (the LR, the bias corrections from the step counter), Python numbers
+   baked by Dynamo become constants;
+5. inserts ``forge_compile::fused_linear_update_(dY, X, W, state, scalars, program)`` after the last
+   reader of W/state, erases the sinks and every node that became dead (the gradient included).
+
+Anything not proven is left unfused, with ``ctx.report.unfused[name] = reason``, a
+``refused: <category>`` counter and a log line.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch
+from torch._dynamo.utils import counters
+
+from forge_compile import patterns as _patterns
+from forge_compile.context import FusedParam, PassContext
+from forge_compile.epilogue import GRAD, PARAM, OPS, EpilogueProgram, Instr
+from forge_compile.kernels.fused_linear_update import fused_linear_update_  # noqa: F401 (registers op)
+from forge_compile.passes.liveness import GraphFacts
+
+__all__ = ["fuse_linear_updates", "Refused", "lower_rules"]
+
+log = logging.getLogger("forge_compile")
+aten = torch.ops.aten
+prims = torch.ops.prims
+FUSED_OP = torch.ops.forge_compile.fused_linear_update_.default
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+class Refused(Exception):
+    """A parameter left unfused: ``category`` (the counter key) and a human ``detail``."""
+
+    def __init__(self, category: str, detail: str = ""):
+        super().__init__(f"{category}: {detail}" if detail else category)
+        self.category = category
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering rules: ATen op → epilogue instructions. ``e(op, *args)`` emits one instruction.
+# Numerics follow ATen's CPU kernels: add/sub with alpha is one fmadd there (vec::fmadd).
+# ---------------------------------------------------------------------------------------------
+
+def _alpha(e, op, a, b, alpha=1):
+    if alpha == 1:
+        return e(op, a, b)
+    return e("fma", b, alpha if op == "add" else -alpha, a)
+
+
+def _rsub(e, a, b, alpha=1):
+    return _alpha(e, "sub", b, a, alpha)
+
+
+def _div(e, a, b, rounding_mode=None):
+    if rounding_mode is not None:
+        raise Refused("not elementwise-exact", f"div with rounding_mode={rounding_mode}")
+    return e("div", a, b)
+
+
+def _addcmul(e, s, t1, t2, value=1):
+    # ATen: self + value * t1 * t2
+    return e("add", s, e("mul", e("mul", t1, value) if value != 1 else t1, t2))
+
+
+def _addcdiv(e, s, t1, t2, value=1):
+    # ATen: self + value * t1 / t2
+    return e("add", s, e("div", e("mul", t1, value) if value != 1 else t1, t2))
+
+
+def _clamp(e, x, min=None, max=None):
+    if min is not None:
+        x = e("maximum", x, min)
+    if max is not None:
+        x = e("minimum", x, max)
+    return x
+
+
+def _un(op):
+    return lambda e, x: e(op, x)
+
+
+def _bin(op):
+    return lambda e, a, b: e(op, a, b)
+
+
+lower_rules = {
+    aten.add.Tensor: lambda e, a, b, alpha=1: _alpha(e, "add", a, b, alpha),
+    aten.add.Scalar: lambda e, a, b, alpha=1: _alpha(e, "add", a, b, alpha),
+    aten.sub.Tensor: lambda e, a, b, alpha=1: _alpha(e, "sub", a, b, alpha),
+    aten.sub.Scalar: lambda e, a, b, alpha=1: _alpha(e, "sub", a, b, alpha),
+    aten.rsub.Tensor: _rsub,
+    aten.rsub.Scalar: _rsub,
+    aten.mul.Tensor: _bin("mul"),
+    aten.mul.Scalar: _bin("mul"),
+    aten.div.Tensor: _div,
+    aten.div.Scalar: _div,
+    aten.div.Tensor_mode: _div,
+    aten.pow.Tensor_Scalar: _bin("pow"),
+    aten.pow.Tensor_Tensor: _bin("pow"),
+    aten.pow.Scalar: _bin("pow"),
+    aten.maximum.default: _bin("maximum"),
+    aten.minimum.default: _bin("minimum"),
+    aten.clamp_min.default: _bin("maximum"),
+    aten.clamp_min.Tensor: _bin("maximum"),
+    aten.clamp_max.default: _bin("minimum"),
+    aten.clamp_max.Tensor: _bin("minimum"),
+    aten.clamp.default: _clamp,
+    aten.clamp.Tensor: _clamp,
+    aten.where.self: lambda e, c, a, b: e("where", c, a, b),
+    aten.lerp.Scalar: lambda e, a, b, w: e("lerp", a, b, w),
+    aten.lerp.Tensor: lambda e, a, b, w: e("lerp", a, b, w),
+    aten.addcmul.default: _addcmul,
+    aten.addcdiv.default: _addcdiv,
+    prims.fma.default: lambda e, a, b, c: e("fma", a, b, c),
+    aten.square.default: lambda e, x: e("mul", x, x),
+    aten.sgn.default: _un("sign"),
+}
+for _name in ("neg", "sqrt", "rsqrt", "reciprocal", "abs", "sign", "exp", "log"):
+    lower_rules[getattr(aten, _name).default] = _un(_name)
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    lower_rules[getattr(aten, _name).Tensor] = _bin(_name)
+    lower_rules[getattr(aten, _name).Scalar] = _bin(_name)
+for _name in ("sqrt", "rsqrt", "reciprocal", "abs", "sign", "exp", "log", "neg"):
+    if hasattr(prims, _name):
+        lower_rules[getattr(prims, _name).default] = _un(_name)
+for _name, _op in (("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"),
+                   ("maximum", "maximum"), ("minimum", "minimum"), ("pow", "pow")):
+    if hasattr(prims, _name):
+        lower_rules[getattr(prims, _name).default] = _bin(_op)
+
+# value-preserving nodes: (target → index of the data argument). Casts are checked separately.
+_TRANSPARENT = {
+    aten.clone.default: 0, aten.alias.default: 0, aten.detach.default: 0,
+    aten.view.default: 0, aten.reshape.default: 0, aten._unsafe_view.default: 0,
+    aten.permute.default: 0, aten.t.default: 0, aten.transpose.int: 0,
+    aten._to_copy.default: 0, prims.convert_element_type.default: 0,
+    aten.copy.default: 1, aten.contiguous.default: 0, aten.lift_fresh_copy.default: 0,
+}
+_CONSTANT_FILL = {aten.full.default: 1, aten.scalar_tensor.default: 0,
+                  aten.full_like.default: 1}
+_ZERO_ONE = {aten.zeros_like.default: 0.0, aten.ones_like.default: 1.0,
+             aten.zeros.default: 0.0, aten.ones.default: 1.0}
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _shape(n):
+    v = _val(n)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _is_scalar_tensor(n) -> bool:
+    v = _val(n)
+    return isinstance(v, torch.Tensor) and v.dim() == 0
+
+
+def _is_symnum(n) -> bool:
+    v = _val(n)
+    return isinstance(v, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(v, bool)
+
+
+def _op_name(n: torch.fx.Node) -> str:
+    return str(n.target) if n.op == "call_function" else f"{n.op} {n.target}"
+
+
+def _flips(n: torch.fx.Node) -> Optional[int]:
+    """How many times a transparent node transposes a 2-D value (0/1), None if it reshapes."""
+    src = n.args[_TRANSPARENT[n.target]]
+    s_in, s_out = _shape(src), _shape(n)
+    if n.target in (aten.permute.default,):
+        dims = [d % 2 for d in n.args[1]]
+        return 0 if dims == [0, 1] else 1 if dims == [1, 0] else None
+    if n.target is aten.t.default:
+        return 1
+    if n.target is aten.transpose.int:
+        d0, d1 = (d % 2 for d in n.args[1:3])
+        return 0 if d0 == d1 else 1
+    if s_in != s_out or s_in is None or len(s_in) != 2:
+        return None
+    return 0
+
+
+def _cast_ok(n: torch.fx.Node) -> bool:
+    """A cast inside the gradient chain: only to fp32/fp64 (bf16 → fp32 under autocast)."""
+    v = _val(n)
+    return isinstance(v, torch.Tensor) and v.dtype in _FLOAT_DTYPES
+
+
+def _fold(op: str, args) -> float:
+    from forge_compile.epilogue import _TORCH_OPS
+    t = [torch.tensor(a, dtype=torch.float64) for a in args]
+    return _TORCH_OPS[op](*t).item()
+
+
+class _Builder:
+    """Collects the epilogue program while the region is lowered."""
+
+    def __init__(self):
+        self.ops: List[Instr] = []
+        self.k = 0
+
+    def emit(self, op: str, *args):
+        if op not in OPS:
+            raise Refused("unknown epilogue op", op)
+        if not any(isinstance(a, str) for a in args):
+            return _fold(op, args)
+        name = f"v{self.k}"
+        self.k += 1
+        self.ops.append(Instr(name, op, tuple(args)))
+        return name
+
+
+class _Analysis:
+    """The update region of one parameter: proof, epilogue program, and what to rewrite."""
+
+    def __init__(self, facts: GraphFacts, sinks: Dict[torch.fx.Node, torch.fx.Node],
+                 names: Dict[torch.fx.Node, Optional[str]]):
+        self.facts = facts
+        self.sinks_by_dest = sinks          # placeholder → its copy_ node
+        self.names = names
+
+    # -- 1. find the gradient GEMM ----------------------------------------------------------------
+    def _grad_source(self, n: torch.fx.Node) -> Tuple[Optional[torch.fx.Node], int]:
+        """(mm, transposes) if ``n`` is an mm seen through transparent nodes, else (None, 0)."""
+        flips = 0
+        while n.op == "call_function" and n.target in _TRANSPARENT:
+            f = _flips(n)
+            if f is None or (n.target in (aten._to_copy.default, prims.convert_element_type.default)
+                             and not _cast_ok(n)):
+                return None, 0
+            flips ^= f
+            n = n.args[_TRANSPARENT[n.target]]
+            if not isinstance(n, torch.fx.Node):
+                return None, 0
+        if n.op == "call_function" and n.target is aten.mm.default:
+            return n, flips
+        return None, 0
+
+    def find_gemm(self, value: torch.fx.Node, wshape) -> torch.fx.Node:
+        """The one weight-gradient mm the update of W reads; Refused otherwise."""
+        seen: Set[torch.fx.Node] = set()
+        stack = [value]
+        mms: Set[torch.fx.Node] = set()
+        foreign: List[torch.fx.Node] = []
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, torch.fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if n.op != "call_function" or _is_scalar_tensor(n) or _shape(n) != wshape:
+                continue
+            mm, _ = self._grad_source(n)
+            if mm is not None:
+                mms.add(mm)
+                continue
+            if n.target in _CONSTANT_FILL or n.target in _ZERO_ONE:
+                continue
+            if n.target in _TRANSPARENT:
+                stack.append(n.args[_TRANSPARENT[n.target]])
+                continue
+            if _patterns._lookup(n.target) is not None or n.target in lower_rules:
+                stack.extend(a for a in n.all_input_nodes)
+                continue
+            foreign.append(n)
+        if foreign:
+            f = foreign[0]
+            raise Refused("gradient is not a GEMM",
+                          f"the update reads {f.name} = {_op_name(f)} (bias, norm or embedding "
+                          f"gradient, or a non-elementwise update)")
+        if not mms:
+            raise Refused("no gradient", "the update of this tensor reads no gradient")
+        if len(mms) > 1:
+            raise Refused("several gradient GEMMs",
+                          f"the update reads {len(mms)} GEMMs ({', '.join(m.name for m in mms)}): "
+                          "a shared/tied weight")
+        return mms.pop()
+
+    # -- 2./3. region and proof -------------------------------------------------------------------
+    def analyse(self, dest: torch.fx.Node):
+        wshape = _shape(dest)
+        if wshape is None or len(wshape) != 2:
+            raise Refused("not a 2-D weight", f"shape {wshape}")
+        mm = self.find_gemm(self.sinks_by_dest[dest].args[1], wshape)
+        self.mm = mm
+        # E: the gradient and its transparent copies; F: everything computed from it.
+        grad_nodes: Dict[torch.fx.Node, int] = {mm: 0}
+        work = [mm]
+        F: Set[torch.fx.Node] = set()
+        sinks: Set[torch.fx.Node] = set()
+        while work:
+            n = work.pop()
+            for u in n.users:
+                if u in grad_nodes or u in F or u in sinks:
+                    continue
+                if u.op == "output":
+                    raise Refused("gradient is a graph output",
+                                  f"{n.name} is returned by the graph (.grad kept, or returned)")
+                if (u.op == "call_function" and u.target in _TRANSPARENT and n in grad_nodes
+                        and u.args[_TRANSPARENT[u.target]] is n):
+                    f = _flips(u)
+                    if f is not None and (u.target not in (aten._to_copy.default,
+                                                           prims.convert_element_type.default)
+                                          or _cast_ok(u)):
+                        grad_nodes[u] = grad_nodes[n] ^ f
+                        work.append(u)
+                        continue
+                if u.op == "call_function" and u.target is aten.copy_.default:
+                    if u.args[1] is n and u.args[0].op == "placeholder" and u.args[0] in self.sinks_by_dest:
+                        sinks.add(u)
+                        continue
+                    raise Refused("gradient written to a graph input",
+                                  f"{u.name} = copy_({u.args[0].name}, {n.name})")
+                admissible = (u.op == "call_function" and _shape(u) == wshape
+                              and (u.target in lower_rules or u.target in _TRANSPARENT
+                                   or _patterns._lookup(u.target) is not None))
+                if not admissible:
+                    what = _op_name(u)
+                    cat = "gradient read outside the update"
+                    if "norm" in what:
+                        cat = "gradient read by a norm (clip_grad_norm_ / LAMB / logging)"
+                    raise Refused(cat, f"{n.name} is read by {u.name} = {what}")
+                F.add(u)
+                work.append(u)
+        if not sinks:
+            raise Refused("no update", "the gradient feeds no parameter/state update")
+        self.grad_nodes, self.F, self.sinks = grad_nodes, F, sinks
+
+        # lower every sink value (this also collects the grad-independent region nodes)
+        self.builder = _Builder()
+        self.memo: Dict[torch.fx.Node, object] = {}
+        self.tensor_inputs: List[torch.fx.Node] = []
+        self.scalar_nodes: List[torch.fx.Node] = []
+        self.parity: Optional[int] = None
+        self.region: Set[torch.fx.Node] = set()
+        outputs = []
+        for s in sorted(sinks, key=self.facts.order.__getitem__):
+            d = s.args[0]
+            if _shape(d) != wshape:
+                raise Refused("state not shaped like the weight", f"{d.name}: {_shape(d)}")
+            val = self._value(s.args[1], wshape)
+            if not isinstance(val, (str, tuple)):
+                raise Refused("constant update", f"{d.name} is set to a constant")
+            outputs.append((d, val))
+        missing = F - self.region
+        dead_f = {n for n in missing if not n.users}
+        if missing - dead_f:
+            n = sorted(missing - dead_f, key=self.facts.order.__getitem__)[0]
+            raise Refused("gradient read outside the update", f"{n.name} = {_op_name(n)} reaches no update")
+
+        # liveness proof (networkx): gradient and gradient-derived values are read only inside
+        grad_dep = set(grad_nodes) | F
+        esc = self.facts.escapes(grad_dep, allowed=self.region | sinks | set(grad_nodes))
+        if esc:
+            v, r = esc[0]
+            raise Refused("gradient read outside the update", f"{v.name} is read by {r.name} = {_op_name(r)}")
+        for sc in self.scalar_nodes:
+            if self.facts.depends_on(sc, grad_dep):
+                raise Refused("update not elementwise",
+                              f"per-step value {sc.name} = {_op_name(sc)} is computed from the "
+                              "gradient (trust ratio / clip coefficient / global norm)")
+        self.outputs = outputs
+        self.wshape = wshape
+        return self
+
+    def _value(self, n, wshape):
+        """The program value of graph value ``n`` (a name or a number); extends the region."""
+        if not isinstance(n, torch.fx.Node):
+            if isinstance(n, bool):
+                return n
+            if isinstance(n, (int, float)):
+                return n
+            raise Refused("unsupported argument", repr(n))
+        if n in self.memo:
+            return self.memo[n]
+        if n in self.grad_nodes:
+            p = self.grad_nodes[n]
+            if _shape(n) != wshape:
+                raise Refused("gradient shape", f"{n.name} {_shape(n)} vs weight {wshape}")
+            if self.parity is None:
+                self.parity = p
+            elif self.parity != p:
+                raise Refused("gradient read in two layouts", n.name)
+            v = self.memo[n] = GRAD
+            return v
+        if _is_scalar_tensor(n) or _is_symnum(n):
+            self.scalar_nodes.append(n)
+            v = self.memo[n] = f"s{len(self.scalar_nodes) - 1}"
+            return v
+        if n.op == "placeholder":
+            if _shape(n) != wshape:
+                raise Refused("broadcast input", f"{n.name} has shape {_shape(n)}, weight {wshape}")
+            self.tensor_inputs.append(n)
+            v = self.memo[n] = ("tensor", n)
+            return v
+        if n.op == "call_function" and n.target in _CONSTANT_FILL:
+            c = n.args[_CONSTANT_FILL[n.target]]
+            if isinstance(c, (int, float)) and not isinstance(c, bool):
+                self.memo[n] = float(c)
+                self.region.add(n)
+                return float(c)
+        if n.op == "call_function" and n.target in _ZERO_ONE:
+            self.memo[n] = _ZERO_ONE[n.target]
+            self.region.add(n)
+            return self.memo[n]
+        if n.op != "call_function" or _shape(n) != wshape:
+            raise Refused("per-element input computed outside the update",
+                          f"{n.name} = {_op_name(n)} (shape {_shape(n)})")
+        v = _val(n)
+        if v.dtype not in _FLOAT_DTYPES + (torch.bool,):
+            raise Refused("update computed in low precision",
+                          f"{n.name} is {v.dtype}; the fused epilogue computes in fp32")
+        if n.target in _TRANSPARENT:
+            if n.target in (aten.permute.default, aten.t.default, aten.transpose.int) and _flips(n) != 0:
+                raise Refused("transposed state", n.name)
+            if _flips(n) is None:
+                raise Refused("reshaped value in the update", n.name)
+            out = self._value(n.args[_TRANSPARENT[n.target]], wshape)
+        else:
+            rule = _patterns._lookup(n.target) or lower_rules.get(n.target)
+            if rule is None:
+                raise Refused("not elementwise", f"{n.name} = {_op_name(n)}")
+            args = [self._arg(a, wshape) for a in n.args]
+            kwargs = {k: self._arg(a, wshape) for k, a in n.kwargs.items()
+                      if k not in ("out",)}
+            out = rule(self.builder.emit, *args, **kwargs)
+        self.region.add(n)
+        self.memo[n] = out
+        return out
+
+    def _arg(self, a, wshape):
+        if isinstance(a, (list, tuple)):
+            raise Refused("list argument in the update", repr(a))
+        if isinstance(a, torch.dtype) or a is None or isinstance(a, str):
+            return a
+        v = self._value(a, wshape)
+        return _tensor_ref(v[1]) if isinstance(v, tuple) else v
+
+
+def _tensor_ref(n: torch.fx.Node) -> str:
+    # a placeholder read by the region, until _plan knows its label ("param", "exp_avg", …)
+    return "@" + n.name
+
+
+def _state_label(name: Optional[str], i: int) -> str:
+    if name and "]." in name:
+        return name.rsplit("].", 1)[1]
+    if name and "." in name:
+        return name.rsplit(".", 1)[1]
+    return f"state{i}"
+
+
+def _transpose_node(graph: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node:
+    if (n.op == "call_function" and n.target is aten.permute.default
+            and [d % 2 for d in n.args[1]] == [1, 0]):
+        return n.args[0]
+    if n.op == "call_function" and n.target is aten.t.default:
+        return n.args[0]
+    t = graph.call_function(aten.permute.default, (n, [1, 0]))
+    t.meta["val"] = _val(n).permute(1, 0)
+    return t
+
+
+def _param_names(gm, ctx) -> Dict[torch.fx.Node, Optional[str]]:
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = list(ctx.input_names) if ctx is not None and ctx.input_names else []
+    return {p: (names[i] if i < len(names) else None) for i, p in enumerate(phs)}
+
+
+def _is_param_name(name: Optional[str]) -> bool:
+    return name is None or ("[" not in name and not name.endswith(".grad"))
+
+
+def _record_refusal(ctx, name: str, r: Refused):
+    counters["forge_compile"][f"refused: {r.category}"] += 1
+    reason = f"{r.category}: {r.detail}" if r.detail else r.category
+    if ctx is not None:
+        ctx.report.unfused[name] = reason
+    log.info("forge_compile: %s not fused: %s", name, reason)
+
+
+def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.fx.GraphModule:
+    """Replace every provably-dead weight gradient GEMM + its update by fused_linear_update_."""
+    if ctx is not None and not ctx.options.fuse:
+        return gm
+    graph = gm.graph
+    names = _param_names(gm, ctx)
+    # the sinks: copy_(placeholder, value) at the end of the functional graph
+    sinks: Dict[torch.fx.Node, torch.fx.Node] = {}
+    dup: Set[torch.fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is aten.copy_.default and n.args[0].op == "placeholder":
+            if n.args[0] in sinks:
+                dup.add(n.args[0])
+            sinks[n.args[0]] = n
+    done: Set[torch.fx.Node] = set()
+    changed = False
+    for dest in list(sinks):
+        if dest in done or not isinstance(_val(dest), torch.Tensor) or _val(dest).dim() == 0:
+            continue
+        name = names.get(dest) or dest.name
+        if not _is_param_name(names.get(dest)):
+            continue
+        if not _val(dest).is_floating_point():
+            continue
+        facts = GraphFacts(graph)
+        a = _Analysis(facts, sinks, names)
+        try:
+            if dest in dup:
+                raise Refused("written twice", f"{name} has several copy_ nodes")
+            a.analyse(dest)
+            plan = _plan(a, names, dup)
+        except Refused as r:
+            _record_refusal(ctx, name, r)
+            continue
+        param, state, prog, pos = plan
+        pname = names.get(param) or param.name
+        if names.get(param) and names.get(param) != name and not _is_param_name(names.get(param)):
+            pname = name
+        done.update([param] + list(state))
+        _rewrite(graph, a, param, state, prog, pos)
+        changed = True
+        gbytes = math.prod(a.wshape) * torch.empty((), dtype=_val(a.mm).dtype).element_size()
+        counters["forge_compile"]["fused"] += 1
+        if ctx is not None:
+            ctx.report.fused[pname] = FusedParam(name=pname, shape=tuple(a.wshape),
+                                                 gradient_bytes=gbytes, rule=str(prog))
+            ctx.report.unfused.pop(pname, None)
+        log.info("forge_compile: fused %s %s (%d gradient bytes never materialised)",
+                 pname, tuple(a.wshape), gbytes)
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return gm
+
+
+def _plan(a: _Analysis, names, dup):
+    """Pick param/state, build the program, find the insertion point (hazard check)."""
+    dests = [s.args[0] for s in sorted(a.sinks, key=a.facts.order.__getitem__)]
+    for d in dests:
+        if d in dup:
+            raise Refused("written twice", f"{names.get(d) or d.name} has several copy_ nodes")
+        nm = names.get(d)
+        if nm and nm.endswith(".grad"):
+            raise Refused(".grad kept across steps",
+                          f"the gradient is accumulated into {nm}, which survives the step")
+    reads = [t for t in a.tensor_inputs if t not in dests]
+    for t in reads:
+        nm = names.get(t)
+        if nm and nm.endswith(".grad"):
+            raise Refused(".grad kept across steps", f"the update reads {nm} from the previous step")
+    # the param: a tensor with a user-facing param name; else the one read outside the region
+    def is_param(d):
+        nm = names.get(d)
+        return nm is not None and _is_param_name(nm)
+    params = [d for d in dests if is_param(d)]
+    if not params:
+        outside = [d for d in dests if any(u not in a.region and u not in a.sinks for u in d.users)]
+        params = outside or dests
+    param = params[0]
+    state = [d for d in dests if d is not param] + reads
+    for t in [param] + state:
+        if _val(t).dtype is not _val(param).dtype or _val(t).dtype not in _FLOAT_DTYPES:
+            raise Refused("update computed in low precision",
+                          f"{names.get(t) or t.name} is {_val(t).dtype}; epilogue computes in fp32")
+    labels = {param: PARAM}
+    used = {GRAD, PARAM}
+    for i, s in enumerate(state):
+        lab = _state_label(names.get(s), i)
+        while lab in used or lab in ("v", "s"):
+            lab = f"{lab}_{i}"
+        used.add(lab)
+        labels[s] = lab
+    # tensor inputs appear in instr args as "@<node name>" (see _tensor_ref): map to labels
+    by_ref = {_tensor_ref(t): labels[t] for t in [param] + state}
+    ops = tuple(Instr(i.out, i.op, tuple(by_ref.get(x, x) if isinstance(x, str) else x
+                                         for x in i.args)) for i in a.builder.ops)
+    outputs = []
+    for d, v in a.outputs:
+        v = labels[v[1]] if isinstance(v, tuple) else v
+        if v == labels[d]:
+            continue        # unchanged (copy_(x, x))
+        outputs.append((labels[d], v))
+    if not any(dst == PARAM for dst, _ in outputs):
+        raise Refused("no parameter update", "the weight itself is not updated")
+    scalars = tuple(f"s{i}" for i in range(len(a.scalar_nodes)))
+    prog = EpilogueProgram(tensors=(GRAD, PARAM) + tuple(labels[s] for s in state),
+                           scalars=scalars, ops=ops, outputs=tuple(outputs))
+    # hazards: the op overwrites param/state; every outside reader must come first
+    mutated = [param] + state
+    inside = a.region | a.sinks | set(a.grad_nodes) | a.F
+    # region nodes that stay in the graph (read outside): they read the old W, so stay before
+    kept = {n for n in a.region if any(u not in inside for u in n.users)}
+    work = list(kept)
+    while work:
+        for x in work.pop().all_input_nodes:
+            if x in a.region and x not in kept:
+                kept.add(x)
+                work.append(x)
+    exclude = inside - kept
+    last = a.facts.last_reader(mutated, exclude)
+    if last is not None and last.op == "output":
+        raise Refused("weight is a graph output", "the old value of the weight/state is returned")
+    first_sink = min(a.sinks, key=a.facts.order.__getitem__)
+    if last is not None and a.facts.order[last] > a.facts.order[first_sink]:
+        raise Refused("weight read after its update", f"{last.name} reads it after {first_sink.name}")
+    dy_src, x_src = a.mm.args
+    pos = a.facts.latest([last, dy_src, x_src] + list(a.scalar_nodes))
+    return param, state, prog, pos
+
+
+def _rewrite(graph, a: _Analysis, param, state, prog, pos):
+    """Insert the fused op after ``pos``; erase the sinks and the dead region."""
+    A, B = a.mm.args
+    anchor = pos.next
+    with graph.inserting_before(anchor):
+        if a.parity == 0:       # grad = A·B  → dy = Aᵀ, x = B
+            dy, x = _transpose_node(graph, A), B
+        else:                   # grad = (A·B)ᵀ = Bᵀ·Aᵀ → dy = B, x = Aᵀ
+            dy, x = B, _transpose_node(graph, A)
+        scal = []
+        for s in a.scalar_nodes:
+            if _is_scalar_tensor(s):
+                scal.append(s)
+            else:
+                t = graph.call_function(aten.scalar_tensor.default, (s,), {"dtype": torch.float64})
+                t.meta["val"] = _fake_scalar(_val(a.mm))
+                scal.append(t)
+        op = graph.call_function(FUSED_OP, (dy, x, param, list(state), scal, prog.dumps()))
+        op.meta["val"] = None
+    for s in a.sinks:
+        graph.erase_node(s)
+    # erase what became dead: the gradient chain, the region, their constant leaves
+    cands = set(a.region) | set(a.grad_nodes) | a.F
+    for n in list(cands):
+        cands.update(x for x in n.all_input_nodes if x.op == "call_function")
+    changed = True
+    while changed:
+        changed = False
+        for n in list(cands):
+            if n.graph is graph and not n.users and n.op == "call_function" and not n.is_impure():
+                cands.discard(n)
+                graph.erase_node(n)
+                changed = True
+
+
+def _fake_scalar(like):
+    mode = getattr(like, "fake_mode", None)
+    if mode is None:
+        return torch.empty((), dtype=torch.float64, device=like.device)
+    with mode:
+        return torch.empty((), dtype=torch.float64, device=like.device)

@@ -1,0 +1,91 @@
+"""Liveness facts over an FX graph, computed with networkx.
+
+The fused_linear_update rewrite may only delete a gradient if nothing but the optimizer update
+reads it. This module answers the three questions that proof needs, on a networkx DiGraph of the
+FX graph (edge u → v when v reads u):
+
+* ``escapes``: every read of a value of a region by a node outside the region (a second
+  consumer: a norm for clipping, a hook's side output, the graph output, a ``.grad`` copy …);
+* ``depends_on``: whether a value (a per-step scalar the update reads) is computed from the region
+  (a trust ratio or a clip coefficient is: then the update is not elementwise);
+* ``last_reader``: the last node (in graph order) that reads a tensor outside the region — the fused
+  op overwrites W and its state in place, so it must come after it (``dX = dY·W`` reads W).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+import networkx as nx
+import torch
+
+__all__ = ["GraphFacts"]
+
+
+def _is_view(n: torch.fx.Node) -> bool:
+    """True for an op whose output aliases its input (permute, view, expand, slice, …)."""
+    if n.op != "call_function":
+        return False
+    schema = getattr(n.target, "_schema", None)
+    if schema is None:
+        return False
+    if getattr(n.target, "is_view", False):
+        return True
+    # ATen marks aliasing outputs in the schema (Tensor(a) self -> Tensor(a))
+    return bool(schema.returns) and schema.returns[0].alias_info is not None \
+        and not schema.returns[0].alias_info.is_write
+
+
+class GraphFacts:
+    """networkx view of one FX graph plus node positions; rebuild after the graph changes."""
+
+    def __init__(self, graph: torch.fx.Graph):
+        self.graph = graph
+        self.order: Dict[torch.fx.Node, int] = {n: i for i, n in enumerate(graph.nodes)}
+        self.dg = nx.DiGraph()
+        self.dg.add_nodes_from(graph.nodes)
+        for n in graph.nodes:
+            for u in n.users:
+                self.dg.add_edge(n, u)
+
+    def escapes(self, region: Set[torch.fx.Node],
+                allowed: Set[torch.fx.Node]) -> List[Tuple[torch.fx.Node, torch.fx.Node]]:
+        """(value, reader) for every reader of a region value that is neither in region nor allowed."""
+        out = []
+        for n in region:
+            for u in self.dg.successors(n):
+                if u not in region and u not in allowed:
+                    out.append((n, u))
+        return sorted(out, key=lambda e: (self.order[e[0]], self.order[e[1]]))
+
+    def depends_on(self, node: torch.fx.Node, region: Set[torch.fx.Node]) -> bool:
+        """True when ``node`` is computed (transitively) from a node of ``region``."""
+        return not region.isdisjoint(nx.ancestors(self.dg, node))
+
+    def aliases(self, t: torch.fx.Node) -> Set[torch.fx.Node]:
+        """``t`` and every view of it (a view reads ``t``'s storage when ITS readers run)."""
+        out, work = {t}, [t]
+        while work:
+            for u in self.dg.successors(work.pop()):
+                if u not in out and _is_view(u):
+                    out.add(u)
+                    work.append(u)
+        return out
+
+    def last_reader(self, tensors: Iterable[torch.fx.Node],
+                    exclude: Set[torch.fx.Node]) -> Optional[torch.fx.Node]:
+        """The last node in graph order reading any of ``tensors`` (or a view of them),
+        outside ``exclude``: ``dX = mm(dY, permute(permute(W)))`` reads W at the mm."""
+        best = None
+        for t in tensors:
+            for a in self.aliases(t):
+                for u in self.dg.successors(a):
+                    if u in exclude or (_is_view(u) and u is not a):
+                        continue
+                    if best is None or self.order[u] > self.order[best]:
+                        best = u
+        return best
+
+    def latest(self, nodes: Iterable[torch.fx.Node]) -> Optional[torch.fx.Node]:
+        """The node of ``nodes`` that comes last in graph order."""
+        nodes = [n for n in nodes if isinstance(n, torch.fx.Node)]
+        return max(nodes, key=self.order.__getitem__) if nodes else None
