@@ -1,0 +1,481 @@
+"""Tests of forge_compile::fused_linear_update_, its Triton kernel and the reference rules.
+
+* CPU: the rules against real torch.optim steps (through the op's tiled torch path); the tiled
+  path against the unfused reference; the generated kernel source for every op.
+* CPU, Triton interpreter: the real kernel code (every rule, fp32/bf16 operands, ragged shapes,
+  every epilogue variant, strided views, scalar pointers, stochastic rounding, poison). Runs in
+  ONE subprocess with TRITON_INTERPRET=1 (Triton reads it when kernels are decorated; setting it
+  in this process would leak into other tests), whose results the parametrised tests check.
+* GPU (``-m gpu``): the same on CUDA against an fp64 reference, every autotune candidate, tf32.
+
+Errors are norm-wise relative, ‖out − ref‖ / ‖ref‖ per written tensor, against an fp64 unfused
+reference computed from the same (already rounded) inputs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from forge_compile import rules
+from forge_compile.epilogue import OPS, EpilogueProgram, Instr
+from forge_compile.kernels import fused_linear_update as flu
+
+# (operand dtype, rtol). fp32 operands, IEEE dot: fp32 rounding of the T-long dot and of ~10
+# epilogue ops, ≤ ~1e-6 measured; 1e-5 is the issue's bound. bf16 operands: a bf16×bf16
+# product is exact in fp32 (8+8 significant bits < 24) and the reference upcasts the same
+# bf16 values, so the only error is again fp32 accumulation: the same 1e-5 holds.
+TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)]
+# tf32 rounds each operand to 10 mantissa bits (2^-11 relative): ~3e-4 on the gradient, and
+# Adam's m/sqrt(v) passes a relative gradient error through at most ~1:1.
+TF32_RTOL = 2e-3
+# bf16 weights with stochastic rounding: every element within one bf16 ulp (≤ 2^-7 relative)
+# of the exact value; the rounding error averages out (unbiased).
+BF16_SR_ULP_REL = 2.0 ** -7
+
+RAGGED = (1000, 3000, 333)    # (N, K, T): no dimension a multiple of any block size
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+def _rules(device=None, step=3):
+    """name -> (program, scalars) for the reference rules, hyper-parameters big enough to see."""
+    return {
+        "sgd_momentum": (rules.sgd_program(momentum=True),
+                         rules.sgd_scalars(0.1, momentum=0.9, device=device)),
+        "sgd_nesterov_wd": (rules.sgd_program(True, nesterov=True, weight_decay=True),
+                            rules.sgd_scalars(0.1, 0.9, 0.1, 1e-2, nesterov=True, device=device)),
+        "adam": (rules.adam_program(weight_decay=True),
+                 rules.adam_scalars(1e-2, weight_decay=1e-2, step=step, device=device)),
+        "adamw": (rules.adamw_program(), rules.adamw_scalars(1e-2, step=step, device=device)),
+        "lion": (rules.lion_program(), rules.lion_scalars(1e-2, weight_decay=0.1, device=device)),
+    }
+
+
+def _inputs(prog, N, K, T, dtype, device, param_dtype=torch.float32, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dy = torch.randn(T, N, generator=g).to(device=device, dtype=dtype)
+    x = torch.randn(T, K, generator=g).div_(math.sqrt(T)).to(device=device, dtype=dtype)
+    p = torch.randn(N, K, generator=g).to(device=device, dtype=param_dtype)
+    state = []
+    for name in prog.state:
+        s = torch.randn(N, K, generator=g)
+        state.append((s.abs() if name == "exp_avg_sq" else s).to(device))
+    return dy, x, p, state
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _errors(prog, dy, x, p, state, scalars, run):
+    """Run ``run`` on copies, the fp64 reference on fp64 copies; rel. error per output."""
+    p1, s1 = p.clone(), [s.clone() for s in state]
+    run(dy, x, p1, s1, scalars, prog.dumps())
+    p2, s2 = p.double(), [s.double() for s in state]
+    flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, scalars, prog.dumps())
+    out = {"param": _rel(p1, p2)}
+    for name, a, b in zip(prog.state, s1, s2):
+        out[name] = _rel(a, b)
+    out["finite"] = bool(torch.isfinite(p1).all() and all(torch.isfinite(s).all() for s in s1))
+    return out
+
+
+# ============================================================================ CPU: rules
+def _torch_optim_cases():
+    return {
+        "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=False),
+                rules.sgd_program(momentum=False),
+                lambda step: rules.sgd_scalars(0.1)),
+        "sgd_momentum": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=False),
+                         rules.sgd_program(momentum=True),
+                         lambda step: rules.sgd_scalars(0.1, 0.9, first_step=step == 1)),
+        "sgd_nesterov_wd": (
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.0, nesterov=True,
+                                       weight_decay=1e-2, foreach=False),
+            rules.sgd_program(True, nesterov=True, weight_decay=True),
+            lambda step: rules.sgd_scalars(0.1, 0.9, 0.0, 1e-2, nesterov=True,
+                                           first_step=step == 1)),
+        "sgd_dampening": (
+            lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.3,
+                                       foreach=False),
+            rules.sgd_program(True),
+            lambda step: rules.sgd_scalars(0.05, 0.8, 0.3, first_step=step == 1)),
+        "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2, foreach=False),
+                 rules.adam_program(weight_decay=True),
+                 lambda step: rules.adam_scalars(1e-2, weight_decay=1e-2, step=step)),
+        "adam_nowd": (lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.95), foreach=False),
+                      rules.adam_program(),
+                      lambda step: rules.adam_scalars(1e-2, betas=(0.8, 0.95), step=step)),
+        "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False),
+                  rules.adamw_program(),
+                  lambda step: rules.adamw_scalars(1e-2, weight_decay=0.1, step=step)),
+    }
+
+
+_STATE_KEYS = {"momentum_buffer": "momentum_buffer", "exp_avg": "exp_avg",
+               "exp_avg_sq": "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("name", sorted(_torch_optim_cases()))
+def test_rule_matches_torch_optim(name):
+    """Four steps of the op (CPU tiled path) equal four torch.optim single-tensor steps."""
+    make_opt, prog, scalars_for = _torch_optim_cases()[name]
+    N, K, T = 300, 70, 19     # N > TILE_N: several tiles
+    torch.manual_seed(0)
+    w_ref = torch.nn.Parameter(torch.randn(N, K))
+    opt = make_opt([w_ref])
+    w = w_ref.detach().clone()
+    state = [torch.zeros(N, K) for _ in prog.state]
+    for step in range(1, 5):
+        dy, x = torch.randn(T, N), torch.randn(T, K)
+        w_ref.grad = dy.t() @ x
+        opt.step()
+        flu.fused_linear_update_(dy, x, w, state, scalars_for(step), prog.dumps())
+        torch.testing.assert_close(w, w_ref.detach(), rtol=2e-6, atol=2e-6)
+        st = opt.state[w_ref]
+        for sname, s in zip(prog.state, state):
+            torch.testing.assert_close(s, st[_STATE_KEYS[sname]], rtol=2e-6, atol=2e-6)
+
+
+def test_lion_matches_user_written_step():
+    prog = rules.lion_program()
+    N, K, T = 300, 70, 19
+    torch.manual_seed(0)
+    w_ref, m_ref = torch.randn(N, K), torch.randn(N, K)
+    w, m = w_ref.clone(), m_ref.clone()
+    for _ in range(3):
+        dy, x = torch.randn(T, N), torch.randn(T, K)
+        rules.lion_reference_step(w_ref, dy.t() @ x, m_ref, lr=1e-2, weight_decay=0.1)
+        flu.fused_linear_update_(dy, x, w, [m], rules.lion_scalars(1e-2, weight_decay=0.1),
+                                 prog.dumps())
+        torch.testing.assert_close(w, w_ref, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(m, m_ref, rtol=2e-6, atol=2e-6)
+
+
+def test_lr_is_a_runtime_scalar():
+    """Two learning rates, one program string: the LR never enters the program."""
+    a = rules.adamw_program().dumps()
+    assert "0.001" not in a and a == rules.adamw_program().dumps()
+
+
+@pytest.mark.parametrize("dtype,rtol", TOLERANCES)
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adamw", "lion"])
+def test_tiled_matches_reference(rule, dtype, rtol):
+    prog, scalars = _rules()[rule]
+    dy, x, p, state = _inputs(prog, 300, 270, 33, dtype, "cpu")
+    err = _errors(prog, dy, x, p, state, scalars, flu.fused_linear_update_)
+    assert err.pop("finite")
+    assert max(err.values()) <= rtol, err
+
+
+# ============================================================================ CPU: codegen
+def _all_ops_program() -> EpilogueProgram:
+    """A program that uses every op of the vocabulary once (values kept finite)."""
+    ops = [
+        Instr("a", "abs", ("grad",)), Instr("b", "add", ("a", 1.0)),      # b ≥ 1
+        Instr("c", "sqrt", ("b",)), Instr("d", "rsqrt", ("b",)), Instr("e", "reciprocal", ("b",)),
+        Instr("f", "log", ("b",)), Instr("g", "exp", ("e",)), Instr("h", "neg", ("f",)),
+        Instr("i", "sign", ("param",)), Instr("j", "sub", ("c", "d")), Instr("k", "mul", ("j", "s0")),
+        Instr("l", "div", ("k", "b")), Instr("m", "maximum", ("l", "param")),
+        Instr("n", "minimum", ("m", "g")), Instr("o", "pow", ("b", 2.0)),
+        Instr("o2", "pow", ("b", "s1")), Instr("o3", "pow", ("b", 0.5)),
+        Instr("p", "lt", ("grad", "param")), Instr("q", "le", ("grad", 0.0)),
+        Instr("r", "gt", ("grad", "s0")), Instr("s", "ge", ("param", 0.0)),
+        Instr("t", "eq", ("i", 1.0)), Instr("u", "ne", ("i", 1.0)),
+        Instr("v", "where", ("p", "n", "h")), Instr("w", "where", ("q", "v", "o")),
+        Instr("x1", "where", ("r", "w", "e")), Instr("x2", "where", ("s", "x1", "o2")),
+        Instr("x3", "where", ("t", "x2", "o3")), Instr("x4", "where", ("u", "x3", "i")),
+        Instr("y", "lerp", ("x4", "grad", "s0")), Instr("y2", "lerp", ("y", "param", 0.75)),
+        Instr("z", "fma", ("y2", "s1", "state0")), Instr("cst", "mul", (2.0, 3.0)),
+        Instr("zz", "add", ("z", "cst")),
+    ]
+    return EpilogueProgram(tensors=("grad", "param", "state0"), scalars=("s0", "s1"),
+                           ops=tuple(ops), outputs=(("param", "zz"), ("state0", "y")))
+
+
+def test_all_ops_program_covers_vocabulary():
+    assert {i.op for i in _all_ops_program().ops} == set(OPS)
+
+
+@pytest.mark.parametrize("rule", ["sgd_momentum", "sgd_nesterov_wd", "adam", "adamw", "lion",
+                                  "all_ops"])
+def test_kernel_source_is_python(rule):
+    prog = _all_ops_program() if rule == "all_ops" else _rules()[rule][0]
+    src = flu.kernel_source(prog)
+    compile(src, f"<{rule}>", "exec")
+    assert "_fused_linear_update_kernel" in src and prog.dumps() in src
+
+
+def test_unsupported_reasons():
+    prog, sc = _rules()["adamw"]
+    dy, x, p, st = _inputs(prog, 8, 8, 4, torch.float32, "cpu")
+    assert flu.triton_unsupported_reason(dy, x, p.double(), st, sc, prog) is not None
+
+
+# ============================================================================ CPU: interpreter
+_INTERP_CFG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_T=128, num_warps=4, num_stages=1)
+
+
+def _interpreter_cases():
+    """name -> (callable returning a JSON-able result); run with TRITON_INTERPRET=1."""
+    K = flu.KernelConfig
+    big = K(**_INTERP_CFG)
+    cases = {}
+
+    def launcher(cfg, **kw):
+        return lambda dy, x, p, s, sc, prog: flu.fused_linear_update_triton(
+            dy, x, p, s, sc, prog, config=cfg, **kw)
+
+    shape = (200, 300, 45)       # ragged for 128-blocks, several tiles in N and K
+    for rule in ["sgd_momentum", "sgd_nesterov_wd", "adam", "adamw", "lion"]:
+        for dt in (torch.float32, torch.bfloat16):
+            def case(rule=rule, dt=dt):
+                prog, sc = _rules()[rule]
+                dy, x, p, s = _inputs(prog, *shape, dt, "cpu")
+                return _errors(prog, dy, x, p, s, sc, launcher(big))
+            cases[f"{rule}-{str(dt)[6:]}"] = case
+    for cname, cfg in {"split2": K(64, 128, 64, 4, 1, EPI_SPLIT=2),
+                       "split4": K(64, 128, 64, 4, 1, EPI_SPLIT=4),
+                       "prefetch": K(128, 64, 64, 4, 1, PREFETCH=True),
+                       "even": K(64, 64, 32, 4, 1)}.items():
+        def case(cfg=cfg, cname=cname):
+            prog, sc = _rules()["adamw"]
+            shp = (128, 192, 64) if cname == "even" else shape
+            dy, x, p, s = _inputs(prog, *shp, torch.bfloat16, "cpu")
+            return _errors(prog, dy, x, p, s, sc, launcher(cfg))
+        cases[f"adamw-config-{cname}"] = case
+
+    def scalar_pointers():
+        prog, sc = _rules()["adam"]
+        dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
+        return _errors(prog, dy, x, p, s, sc, launcher(big, scalar_pointers=True))
+    cases["adam-scalar-pointers"] = scalar_pointers
+
+    def strided():
+        prog, sc = _rules()["adamw"]
+        dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
+        dy = dy.t().contiguous().t()                       # column-major dy
+        x = torch.cat([x, x], 1)[:, ::2]                   # inner stride 2
+        p = p.t().contiguous().t()                         # column-major weight
+        return _errors(prog, dy, x, p, s, sc, launcher(big))
+    cases["adamw-strided"] = strided
+
+    def all_ops():
+        prog = _all_ops_program()
+        sc = rules.scalar_tensors([0.3, 1.5])
+        dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
+        return _errors(prog, dy, x, p, s, sc, launcher(big))
+    cases["all-ops"] = all_ops
+
+    def poison():
+        # param <- grad: nothing is read, so an unwritten element stays NaN.
+        prog = EpilogueProgram(("grad", "param"), (), (Instr("g", "mul", ("grad", 1.0)),),
+                               (("param", "g"),))
+        dy, x, p, _ = _inputs(prog, *shape, torch.float32, "cpu")
+        p.fill_(float("nan"))
+        flu.fused_linear_update_triton(dy, x, p, [], [], prog, config=big)
+        return {"param": _rel(p, dy.double().t() @ x.double()),
+                "finite": bool(torch.isfinite(p).all())}
+    cases["poison"] = poison
+
+    def bf16_weights():
+        prog, sc = _rules()["adamw"]
+        dy, x, p, s = _inputs(prog, 256, 256, 32, torch.bfloat16, "cpu",
+                              param_dtype=torch.bfloat16)
+        return _sr_stats(prog, dy, x, p, s, sc, launcher(big))
+    cases["bf16-weights-sr"] = bf16_weights
+
+    def op_dispatch():
+        prog, sc = _rules()["adamw"]
+        dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
+        return _errors(prog, dy, x, p, s, sc, flu.fused_linear_update_)
+    cases["op-dispatch"] = op_dispatch
+    return cases
+
+
+def _sr_stats(prog, dy, x, p, s, sc, run):
+    """Stochastic rounding of bf16 weights: max error in ulps and the mean signed error."""
+    p1, s1 = p.clone(), [t.clone() for t in s]
+    run(dy, x, p1, s1, sc, prog.dumps())
+    p2, s2 = p.double(), [t.double() for t in s]
+    flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, sc, prog.dumps())
+    # bf16 ulp at the reference value: 2^(exponent - 7)
+    ulp = torch.ldexp(torch.ones_like(p2), torch.frexp(p2)[1] - 8)
+    e = (p1.double() - p2) / ulp
+    near = p2.to(torch.bfloat16).double()
+    return {"max_err_ulp": e.abs().max().item(), "mean_err_ulp": e.mean().item(),
+            "n": e.numel(), "sr_differs_from_nearest": bool((p1.double() != near).any()),
+            "state_rel": max(_rel(a, b) for a, b in zip(s1, s2))}
+
+
+def _check_interp(name, res):
+    if name == "bf16-weights-sr":
+        assert res["max_err_ulp"] <= 1.0, res
+        assert abs(res["mean_err_ulp"]) <= 6 * 0.5 / math.sqrt(res["n"]), res
+        assert res["sr_differs_from_nearest"] and res["state_rel"] <= 1e-5, res
+        return
+    assert res.pop("finite"), res
+    assert max(res.values()) <= 1e-5, res
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    env = dict(os.environ, TRITON_INTERPRET="1", FORGE_CPU_TRITON="1")
+    env.setdefault("FORGE_COMPILE_CACHE_DIR", os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"forge_compile_test_{os.getuid()}"))
+    proc = subprocess.run([sys.executable, __file__, "--interpreter"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(_interpreter_cases()))
+def test_interpreter(interpreter_results, name):
+    res = interpreter_results[name]
+    assert "error" not in res, res.get("error")
+    _check_interp(name, res)
+
+
+# ============================================================================ GPU
+GPU_SHAPES = [RAGGED, (512, 768, 256)]
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype,rtol", TOLERANCES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adam", "adamw", "lion", "sgd_nesterov_wd"])
+def test_gpu_rule(rule, dtype, rtol, shape):
+    prog, sc = _rules("cuda")[rule]
+    dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=hash((rule, shape)) % 1000)
+    cfg = flu.candidate_configs(dy)[0]
+    err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+        *a, config=cfg))
+    assert err.pop("finite"), err
+    assert max(err.values()) <= rtol, err
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("idx", range(len(flu._GPU_CONFIGS)))
+def test_gpu_every_candidate_config(idx):
+    """Whatever the autotuner picks is right: every candidate on a ragged and an even shape."""
+    cfg = flu._GPU_CONFIGS[idx]
+    prog, sc = _rules("cuda")["adamw"]
+    for shape in (RAGGED, (512, 512, 128)):
+        dy, x, p, s = _inputs(prog, *shape, torch.bfloat16, "cuda", seed=idx)
+        err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+            *a, config=cfg))
+        assert err.pop("finite"), (cfg, err)
+        assert max(err.values()) <= 1e-5, (cfg, shape, err)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_op_autotunes_once_and_lr_never_recompiles():
+    prog, _ = _rules("cuda")["adamw"]
+    dy, x, p, s = _inputs(prog, *RAGGED, torch.bfloat16, "cuda")
+    flu.fused_linear_update_(dy, x, p, s, rules.adamw_scalars(1e-3, step=1, device="cuda"),
+                             prog.dumps())
+    n_tuned = len(flu._TUNED)
+    kern = flu._kernel(prog)
+    n_variants = _n_compiled(kern)
+    for step, lr in [(2, 2e-3), (3, 5e-4)]:
+        for dev in ("cuda", "cpu"):       # GPU scalars (pointers) and CPU scalars (values)
+            err = _errors(prog, dy, x, p, s, rules.adamw_scalars(lr, step=step, device=dev),
+                          flu.fused_linear_update_)
+            assert err.pop("finite") and max(err.values()) <= 1e-5, err
+    assert len(flu._TUNED) == n_tuned
+    if n_variants is not None:
+        # one more variant at most: scalars passed by value instead of by pointer
+        assert _n_compiled(kern) <= n_variants + 1
+
+
+def _n_compiled(kern):
+    caches = getattr(kern, "device_caches", None)
+    if not caches:
+        return None
+    return sum(len(c[0]) for c in caches.values())
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_tf32_option(monkeypatch):
+    monkeypatch.setenv(flu.ENV_FP32_DOT, "tf32")
+    prog, sc = _rules("cuda")["adamw"]
+    dy, x, p, s = _inputs(prog, *RAGGED, torch.float32, "cuda")
+    cfg = flu.candidate_configs(dy)[0]
+    err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+        *a, config=cfg))
+    assert err.pop("finite") and max(err.values()) <= TF32_RTOL, err
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_bf16_weights_stochastic_rounding():
+    prog, sc = _rules("cuda")["adamw"]
+    dy, x, p, s = _inputs(prog, 2048, 1024, 256, torch.bfloat16, "cuda",
+                          param_dtype=torch.bfloat16)
+    res = _sr_stats(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(*a))
+    _check_interp("bf16-weights-sr", res)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", ["poison", "adamw-strided", "all-ops"])
+def test_gpu_special_cases(name):
+    """The interpreter's poison / strided / all-ops cases, on CUDA with the GPU configs."""
+    res = _run_on(name, "cuda", flu.candidate_configs(torch.empty(0, device="cuda"))[0])
+    _check_interp(name, res)
+
+
+def _run_on(name, device, config):
+    prog_cases = {
+        "poison": lambda: EpilogueProgram(("grad", "param"), (),
+                                          (Instr("g", "mul", ("grad", 1.0)),),
+                                          (("param", "g"),)),
+        "adamw-strided": lambda: _rules(device)["adamw"][0],
+        "all-ops": _all_ops_program,
+    }
+    prog = prog_cases[name]()
+    sc = {"poison": [], "adamw-strided": _rules(device)["adamw"][1],
+          "all-ops": rules.scalar_tensors([0.3, 1.5], device)}[name]
+    dy, x, p, s = _inputs(prog, *RAGGED, torch.float32, device)
+    if name == "poison":
+        p.fill_(float("nan"))
+        flu.fused_linear_update_triton(dy, x, p, [], [], prog, config=config)
+        return {"param": _rel(p, dy.double().t() @ x.double()),
+                "finite": bool(torch.isfinite(p).all())}
+    if name == "adamw-strided":
+        dy = dy.t().contiguous().t()
+        x = torch.cat([x, x], 1)[:, ::2]
+        p = p.t().contiguous().t()
+    return _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+        *a, config=config))
+
+
+# ============================================================================ subprocess entry
+def _main_interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    out = {}
+    for name, fn in _interpreter_cases().items():
+        try:
+            out[name] = fn()
+        except Exception as e:  # noqa: BLE001 - reported per case by the parent
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__" and "--interpreter" in sys.argv:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _main_interpreter()
