@@ -596,7 +596,7 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
     for s in state:
         strides += [s.stride(0), s.stride(1)]
     grid = (triton_cdiv(N, cfg.BLOCK_N) * triton_cdiv(K, cfg.BLOCK_K),)
-    kern[grid](
+    return kern[grid](
         dy, x, param, *state, *scal_args, seed,
         T, N, K,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), param.stride(0), param.stride(1),
@@ -626,14 +626,15 @@ def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List
                                program: Union[str, EpilogueProgram], *,
                                config: Optional[KernelConfig] = None,
                                seed: Optional[int] = None,
-                               scalar_pointers: Optional[bool] = None) -> None:
+                               scalar_pointers: Optional[bool] = None):
     """Launch the fused Triton kernel: W, state ← epilogue(dyᵀ·x, W, state, scalars), in place.
 
     ``config``: a fixed KernelConfig (default: autotuned, see ``tuned_config``). ``seed``: the
     stochastic-rounding seed for bf16 weights (default: a fresh one per call).
     ``scalar_pointers``: pass the scalar tensors to the kernel as pointers (default: those on the
     GPU; CPU ones as float arguments, which costs no sync); True forces pointers (interpreter
-    tests). CPU tensors run under ``TRITON_INTERPRET=1``.
+    tests). CPU tensors run under ``TRITON_INTERPRET=1``. Returns Triton's compiled kernel
+    (registers, spills, SASS for inspection), or None when there was nothing to do.
     """
     prog = load_program(program)
     _check(dy, x, param, state, prog)
@@ -643,12 +644,12 @@ def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List
     if len(scalars) != len(prog.scalars):
         raise ValueError(f"program expects scalars {prog.scalars}, got {len(scalars)}")
     if dy.shape[1] == 0 or x.shape[1] == 0:
-        return
+        return None
     precision = _input_precision(dy, x)
     cfg = config or tuned_config(dy, x, param, state, scalars, prog)
     if seed is None:
         seed = _SEED.getrandbits(31) if param.dtype == torch.bfloat16 else 0
-    _launch(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
+    return _launch(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
 
 
 # ============================================================================ the op

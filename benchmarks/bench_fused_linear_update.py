@@ -1,0 +1,221 @@
+"""Benchmark: fused weight-gradient GEMM + optimizer update vs "cuBLAS mm, then torch's fused
+optimizer" (the anchor of /work/shared/bench/ANCHORS.md), on one CUDA GPU.
+
+Per row (N×K weight, T tokens, optimizer), medians of ``triton.testing.do_bench``:
+  mm_ms      cuBLAS ``dyᵀ·x`` alone (bf16 in, bf16 out)
+  anchor_ms  the best of: mm with an fp32 output (``torch.mm(..., out_dtype=fp32)``), or mm in
+             bf16 then a cast into the fp32 grad buffer; then ``torch._fused_adamw_`` /
+             ``torch._fused_sgd_`` on that fp32 grad
+  forge_ms   ``fused_linear_update_triton`` (autotuned, tuning done before timing)
+Bytes moved by forge: W and each state tensor read and written once (fp32), dy and x read once;
+``roofline_frac`` = forge GB/s over the device-to-device copy bandwidth measured in the same run.
+
+Appends one JSON object per row to benchmarks/results/fused_linear_update.jsonl (``--out``).
+    python benchmarks/bench_fused_linear_update.py [--quick] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from forge_compile import rules  # noqa: E402
+from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+TOKENS = [512, 2048, 8192]
+OPTIMIZERS = ["adamw", "sgd_momentum"]
+QUANTILES = [0.5, 0.2, 0.8]
+LR, BETAS, EPS, WD, MOMENTUM = 1e-4, (0.9, 0.999), 1e-8, 1e-2, 0.9
+
+
+def make_case(N: int, K: int, T: int, optimizer: str, device="cuda", seed=0):
+    """One setup shared by every timed variant: inputs, weight, state, program, scalars."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dy = torch.randn(T, N, device=device, generator=g).to(torch.bfloat16)
+    x = torch.randn(T, K, device=device, generator=g).div_(T ** 0.5).to(torch.bfloat16)
+    p = torch.randn(N, K, device=device, generator=g)
+    if optimizer == "adamw":
+        prog = rules.adamw_program()
+        state = [torch.randn(N, K, device=device, generator=g) * 1e-3,
+                 torch.rand(N, K, device=device, generator=g) * 1e-6]
+        scalars = rules.adamw_scalars(LR, BETAS, EPS, WD, step=10, device=device)
+    elif optimizer == "sgd_momentum":
+        prog = rules.sgd_program(momentum=True)
+        state = [torch.randn(N, K, device=device, generator=g) * 1e-3]
+        scalars = rules.sgd_scalars(LR, MOMENTUM, device=device)
+    else:
+        raise ValueError(optimizer)
+    return dict(dy=dy, x=x, p=p, state=state, prog=prog, scalars=scalars,
+                grad=torch.empty(N, K, device=device),
+                step=torch.tensor(10.0, device=device))
+
+
+def _has_mm_out_dtype(dy, x) -> bool:
+    try:
+        torch.mm(dy[:, :16].t(), x[:, :16], out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def anchor_fns(c, optimizer):
+    """name -> callable for the unfused baselines (mm into an fp32 grad, then torch's fused opt)."""
+    dy, x, p, st, grad = c["dy"], c["x"], c["p"], c["state"], c["grad"]
+
+    def opt_step(g):
+        if optimizer == "adamw":
+            torch._fused_adamw_([p], [g], [st[0]], [st[1]], [], [c["step"]], lr=LR,
+                                beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, eps=EPS,
+                                amsgrad=False, maximize=False)
+        else:
+            torch._fused_sgd_([p], [g], [st[0]], weight_decay=0.0, momentum=MOMENTUM, lr=LR,
+                              dampening=0.0, nesterov=False, maximize=False,
+                              is_first_step=False)
+
+    fns = {}
+
+    def cast():
+        grad.copy_(torch.mm(dy.t(), x))
+        opt_step(grad)
+    fns["mm_bf16+cast"] = cast
+    if _has_mm_out_dtype(dy, x):
+        def fp32_out():
+            opt_step(torch.mm(dy.t(), x, out_dtype=torch.float32))
+        fns["mm_out_fp32"] = fp32_out
+    return fns
+
+
+def copy_bandwidth_GBps() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written, median."""
+    from triton.testing import do_bench
+    src = torch.randn(2 ** 28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=400, quantiles=[0.5])
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def forge_bytes(N, K, T, n_state, elt=2):
+    return N * K * 4 * 2 * (1 + n_state) + T * (N + K) * elt
+
+
+def run(shapes, tokens, optimizers, out_path, rep):
+    from triton.testing import do_bench
+    import triton
+    dev = torch.cuda.get_device_name()
+    copy_gbps = copy_bandwidth_GBps()
+    print(f"# {dev}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for optimizer in optimizers:
+        for (N, K) in shapes:
+            for T in tokens:
+                c = make_case(N, K, T, optimizer)
+                dy, x = c["dy"], c["x"]
+                mm_q = do_bench(lambda: torch.mm(dy.t(), x), warmup=25, rep=rep,
+                                quantiles=QUANTILES)
+                anchors = {k: do_bench(f, warmup=25, rep=rep, quantiles=QUANTILES)
+                           for k, f in anchor_fns(c, optimizer).items()}
+                anchor_kind = min(anchors, key=lambda k: anchors[k][0])
+
+                def forge():
+                    return flu.fused_linear_update_triton(dy, x, c["p"], c["state"],
+                                                          c["scalars"], c["prog"])
+                ck = forge()                 # autotunes (on scratch copies) + compiles
+                cfg = flu.tuned_config(dy, x, c["p"], c["state"], c["scalars"], c["prog"])
+                forge_q = do_bench(forge, warmup=25, rep=rep, quantiles=QUANTILES)
+                nbytes = forge_bytes(N, K, T, len(c["state"]))
+                f_ms = forge_q[0]
+                row = dict(
+                    gpu=dev, torch=torch.__version__, triton=triton.__version__, date=date,
+                    optimizer=optimizer, N=N, K=K, T=T,
+                    mm_ms=round(mm_q[0], 4), anchor_ms=round(anchors[anchor_kind][0], 4),
+                    forge_ms=round(f_ms, 4),
+                    forge_GBps=round(nbytes / f_ms / 1e6, 1),
+                    roofline_frac=round(nbytes / f_ms / 1e6 / copy_gbps, 3),
+                    forge_TFLOPs=round(2 * N * K * T / f_ms / 1e9, 1),
+                    mm_TFLOPs=round(2 * N * K * T / mm_q[0] / 1e9, 1),
+                    forge_vs_anchor=round(f_ms / anchors[anchor_kind][0], 3),
+                    bytes=nbytes, copy_GBps=round(copy_gbps, 1),
+                    anchor_kind=anchor_kind,
+                    anchors_ms={k: round(v[0], 4) for k, v in anchors.items()},
+                    forge_q20_q80=[round(forge_q[1], 4), round(forge_q[2], 4)],
+                    anchor_q20_q80=[round(anchors[anchor_kind][1], 4),
+                                    round(anchors[anchor_kind][2], 4)],
+                    config=flu.dataclasses.asdict(cfg),
+                    n_regs=getattr(ck, "n_regs", None), n_spills=getattr(ck, "n_spills", None),
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if out_path:
+                    with open(out_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                del c
+                torch.cuda.empty_cache()
+    print(markdown(rows))
+    return rows
+
+
+def markdown(rows) -> str:
+    head = ("| opt | N×K | T | mm ms | anchor ms | forge ms | forge/anchor | forge GB/s | "
+            "of copy BW | forge TFLOP/s | config (BN,BK,BT,warps,stages,prefetch,split) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        c = r["config"]
+        cfg = (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"
+               f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']}")
+        lines.append(f"| {r['optimizer']} | {r['N']}×{r['K']} | {r['T']} | {r['mm_ms']:.3f} | "
+                     f"{r['anchor_ms']:.3f} | {r['forge_ms']:.3f} | {r['forge_vs_anchor']:.2f} | "
+                     f"{r['forge_GBps']:.0f} | {100 * r['roofline_frac']:.0f}% | "
+                     f"{r['forge_TFLOPs']:.0f} | {cfg} |")
+    return "\n".join(lines)
+
+
+def _precompile_one(args):
+    optimizer, idx = args
+    c = make_case(1024, 1024, 512, optimizer)
+    cfg = flu._GPU_CONFIGS[idx]
+    try:
+        flu.fused_linear_update_triton(c["dy"], c["x"], c["p"], c["state"], c["scalars"],
+                                       c["prog"], config=cfg)
+        torch.cuda.synchronize()
+        return f"{optimizer} {idx} ok"
+    except Exception as e:  # noqa: BLE001 - the autotuner skips it too
+        return f"{optimizer} {idx} FAILED {type(e).__name__}: {str(e)[:200]}"
+
+
+def precompile(optimizers, workers=8):
+    """Compile every candidate config in parallel processes (fills Triton's disk cache), so the
+    sequential autotuning only loads kernels. Shapes divisible by 16 share one specialization."""
+    import multiprocessing as mp
+    jobs = [(o, i) for o in optimizers for i in range(len(flu._GPU_CONFIGS))]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for r in pool.imap_unordered(_precompile_one, jobs):
+            print("precompile", r, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results", "fused_linear_update.jsonl"))
+    ap.add_argument("--quick", action="store_true", help="4096×4096 only")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
+    ap.add_argument("--precompile", type=int, default=8, help="parallel compile workers (0: off)")
+    a = ap.parse_args()
+    if a.precompile:
+        precompile(a.optimizers.split(","), a.precompile)
+    shapes = SHAPES[:1] if a.quick else SHAPES
+    run(shapes, TOKENS, a.optimizers.split(","), a.out, a.rep)
+
+
+if __name__ == "__main__":
+    main()

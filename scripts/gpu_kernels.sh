@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
+# the benchmark. Logs and results go under $OUT (default ./gpu_out).
+#   bash scripts/gpu_kernels.sh [tests|bench|all]   (default all)
+# Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
+set -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+WHAT=${1:-all}
+export PYTHONUNBUFFERED=1
+export FORGE_COMPILE_CACHE_DIR=${FORGE_COMPILE_CACHE_DIR:-/tmp/forge_compile_cache}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+    --format=csv
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
+  torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, "SMs")'
+} 2>&1 | tee "$OUT/info.txt"
+
+$PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 \
+  || { echo "pip install failed"; tail -20 "$OUT/pip.log"; }
+
+rc=0
+if [[ $WHAT == all || $WHAT == tests ]]; then
+  XDIST=""
+  $PY -c 'import xdist' 2>/dev/null && XDIST="-n 8"
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu $XDIST -q -rfE -p no:cacheprovider \
+    tests/test_fused_linear_update.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  rc=$?
+fi
+if [[ $WHAT == all || $WHAT == bench ]]; then
+  timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_fused_linear_update.py \
+    --out "$OUT/fused_linear_update.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
+    | grep -v '^{' 
+  rc=$(( rc | $? ))
+  cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
+fi
+exit $rc
