@@ -47,6 +47,7 @@ class CompileReport:
     """What one backend compile did: filled by the backend and the passes, read by explain()."""
 
     graph_index: int
+    frame_compile_id: Optional[int] = None   # > 0: Dynamo recompiled this frame
     fused: Dict[str, FusedParam] = dataclasses.field(default_factory=dict)
     unfused: Dict[str, str] = dataclasses.field(default_factory=dict)   # param name -> reason
     graph_before: Optional[str] = None     # the post-grad ATen graph handed to the passes

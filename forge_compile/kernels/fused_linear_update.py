@@ -208,13 +208,26 @@ class _Epilogue:
                 continue
             sn, sk = self.strides[n]
             v = self.var[n] + sfx
-            out += [f"{ind}off_{v} = rn[:, None] * {sn} + {rk}[None, :] * {sk}",
-                    f"{ind}if EVEN_NK:",
+            out += self._offset(ind, v, sn, sk, sfx, rk)
+            out += [f"{ind}if EVEN_NK:",
                     f"{ind}    {v} = tl.load({self.ptr[n]} + off_{v}).to(tl.float32)",
                     f"{ind}else:",
                     f"{ind}    {v} = tl.load({self.ptr[n]} + off_{v}, mask={mask}, "
                     f"other=0.0).to(tl.float32)"]
         return out
+
+    @staticmethod
+    def _offset(ind, v, sn, sk, sfx, rk) -> List[str]:
+        # SAME_STRIDES (the usual case: weight and state all contiguous): one offset tile
+        # for every tensor instead of one each, which saves registers.
+        return [f"{ind}if SAME_STRIDES:",
+                f"{ind}    off_{v} = off{sfx}",
+                f"{ind}else:",
+                f"{ind}    off_{v} = rn[:, None] * {sn} + {rk}[None, :] * {sk}"]
+
+    @staticmethod
+    def shared_offset(ind, sfx, rk) -> List[str]:
+        return [f"{ind}off{sfx} = rn[:, None] * s_p_n + {rk}[None, :] * s_p_k"]
 
     def compute_store(self, ind: str, sfx: str, rk: str, mask: str, shape: str) -> List[str]:
         out = [f"{ind}{name.format(sfx=sfx)} = {expr.format(sfx=sfx)}" for name, expr in self.body]
@@ -226,7 +239,7 @@ class _Epilogue:
                 e = f"({e} + tl.zeros({shape}, dtype=tl.float32))"
             v = self.var[dst] + sfx
             if dst not in self.used:
-                out.append(f"{ind}off_{v} = rn[:, None] * {sn} + {rk}[None, :] * {sk}")
+                out += self._offset(ind, v, sn, sk, sfx, rk)
             out.append(f"{ind}o_{v} = {e}")
             if dst == PARAM:
                 out += [f"{ind}if STOCHASTIC_ROUND:",
@@ -248,29 +261,33 @@ def kernel_source(program: Union[str, EpilogueProgram]) -> str:
     n_scalar = len(prog.scalars)
     ep = _Epilogue(prog)
     full = ("", "rk", "mask_nk", "[BLOCK_N, BLOCK_K]")
-    prefetch = ep.loads("        ", "", "rk", "mask_nk") or ["        pass"]
+    prefetch = ep.shared_offset("        ", "", "rk") + ep.loads("        ", "", "rk", "mask_nk")
     epi = ["    if PREFETCH:"] + ep.compute_store("        ", *full)
-    epi += ["    elif EPI_SPLIT == 1:"] + ep.loads("        ", "", "rk", "mask_nk")
-    epi += ep.compute_store("        ", *full)
+    epi += ["    elif EPI_SPLIT == 1:"] + ep.shared_offset("        ", "", "rk")
+    epi += ep.loads("        ", "", "rk", "mask_nk") + ep.compute_store("        ", *full)
     # EPI_SPLIT > 1: the epilogue runs on column chunks of the accumulator, one after the
     # other, so only one chunk of the weight/state tiles is live in registers at a time.
-    for split in (2, 4):
+    # Each split halves every chunk: acc[:, :w/2] and acc[:, w/2:] via reshape/permute/split.
+    for split in (2, 4, 8):
         epi.append(f"    elif EPI_SPLIT == {split}:")
+        chunks = ["acc"]
+        width = 1
+        while len(chunks) < split:
+            width *= 2
+            nxt = []
+            for c in chunks:
+                lo, hi = f"{c}_{width}l", f"{c}_{width}h"
+                epi.append(f"        {lo}, {hi} = tl.split(tl.permute(tl.reshape("
+                           f"{c}, [BLOCK_N, 2, BLOCK_K // {width}]), [0, 2, 1]))")
+                nxt += [lo, hi]
+            chunks = nxt
         w = f"BLOCK_K // {split}"
-        if split == 2:
-            epi.append("        acc_0, acc_1 = tl.split(tl.permute(tl.reshape("
-                       "acc, [BLOCK_N, 2, BLOCK_K // 2]), [0, 2, 1]))")
-        else:
-            epi.append("        acc_a, acc_b = tl.split(tl.permute(tl.reshape("
-                       "acc, [BLOCK_N, 2, BLOCK_K // 2]), [0, 2, 1]))")
-            epi.append("        acc_0, acc_1 = tl.split(tl.permute(tl.reshape("
-                       "acc_a, [BLOCK_N, 2, BLOCK_K // 4]), [0, 2, 1]))")
-            epi.append("        acc_2, acc_3 = tl.split(tl.permute(tl.reshape("
-                       "acc_b, [BLOCK_N, 2, BLOCK_K // 4]), [0, 2, 1]))")
-        for h in range(split):
+        for h, c in enumerate(chunks):
             sfx = f"_{h}"
+            epi.append(f"        acc{sfx} = {c}")
             epi.append(f"        rk{sfx} = pid_k * BLOCK_K + {h} * ({w}) + tl.arange(0, {w})")
             epi.append(f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]")
+            epi += ep.shared_offset("        ", sfx, f"rk{sfx}")
             epi += ep.loads("        ", sfx, f"rk{sfx}", f"mask{sfx}")
             epi += ep.compute_store("        ", sfx, f"rk{sfx}", f"mask{sfx}",
                                     f"[BLOCK_N, {w}]")
@@ -315,6 +332,7 @@ def _fused_linear_update_kernel(
     {scal_flags}
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_N: tl.constexpr,
     EVEN_NK: tl.constexpr, EVEN_T: tl.constexpr, PREFETCH: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    SAME_STRIDES: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr,
 ):
     # Grouped tile order: GROUP_N consecutive row-blocks sweep the K tiles together, so the
@@ -420,6 +438,7 @@ class KernelConfig:
     GROUP_N: int = 8
     PREFETCH: bool = False
     EPI_SPLIT: int = 1
+    maxnreg: Optional[int] = None   # register cap (ptxas): 128 at 8 warps = 2 CTAs per SM
 
 
 # Candidates for H100/H200 (sm_90). Register use decides most of it: the fp32 accumulator plus
@@ -605,6 +624,7 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
     for s in state:
         strides += [s.stride(0), s.stride(1)]
     grid = (triton_cdiv(N, cfg.BLOCK_N) * triton_cdiv(K, cfg.BLOCK_K),)
+    extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and dy.device.type == "cuda" else {}
     return kern[grid](
         dy, x, param, *state, *scal_args, seed,
         T, N, K,
@@ -614,12 +634,13 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T, GROUP_N=cfg.GROUP_N,
         EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         EVEN_T=(T % cfg.BLOCK_T == 0), PREFETCH=cfg.PREFETCH, EPI_SPLIT=cfg.EPI_SPLIT,
+        SAME_STRIDES=all(s.stride() == param.stride() for s in state),
         # Triton 3.9's interpreter gets bf16 dots wrong (relative error 6e9 measured on a
         # 32×32 dot, fp16 fine): interpreted runs upcast the operands, which is exact.
         DOT_F32=(dy.dtype != x.dtype or dy.dtype == torch.float32 or dy.device.type == "cpu"),
         INPUT_PRECISION=precision,
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
 
 

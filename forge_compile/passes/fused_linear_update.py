@@ -303,7 +303,7 @@ class _Analysis:
     def analyse(self, dest: torch.fx.Node):
         wshape = _shape(dest)
         if wshape is None or len(wshape) != 2:
-            raise Refused("not a 2-D weight", f"shape {wshape}")
+            raise Refused("not a 2-D weight", f"shape {wshape}: a bias or norm parameter has no gradient GEMM")
         mm = self.find_gemm(self.sinks_by_dest[dest].args[1], wshape)
         self.mm = mm
         # E: the gradient and its transparent copies; F: everything computed from it.
@@ -494,6 +494,21 @@ def _is_param_name(name: Optional[str]) -> bool:
     return name is None or ("[" not in name and not name.endswith(".grad"))
 
 
+def _read_like_param(t: torch.fx.Node) -> bool:
+    """Without names: a parameter is read by the model (a view, a matmul, a norm, a broadcast);
+    optimizer state is read only by same-shaped elementwise update ops and its copy_."""
+    for u in t.users:
+        if u.op != "call_function":
+            return True
+        if u.target is aten.copy_.default:
+            continue
+        if getattr(u.target, "is_view", False) or _shape(u) != _shape(t):
+            return True
+        if u.target not in lower_rules and u.target not in _TRANSPARENT:
+            return True
+    return False
+
+
 def _record_refusal(ctx, name: str, r: Refused):
     counters["forge_compile"][f"refused: {r.category}"] += 1
     reason = f"{r.category}: {r.detail}" if r.detail else r.category
@@ -524,6 +539,8 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         name = names.get(dest) or dest.name
         if not _is_param_name(names.get(dest)):
             continue
+        if names.get(dest) is None and not _read_like_param(dest):
+            continue    # optimizer state (read only by its update) is reported with its param
         if not _val(dest).is_floating_point():
             continue
         facts = GraphFacts(graph)
@@ -578,8 +595,7 @@ def _plan(a: _Analysis, names, dup):
         return nm is not None and _is_param_name(nm)
     params = [d for d in dests if is_param(d)]
     if not params:
-        outside = [d for d in dests if any(u not in a.region and u not in a.sinks for u in d.users)]
-        params = outside or dests
+        params = [d for d in dests if names.get(d) is None and _read_like_param(d)] or dests
     param = params[0]
     state = [d for d in dests if d is not param] + reads
     for t in [param] + state:

@@ -1,0 +1,31 @@
+"""forge_compile: a torch.compile backend that never materialises weight gradients.
+
+``torch.compile(train_step, backend="forge")`` captures forward, backward, ``opt.step()`` and
+``opt.zero_grad()`` as one graph, fuses each weight-gradient GEMM with the optimizer update of
+that weight (FORGE), and lets Inductor compile the rest.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from forge_compile.backend import ForgeBackend, forge_backend
+from forge_compile.capture import CaptureMisuseError
+from forge_compile.context import ForgeOptions
+from forge_compile.explain import ExplainReport, explain
+
+__all__ = ["compile", "explain", "ExplainReport", "ForgeOptions", "ForgeBackend",
+           "forge_backend", "CaptureMisuseError"]
+__version__ = "0.1.0"
+
+
+def compile(fn: Callable, *, fullgraph: bool = False, **options) -> Callable:
+    """``torch.compile(fn, backend="forge")`` with forge options, e.g. ``fuse=False``,
+    ``inner="aot_eager"``. Unknown options raise a one-line error naming the valid ones."""
+    opts = ForgeOptions.from_kwargs(**options)
+    compiled = torch.compile(fn, backend=ForgeBackend(opts), fullgraph=fullgraph)
+    compiled._forge_options = dict(options)
+    compiled._forge_fn = fn
+    return compiled

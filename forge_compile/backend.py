@@ -1,0 +1,179 @@
+"""The ``forge`` Dynamo backend: Dynamo graph -> AOTAutograd -> forge passes -> inner compiler.
+
+Registered under the name ``forge`` through the ``torch_dynamo_backends`` entry point
+(pyproject.toml), so ``torch.compile(step, backend="forge")`` works without importing
+forge_compile. Importing this module installs the capture patches (forge_compile.capture),
+which act only on frames compiled by this backend.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, List, Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from forge_compile import capture
+from forge_compile.context import (CompileReport, ForgeOptions, PassContext,
+                                   current_reports)
+
+log = logging.getLogger("forge_compile")
+
+__all__ = ["ForgeBackend", "forge_backend"]
+
+capture.install()
+
+
+def _source_name(node: torch.fx.Node) -> Optional[str]:
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    if src is None:
+        return None
+    name = src.name
+    return name() if callable(name) else name   # a method in older torch, a property in newer
+
+
+_MODULE_PATH = re.compile(r"\._modules\['([^']+)'\]|\._(?:parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)")
+_ROOT = re.compile(r"^(?:L|G)\['([^']+)'\]")
+
+
+def pretty_name(source: Optional[str]) -> Optional[str]:
+    """``L['model']._modules['0']._parameters['weight']`` -> ``0.weight`` (module path)."""
+    if source is None:
+        return None
+    m = _ROOT.match(source)
+    if m is None:
+        return source
+    rest = source[m.end():]
+    parts = []
+    pos = 0
+    for t in _MODULE_PATH.finditer(rest):
+        if t.start() != pos:       # something that is not a plain attribute/module path
+            return source
+        parts.append(next(g for g in t.groups() if g is not None))
+        pos = t.end()
+    if pos != len(rest) or not parts:
+        return source
+    if parts[0] in ("self",):
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> List[Optional[str]]:
+    """User-facing name of each graph input: module path for parameters, Dynamo source otherwise."""
+    names = []
+    for node, ex in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs):
+        src = _source_name(node)
+        names.append(pretty_name(src) if isinstance(ex, torch.nn.Parameter) else src)
+    return names
+
+
+class ForgePostGradPass(CustomGraphPass):
+    """Runs forge_compile.passes.run_passes inside Inductor's post_grad_custom_pre_pass."""
+
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        _run_forge_passes(graph.owning_module, self.ctx)
+
+    def uuid(self) -> Any:
+        # Changes whenever forge's pass code changes, so Inductor's FX graph cache never serves
+        # a graph compiled by older passes (a cache hit skips the pass entirely).
+        import forge_compile.passes as passes
+        import pathlib
+        files = sorted(pathlib.Path(passes.__file__).parent.glob("*.py"))
+        return (get_hash_for_files(tuple(files)), repr(self.ctx.options))
+
+
+def _run_forge_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
+    from forge_compile.passes import run_passes
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(ctx.input_names):
+        log.debug("forge_compile: %d ATen inputs vs %d Dynamo inputs; names unavailable",
+                  len(placeholders), len(ctx.input_names))
+        ctx.input_names = [None] * len(placeholders)
+    ctx.report.graph_before = str(gm.graph)
+    gm = run_passes(gm, ctx)
+    gm.graph.lint()
+    gm.recompile()
+    ctx.report.graph_after = str(gm.graph)
+    ctx.report.graph_module_after = gm
+    return gm
+
+
+class ForgeBackend:
+    """The forge compiler function: ``backend(gm, example_inputs, **torch_compile_kwargs)``."""
+
+    _forge_backend = True     # how forge_compile.capture recognises frames compiled by forge
+
+    def __init__(self, options: ForgeOptions = ForgeOptions()):
+        self.options = options
+        self.__name__ = "forge"
+        self.compiles = 0
+
+    def __repr__(self) -> str:
+        return f"ForgeBackend({self.options})"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: List[Any], **kwargs) -> Any:
+        options = self.options
+        user = dict(kwargs.pop("options", None) or {})
+        mode = kwargs.pop("mode", None)
+        if mode not in (None, "default"):
+            raise ValueError(f"forge_compile: mode={mode!r} is not supported; drop mode= or use "
+                             f"forge_compile.compile(fn, **options)")
+        if kwargs:
+            raise TypeError(f"forge_compile: unexpected arguments {sorted(kwargs)}")
+        if user:
+            options = ForgeOptions.from_kwargs(**{**vars_of(options), **user})
+        self.compiles += 1
+        cid = torch._guards.CompileContext.current_compile_id()
+        report = CompileReport(graph_index=self.compiles,
+                               frame_compile_id=getattr(cid, "frame_compile_id", None))
+        ctx = PassContext(options=options, input_names=graph_input_names(gm, example_inputs),
+                          report=report)
+        log.info("forge_compile: compiling graph %d (%d inputs, fuse=%s, inner=%s)",
+                 self.compiles, len(example_inputs), options.fuse, options.inner)
+        if options.inner == "inductor":
+            compiled = self._inductor(gm, example_inputs, ctx)
+        else:
+            compiled = self._aot_eager(gm, example_inputs, ctx)
+        # Reported only once compiled: Dynamo may abandon an attempt and trace again (e.g. a
+        # TensorifyScalarRestartAnalysis raised from inside AOTAutograd).
+        for listener in current_reports():
+            listener.append(report)
+        return compiled
+
+    @staticmethod
+    def _inductor(gm, example_inputs, ctx: PassContext):
+        from torch._inductor.compile_fx import compile_fx
+        patches = {}
+        if ctx.options.fuse:
+            patches["post_grad_custom_pre_pass"] = ForgePostGradPass(ctx)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    @staticmethod
+    def _aot_eager(gm, example_inputs, ctx: PassContext):
+        from functorch.compile import make_boxed_func
+        from torch._functorch.aot_autograd import aot_module_simplified
+        from torch._inductor.decomposition import select_decomp_table
+
+        def inner(g: torch.fx.GraphModule, _inputs):
+            if ctx.options.fuse:
+                g = _run_forge_passes(g, ctx)
+            return make_boxed_func(g.forward)
+
+        # keep_inference_input_mutations: parameter/state updates stay in-graph as copy_ nodes
+        # (what Inductor also sees), instead of extra outputs copied back outside the graph.
+        return aot_module_simplified(gm, example_inputs, fw_compiler=inner, inference_compiler=inner,
+                                     decompositions=select_decomp_table(),
+                                     keep_inference_input_mutations=True)
+
+
+def vars_of(options: ForgeOptions) -> dict:
+    import dataclasses
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
+forge_backend = ForgeBackend()

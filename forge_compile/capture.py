@@ -1,0 +1,373 @@
+"""Whole-step capture: forward, loss.backward(), optimizer.step() and zero_grad() as ONE graph.
+
+Stock Dynamo splits a training step into three graphs on purpose (graph breaks around
+``Optimizer.step`` and a ``@torch._disable_dynamo`` on ``zero_grad``), and cannot trace
+``loss.backward()`` unless ``trace_autograd_ops`` is on. FORGE needs the weight-gradient GEMMs
+and the optimizer update in one graph, so this module patches Dynamo — at runtime, never on
+disk — and ALL version-specific Dynamo patching lives here.
+
+``torch.compile(fn, backend=...)`` wraps the backend and drops its ``backend_ctx_ctor``
+(torch/__init__.py ``_TorchCompileWrapper``), so the patches cannot be switched on by a context
+Dynamo enters for us. Instead they are installed once (``install()``, done on import of
+forge_compile) and each one acts only while a frame compiled by the forge backend is being
+traced (``forge_tracing()``); every other ``torch.compile`` in the process sees stock Dynamo.
+``uninstall()`` restores every original attribute.
+
+What is patched and why (each row is one entry of ``PATCHES``):
+
+| target | why |
+|---|---|
+| ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` for its tracing only |
+| ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there) |
+| ``OptimizerVariable.var_getattr`` | trace ``zero_grad`` (its ``@_disable_dynamo`` wrapper is unwrapped) and an LR scheduler's ``step`` wrapper (lr_scheduler.py is force-skipped) |
+| ``OptimizerVariable.graph_break_if_pending_mutation`` | the pending mutation is the traced ``.grad``; handled by ``_init_group`` below |
+| ``OptimizerVariable.call_method`` (``_init_group``) | run the real ``_init_group`` with zero-memory placeholder grads for params whose ``.grad`` is a traced value, so the first call already updates (else every param is skipped: a graph that never trains) and the optimizer state exists before tracing |
+| ``OptimizerVariable.wrap_tensor`` | map each placeholder back to its traced gradient |
+
+Two changes to the optimizer object itself, made on its first forge trace, with their reasons:
+- a float ``lr`` becomes a 0-d float64 CPU tensor in ``param_groups`` (what PyTorch recommends
+  for compiled optimizers under LR schedulers: schedulers ``fill_`` it in place), so an LR
+  schedule never recompiles; Dynamo guards on a float's value, and a float made dynamic is
+  specialised again where it reaches an ``alpha=`` argument (measured: a recompile every step).
+  Not done for Adam/AdamW with foreach=True and capturable=False, which reject a tensor lr.
+- the ``step`` counters of non-capturable optimizers become float64: eager computes the bias
+  corrections from ``step.item()`` in Python doubles; in the graph they are 0-d tensor math,
+  which in float32 lost ~1e-4 relative in ``1 - beta2**step`` (RAdam drifted to 2.5e-4 relative
+  parameter error after 20 steps against eager; float64 restores agreement).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch._dynamo
+import torch.optim.optimizer as _optim_mod
+
+log = logging.getLogger("forge_compile")
+
+__all__ = ["install", "uninstall", "installed", "forge_tracing", "is_forge_tracing",
+           "is_forge_backend", "PATCHES", "CaptureMisuseError"]
+
+
+class CaptureMisuseError(RuntimeError):
+    """A training-step construct forge cannot capture faithfully; the message names the fix."""
+
+
+_tls = threading.local()
+
+
+def is_forge_tracing() -> bool:
+    """True while Dynamo traces a frame compiled by the forge backend."""
+    return getattr(_tls, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def forge_tracing():
+    """Switch the forge behaviour of the patched Dynamo on for the enclosed tracing."""
+    _tls.depth = getattr(_tls, "depth", 0) + 1
+    try:
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            yield
+    finally:
+        _tls.depth -= 1
+
+
+def is_forge_backend(fn: Any) -> bool:
+    """Whether a (possibly wrapped) Dynamo compiler function is the forge backend."""
+    seen = set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        if getattr(fn, "_forge_backend", False):
+            return True
+        # wrap_backend_debug / ConvertFrame: _torchdynamo_orig_backend; torch.compile's
+        # _TorchCompileWrapper: compiler_fn; functools wrappers: __wrapped__ / func.
+        fn = (getattr(fn, "_torchdynamo_orig_backend", None) or getattr(fn, "compiler_fn", None)
+              or getattr(fn, "__wrapped__", None) or getattr(fn, "func", None))
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# The patches. Each is (owner object, attribute name, factory(original) -> replacement, why).
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Patch:
+    owner: Any
+    name: str
+    make: Callable[[Callable], Callable]
+    why: str
+    original: Optional[Callable] = None
+
+
+def _dynamo_modules():
+    from torch._dynamo import symbolic_convert
+    from torch._dynamo.variables import builder, functions, optimizer
+    return symbolic_convert, builder, functions, optimizer
+
+
+# code object of optim.optimizer._use_grad_for_differentiable.<locals>._use_grad
+_USE_GRAD_CODE = _optim_mod._use_grad_for_differentiable(lambda self: None).__code__
+
+
+def _make_run(orig):
+    def run(self):
+        if is_forge_backend(getattr(self.output, "compiler_fn", None)):
+            with forge_tracing():
+                return orig(self)
+        return orig(self)
+    return run
+
+
+def _make_skip_call(orig):
+    def call_function(self, tx, args, kwargs):
+        if (is_forge_tracing() and self.value is torch._dynamo.graph_break
+                and tx.f_code is _USE_GRAD_CODE):
+            from torch._dynamo.variables.constant import ConstantVariable
+            return ConstantVariable.create(None)
+        return orig(self, tx, args, kwargs)
+    return call_function
+
+
+def _make_var_getattr(orig):
+    def var_getattr(self, tx, name):
+        if is_forge_tracing() and name == "step":
+            # An LR scheduler replaces opt.step by a wrapper defined in lr_scheduler.py, a file
+            # Dynamo force-skips (graph break). The wrapper only sets opt._opt_called = True
+            # (read once, by the scheduler's first step, to warn about call order): do that
+            # here and trace the wrapped step itself.
+            bound = self.value.__dict__.get("step")
+            if bound is not None and getattr(bound, "_wrapped_by_lr_sched", False):
+                from torch._dynamo.variables.functions import UserMethodVariable
+                self.value._opt_called = True
+                return UserMethodVariable(bound.__wrapped__, self)
+        if is_forge_tracing() and name == "param_groups":
+            _tensorize_lr(self.value)
+        if is_forge_tracing() and name == "zero_grad":
+            fn = type(self.value).zero_grad
+            inner = getattr(fn, "__wrapped__", None)
+            if inner is not None and fn is torch.optim.Optimizer.zero_grad:
+                from torch._dynamo.variables.functions import UserMethodVariable
+                return UserMethodVariable(inner, self)
+        return orig(self, tx, name)
+    return var_getattr
+
+
+def _rejects_tensor_lr(opt: torch.optim.Optimizer, group: dict) -> bool:
+    # torch.optim.adam: "lr as a Tensor is not supported for capturable=False and foreach=True"
+    if not isinstance(opt, torch.optim.Adam) or group.get("capturable", False):
+        return False
+    # Dynamo itself turns capturable on for a fresh optimizer whose params are all on an
+    # accelerator (OptimizerVariable._set_capturable), right after this check runs.
+    if all((p.is_cuda or p.is_xpu) and p not in opt.state for p in group["params"]):
+        return False
+    foreach = group.get("foreach")
+    if foreach is None and not group.get("fused"):
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+        _, foreach = _default_to_fused_or_foreach(list(group["params"]), False, use_fused=False)
+    return bool(foreach)
+
+
+def _tensorize_lr(opt: torch.optim.Optimizer) -> None:
+    """Float lr -> 0-d tensor (see the module docstring); done once per optimizer."""
+    for group in opt.param_groups:
+        lr = group.get("lr")
+        if not isinstance(lr, float) or not group["params"]:
+            continue
+        if _rejects_tensor_lr(opt, group):
+            log.warning("forge_compile: %s with foreach=True and capturable=False keeps a float lr; "
+                        "an LR schedule recompiles the step for each new lr (use foreach=False or "
+                        "capturable=True to avoid that)", type(opt).__name__)
+            continue
+        if group.get("fused"):
+            p = group["params"][0]      # the fused kernels read lr on the parameters' device
+            group["lr"] = torch.tensor(lr, dtype=torch.float32, device=p.device)
+        else:
+            group["lr"] = torch.tensor(lr, dtype=torch.float32)
+
+
+def _widen_step_counters(opt: torch.optim.Optimizer, group: dict) -> bool:
+    """float32 ``step`` counters of a non-capturable group -> float64 (see the module docstring).
+
+    Existing counters are converted in ``opt.state``; returns True when counters that
+    ``_init_group`` creates next must be float64 too."""
+    if group.get("capturable", False) or group.get("fused", False):
+        return False
+    for p in group["params"]:
+        st = opt.state.get(p)
+        step = st.get("step") if st else None
+        if isinstance(step, torch.Tensor) and step.dim() == 0 and step.dtype == torch.float32:
+            st["step"] = step.to(torch.float64)
+    return True
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: Optional[torch.dtype]):
+    # torch.optim creates step counters as torch.tensor(0.0, dtype=_get_scalar_dtype()), which
+    # follows the default dtype; the other state is *_like(param) and keeps the param dtype.
+    if dtype is None:
+        yield
+        return
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _make_pending(orig):
+    def graph_break_if_pending_mutation(self, tx):
+        if is_forge_tracing():
+            return None
+        return orig(self, tx)
+    return graph_break_if_pending_mutation
+
+
+# id(placeholder tensor) -> the traced gradient VariableTracker it stands for
+_PLACEHOLDERS: Dict[int, Any] = {}
+
+
+def _pending_grads(self, tx) -> Dict[torch.Tensor, Any]:
+    """Params whose ``.grad`` was assigned inside the traced frame -> traced value (or None)."""
+    se = tx.output.side_effects
+    pending = {}
+    for g in self.value.param_groups:
+        for p in g["params"]:
+            var = se.id_to_variable.get(id(p), None)
+            if var is not None and se.has_pending_mutation_of_attr(var, "grad"):
+                vt = se.load_attr(var, "grad")
+                pending[p] = vt if vt.is_tensor() else None
+    return pending
+
+
+def _prefill_sgd_momentum(opt: torch.optim.Optimizer, params: List[torch.Tensor]) -> None:
+    # SGD creates momentum_buffer = clone(grad) inside its first step: a state change that makes
+    # Dynamo recompile on call 2. With dampening == 0 a zero buffer gives exactly the same first
+    # update (0 * momentum + grad == grad), so the buffer is created here, before tracing, and
+    # the first compiled graph is already the steady-state one.
+    if not isinstance(opt, torch.optim.SGD):
+        return
+    for g in opt.param_groups:
+        if g.get("momentum", 0) == 0 or g.get("dampening", 0) != 0:
+            continue
+        for p in g["params"]:
+            if any(p is q for q in params) and opt.state[p].get("momentum_buffer") is None:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format)
+
+
+def _make_call_method(orig):
+    def call_method(self, tx, name, args, kwargs):
+        if not (is_forge_tracing() and name == "_init_group" and hasattr(self.value, "_init_group")):
+            return orig(self, tx, name, args, kwargs)
+        from torch._dynamo.variables import optimizer as ovars
+        from torch._dynamo.variables.constant import ConstantVariable
+        pending = _pending_grads(self, tx)
+        try:
+            self.move_step_if_cpu()
+            py_args, py_kwargs = self.get_python_args(*args, **kwargs)
+            saved = {p: p.grad for p in pending}
+            placeholders = []
+            try:
+                for p, vt in pending.items():
+                    if vt is None:        # traced value is None: _init_group must skip p
+                        p.grad = None
+                        continue
+                    # A stride-0 view of one element: no memory, right shape/dtype/device.
+                    ph = torch.empty((), dtype=p.dtype, device=p.device).expand_as(p)
+                    p.grad = ph
+                    placeholders.append(ph)
+                    _PLACEHOLDERS[id(ph)] = vt
+                _prefill_sgd_momentum(self.value, [p for p, vt in pending.items() if vt is not None])
+                group = py_args[0] if py_args and isinstance(py_args[0], dict) else {}
+                wide = _widen_step_counters(self.value, group) if group else False
+                with _default_dtype(torch.float64 if wide else None):
+                    ret_val = self.value._init_group(*py_args, **py_kwargs)
+            finally:
+                for p, g0 in saved.items():
+                    p.grad = g0           # real state back before guards are installed
+            self.map_sources_and_install_guards(tx)
+            self.update_list_args(tx, args, kwargs, py_args, py_kwargs)
+            for ph in placeholders:
+                _PLACEHOLDERS.pop(id(ph), None)
+            tx.store_global_weakref_by_id(f"__optimizer_{id(self.value)}", self.value)
+            self.create_finalizer(tx)
+            return ConstantVariable.create(ret_val)
+        except (ovars.ArgMappingException, ovars.GuardInstallException):
+            _PLACEHOLDERS.clear()
+            return orig(self, tx, name, args, kwargs)
+    return call_method
+
+
+def _make_wrap_tensor(orig):
+    def wrap_tensor(self, tx, tensor_value):
+        vt = _PLACEHOLDERS.get(id(tensor_value))
+        if vt is not None:
+            return vt
+        return orig(self, tx, tensor_value)
+    return wrap_tensor
+
+
+def _build_patches() -> List[Patch]:
+    symbolic_convert, builder, functions, optimizer = _dynamo_modules()
+    OV = optimizer.OptimizerVariable
+    return [
+        Patch(symbolic_convert.InstructionTranslator, "run", _make_run,
+              "detect forge frames; trace_autograd_ops=True while tracing them"),
+        Patch(functions.SkipFunctionVariable, "call_function", _make_skip_call,
+              "lift the graph breaks of optim.optimizer._use_grad"),
+        Patch(OV, "var_getattr", _make_var_getattr, "trace Optimizer.zero_grad"),
+        Patch(OV, "graph_break_if_pending_mutation", _make_pending,
+              "the pending .grad mutation is handled by _init_group"),
+        Patch(OV, "call_method", _make_call_method,
+              "_init_group with placeholder grads: first call already updates"),
+        Patch(OV, "wrap_tensor", _make_wrap_tensor, "placeholder grad -> traced grad"),
+    ]
+
+
+PATCHES: List[Patch] = []
+_lock = threading.Lock()
+
+
+def installed() -> bool:
+    return bool(PATCHES)
+
+
+def install() -> None:
+    """Install every patch (idempotent)."""
+    with _lock:
+        if PATCHES:
+            return
+        patches = _build_patches()
+        for p in patches:
+            p.original = p.owner.__dict__[p.name] if p.name in vars(p.owner) else getattr(p.owner, p.name)
+            replacement = p.make(getattr(p.owner, p.name))
+            replacement.__forge_patch__ = p.why
+            setattr(p.owner, p.name, replacement)
+        PATCHES.extend(patches)
+        log.debug("forge_compile: installed %d Dynamo patches (torch %s)", len(patches), torch.__version__)
+
+
+def uninstall() -> None:
+    """Restore every patched attribute to its original."""
+    with _lock:
+        for p in reversed(PATCHES):
+            setattr(p.owner, p.name, p.original)
+        PATCHES.clear()
+
+
+@contextlib.contextmanager
+def patched():
+    """Patches installed for the block, restored after if they were not installed before."""
+    was = installed()
+    install()
+    try:
+        yield
+    finally:
+        if not was:
+            uninstall()

@@ -1,0 +1,107 @@
+"""``forge_compile.explain``: compile a step with forge, run it once, report what happened."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import pathlib
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch._dynamo.utils import counters
+
+from forge_compile.context import CompileReport, FusedParam, current_reports
+
+__all__ = ["ExplainReport", "explain", "listen"]
+
+
+class listen:
+    """Collect the CompileReport of every forge compile made inside the block."""
+
+    def __enter__(self) -> List[CompileReport]:
+        self.reports: List[CompileReport] = []
+        current_reports().append(self.reports)
+        return self.reports
+
+    def __exit__(self, *exc) -> None:
+        current_reports().remove(self.reports)
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    """What forge did to one step function (see forge_compile.explain)."""
+
+    graph_count: int
+    graph_breaks: List[str]
+    recompiles: int
+    compiles: List[CompileReport]
+    result: Any = None
+
+    @property
+    def fused(self) -> Dict[str, FusedParam]:
+        out: Dict[str, FusedParam] = {}
+        for r in self.compiles:
+            out.update(r.fused)
+        return out
+
+    @property
+    def unfused(self) -> Dict[str, str]:
+        out: Dict[str, str] = {}
+        for r in self.compiles:
+            out.update({k: v for k, v in r.unfused.items() if k not in self.fused})
+        return out
+
+    @property
+    def gradient_bytes_eliminated(self) -> int:
+        return sum(f.gradient_bytes for f in self.fused.values())
+
+    @property
+    def graph(self) -> Optional[str]:
+        """The rewritten ATen graph of the last compile (None when no pass ran)."""
+        for r in reversed(self.compiles):
+            if r.graph_after is not None:
+                return r.graph_after
+        return None
+
+    def save_graph(self, path) -> pathlib.Path:
+        """Draw the rewritten graph: SVG/PNG when pydot+graphviz are present, DOT text otherwise."""
+        path = pathlib.Path(path)
+        gm = next((r.graph_module_after for r in reversed(self.compiles)
+                   if r.graph_module_after is not None), None)
+        if gm is None:
+            raise RuntimeError("forge_compile: no rewritten graph to draw (was fuse=False?)")
+        from forge_compile.drawing import draw_graph
+        return draw_graph(gm, path)
+
+    def __str__(self) -> str:
+        lines = [f"forge_compile.explain: {self.graph_count} graph(s), "
+                 f"{len(self.graph_breaks)} graph break(s), {self.recompiles} recompile(s)"]
+        lines += [f"  break: {b}" for b in self.graph_breaks]
+        fused, unfused = self.fused, self.unfused
+        lines.append(f"fused: {len(fused)} parameter(s), gradient bytes eliminated: "
+                     f"{self.gradient_bytes_eliminated:,} ({self.gradient_bytes_eliminated / 2**20:.2f} MiB)")
+        lines += [f"  {n} {tuple(f.shape)} ({f.gradient_bytes:,} B)" for n, f in fused.items()]
+        lines.append(f"not fused: {len(unfused)} parameter(s)")
+        lines += [f"  {n}: {why}" for n, why in unfused.items()]
+        return "\n".join(lines)
+
+
+def explain(fn: Callable, *args, **kwargs) -> ExplainReport:
+    """Compile ``fn`` with forge, run it ONCE on the arguments (one real step) and report.
+
+    Options of forge_compile.compile can be given by passing a function made by
+    ``forge_compile.compile(fn, **options)``.
+    """
+    from forge_compile import compile as forge_compile_fn
+    options = getattr(fn, "_forge_options", None)
+    inner = getattr(fn, "_forge_fn", fn)
+    compiled = forge_compile_fn(inner, **(options or {}))
+    before = collections.Counter(counters["graph_break"])
+    with listen() as reports:
+        result = compiled(*args, **kwargs)
+    after = collections.Counter(counters["graph_break"])
+    breaks = []
+    for reason, n in (after - before).items():
+        breaks += [str(reason)] * n
+    return ExplainReport(graph_count=len(reports), graph_breaks=breaks,
+                         recompiles=sum(1 for r in reports if (r.frame_compile_id or 0) > 0),
+                         compiles=reports, result=result)
