@@ -31,6 +31,7 @@ import operator
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
+import torch._inductor.inductor_prims  # noqa: F401 (registers torch.ops.prims.fma)
 from torch._dynamo.utils import counters
 
 from forge_compile import patterns as _patterns
@@ -157,7 +158,13 @@ _TRANSPARENT = {
     aten.permute.default: 0, aten.t.default: 0, aten.transpose.int: 0,
     aten._to_copy.default: 0, prims.convert_element_type.default: 0,
     aten.copy.default: 1, aten.contiguous.default: 0, aten.lift_fresh_copy.default: 0,
+    # functionalization's view_copy forms
+    aten.t_copy.default: 0, aten.permute_copy.default: 0, aten.transpose_copy.int: 0,
+    aten.view_copy.default: 0, aten.alias_copy.default: 0,
 }
+_PERMUTES = (aten.permute.default, aten.permute_copy.default)
+_TS = (aten.t.default, aten.t_copy.default)
+_TRANSPOSES = (aten.transpose.int, aten.transpose_copy.int)
 _CONSTANT_FILL = {aten.full.default: 1, aten.scalar_tensor.default: 0,
                   aten.full_like.default: 1}
 _ZERO_ONE = {aten.zeros_like.default: 0.0, aten.ones_like.default: 1.0,
@@ -191,12 +198,12 @@ def _flips(n: torch.fx.Node) -> Optional[int]:
     """How many times a transparent node transposes a 2-D value (0/1), None if it reshapes."""
     src = n.args[_TRANSPARENT[n.target]]
     s_in, s_out = _shape(src), _shape(n)
-    if n.target in (aten.permute.default,):
+    if n.target in _PERMUTES:
         dims = [d % 2 for d in n.args[1]]
         return 0 if dims == [0, 1] else 1 if dims == [1, 0] else None
-    if n.target is aten.t.default:
+    if n.target in _TS:
         return 1
-    if n.target is aten.transpose.int:
+    if n.target in _TRANSPOSES:
         d0, d1 = (d % 2 for d in n.args[1:3])
         return 0 if d0 == d1 else 1
     if s_in != s_out or s_in is None or len(s_in) != 2:
@@ -286,6 +293,14 @@ class _Analysis:
                 stack.extend(a for a in n.all_input_nodes)
                 continue
             foreign.append(n)
+        for f in foreign:
+            if any(a.op == "call_function" and a.target is aten.mm.default
+                   for a in self.facts.dg.predecessors(f)) or any(
+                    x.op == "call_function" and x.target is aten.mm.default
+                    for x in __import__("networkx").ancestors(self.facts.dg, f)):
+                raise Refused("not elementwise",
+                              f"the update reads {f.name} = {_op_name(f)}, computed from a GEMM "
+                              "by an op with no epilogue rule (see forge_compile.register_pattern)")
         if foreign:
             f = foreign[0]
             raise Refused("gradient is not a GEMM",
@@ -434,7 +449,7 @@ class _Analysis:
             raise Refused("update computed in low precision",
                           f"{n.name} is {v.dtype}; the fused epilogue computes in fp32")
         if n.target in _TRANSPARENT:
-            if n.target in (aten.permute.default, aten.t.default, aten.transpose.int) and _flips(n) != 0:
+            if n.target in _PERMUTES + _TS + _TRANSPOSES and _flips(n) != 0:
                 raise Refused("transposed state", n.name)
             if _flips(n) is None:
                 raise Refused("reshaped value in the update", n.name)
@@ -474,10 +489,10 @@ def _state_label(name: Optional[str], i: int) -> str:
 
 
 def _transpose_node(graph: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node:
-    if (n.op == "call_function" and n.target is aten.permute.default
+    if (n.op == "call_function" and n.target in _PERMUTES
             and [d % 2 for d in n.args[1]] == [1, 0]):
         return n.args[0]
-    if n.op == "call_function" and n.target is aten.t.default:
+    if n.op == "call_function" and n.target in _TS:
         return n.args[0]
     t = graph.call_function(aten.permute.default, (n, [1, 0]))
     t.meta["val"] = _val(n).permute(1, 0)

@@ -1,0 +1,358 @@
+"""Structural tests of the fused_linear_update rewrite on small hand-built ATen graphs.
+
+Each graph is a functional train-step tail as AOTAutograd produces it: the weight-gradient GEMM,
+the optimizer update, and ``copy_`` of the new values into the parameter/state inputs. What must
+fire, what must NOT fire (and the reason recorded), hazards, idempotence, runtime scalars, and the
+register_pattern API. The rewritten graph is run and compared with the original graph.
+"""
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import forge_compile.patterns as patterns
+from forge_compile.context import CompileReport, ForgeOptions, PassContext
+from forge_compile.passes import run_passes
+
+aten = torch.ops.aten
+FUSED = torch.ops.forge_compile.fused_linear_update_.default
+
+T, N, K = 37, 20, 12          # T not a multiple of anything; N != K so layouts are checked
+
+
+def _ctx(names):
+    return PassContext(options=ForgeOptions(), input_names=list(names), report=CompileReport(0))
+
+
+def _trace(fn, args):
+    # functionalized like AOTAutograd's graph: input mutations become copy_ nodes at the end
+    return make_fx(torch.func.functionalize(fn, remove="mutations"),
+                   tracing_mode="fake")(*args)
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def _run_both(fn, args, names):
+    """Trace fn, run the forge passes; return (gm, ctx, max difference of all inputs after a run)."""
+    gm = _trace(fn, args)
+    ref = copy.deepcopy(gm)
+    ctx = _ctx(names)
+    gm = run_passes(gm, ctx)
+    a1 = [a.clone() for a in args]
+    a2 = [a.clone() for a in args]
+    out1 = gm(*a1)
+    out2 = ref(*a2)
+    diff = max(((x - y).abs().max().item() if x.is_floating_point() else 0.0)
+               for x, y in zip(a1, a2))
+    for o1, o2 in zip(out1 if isinstance(out1, (list, tuple)) else [out1],
+                      out2 if isinstance(out2, (list, tuple)) else [out2]):
+        if isinstance(o1, torch.Tensor):
+            diff = max(diff, (o1 - o2).abs().max().item())
+    return gm, ctx, diff
+
+
+def _inputs(*shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g) for s in shapes]
+
+
+# -- the update rules used below (functional tails, as in the AOT graph) -----------------------
+
+def sgd_momentum(dy, x, w, buf):
+    g = torch.mm(dy.t(), x)
+    b = buf * 0.9 + g
+    w.copy_(w - 0.01 * b)
+    buf.copy_(b)
+    return (dy.sum(),)
+
+
+def adamw_tail(dy, x, w, m, v, step):
+    g = torch.mm(dy.t(), x)
+    s = step + 1
+    bc1 = 1 - torch.pow(0.9, s)
+    bc2 = 1 - torch.pow(0.999, s)
+    m2 = torch.lerp(m, g, 0.1)
+    v2 = v * 0.999 + g * g * 0.001
+    w2 = w * (1 - 1e-3 * 0.1)
+    w2 = torch.addcdiv(w2, m2, (v2 / bc2).sqrt() + 1e-8, value=-1e-3) / 1.0
+    w2 = w2 + (bc1 - bc1)       # per-step scalars are read
+    w.copy_(w2)
+    m.copy_(m2)
+    v.copy_(v2)
+    step.copy_(s)
+    return (dy.sum(),)
+
+
+ADAMW_NAMES = ["dy", "x", "l.weight", "opt.state[l.weight].exp_avg",
+               "opt.state[l.weight].exp_avg_sq", "opt.state[l.weight].step"]
+
+
+def _adamw_args():
+    return _inputs((T, N), (T, K), (N, K), (N, K)) + [torch.rand(N, K), torch.tensor(3.0)]
+
+
+# -- must fire ------------------------------------------------------------------------------
+
+def test_fires_sgd_momentum():
+    counters.clear()
+    args = _inputs((T, N), (T, K), (N, K), (N, K))
+    gm, ctx, diff = _run_both(sgd_momentum, args, ["dy", "x", "l.weight", "opt.state[l.weight].momentum_buffer"])
+    assert _count(gm, FUSED) == 1
+    assert _count(gm, aten.mm.default) == 0           # the gradient GEMM is gone
+    assert _count(gm, aten.copy_.default) == 0        # and the copy-back of W and buf
+    assert list(ctx.report.fused) == ["l.weight"]
+    assert ctx.report.fused["l.weight"].gradient_bytes == N * K * 4
+    assert counters["forge_compile"]["fused"] == 1
+    assert diff < 1e-5
+
+
+def test_fires_adamw_with_scalars_from_step_counter():
+    gm, ctx, diff = _run_both(adamw_tail, _adamw_args(), ADAMW_NAMES)
+    assert _count(gm, FUSED) == 1 and _count(gm, aten.mm.default) == 0
+    op = next(n for n in gm.graph.nodes if n.target is FUSED)
+    assert len(op.args[4]) >= 1                         # bias corrections are runtime scalars
+    assert "exp_avg" in ctx.report.fused["l.weight"].rule
+    assert diff < 1e-5
+
+
+def test_fires_3d_activations_flattened():
+    def f(dy3, x3, w, buf):
+        g = torch.mm(dy3.reshape(-1, N).t(), x3.reshape(-1, K))
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dy3.sum(),)
+    args = _inputs((3, 5, N), (3, 5, K), (N, K), (N, K))
+    gm, ctx, diff = _run_both(f, args, ["dy", "x", "w", "opt.state[w].momentum_buffer"])
+    assert list(ctx.report.fused) == ["w"] and diff < 1e-5
+
+
+def test_fires_transposed_gemm_and_double_transpose_copy():
+    # mm(xᵀ, dy) is the gradient transposed; the raw AOT graph adds t → t → copy(empty, ·)
+    def f(dy, x, w, buf):
+        gt = torch.mm(x.t(), dy)                      # [K, N]
+        g = torch.empty(N, K).copy_(gt.t().t().t())   # -> [N, K]
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dy.sum(),)
+    args = _inputs((T, N), (T, K), (N, K), (N, K))
+    gm, ctx, diff = _run_both(f, args, ["dy", "x", "w", "opt.state[w].momentum_buffer"])
+    assert list(ctx.report.fused) == ["w"] and diff < 1e-5
+
+
+def test_fires_bf16_gemm_cast_to_fp32():
+    def f(dy, x, w, buf):
+        g = torch.mm(dy.t(), x).to(torch.float32)
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dy.float().sum(),)
+    dy, x = (t.bfloat16() for t in _inputs((T, N), (T, K)))
+    gm = _trace(f, [dy, x, torch.randn(N, K), torch.randn(N, K)])
+    ctx = _ctx(["dy", "x", "w", "opt.state[w].momentum_buffer"])
+    run_passes(gm, ctx)
+    assert list(ctx.report.fused) == ["w"]
+
+
+def test_fires_foreach_lists_unrolled():
+    def f(dy1, x1, dy2, x2, w1, w2, b1, b2):
+        g1, g2 = torch.mm(dy1.t(), x1), torch.mm(dy2.t(), x2)
+        bufs = torch._foreach_add(torch._foreach_mul([b1, b2], 0.9), [g1, g2])
+        new = torch._foreach_add([w1, w2], bufs, alpha=-0.01)
+        for d, s in zip([w1, w2, b1, b2], new + bufs):
+            d.copy_(s)
+        return (dy1.sum(),)
+    args = _inputs((T, N), (T, K), (T, K), (T, N), (N, K), (K, N), (N, K), (K, N))
+    names = ["dy1", "x1", "dy2", "x2", "a.weight", "b.weight",
+             "opt.state[a.weight].momentum_buffer", "opt.state[b.weight].momentum_buffer"]
+    gm, ctx, diff = _run_both(f, args, names)
+    assert sorted(ctx.report.fused) == ["a.weight", "b.weight"]
+    assert not any("_foreach" in str(n.target) for n in gm.graph.nodes)
+    assert diff < 1e-5
+
+
+def test_update_ordered_after_last_read_of_weight():
+    # dX = dY·W reads W after the gradient GEMM: the in-place update must come after it
+    def f(dy, x, w, buf):
+        g = torch.mm(dy.t(), x)
+        b = buf * 0.9 + g
+        w_new = w - 0.01 * b
+        dx = torch.mm(dy, w)
+        w.copy_(w_new)
+        buf.copy_(b)
+        return (dx,)
+    args = _inputs((T, N), (T, K), (N, K), (N, K))
+    gm, ctx, diff = _run_both(f, args, ["dy", "x", "w", "opt.state[w].momentum_buffer"])
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    op = next(n for n in gm.graph.nodes if n.target is FUSED)
+    dx = next(n for n in gm.graph.nodes if n.target is aten.mm.default)
+    assert order[dx] < order[op]
+    assert diff < 1e-5        # dx computed with the OLD weight, as in eager
+
+
+def test_lr_is_a_runtime_scalar():
+    def f(dy, x, w, buf, lr):
+        g = torch.mm(dy.t(), x)
+        b = buf * 0.9 + g
+        w.copy_(w - lr * b)
+        buf.copy_(b)
+        return (dy.sum(),)
+    args = _inputs((T, N), (T, K), (N, K), (N, K)) + [torch.tensor(0.01)]
+    gm, ctx, _ = _run_both(f, args, ["dy", "x", "w", "opt.state[w].momentum_buffer", "lr"])
+    assert list(ctx.report.fused) == ["w"]
+    ref = _trace(f, args)
+    for lr in (0.5, 0.001):      # a schedule changes a tensor value, never the program
+        a1 = [a.clone() for a in args[:4]] + [torch.tensor(lr)]
+        a2 = [a.clone() for a in a1]
+        gm(*a1), ref(*a2)
+        assert (a1[2] - a2[2]).abs().max() < 1e-5
+
+
+def test_idempotent():
+    gm = _trace(adamw_tail, _adamw_args())
+    ctx = _ctx(ADAMW_NAMES)
+    run_passes(gm, ctx)
+    code = gm.code
+    run_passes(gm, _ctx(ADAMW_NAMES))
+    assert gm.code == code
+
+
+# -- must NOT fire (each with its reason) ---------------------------------------------------------
+
+def _refused(fn, args, names, param="w"):
+    counters.clear()
+    gm, ctx, diff = _run_both(fn, args, names)
+    assert _count(gm, FUSED) == 0, gm.code
+    assert diff < 1e-5                                   # the unfused graph is unchanged
+    assert param in ctx.report.unfused
+    assert any(k.startswith("refused: ") for k in counters["forge_compile"])
+    return ctx.report.unfused[param]
+
+
+_SGD_NAMES = ["dy", "x", "w", "opt.state[w].momentum_buffer"]
+
+
+def test_refuses_gradient_with_second_consumer():
+    def f(dy, x, w, buf):
+        g = torch.mm(dy.t(), x)
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (g.abs().amax(),)       # logging the gradient
+    why = _refused(f, _inputs((T, N), (T, K), (N, K), (N, K)), _SGD_NAMES)
+    assert "gradient read outside the update" in why
+
+
+def test_refuses_gradient_returned():
+    def f(dy, x, w, buf):
+        g = torch.mm(dy.t(), x)
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (g,)
+    why = _refused(f, _inputs((T, N), (T, K), (N, K), (N, K)), _SGD_NAMES)
+    assert "graph output" in why
+
+
+def test_refuses_clip_grad_norm():
+    def f(dy, x, w, buf):
+        g = torch.mm(dy.t(), x)
+        coef = torch.clamp(1.0 / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
+        b = buf * 0.9 + g * coef
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dy.sum(),)
+    why = _refused(f, _inputs((T, N), (T, K), (N, K), (N, K)), _SGD_NAMES)
+    assert "norm" in why
+
+
+def test_refuses_grad_hook_side_output():
+    # a hook that stashes the gradient (for logging) makes it a graph output
+    def f(dy, x, w, buf):
+        g = torch.mm(dy.t(), x)
+        stash = g.clone()
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (stash,)
+    why = _refused(f, _inputs((T, N), (T, K), (N, K), (N, K)), _SGD_NAMES)
+    assert "graph output" in why or "outside" in why
+
+
+def test_refuses_grad_kept_across_steps():
+    # no zero_grad(set_to_none=True): .grad accumulates and survives the step
+    def f(dy, x, w, grad):
+        acc = grad + torch.mm(dy.t(), x)
+        w.copy_(w - 0.01 * acc)
+        grad.copy_(acc)
+        return (dy.sum(),)
+    why = _refused(f, _inputs((T, N), (T, K), (N, K), (N, K)), ["dy", "x", "w", "w.grad"])
+    assert ".grad" in why
+
+
+def test_refuses_trust_ratio():
+    def f(dy, x, w, m):
+        g = torch.mm(dy.t(), x)
+        m2 = m * 0.9 + g * 0.1
+        ratio = torch.linalg.vector_norm(w) / torch.linalg.vector_norm(m2)
+        w.copy_(w - 0.01 * ratio * m2)
+        m.copy_(m2)
+        return (dy.sum(),)
+    why = _refused(f, _inputs((T, N), (T, K), (N, K), (N, K)), ["dy", "x", "w", "opt.state[w].exp_avg"])
+    assert "norm" in why or "not elementwise" in why
+
+
+def test_refuses_factored_moments():
+    # Adafactor-style row/column statistics of g² are reductions, not elementwise
+    def f(dy, x, w, r):
+        g = torch.mm(dy.t(), x)
+        row = (g * g).mean(dim=1, keepdim=True)
+        w.copy_(w - 0.01 * g / (row.sqrt() + 1e-8))
+        r.copy_(r * 0 + row)
+        return (dy.sum(),)
+    why = _refused(f, _inputs((T, N), (T, K), (N, K), (N, K)), ["dy", "x", "w", "opt.state[w].row"])
+    assert "outside the update" in why
+
+
+def test_fuse_false_rewrites_nothing():
+    gm = _trace(adamw_tail, _adamw_args())
+    ctx = PassContext(options=ForgeOptions(fuse=False), input_names=ADAMW_NAMES,
+                      report=CompileReport(0))
+    run_passes(gm, ctx)
+    assert _count(gm, FUSED) == 0 and not ctx.report.fused
+
+
+# -- register_pattern ---------------------------------------------------------------------------
+
+@torch.library.custom_op("forge_test::soft_sign", mutates_args=())
+def soft_sign(x: torch.Tensor) -> torch.Tensor:
+    return x / (1 + x.abs())
+
+
+@soft_sign.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_register_pattern_teaches_an_unknown_op():
+    def f(dy, x, w):
+        g = torch.mm(dy.t(), x)
+        w.copy_(w - 0.01 * torch.ops.forge_test.soft_sign(g))
+        return (dy.sum(),)
+    args = _inputs((T, N), (T, K), (N, K))
+    why = _refused(f, args, ["dy", "x", "w"])
+    assert "not elementwise" in why and "soft_sign" in why
+
+    @patterns.register_pattern(torch.ops.forge_test.soft_sign.default)
+    def _soft_sign(emit, x):
+        return emit("div", x, emit("add", emit("abs", x), 1.0))
+    try:
+        gm, ctx, diff = _run_both(f, args, ["dy", "x", "w"])
+        assert list(ctx.report.fused) == ["w"] and diff < 1e-6
+    finally:
+        patterns.unregister_pattern(torch.ops.forge_test.soft_sign.default)
