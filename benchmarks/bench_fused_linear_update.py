@@ -210,7 +210,21 @@ def main():
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     ap.add_argument("--precompile", type=int, default=8, help="parallel compile workers (0: off)")
+    ap.add_argument("--ncu-row", default=None, metavar="OPT,N,K,T",
+                    help="launch only forge's kernel for one row, 3 times (for ncu "
+                         "--launch-skip 2 --launch-count 1); uses the tuning cache")
     a = ap.parse_args()
+    if a.ncu_row:
+        opt, N, K, T = a.ncu_row.split(",")
+        c = make_case(int(N), int(K), int(T), opt)
+        for _ in range(3):
+            ck = flu.fused_linear_update_triton(c["dy"], c["x"], c["p"], c["state"],
+                                                c["scalars"], c["prog"])
+        torch.cuda.synchronize()
+        cfg = flu.tuned_config(c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
+        print("ncu row", a.ncu_row, cfg, "regs", getattr(ck, "n_regs", None),
+              "spills", getattr(ck, "n_spills", None), "smem", ck.metadata.shared)
+        return
     if a.precompile:
         precompile(a.optimizers.split(","), a.precompile)
     shapes = SHAPES[:1] if a.quick else SHAPES

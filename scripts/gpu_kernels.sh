@@ -38,4 +38,18 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
   rc=$(( rc | $? ))
   cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
 fi
+if [[ $WHAT == all || $WHAT == ncu ]]; then
+  # Evidence for the memory-bound rows: DRAM throughput, occupancy, registers of the tuned
+  # kernel (uses the tuning cache the benchmark left behind).
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for row in ${NCU_ROWS:-adamw,4096,4096,512 adamw,4096,4096,2048}; do
+    echo "== ncu $row"
+    timeout 120 "$NCU" --target-processes all -k regex:_fused_linear_update_kernel \
+      --launch-skip 2 --launch-count 1 --clock-control none \
+      --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section MemoryWorkloadAnalysis \
+      $PY benchmarks/bench_fused_linear_update.py --precompile 0 --ncu-row "$row" 2>&1 \
+      | grep -E "ncu row|DRAM Throughput|Memory Throughput|Compute \(SM\)|Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Shared Memory Config|L2 Hit|Waves|Mem Busy|Max Bandwidth|==ERR|rror"
+  done 2>&1 | tee "$OUT/ncu.log"
+fi
 exit $rc

@@ -244,6 +244,7 @@ def _interpreter_cases():
             cases[f"{rule}-{str(dt)[6:]}"] = case
     for cname, cfg in {"split2": K(64, 128, 64, 4, 1, EPI_SPLIT=2),
                        "split4": K(64, 128, 64, 4, 1, EPI_SPLIT=4),
+                       "split8": K(64, 128, 64, 4, 1, EPI_SPLIT=8),
                        "prefetch": K(128, 64, 64, 4, 1, PREFETCH=True),
                        "even": K(64, 64, 32, 4, 1)}.items():
         def case(cfg=cfg, cname=cname):
@@ -264,8 +265,9 @@ def _interpreter_cases():
         dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
         dy = dy.t().contiguous().t()                       # column-major dy
         x = torch.cat([x, x], 1)[:, ::2]                   # inner stride 2
-        p = p.t().contiguous().t()                         # column-major weight
-        return _errors(prog, dy, x, p, s, sc, launcher(big))
+        p = p.t().contiguous().t()                         # column-major weight (state not)
+        return _errors(prog, dy, x, p, s, sc, launcher(flu.KernelConfig(
+            64, 128, 64, 4, 1, EPI_SPLIT=2)))
     cases["adamw-strided"] = strided
 
     def all_ops():

@@ -210,10 +210,11 @@ class _Epilogue:
             v = self.var[n] + sfx
             out += self._offset(ind, v, sn, sk, sfx, rk)
             out += [f"{ind}if EVEN_NK:",
-                    f"{ind}    {v} = tl.load({self.ptr[n]} + off_{v}).to(tl.float32)",
+                    f"{ind}    {v} = tl.load({self.ptr[n]} + off_{v}, "
+                    f"eviction_policy=\"evict_first\").to(tl.float32)",
                     f"{ind}else:",
                     f"{ind}    {v} = tl.load({self.ptr[n]} + off_{v}, mask={mask}, "
-                    f"other=0.0).to(tl.float32)"]
+                    f"other=0.0, eviction_policy=\"evict_first\").to(tl.float32)"]
         return out
 
     @staticmethod
@@ -247,10 +248,11 @@ class _Epilogue:
                         f"rn[:, None] * K + {rk}[None, :])"]
             ptr = self.ptr[dst]
             out += [f"{ind}if EVEN_NK:",
-                    f"{ind}    tl.store({ptr} + off_{v}, o_{v}.to({ptr}.dtype.element_ty))",
+                    f"{ind}    tl.store({ptr} + off_{v}, o_{v}.to({ptr}.dtype.element_ty), "
+                    f"eviction_policy=\"evict_first\")",
                     f"{ind}else:",
                     f"{ind}    tl.store({ptr} + off_{v}, o_{v}.to({ptr}.dtype.element_ty), "
-                    f"mask={mask})"]
+                    f"mask={mask}, eviction_policy=\"evict_first\")"]
         return out
 
 
@@ -336,7 +338,9 @@ def _fused_linear_update_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr,
 ):
     # Grouped tile order: GROUP_N consecutive row-blocks sweep the K tiles together, so the
-    # dy columns and x columns they share are read from L2, not HBM.
+    # dy columns and x columns they share are read from L2, not HBM. dy/x loads are
+    # evict_last, the once-touched weight/state streams evict_first: at T=2048 dy and x are
+    # 32 MB of the 50 MB L2 and must not be flushed by the 400 MB of state traffic.
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -362,12 +366,14 @@ def _fused_linear_update_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         if EVEN_T and EVEN_NK:
-            a = tl.load(dy_ptrs)
-            b = tl.load(x_ptrs)
+            a = tl.load(dy_ptrs, eviction_policy="evict_last")
+            b = tl.load(x_ptrs, eviction_policy="evict_last")
         else:
             mask_t = (t0 + rt) < T
-            a = tl.load(dy_ptrs, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
-            b = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            a = tl.load(dy_ptrs, mask=mask_t[:, None] & mask_n[None, :], other=0.0,
+                        eviction_policy="evict_last")
+            b = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0,
+                        eviction_policy="evict_last")
         if DOT_F32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -441,24 +447,24 @@ class KernelConfig:
     maxnreg: Optional[int] = None   # register cap (ptxas): 128 at 8 warps = 2 CTAs per SM
 
 
-# Candidates for H100/H200 (sm_90). Register use decides most of it: the fp32 accumulator plus
-# one fp32 tile per weight/state tensor must fit in 255 registers. Measured with ptxas (sm_90,
-# AdamW, bf16 operands): 128×128 / 8 warps spills 536 B with the whole epilogue at once, 104 B
-# with EPI_SPLIT=2 and none (193 registers) with EPI_SPLIT=4.
-# T ≤ 2048 is bound by the 24 B/element of W, m, v traffic: PREFETCH issues those loads before
-# the T loop so the GEMM runs under their latency (no spill at 64×128 or 128×64 / 8 warps, 64×64
-# / 4 warps). Large T is GEMM-bound: 128-wide tiles feeding wgmma, 3-4 stages.
+# Candidates for H100/H200 (sm_90). Registers decide most of it: the fp32 accumulator plus one
+# fp32 chunk per weight/state tensor (and their addresses) must fit. ptxas, sm_90, AdamW, bf16
+# operands, 128×128 tile / 8 warps: whole epilogue at once 255 registers + 536 B spilled;
+# EPI_SPLIT=4: 193, no spill (1 CTA/SM); EPI_SPLIT=8: 128, no spill, so 2 CTAs fit per SM and
+# one CTA's epilogue (HBM) overlaps the other's T loop (tensor cores). Measured on H100 (run 1,
+# EPI_SPLIT ≤ 4, 1 CTA/SM): no overlap, e.g. 4096², T=2048 took 0.265 ms = GEMM + epilogue.
+# Large T is GEMM-bound: 128×256 tiles (242 registers with EPI_SPLIT=8) feed wgmma best.
 _GPU_CONFIGS = (
-    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=4),
+    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8),
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=8),
+    KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),
-    KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=4),
-    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=2),
-    KernelConfig(64, 256, 64, 8, 3, EPI_SPLIT=2),
-    KernelConfig(64, 128, 64, 8, 3),
-    KernelConfig(128, 64, 64, 8, 3, PREFETCH=True),
-    KernelConfig(64, 128, 64, 8, 3, PREFETCH=True),
+    KernelConfig(64, 128, 64, 4, 3, EPI_SPLIT=8),
+    KernelConfig(64, 128, 64, 4, 4, EPI_SPLIT=8),
+    KernelConfig(64, 256, 64, 8, 3, EPI_SPLIT=8, maxnreg=128),
+    KernelConfig(128, 128, 32, 8, 4, EPI_SPLIT=8),
+    KernelConfig(128, 64, 64, 4, 3, EPI_SPLIT=4),
     KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),
-    KernelConfig(64, 64, 64, 4, 4),
 )
 # The interpreter's cost grows with the number of programs: large blocks (NOTES.md).
 _INTERPRETER_CONFIG = KernelConfig(128, 128, 128, 4, 1)
