@@ -32,9 +32,9 @@ if [[ $WHAT == all || $WHAT == tests ]]; then
   rc=$?
 fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
-  timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_fused_linear_update.py \
+  FORGE_AUTOTUNE_LOG=1 timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_fused_linear_update.py \
     --out "$OUT/fused_linear_update.jsonl" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" \
-    | grep -v '^{' 
+    | grep -v -e '^{' -e 'forge autotune' 
   rc=$(( rc | $? ))
   cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
 fi

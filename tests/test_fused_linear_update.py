@@ -245,6 +245,7 @@ def _interpreter_cases():
     for cname, cfg in {"split2": K(64, 128, 64, 4, 1, EPI_SPLIT=2),
                        "split4": K(64, 128, 64, 4, 1, EPI_SPLIT=4),
                        "split8": K(64, 128, 64, 4, 1, EPI_SPLIT=8),
+                       "split4pipe": K(64, 128, 64, 4, 1, EPI_SPLIT=4, EPI_PIPE=True),
                        "prefetch": K(128, 64, 64, 4, 1, PREFETCH=True),
                        "even": K(64, 64, 32, 4, 1)}.items():
         def case(cfg=cfg, cname=cname):

@@ -63,6 +63,7 @@ ENV_CACHE_DIR = "FORGE_COMPILE_CACHE_DIR"   # generated kernels + tuning results
 ENV_CPU_TRITON = "FORGE_CPU_TRITON"        # "1": the op runs the interpreted kernel on CPU
 ENV_FP32_DOT = "FORGE_FP32_DOT"            # ieee | tf32 | tf32x3 for fp32 operands
 ENV_NO_TUNE = "FORGE_NO_AUTOTUNE"          # "1": use the first candidate config, never time
+ENV_TUNE_LOG = "FORGE_AUTOTUNE_LOG"        # "1": print every candidate's time to stderr
 
 _PROGRAMS: dict = {}
 
@@ -284,15 +285,29 @@ def kernel_source(program: Union[str, EpilogueProgram]) -> str:
                 nxt += [lo, hi]
             chunks = nxt
         w = f"BLOCK_K // {split}"
-        for h, c in enumerate(chunks):
+
+        def prep(h, ind):
             sfx = f"_{h}"
-            epi.append(f"        acc{sfx} = {c}")
-            epi.append(f"        rk{sfx} = pid_k * BLOCK_K + {h} * ({w}) + tl.arange(0, {w})")
-            epi.append(f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]")
-            epi += ep.shared_offset("        ", sfx, f"rk{sfx}")
-            epi += ep.loads("        ", sfx, f"rk{sfx}", f"mask{sfx}")
-            epi += ep.compute_store("        ", sfx, f"rk{sfx}", f"mask{sfx}",
-                                    f"[BLOCK_N, {w}]")
+            return ([f"{ind}acc{sfx} = {chunks[h]}",
+                     f"{ind}rk{sfx} = pid_k * BLOCK_K + {h} * ({w}) + tl.arange(0, {w})",
+                     f"{ind}mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]"]
+                    + ep.shared_offset(ind, sfx, f"rk{sfx}")
+                    + ep.loads(ind, sfx, f"rk{sfx}", f"mask{sfx}"))
+
+        def finish(h, ind):
+            sfx = f"_{h}"
+            return ep.compute_store(ind, sfx, f"rk{sfx}", f"mask{sfx}", f"[BLOCK_N, {w}]")
+        # EPI_PIPE: chunk h+1's loads are issued before chunk h's math and stores (twice the
+        # bytes in flight; the compiler cannot hoist them itself, the stores may alias).
+        epi.append("        if EPI_PIPE:")
+        epi += prep(0, "            ")
+        for h in range(split):
+            if h + 1 < split:
+                epi += prep(h + 1, "            ")
+            epi += finish(h, "            ")
+        epi.append("        else:")
+        for h in range(split):
+            epi += prep(h, "            ") + finish(h, "            ")
 
     scal_load = []
     for i in range(n_scalar):
@@ -334,7 +349,7 @@ def _fused_linear_update_kernel(
     {scal_flags}
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_N: tl.constexpr,
     EVEN_NK: tl.constexpr, EVEN_T: tl.constexpr, PREFETCH: tl.constexpr, EPI_SPLIT: tl.constexpr,
-    SAME_STRIDES: tl.constexpr,
+    EPI_PIPE: tl.constexpr, SAME_STRIDES: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr,
 ):
     # Grouped tile order: GROUP_N consecutive row-blocks sweep the K tiles together, so the
@@ -444,27 +459,34 @@ class KernelConfig:
     GROUP_N: int = 8
     PREFETCH: bool = False
     EPI_SPLIT: int = 1
+    EPI_PIPE: bool = False          # with EPI_SPLIT > 1: load chunk h+1 before storing chunk h
     maxnreg: Optional[int] = None   # register cap (ptxas): 128 at 8 warps = 2 CTAs per SM
 
 
-# Candidates for H100/H200 (sm_90). Registers decide most of it: the fp32 accumulator plus one
-# fp32 chunk per weight/state tensor (and their addresses) must fit. ptxas, sm_90, AdamW, bf16
-# operands, 128×128 tile / 8 warps: whole epilogue at once 255 registers + 536 B spilled;
-# EPI_SPLIT=4: 193, no spill (1 CTA/SM); EPI_SPLIT=8: 128, no spill, so 2 CTAs fit per SM and
-# one CTA's epilogue (HBM) overlaps the other's T loop (tensor cores). Measured on H100 (run 1,
-# EPI_SPLIT ≤ 4, 1 CTA/SM): no overlap, e.g. 4096², T=2048 took 0.265 ms = GEMM + epilogue.
-# Large T is GEMM-bound: 128×256 tiles (242 registers with EPI_SPLIT=8) feed wgmma best.
+# Candidates for H100/H200 (sm_90); the comment beside each is its register count (ptxas,
+# sm_90, AdamW, bf16 operands; no config spills). What decides the memory-bound rows (T ≤ 2048)
+# is how many bytes of W/state are in flight per SM, i.e. registers not held by the fp32
+# accumulator: a 128×256 accumulator is half the register file. Tools: EPI_SPLIT (epilogue on
+# column chunks: 128×128 / 8 warps is 255 registers + 536 B spilled at once, 193 at EPI_SPLIT=4,
+# 128 at 8), EPI_PIPE (the next chunk's loads in flight during this chunk's stores), PREFETCH
+# (W/state loads issued before the T loop, under the GEMM), 2 CTAs per SM (≤ 128 registers at
+# 8 warps). T ≥ 8192 is GEMM-bound: 128×128 / 128×256 tiles, 3-4 stages. H100 measurements
+# (docs/kernels.md): 1 CTA/SM configs run GEMM and epilogue back to back, 54% of DRAM peak.
 _GPU_CONFIGS = (
-    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8),
-    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=8),
-    KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),
-    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),
-    KernelConfig(64, 128, 64, 4, 3, EPI_SPLIT=8),
-    KernelConfig(64, 128, 64, 4, 4, EPI_SPLIT=8),
-    KernelConfig(64, 256, 64, 8, 3, EPI_SPLIT=8, maxnreg=128),
-    KernelConfig(128, 128, 32, 8, 4, EPI_SPLIT=8),
-    KernelConfig(128, 64, 64, 4, 3, EPI_SPLIT=4),
-    KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),
+    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8),                  # 128 regs: 2 CTAs/SM
+    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, EPI_PIPE=True),   # 174
+    KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
+    KernelConfig(128, 256, 64, 8, 4, EPI_SPLIT=8),                  # 242, deeper T pipeline
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # 193
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4, EPI_PIPE=True),   # 252
+    KernelConfig(128, 128, 32, 8, 4, EPI_SPLIT=8),                  # 128
+    KernelConfig(64, 128, 64, 8, 3),                                # 228
+    KernelConfig(64, 128, 64, 4, 4, EPI_SPLIT=8),                   # 128 at 4 warps
+    KernelConfig(64, 128, 64, 8, 4, PREFETCH=True),                 # 227
+    KernelConfig(128, 64, 64, 8, 3, PREFETCH=True),                 # 234
+    KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),                  # 227 at 4 warps: 2 CTAs/SM
+    KernelConfig(64, 64, 64, 8, 4, PREFETCH=True),                  # 128: 2 CTAs/SM
+    KernelConfig(64, 64, 128, 4, 3, PREFETCH=True),                 # 233
 )
 # The interpreter's cost grows with the number of programs: large blocks (NOTES.md).
 _INTERPRETER_CONFIG = KernelConfig(128, 128, 128, 4, 1)
@@ -551,6 +573,7 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     # caller's weight or state. Happens once per key per machine (in memory + tuning.json).
     p2 = param.clone()
     s2 = [s.clone() for s in state]
+    log = os.environ.get(ENV_TUNE_LOG) == "1"
     best, best_ms = None, float("inf")
     for c in cands:
         try:
@@ -558,6 +581,8 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                           warmup=5, rep=25, quantiles=[0.5])
         except Exception:   # noqa: BLE001 - e.g. out of shared memory / registers: skip it
             continue
+        if log:
+            print(f"[forge autotune] {key} {c} {ms:.4f} ms", file=sys.stderr)
         if ms < best_ms:
             best, best_ms = c, ms
     if best is None:
@@ -640,6 +665,7 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T, GROUP_N=cfg.GROUP_N,
         EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         EVEN_T=(T % cfg.BLOCK_T == 0), PREFETCH=cfg.PREFETCH, EPI_SPLIT=cfg.EPI_SPLIT,
+        EPI_PIPE=cfg.EPI_PIPE and cfg.EPI_SPLIT > 1,
         SAME_STRIDES=all(s.stride() == param.stride() for s in state),
         # Triton 3.9's interpreter gets bf16 dots wrong (relative error 6e9 measured on a
         # 32×32 dot, fp16 fine): interpreted runs upcast the operands, which is exact.
