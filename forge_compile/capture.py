@@ -30,10 +30,13 @@ Two changes to the optimizer object itself, made on its first forge trace, with 
   schedule never recompiles; Dynamo guards on a float's value, and a float made dynamic is
   specialised again where it reaches an ``alpha=`` argument (measured: a recompile every step).
   Not done for Adam/AdamW with foreach=True and capturable=False, which reject a tensor lr.
-- the ``step`` counters of non-capturable optimizers become float64: eager computes the bias
-  corrections from ``step.item()`` in Python doubles; in the graph they are 0-d tensor math,
-  which in float32 lost ~1e-4 relative in ``1 - beta2**step`` (RAdam drifted to 2.5e-4 relative
-  parameter error after 20 steps against eager; float64 restores agreement).
+
+The step counters stay float32 0-d tensors, so bias corrections are float32 tensor math in the
+graph where eager uses Python doubles from ``step.item()``: the same deviation as stock
+``torch.compile`` of ``opt.step()`` (RAdam: ~2.5e-4 relative after 20 steps, its rectification
+term cancels catastrophically near step 6; Adam: ~5e-6). Widening the counters to float64 would
+remove it, but stock torch 2.13 then drops the ``step += 1`` mutation of a float64 0-d CPU state
+tensor (reproduced with ``torch.compile(opt.step, backend="aot_eager")`` on RMSprop).
 """
 from __future__ import annotations
 
@@ -146,6 +149,7 @@ def _make_var_getattr(orig):
                 self.value._opt_called = True
                 return UserMethodVariable(bound.__wrapped__, self)
         if is_forge_tracing() and name == "param_groups":
+            _break_if_used_before_backward(self, tx)
             _tensorize_lr(self.value)
         if is_forge_tracing() and name == "zero_grad":
             fn = type(self.value).zero_grad
@@ -155,6 +159,31 @@ def _make_var_getattr(orig):
                 return UserMethodVariable(inner, self)
         return orig(self, tx, name)
     return var_getattr
+
+
+USED_BEFORE_BACKWARD = (
+    "forge: the optimizer was used before the backward of the step (e.g. opt.zero_grad() at "
+    "the top). Call opt.zero_grad() after opt.step(), at the end of the step, to get one fused "
+    "graph")
+
+
+def _break_if_used_before_backward(self, tx) -> None:
+    # Stock Dynamo bug (torch 2.13, also with backend="eager"): touching opt.param_groups before
+    # the forward marks the parameters static, they become graph constants, and loss.backward()
+    # then silently computes nothing. Break the graph here instead: the optimizer call runs
+    # eagerly, the rest of the step is traced in a new frame, and the result equals eager.
+    if _pending_grads(self, tx):
+        return
+    if any(p.grad is not None for g in self.value.param_groups for p in g["params"]):
+        return    # gradients from earlier calls (accumulation across calls): nothing to trace
+    log.warning(USED_BEFORE_BACKWARD)
+    from torch._dynamo import exc
+    try:
+        exc.unimplemented(gb_type="forge: optimizer used before backward",
+                          context=type(self.value).__name__, explanation=USED_BEFORE_BACKWARD,
+                          hints=["call opt.zero_grad(set_to_none=True) after opt.step()"])
+    except TypeError:     # an older unimplemented(msg) signature
+        raise exc.Unsupported(USED_BEFORE_BACKWARD)
 
 
 def _rejects_tensor_lr(opt: torch.optim.Optimizer, group: dict) -> bool:
@@ -188,36 +217,6 @@ def _tensorize_lr(opt: torch.optim.Optimizer) -> None:
             group["lr"] = torch.tensor(lr, dtype=torch.float32, device=p.device)
         else:
             group["lr"] = torch.tensor(lr, dtype=torch.float32)
-
-
-def _widen_step_counters(opt: torch.optim.Optimizer, group: dict) -> bool:
-    """float32 ``step`` counters of a non-capturable group -> float64 (see the module docstring).
-
-    Existing counters are converted in ``opt.state``; returns True when counters that
-    ``_init_group`` creates next must be float64 too."""
-    if group.get("capturable", False) or group.get("fused", False):
-        return False
-    for p in group["params"]:
-        st = opt.state.get(p)
-        step = st.get("step") if st else None
-        if isinstance(step, torch.Tensor) and step.dim() == 0 and step.dtype == torch.float32:
-            st["step"] = step.to(torch.float64)
-    return True
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: Optional[torch.dtype]):
-    # torch.optim creates step counters as torch.tensor(0.0, dtype=_get_scalar_dtype()), which
-    # follows the default dtype; the other state is *_like(param) and keeps the param dtype.
-    if dtype is None:
-        yield
-        return
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _make_pending(orig):
@@ -284,10 +283,7 @@ def _make_call_method(orig):
                     placeholders.append(ph)
                     _PLACEHOLDERS[id(ph)] = vt
                 _prefill_sgd_momentum(self.value, [p for p, vt in pending.items() if vt is not None])
-                group = py_args[0] if py_args and isinstance(py_args[0], dict) else {}
-                wide = _widen_step_counters(self.value, group) if group else False
-                with _default_dtype(torch.float64 if wide else None):
-                    ret_val = self.value._init_group(*py_args, **py_kwargs)
+                ret_val = self.value._init_group(*py_args, **py_kwargs)
             finally:
                 for p, g0 in saved.items():
                     p.grad = g0           # real state back before guards are installed

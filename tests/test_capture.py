@@ -1,0 +1,349 @@
+"""One-graph capture of an unmodified training step (forge_compile.capture, forge_compile.backend).
+
+Every test runs the compiled step against an eager twin (same seed, same data) and compares
+parameters AND optimizer state with the norm-wise relative error ||a - b|| / ||b||.
+Tolerance: 1e-5 for fp32 (issue #2); measured values are ~1e-7 (see docs/capture.md), because
+forge keeps the step counters in float64 like eager's Python-double bias corrections.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import forge_compile
+from forge_compile import capture
+from forge_compile.explain import listen
+
+RTOL_FP32 = 1e-5
+STEPS = 20
+DEVICE = "cuda" if os.environ.get("FORGE_TEST_CUDA") == "1" and torch.cuda.is_available() else "cpu"
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+
+# Learning rates are torch.optim's defaults where they have one (Adam family 1e-3, NAdam/Adamax
+# 2e-3): the step-counter math is float32 in any compiled step (see forge_compile.capture) and
+# its deviation grows with lr.
+OPTIMIZERS = {
+    "sgd": lambda ps, fe: torch.optim.SGD(ps, lr=1e-2, foreach=fe),
+    "sgd_momentum": lambda ps, fe: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=fe),
+    "sgd_nesterov_wd": lambda ps, fe: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True,
+                                                      weight_decay=1e-2, foreach=fe),
+    "adam": lambda ps, fe: torch.optim.Adam(ps, lr=1e-3, foreach=fe),
+    "adamw": lambda ps, fe: torch.optim.AdamW(ps, lr=1e-3, weight_decay=1e-2, foreach=fe),
+    "adagrad": lambda ps, fe: torch.optim.Adagrad(ps, lr=1e-2, foreach=fe),
+    "rmsprop": lambda ps, fe: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, foreach=fe),
+    "adamax": lambda ps, fe: torch.optim.Adamax(ps, lr=2e-3, foreach=fe),
+    "nadam": lambda ps, fe: torch.optim.NAdam(ps, lr=2e-3, foreach=fe),
+    "radam": lambda ps, fe: torch.optim.RAdam(ps, lr=1e-3, foreach=fe),
+}
+
+
+def warmup_cosine(total: int, warmup: int = 5):
+    def f(i):
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total - warmup)))
+    return f
+
+
+def make(opt_name: str, foreach: bool, seed: int = 0, schedule: bool = True):
+    torch.manual_seed(seed)
+    model = _mlp().to(DEVICE)
+    opt = OPTIMIZERS[opt_name](model.parameters(), foreach)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(STEPS)) if schedule else None
+    return model, opt, sched
+
+
+def train_step_fn(model, opt):
+    def train_step(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return train_step
+
+
+def batch(i: int):
+    g = torch.Generator().manual_seed(1000 + i)
+    return (torch.randn(32, 8, generator=g).to(DEVICE), torch.randn(32, 4, generator=g).to(DEVICE))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_same_training(model, opt, ref_model, ref_opt, rtol=RTOL_FP32):
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert rel(p, q) <= rtol, f"param {n}: rel err {rel(p, q):.2e} > {rtol}"
+        st, rst = opt.state[p], ref_opt.state[q]
+        assert st.keys() == rst.keys(), f"state keys of {n}: {sorted(st)} vs {sorted(rst)}"
+        for k in st:
+            a, b = st[k], rst[k]
+            if isinstance(b, torch.Tensor):
+                assert rel(torch.as_tensor(a), b) <= rtol, f"state {n}.{k}: {rel(torch.as_tensor(a), b):.2e}"
+            else:
+                assert a == b
+
+
+def run_pair(opt_name, foreach, steps=STEPS, schedule=True, ref_backend=None, **options):
+    model, opt, sched = make(opt_name, foreach, schedule=schedule)
+    ref_model, ref_opt, ref_sched = make(opt_name, foreach, schedule=schedule)
+    step = forge_compile.compile(train_step_fn(model, opt), **options)
+    ref_step = train_step_fn(ref_model, ref_opt)
+    if ref_backend is not None:
+        ref_step = torch.compile(ref_step, backend=ref_backend)
+    with listen() as reports:
+        for i in range(steps):
+            loss, ref_loss = step(*batch(i)), ref_step(*batch(i))
+            assert rel(loss, ref_loss) <= RTOL_FP32, f"step {i}: loss {loss} vs {ref_loss}"
+            if sched is not None:
+                sched.step()
+                ref_sched.step()
+    return model, opt, ref_model, ref_opt, reports
+
+
+# Adam/AdamW with foreach=True reject a tensor lr unless capturable (torch.optim.adam): on the CPU
+# their float lr is guarded by Dynamo and each new lr recompiles; tested without a schedule here
+# and with one in test_foreach_adam_float_lr_is_reported.
+def _schedule_ok(opt_name, foreach):
+    return not (foreach and opt_name in ("adam", "adamw") and DEVICE == "cpu")
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("opt_name", [o for o in OPTIMIZERS if o != "radam"])
+def test_one_graph_fresh_optimizer_matches_eager(opt_name, foreach):
+    """First call, fresh optimizer: one graph, no break, no recompile, eager-equal after 20 steps."""
+    import torch._dynamo.utils as dutils
+    model, opt, ref_model, ref_opt, reports = run_pair(
+        opt_name, foreach, schedule=_schedule_ok(opt_name, foreach), inner="aot_eager", fuse=False)
+    assert len(reports) == 1, f"{len(reports)} graphs compiled"
+    assert sum(dutils.counters["graph_break"].values()) == 0
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_radam_one_graph_matches_stock_compile(foreach):
+    """RAdam is captured in one graph; its numerics are those of stock torch.compile.
+
+    Its rectification term (rho_t - 4) cancels catastrophically near step 6, and any compiled
+    RAdam computes it in float32 0-d tensor math where eager uses Python doubles: stock
+    torch.compile deviates from eager by ~2.5e-4 after 20 steps (forge_compile.capture's
+    docstring). So the reference here is the same step compiled by stock Dynamo.
+    """
+    model, opt, ref_model, ref_opt, reports = run_pair(
+        "radam", foreach, schedule=False, ref_backend="aot_eager", inner="aot_eager", fuse=False)
+    assert len(reports) == 1, f"{len(reports)} graphs compiled"
+    # (the stock-compiled reference itself breaks its graph: only forge's compiles are counted)
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+def test_foreach_adam_float_lr_is_reported(caplog):
+    if DEVICE != "cpu":
+        pytest.skip("on an accelerator Dynamo makes a fresh Adam capturable: tensor lr works")
+    with caplog.at_level("WARNING", logger="forge_compile"):
+        model, opt, ref_model, ref_opt, reports = run_pair("adamw", True, steps=4,
+                                                           inner="aot_eager", fuse=False)
+    assert "keeps a float lr" in caplog.text
+    assert isinstance(opt.param_groups[0]["lr"], float)
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+def test_fullgraph_inductor_first_step():
+    """nopython (fullgraph) + Inductor on a fresh AdamW: compiles once, matches eager."""
+    model, opt, ref_model, ref_opt, reports = run_pair("adamw", False, steps=6, fullgraph=True,
+                                                       inner="inductor", fuse=False)
+    assert len(reports) == 1
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+def test_lr_becomes_tensor_and_schedule_does_not_recompile():
+    model, opt, sched = make("adamw", False)
+    step = forge_compile.compile(train_step_fn(model, opt), inner="aot_eager", fuse=False)
+    with listen() as reports:
+        lrs = []
+        for i in range(8):
+            step(*batch(i))
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            sched.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert len(set(lrs)) >= 5, lrs          # warm-up + cosine changed the lr...
+    assert len(reports) == 1                # ...and nothing recompiled
+
+
+def test_state_dict_round_trip_mid_run():
+    """Save model+optimizer(+scheduler) after 10 compiled steps, load into fresh ones, go on."""
+    model, opt, sched = make("adamw", False)
+    step = forge_compile.compile(train_step_fn(model, opt), inner="aot_eager", fuse=False)
+    ref_model, ref_opt, ref_sched = make("adamw", False)
+    ref_step = train_step_fn(ref_model, ref_opt)
+    for i in range(10):
+        step(*batch(i)); ref_step(*batch(i)); sched.step(); ref_sched.step()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_sd, sched_sd = opt.state_dict(), sched.state_dict()
+    opt_sd = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, opt_sd)
+
+    model2, opt2, sched2 = make("adamw", False, seed=123)
+    model2.load_state_dict(saved)
+    opt2.load_state_dict(opt_sd)
+    sched2.load_state_dict(sched_sd)
+    step2 = forge_compile.compile(train_step_fn(model2, opt2), inner="aot_eager", fuse=False)
+    for i in range(10, STEPS):
+        step2(*batch(i)); ref_step(*batch(i)); sched2.step(); ref_sched.step()
+    assert_same_training(model2, opt2, ref_model, ref_opt)
+
+
+# --- misuse is never a silent no-op ------------------------------------------------------------
+
+def _misuse_step(model, opt, case):
+    def step(x, y):
+        if case == "zero_grad_first":
+            opt.zero_grad(set_to_none=True)
+        if case == "no_backward":
+            opt.step()
+            return torch.zeros(())
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if case == "accumulate":
+            model(x).pow(2).mean().backward()
+        opt.step()
+        if case == "read_grad_after_step":
+            g = model[0].weight.grad.norm()
+        if case != "zero_grad_first":
+            opt.zero_grad(set_to_none=True)
+        if case == "read_grad_after_step":
+            return loss.detach(), g
+        return loss.detach()
+    return step
+
+
+@pytest.mark.parametrize("case", ["zero_grad_first", "no_backward", "accumulate",
+                                  "read_grad_after_step"])
+def test_misuse_matches_eager(case, caplog):
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    step = forge_compile.compile(_misuse_step(model, opt, case), inner="aot_eager", fuse=False)
+    ref_step = _misuse_step(ref_model, ref_opt, case)
+    with caplog.at_level("WARNING", logger="forge_compile"):
+        for i in range(5):
+            out, ref = step(*batch(i)), ref_step(*batch(i))
+            torch.testing.assert_close(out, ref, rtol=RTOL_FP32, atol=0)
+    assert_same_training(model, opt, ref_model, ref_opt)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if q.grad is not None:
+            assert rel(p.grad, q.grad) <= RTOL_FP32
+    if case == "zero_grad_first":
+        assert "zero_grad() after opt.step()" in caplog.text
+    if case == "no_backward":
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make("adamw", False)[0].parameters()))
+
+
+def test_gradient_accumulation_across_calls():
+    """micro-steps that only backward (grads accumulate in .grad), then a step+zero_grad call."""
+    model, opt, _ = make("sgd_momentum", False, schedule=False)
+    ref_model, ref_opt, _ = make("sgd_momentum", False, schedule=False)
+
+    def micro(m):
+        def f(x, y):
+            loss = torch.nn.functional.mse_loss(m(x), y) / 4
+            loss.backward()
+            return loss.detach()
+        return f
+
+    def update(o):
+        def f():
+            o.step()
+            o.zero_grad(set_to_none=True)
+        return f
+
+    c_micro = forge_compile.compile(micro(model), inner="aot_eager", fuse=False)
+    c_update = forge_compile.compile(update(opt), inner="aot_eager", fuse=False)
+    for s in range(3):
+        for k in range(4):
+            c_micro(*batch(4 * s + k)); micro(ref_model)(*batch(4 * s + k))
+        c_update(); update(ref_opt)()
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+# --- backend registration and isolation ---------------------------------------------------------
+
+def test_unknown_option_fails_fast():
+    with pytest.raises(TypeError, match="unknown option 'fusee'; valid options: fuse, inner"):
+        forge_compile.compile(lambda: None, fusee=False)
+    with pytest.raises(ValueError, match="inner='tvm' is not supported"):
+        forge_compile.compile(lambda: None, inner="tvm")
+
+
+def test_backend_string_via_entry_point_without_import():
+    """`torch.compile(step, backend="forge")` in a process that never imports forge_compile."""
+    code = r"""
+import sys, torch
+torch.manual_seed(0)
+m = torch.nn.Linear(4, 2); o = torch.optim.SGD(m.parameters(), lr=0.1)
+def step(x):
+    loss = m(x).pow(2).mean(); loss.backward(); o.step(); o.zero_grad(set_to_none=True)
+    return loss.detach()
+assert "forge_compile" not in sys.modules
+f = torch.compile(step, backend="forge", options={"inner": "aot_eager"})
+w0 = m.weight.detach().clone()
+f(torch.randn(8, 4))
+import forge_compile.backend as b
+assert "forge_compile" in sys.modules and not torch.equal(w0, m.weight)
+print("OK", b.forge_backend.compiles)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("OK 1")
+
+
+def _stock_graph_count(backend: str) -> tuple:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model, opt, _ = make("adamw", False, schedule=False)
+    step = torch.compile(train_step_fn(model, opt), backend=backend)
+    for i in range(2):
+        step(*batch(i))
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def test_other_backends_see_stock_dynamo():
+    """With forge installed, backend="inductor" behaves exactly as without it (graphs, breaks)."""
+    assert capture.installed()
+    with_forge = _stock_graph_count("inductor")
+    capture.uninstall()
+    try:
+        assert not any(hasattr(getattr(p.owner, p.name), "__forge_patch__") for p in capture._build_patches())
+        stock = _stock_graph_count("inductor")
+    finally:
+        capture.install()
+    assert with_forge == stock
+    assert stock[1] > 0, "stock Dynamo breaks the graph around optimizer.step()"
+
+
+def test_patch_table_names_every_patch():
+    assert capture.installed()
+    for p in capture.PATCHES:
+        assert getattr(getattr(p.owner, p.name), "__forge_patch__") == p.why
+
+
+def test_explain_reports_graphs():
+    model, opt, _ = make("adamw", False, schedule=False)
+    report = forge_compile.explain(forge_compile.compile(train_step_fn(model, opt), inner="aot_eager"),
+                                   *batch(0))
+    assert report.graph_count == 1
+    assert report.graph_breaks == []
+    assert report.recompiles == 0
+    text = str(report)
+    assert "1 graph(s), 0 graph break(s), 0 recompile(s)" in text
