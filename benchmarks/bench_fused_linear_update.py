@@ -3,9 +3,10 @@ optimizer" (the anchor of /work/shared/bench/ANCHORS.md), on one CUDA GPU.
 
 Per row (N×K weight, T tokens, optimizer), medians of ``triton.testing.do_bench``:
   mm_ms      cuBLAS ``dyᵀ·x`` alone (bf16 in, bf16 out)
-  anchor_ms  the best of: mm with an fp32 output (``torch.mm(..., out_dtype=fp32)``), or mm in
-             bf16 then a cast into the fp32 grad buffer; then ``torch._fused_adamw_`` /
-             ``torch._fused_sgd_`` on that fp32 grad
+  anchor_ms  ANCHORS.md's baseline: mm in bf16, cast into the fp32 grad buffer, then
+             ``torch._fused_adamw_`` / ``torch._fused_sgd_`` on it (reproduces its 0.263 ms)
+  anchor_best_ms  the stronger of that and mm straight to fp32 (``torch.mm(..., out_dtype=
+             torch.float32)``, no cast pass) + the same fused optimizer
   forge_ms   ``fused_linear_update_triton`` (autotuned, tuning done before timing)
 Bytes moved by forge: W and each state tensor read and written once (fp32), dy and x read once;
 ``roofline_frac`` = forge GB/s over the device-to-device copy bandwidth measured in the same run.
@@ -123,7 +124,8 @@ def run(shapes, tokens, optimizers, out_path, rep):
                                 quantiles=QUANTILES)
                 anchors = {k: do_bench(f, warmup=25, rep=rep, quantiles=QUANTILES)
                            for k, f in anchor_fns(c, optimizer).items()}
-                anchor_kind = min(anchors, key=lambda k: anchors[k][0])
+                anchor_kind = "mm_bf16+cast"
+                best_kind = min(anchors, key=lambda k: anchors[k][0])
 
                 def forge():
                     return flu.fused_linear_update_triton(dy, x, c["p"], c["state"],
@@ -143,6 +145,8 @@ def run(shapes, tokens, optimizers, out_path, rep):
                     forge_TFLOPs=round(2 * N * K * T / f_ms / 1e9, 1),
                     mm_TFLOPs=round(2 * N * K * T / mm_q[0] / 1e9, 1),
                     forge_vs_anchor=round(f_ms / anchors[anchor_kind][0], 3),
+                    anchor_best_ms=round(anchors[best_kind][0], 4), anchor_best_kind=best_kind,
+                    forge_vs_best_anchor=round(f_ms / anchors[best_kind][0], 3),
                     bytes=nbytes, copy_GBps=round(copy_gbps, 1),
                     anchor_kind=anchor_kind,
                     anchors_ms={k: round(v[0], 4) for k, v in anchors.items()},
@@ -164,16 +168,18 @@ def run(shapes, tokens, optimizers, out_path, rep):
 
 
 def markdown(rows) -> str:
-    head = ("| opt | N×K | T | mm ms | anchor ms | forge ms | forge/anchor | forge GB/s | "
-            "of copy BW | forge TFLOP/s | config (BN,BK,BT,warps,stages,prefetch,split) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| opt | N×K | T | mm ms | anchor ms | best anchor ms | forge ms | forge/anchor | "
+            "forge/best | forge GB/s | of copy BW | forge TFLOP/s | "
+            "config (BN,BK,BT,warps,stages,prefetch,split,pipe) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         c = r["config"]
         cfg = (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"
-               f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']}")
+               f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']},{int(c['EPI_PIPE'])}")
         lines.append(f"| {r['optimizer']} | {r['N']}×{r['K']} | {r['T']} | {r['mm_ms']:.3f} | "
-                     f"{r['anchor_ms']:.3f} | {r['forge_ms']:.3f} | {r['forge_vs_anchor']:.2f} | "
+                     f"{r['anchor_ms']:.3f} | {r['anchor_best_ms']:.3f} | {r['forge_ms']:.3f} | "
+                     f"{r['forge_vs_anchor']:.2f} | {r['forge_vs_best_anchor']:.2f} | "
                      f"{r['forge_GBps']:.0f} | {100 * r['roofline_frac']:.0f}% | "
                      f"{r['forge_TFLOPs']:.0f} | {cfg} |")
     return "\n".join(lines)
