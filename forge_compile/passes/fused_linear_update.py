@@ -267,6 +267,20 @@ class _Analysis:
             return n, flips
         return None, 0
 
+    def _reads_gemm(self, f: torch.fx.Node, wshape) -> bool:
+        """True when an input of ``f`` is a W-shaped GEMM seen through elementwise ops."""
+        seen, stack = set(), list(f.all_input_nodes)
+        while stack:
+            n = stack.pop()
+            if n in seen or n.op != "call_function" or _shape(n) not in (wshape, wshape[::-1]):
+                continue
+            seen.add(n)
+            if self._grad_source(n)[0] is not None:
+                return True
+            if n.target in lower_rules or n.target in _TRANSPARENT:
+                stack.extend(n.all_input_nodes)
+        return False
+
     def find_gemm(self, value: torch.fx.Node, wshape) -> torch.fx.Node:
         """The one weight-gradient mm the update of W reads; Refused otherwise."""
         seen: Set[torch.fx.Node] = set()
@@ -294,10 +308,7 @@ class _Analysis:
                 continue
             foreign.append(n)
         for f in foreign:
-            if any(a.op == "call_function" and a.target is aten.mm.default
-                   for a in self.facts.dg.predecessors(f)) or any(
-                    x.op == "call_function" and x.target is aten.mm.default
-                    for x in __import__("networkx").ancestors(self.facts.dg, f)):
+            if self._reads_gemm(f, wshape):
                 raise Refused("not elementwise",
                               f"the update reads {f.name} = {_op_name(f)}, computed from a GEMM "
                               "by an op with no epilogue rule (see forge_compile.register_pattern)")
@@ -584,6 +595,9 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         log.info("forge_compile: fused %s %s (%d gradient bytes never materialised)",
                  pname, tuple(a.wshape), gbytes)
     if changed:
+        # dead allocations left over (the .grad buffers of the AOT graph: empty([N, K]) with no
+        # user once the gradient chain is gone) would otherwise count as gradient-sized buffers
+        graph.eliminate_dead_code()
         graph.lint()
         gm.recompile()
     return gm
@@ -599,6 +613,11 @@ def _plan(a: _Analysis, names, dup):
         if nm and nm.endswith(".grad"):
             raise Refused(".grad kept across steps",
                           f"the gradient is accumulated into {nm}, which survives the step")
+    for s in a.sinks:
+        if s.users:
+            raise Refused("update is a graph output",
+                          f"{s.name} (the new {names.get(s.args[0]) or s.args[0].name}) is returned "
+                          "by the graph (e.g. a .grad that survives the step)")
     reads = [t for t in a.tensor_inputs if t not in dests]
     for t in reads:
         nm = names.get(t)
