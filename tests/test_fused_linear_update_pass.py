@@ -356,3 +356,83 @@ def test_register_pattern_teaches_an_unknown_op():
         assert list(ctx.report.fused) == ["w"] and diff < 1e-6
     finally:
         patterns.unregister_pattern(torch.ops.forge_test.soft_sign.default)
+
+
+# -- fused=True optimizers (one op over lists) ----------------------------------------------------
+
+def _fused_adamw_graph(amsgrad=False, grad_scale=False, op=None):
+    op = op or torch.ops.aten._fused_adamw.default
+
+    def f(dy, x, w, m, v, vmax, step):
+        g = torch.mm(dy.t(), x)
+        s = step + 1
+        outs = op([w], [g], [m], [v], [vmax] if amsgrad else [], [s], lr=1e-2, beta1=0.9,
+                  beta2=0.999, weight_decay=0.1, eps=1e-8, amsgrad=amsgrad, maximize=False,
+                  grad_scale=torch.ones(()) if grad_scale else None)
+        w.copy_(outs[0][0])
+        m.copy_(outs[2][0])
+        v.copy_(outs[3][0])
+        if amsgrad:
+            vmax.copy_(outs[4][0])
+        step.copy_(s)
+        return (dy.sum(),)
+    args = _inputs((T, N), (T, K), (N, K), (N, K)) + [torch.rand(N, K), torch.rand(N, K), torch.tensor(2.0)]
+    names = ["dy", "x", "w", "opt.state[w].exp_avg", "opt.state[w].exp_avg_sq",
+             "opt.state[w].max_exp_avg_sq", "opt.state[w].step"]
+    return f, args, names
+
+
+def _eager_fused(f, args):
+    # the real fused CPU kernel, as ground truth for the decomposition
+    a = [t.clone() for t in args]
+    f(*a)
+    return a
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("op", ["_fused_adamw", "_fused_adam"])
+def test_fused_adam_ops_decomposed_and_fused(amsgrad, op):
+    f, args, names = _fused_adamw_graph(amsgrad, op=getattr(torch.ops.aten, op).default)
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    ctx = _ctx(names)
+    run_passes(gm, ctx)
+    assert list(ctx.report.fused) == ["w"]
+    assert _count(gm, getattr(torch.ops.aten, op).default) == 0
+    a = [t.clone() for t in args]
+    gm(*a)
+    ref = _eager_fused(f, args)
+    for x, y in zip(a, ref):
+        assert ((x - y).norm() / y.norm()) < 1e-6
+
+
+def test_fused_adamw_with_grad_scale_is_kept():
+    counters.clear()
+    f, args, names = _fused_adamw_graph(grad_scale=True)
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    ctx = _ctx(names)
+    run_passes(gm, ctx)
+    assert _count(gm, torch.ops.aten._fused_adamw.default) == 1
+    assert not ctx.report.fused and "w" in ctx.report.unfused
+    assert counters["forge_compile"]["refused: fused optimizer with grad_scale/found_inf"] == 1
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_decomposed_and_fused(nesterov):
+    def f(dy, x, w, buf):
+        g = torch.mm(dy.t(), x)
+        outs = torch.ops.aten._fused_sgd.default([w], [g], [buf], weight_decay=0.01, momentum=0.9,
+                                                 lr=0.01, dampening=0.0, nesterov=nesterov,
+                                                 maximize=False, is_first_step=False)
+        w.copy_(outs[0][0])
+        buf.copy_(outs[2][0])
+        return (dy.sum(),)
+    args = _inputs((T, N), (T, K), (N, K), (N, K))
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    ctx = _ctx(["dy", "x", "w", "opt.state[w].momentum_buffer"])
+    run_passes(gm, ctx)
+    assert list(ctx.report.fused) == ["w"]
+    a = [t.clone() for t in args]
+    gm(*a)
+    ref = _eager_fused(f, args)
+    for x, y in zip(a, ref):
+        assert ((x - y).norm() / y.norm()) < 1e-6
