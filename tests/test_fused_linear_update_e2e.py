@@ -224,3 +224,31 @@ def test_inductor_adamw_static_proof(kind):
     # (3) explain agrees: it reports those bytes as eliminated
     assert sum(f.gradient_bytes for f in fused.values()) == sum(
         4 * f.shape[0] * f.shape[1] for f in fused.values())
+
+
+def test_autocast_bf16_gemm_fused_with_fp32_gradient():
+    """Under CPU autocast dW is a bf16 GEMM cast to fp32; the fused op keeps the fp32 accumulator
+    instead of rounding the gradient to bf16 first: a documented, bounded deviation.
+    Measured (20 steps, AdamW): fused vs eager 6.7e-5, stock forge (fuse=False) vs eager 9.1e-6."""
+    torch.manual_seed(0)
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+
+    def loss_fn(m, x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        return torch.nn.functional.mse_loss(out.float(), y)
+    compiled = forge_compile.compile(_make_step(model, opt, loss_fn), inner="aot_eager")
+    eager = _make_step(ref, ref_opt, loss_fn)
+    with listen() as reports:
+        for i in range(STEPS):
+            batch = _mlp_data(i)
+            compiled(*batch)
+            eager(*batch)
+    fused = {}
+    for r in reports:
+        fused.update(r.fused)
+    _fused_names_ok(model, fused)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert _rel(p, q) < 5e-4      # bf16 rounding of one gradient is 2^-9 ≈ 2e-3 per element

@@ -532,6 +532,8 @@ def _read_like_param(t: torch.fx.Node) -> bool:
             return True
         if u.target not in lower_rules and u.target not in _TRANSPARENT:
             return True
+        if _val(u).dtype != _val(t).dtype and _val(u).dtype is not torch.bool:
+            return True     # a cast for the forward (autocast's bf16 copy of W)
     return False
 
 
