@@ -61,12 +61,30 @@ def pretty_name(source: Optional[str]) -> Optional[str]:
 
 
 def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> List[Optional[str]]:
-    """User-facing name of each graph input: module path for parameters, Dynamo source otherwise."""
-    names = []
+    """User-facing name of each input of the ATen graph AOTAutograd makes from ``gm``.
+
+    AOTAutograd lifts the GraphModule's own parameters and buffers (Dynamo keeps optimizer state
+    there, as attributes) in front of the Dynamo placeholders (aot_module_simplified:
+    ``params_flat + args``). Parameters are named by module path, optimizer state as
+    ``opt.state[<param>].<key>``, anything else by its Dynamo source."""
+    names: List[Optional[str]] = []
+    by_id = {}
     for node, ex in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs):
         src = _source_name(node)
-        names.append(pretty_name(src) if isinstance(ex, torch.nn.Parameter) else src)
-    return names
+        name = pretty_name(src) if isinstance(ex, torch.nn.Parameter) else src
+        names.append(name)
+        if isinstance(ex, torch.Tensor):
+            by_id[id(ex)] = name
+    lifted: List[Optional[str]] = []
+    attrs = {**dict(gm.named_parameters(remove_duplicate=False)),
+             **dict(gm.named_buffers(remove_duplicate=False))}
+    for attr, t in attrs.items():
+        owner = capture.state_owner(t)
+        if owner is not None and id(owner[0]) in by_id:
+            lifted.append(f"opt.state[{by_id[id(owner[0])]}].{owner[1]}")
+        else:
+            lifted.append(attr)
+    return lifted + names
 
 
 class ForgePostGradPass(CustomGraphPass):
@@ -131,8 +149,8 @@ class ForgeBackend:
         cid = torch._guards.CompileContext.current_compile_id()
         report = CompileReport(graph_index=self.compiles,
                                frame_compile_id=getattr(cid, "frame_compile_id", None))
-        ctx = PassContext(options=options, input_names=graph_input_names(gm, example_inputs),
-                          report=report)
+        report.input_names = graph_input_names(gm, example_inputs)
+        ctx = PassContext(options=options, input_names=list(report.input_names), report=report)
         log.info("forge_compile: compiling graph %d (%d inputs, fuse=%s, inner=%s)",
                  self.compiles, len(example_inputs), options.fuse, options.inner)
         if options.inner == "inductor":

@@ -244,6 +244,28 @@ def _pending_grads(self, tx) -> Dict[torch.Tensor, Any]:
     return pending
 
 
+# id(optimizer state tensor) -> (weakref to the tensor, weakref to its parameter, state key):
+# lets the backend name the state tensors Dynamo lifts as graph attributes ("opt.state[w].exp_avg").
+_STATE_OWNERS: Dict[int, Any] = {}
+
+
+def _record_state_owners(opt: torch.optim.Optimizer) -> None:
+    import weakref
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                _STATE_OWNERS[id(v)] = (weakref.ref(v), weakref.ref(p), k)
+
+
+def state_owner(t: torch.Tensor):
+    """(parameter, state key) of an optimizer state tensor seen by a forge trace, else None."""
+    entry = _STATE_OWNERS.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    p = entry[1]()
+    return None if p is None else (p, entry[2])
+
+
 def _prefill_sgd_momentum(opt: torch.optim.Optimizer, params: List[torch.Tensor]) -> None:
     # SGD creates momentum_buffer = clone(grad) inside its first step: a state change that makes
     # Dynamo recompile on call 2. With dampening == 0 a zero buffer gives exactly the same first
@@ -284,6 +306,7 @@ def _make_call_method(orig):
                     _PLACEHOLDERS[id(ph)] = vt
                 _prefill_sgd_momentum(self.value, [p for p, vt in pending.items() if vt is not None])
                 ret_val = self.value._init_group(*py_args, **py_kwargs)
+                _record_state_owners(self.value)
             finally:
                 for p, g0 in saved.items():
                     p.grad = g0           # real state back before guards are installed

@@ -347,3 +347,16 @@ def test_explain_reports_graphs():
     assert report.recompiles == 0
     text = str(report)
     assert "1 graph(s), 0 graph break(s), 0 recompile(s)" in text
+
+
+def test_explain_names_parameters_by_module_path():
+    """The ATen graph's inputs are named: parameters by module path, state by its parameter."""
+    from forge_compile.backend import graph_input_names  # noqa: F401  (the mapping under test)
+    model, opt, _ = make("adamw", False, schedule=False)
+    report = forge_compile.explain(forge_compile.compile(train_step_fn(model, opt), inner="aot_eager",
+                                                         fuse=False), *batch(0))
+    names = report.compiles[0].input_names
+    params = {n for n, _ in model.named_parameters()}
+    assert params <= set(names), names
+    for p in params:
+        assert f"opt.state[{p}].exp_avg" in names and f"opt.state[{p}].exp_avg_sq" in names
