@@ -360,3 +360,15 @@ def test_explain_names_parameters_by_module_path():
     assert params <= set(names), names
     for p in params:
         assert f"opt.state[{p}].exp_avg" in names and f"opt.state[{p}].exp_avg_sq" in names
+
+
+def test_explain_saves_the_rewritten_graph(tmp_path):
+    model, opt, _ = make("adamw", False, schedule=False)
+    report = forge_compile.explain(forge_compile.compile(train_step_fn(model, opt), inner="aot_eager"),
+                                   *batch(0))
+    assert report.graph is not None and "forge_compile.fused_linear_update_" in report.graph
+    out = report.save_graph(tmp_path / "step.svg")
+    assert out.exists() and out.stat().st_size > 0
+    if out.suffix == ".dot":   # no graphviz here: the DOT text names the fused op, highlighted
+        text = out.read_text()
+        assert text.startswith("digraph forge") and "fused_linear_update_" in text and "#f4a261" in text
