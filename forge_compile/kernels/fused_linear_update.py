@@ -463,30 +463,23 @@ class KernelConfig:
     maxnreg: Optional[int] = None   # register cap (ptxas): 128 at 8 warps = 2 CTAs per SM
 
 
-# Candidates for H100/H200 (sm_90); the comment beside each is its register count (ptxas,
-# sm_90, AdamW, bf16 operands; no config spills). What decides the memory-bound rows (T ≤ 2048)
-# is how many bytes of W/state are in flight per SM, i.e. registers not held by the fp32
-# accumulator: a 128×256 accumulator is half the register file. Tools: EPI_SPLIT (epilogue on
-# column chunks: 128×128 / 8 warps is 255 registers + 536 B spilled at once, 193 at EPI_SPLIT=4,
-# 128 at 8), EPI_PIPE (the next chunk's loads in flight during this chunk's stores), PREFETCH
-# (W/state loads issued before the T loop, under the GEMM), 2 CTAs per SM (≤ 128 registers at
-# 8 warps). T ≥ 8192 is GEMM-bound: 128×128 / 128×256 tiles, 3-4 stages. H100 measurements
-# (docs/kernels.md): 1 CTA/SM configs run GEMM and epilogue back to back, 54% of DRAM peak.
+# Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
+# operands, no spills). Kept: the 6 of 14 measured candidates that came within 5% of the best
+# on some row of the benchmark (H100, docs/kernels.md has every candidate's time); fewer
+# candidates = shorter first-call tuning (one compile each, ~3 s). What decides the
+# memory-bound rows (T ≤ 2048) is how many W/state bytes are in flight per SM, i.e. registers
+# the fp32 accumulator leaves free. Knobs: EPI_SPLIT (epilogue on column chunks: 128×128 / 8
+# warps spills 536 B at once, 193 registers at EPI_SPLIT=4, 128 at 8), EPI_PIPE (next chunk's
+# loads in flight during this chunk's stores), PREFETCH (W/state loads issued before the T
+# loop, under the GEMM). Measured and dropped: 2-CTA/SM variants of 128×128 (128 registers):
+# 0.242 ms vs 0.194 ms at 4096², T=512 — smaller chunks lose more than the overlap gains.
 _GPU_CONFIGS = (
-    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8),                  # 128 regs: 2 CTAs/SM
-    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, EPI_PIPE=True),   # 174
+    KernelConfig(128, 256, 64, 8, 4, EPI_SPLIT=8),                  # 242; best on 13/18 rows
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4, EPI_PIPE=True),   # 250; T=512 AdamW
+    KernelConfig(64, 64, 64, 8, 4, PREFETCH=True),                  # 128; T=512 SGD
+    KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),                  # 227
     KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
-    KernelConfig(128, 256, 64, 8, 4, EPI_SPLIT=8),                  # 242, deeper T pipeline
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # 193
-    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4, EPI_PIPE=True),   # 252
-    KernelConfig(128, 128, 32, 8, 4, EPI_SPLIT=8),                  # 128
-    KernelConfig(64, 128, 64, 8, 3),                                # 228
-    KernelConfig(64, 128, 64, 4, 4, EPI_SPLIT=8),                   # 128 at 4 warps
-    KernelConfig(64, 128, 64, 8, 4, PREFETCH=True),                 # 227
-    KernelConfig(128, 64, 64, 8, 3, PREFETCH=True),                 # 234
-    KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),                  # 227 at 4 warps: 2 CTAs/SM
-    KernelConfig(64, 64, 64, 8, 4, PREFETCH=True),                  # 128: 2 CTAs/SM
-    KernelConfig(64, 64, 128, 4, 3, PREFETCH=True),                 # 233
 )
 # The interpreter's cost grows with the number of programs: large blocks (NOTES.md).
 _INTERPRETER_CONFIG = KernelConfig(128, 128, 128, 4, 1)
