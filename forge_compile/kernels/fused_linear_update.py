@@ -8,7 +8,7 @@ weight and its optimizer state in place. The full gradient never exists: at most
 This file holds:
 
 * ``_fused_linear_update_kernel``: the Triton kernel. Its source is GENERATED per epilogue program
-  (``_kernel_source``) and written to a module in the cache dir, so every rule the rewrite accepts
+  (``kernel_source``) and written to a module in the cache dir, so every rule the rewrite accepts
   gets its own compiled variant (one per distinct ``program`` string, cached in-process and by
   Triton on disk), and so the ``@triton.jit`` decoration happens lazily, after the caller had the
   chance to set ``TRITON_INTERPRET=1`` (Triton reads it at decoration time). Per-step scalars are
@@ -406,6 +406,11 @@ def _fused_linear_update_kernel(
 def _cache_dir() -> str:
     d = os.environ.get(ENV_CACHE_DIR) or os.path.join(
         os.path.expanduser("~"), ".cache", "forge_compile")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError:      # read-only home (CI sandboxes): fall back to the temp dir
+        d = os.path.join(tempfile.gettempdir(), f"forge_compile_{os.getuid()}")
+        os.makedirs(d, exist_ok=True)
     return d
 
 
