@@ -56,7 +56,7 @@ WARMUP, TIMED = 2, 6
 LR = 1e-4
 # Compiling a 16-layer model (Dynamo + Inductor, fwd + bwd (+ optimizer)) dominates the run;
 # these methods get the longer per-process limit and run after the cheap ones.
-COMPILED = ("compile_inductor", "forge")
+COMPILED = ("forge", "compile_inductor")
 
 
 def config_name(batch: int, seq: int, ckpt: bool) -> str:
@@ -274,10 +274,11 @@ def drive(args) -> int:
     for m in methods:
         if m not in METHODS:
             sys.exit(f"unknown method {m!r}; one of {', '.join(METHODS)}")
-    # cheap methods for every config first, then the compiled ones: a run cut short by the
-    # time budget still has every eager baseline
-    order = [(c, m) for phase in (False, True) for c in configs for m in methods
-             if (m in COMPILED) == phase]
+    # cheap methods for every config first, then the compiled ones method by method (forge
+    # first): a run cut short by the time budget still has every eager baseline and forge
+    order = [(c, m) for c in configs for m in methods if m not in COMPILED]
+    order += [(c, m) for m in sorted((m for m in methods if m in COMPILED), key=COMPILED.index)
+              for c in configs]
     out = pathlib.Path(args.out)
     t_start = time.perf_counter()
     failures = 0
@@ -300,6 +301,8 @@ def drive(args) -> int:
             failures += 1
             continue
         timeout = args.timeout_compiled if m in COMPILED else args.timeout
+        if args.budget_s:       # a child never runs more than 30 s past the budget
+            timeout = int(min(timeout, max(60, args.budget_s - elapsed + 30)))
         t = time.perf_counter()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -392,7 +395,7 @@ def correctness(args) -> int:
           f"median {out['param_rel_err_median']:.3e}")
     print(f"  fused {len(fused)}/{len(names)} parameters (lm_head fused: {out['lm_head_fused']}), "
           f"Linear weights not fused: {len(out['linear_weights_not_fused'])}, gradient bytes "
-          f"eliminated {report.gradient_bytes_eliminated / 2**30:.3f} GiB")
+          f"eliminated {report.gradient_bytes_eliminated:,} B ({report.gradient_bytes_eliminated / 2**30:.3f} GiB)")
     print(f"-> {path}")
     return 0
 
@@ -433,7 +436,7 @@ def render(args) -> int:
         if r is None:
             return "–"
         if "error" in r:
-            return "error" if key == "step_ms" else f"error: {r['error'][:60].replace('|', '/')}"
+            return "skipped" if r["error"].startswith("skipped") else "error (below)"
         v = r.get(key)
         if v is None:
             return "–"
@@ -467,8 +470,8 @@ def render(args) -> int:
     errors = [r for r in rows if "error" in r]
     if errors:
         lines += ["", "Errors:", ""]
-        lines += [f"- {config_name(r['batch'], r['seq'], r['ckpt'])} {r['method']}: {r['error']}"
-                  for r in errors]
+        lines += [f"- {config_name(r['batch'], r['seq'], r['ckpt'])} {r['method']}: "
+                  f"{r['error'][:400]}" for r in errors]
     lines += ["", "![peak memory and step time per method](e2e.png)", ""]
     md = pathlib.Path(args.md)
     md.parent.mkdir(parents=True, exist_ok=True)
@@ -486,15 +489,19 @@ def render(args) -> int:
             xs, ys = [], []
             for i, c in enumerate(configs):
                 r = cell.get((*c, m))
+                x = i + (j - (len(methods) - 1) / 2) * width
                 if r is not None and "error" not in r and r.get(key) is not None:
-                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                    xs.append(x)
                     ys.append(r[key])
-            bars = ax.bar(xs, ys, width, label=m)
+                elif r is not None and "error" in r:
+                    ax.text(x, 0, " error" if not r["error"].startswith("skipped") else " skipped",
+                            rotation=90, ha="center", va="bottom", fontsize=6, color="crimson")
+            bars = ax.bar(xs, ys, width, label=m, color=f"C{METHODS.index(m)}")
             ax.bar_label(bars, fmt="%.1f", fontsize=6, rotation=90, padding=2)
         ax.set_xticks(range(len(configs)), [config_name(*c) for c in configs])
         ax.set_ylabel(label)
         ax.margins(y=0.15)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     fig.suptitle(f"{meta.get('model', '')} AdamW on {gpu} (torch {meta.get('torch')})", fontsize=10)
     fig.tight_layout()
     png = pathlib.Path(args.png)
