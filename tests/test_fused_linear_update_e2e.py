@@ -252,3 +252,19 @@ def test_autocast_bf16_gemm_fused_with_fp32_gradient():
     _fused_names_ok(model, fused)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert _rel(p, q) < 5e-4      # bf16 rounding of one gradient is 2^-9 ≈ 2e-3 per element
+
+
+def test_dynamic_batch_fuses_once():
+    """dynamic=True: the token count is symbolic, W's shape static; one graph, fused, exact."""
+    model, ref, opt, ref_opt, loss_fn, data = _setup("mlp", "adamw")
+    step = torch.compile(_make_step(model, opt, loss_fn), dynamic=True,
+                         backend=forge_compile.ForgeBackend(forge_compile.ForgeOptions(inner="aot_eager")))
+    eager = _make_step(ref, ref_opt, loss_fn)
+    with listen() as reports:
+        for i in range(6):
+            x, y = data(i)
+            step(x[:5 + i], y[:5 + i])
+            eager(x[:5 + i], y[:5 + i])
+    assert len(reports) == 1
+    _fused_names_ok(model, reports[0].fused)
+    _assert_close(model, ref, opt, ref_opt)
