@@ -436,3 +436,30 @@ def test_fused_sgd_decomposed_and_fused(nesterov):
     ref = _eager_fused(f, args)
     for x, y in zip(a, ref):
         assert ((x - y).norm() / y.norm()) < 1e-6
+
+
+def test_fires_state_created_in_the_step():
+    # Lion's first step: exp_avg = zeros_like(W) is created in the step and returned as new state;
+    # the op writes it into a fresh buffer, the gradient is still never materialised
+    def f(dy, x, w):
+        g = torch.mm(dy.t(), x)
+        m = torch.zeros_like(w)
+        upd = torch.sign(m * 0.9 + g * 0.1)
+        w.copy_(w * (1 - 1e-3 * 0.1) - 1e-3 * upd)
+        m_new = m * 0.99 + g * 0.01
+        return (dy.sum(), m_new)
+    args = _inputs((T, N), (T, K), (N, K))
+    gm, ctx, diff = _run_both(f, args, ["dy", "x", "w"])
+    assert list(ctx.report.fused) == ["w"] and diff < 1e-6
+    assert _count(gm, aten.mm.default) == 0
+
+
+def test_refuses_state_that_is_the_gradient():
+    # fresh SGD: momentum_buffer = clone(grad) returned: the new state IS the gradient
+    def f(dy, x, w):
+        g = torch.mm(dy.t(), x)
+        buf = g.clone()
+        w.copy_(w - 0.01 * buf)
+        return (dy.sum(), buf)
+    why = _refused(f, _inputs((T, N), (T, K), (N, K)), ["dy", "x", "w"])
+    assert "gradient is a graph output" in why

@@ -337,14 +337,21 @@ class _Analysis:
         work = [mm]
         F: Set[torch.fx.Node] = set()
         sinks: Set[torch.fx.Node] = set()
+        new_state: List[torch.fx.Node] = []
         while work:
             n = work.pop()
             for u in n.users:
                 if u in grad_nodes or u in F or u in sinks:
                     continue
                 if u.op == "output":
-                    raise Refused("gradient is a graph output",
-                                  f"{n.name} is returned by the graph (.grad kept, or returned)")
+                    if n in grad_nodes:
+                        raise Refused("gradient is a graph output",
+                                      f"{n.name} (the gradient itself) is returned by the graph: a "
+                                      ".grad kept after the step, or state set to a copy of it")
+                    # optimizer state created in this step (Lion's exp_avg, SGD's first
+                    # momentum buffer with weight decay): the op writes it into a fresh buffer
+                    new_state.append(n)
+                    continue
                 if (u.op == "call_function" and u.target in _TRANSPARENT and n in grad_nodes
                         and u.args[_TRANSPARENT[u.target]] is n):
                     f = _flips(u)
@@ -374,6 +381,8 @@ class _Analysis:
         if not sinks:
             raise Refused("no update", "the gradient feeds no parameter/state update")
         self.grad_nodes, self.F, self.sinks = grad_nodes, F, sinks
+        self.new_state = list(dict.fromkeys(new_state))
+        self.out_node = next(n for n in self.facts.graph.nodes if n.op == "output")
 
         # lower every sink value (this also collects the grad-independent region nodes)
         self.builder = _Builder()
@@ -391,6 +400,12 @@ class _Analysis:
             if not isinstance(val, (str, tuple)):
                 raise Refused("constant update", f"{d.name} is set to a constant")
             outputs.append((d, val))
+        self.new_outputs = []
+        for n in self.new_state:
+            val = self._value(n, wshape)
+            if not isinstance(val, str):
+                raise Refused("constant update", f"{n.name} is a constant")
+            self.new_outputs.append((n, val))
         missing = F - self.region
         dead_f = {n for n in missing if not n.users}
         if missing - dead_f:
@@ -400,6 +415,7 @@ class _Analysis:
         # liveness proof (networkx): gradient and gradient-derived values are read only inside
         grad_dep = set(grad_nodes) | F
         esc = self.facts.escapes(grad_dep, allowed=self.region | sinks | set(grad_nodes))
+        esc = [(v, r) for v, r in esc if not (r is self.out_node and v in self.new_state)]
         if esc:
             v, r = esc[0]
             raise Refused("gradient read outside the update", f"{v.name} is read by {r.name} = {_op_name(r)}")
@@ -658,12 +674,21 @@ def _plan(a: _Analysis, names, dup):
         outputs.append((labels[d], v))
     if not any(dst == PARAM for dst, _ in outputs):
         raise Refused("no parameter update", "the weight itself is not updated")
+    # state created in this step: written (never read) into fresh buffers made by _rewrite
+    new_labels = []
+    for j, (n, v) in enumerate(a.new_outputs):
+        lab = f"new_state{j}"
+        while lab in used:
+            lab = "_" + lab
+        used.add(lab)
+        new_labels.append(lab)
+        outputs.append((lab, v))
     scalars = tuple(f"s{i}" for i in range(len(a.scalar_nodes)))
-    prog = EpilogueProgram(tensors=(GRAD, PARAM) + tuple(labels[s] for s in state),
+    prog = EpilogueProgram(tensors=(GRAD, PARAM) + tuple(labels[s] for s in state) + tuple(new_labels),
                            scalars=scalars, ops=ops, outputs=tuple(outputs))
     # hazards: the op overwrites param/state; every outside reader must come first
     mutated = [param] + state
-    inside = a.region | a.sinks | set(a.grad_nodes) | a.F
+    inside = a.region | a.sinks | set(a.grad_nodes) | a.F | ({a.out_node} if a.new_state else set())
     # region nodes that stay in the graph (read outside): they read the old W, so stay before
     kept = {n for n in a.region if any(u not in inside for u in n.users)}
     work = list(kept)
@@ -701,8 +726,17 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos):
                 t = graph.call_function(aten.scalar_tensor.default, (s,), {"dtype": torch.float64})
                 t.meta["val"] = _fake_scalar(_val(a.mm))
                 scal.append(t)
-        op = graph.call_function(FUSED_OP, (dy, x, param, list(state), scal, prog.dumps()))
+        fresh = []
+        for n, _ in a.new_outputs:
+            v = _val(n)
+            buf = graph.call_function(aten.empty.memory_format, (list(v.shape),),
+                                      {"dtype": v.dtype, "device": v.device, "pin_memory": False})
+            buf.meta["val"] = torch.empty_like(v, memory_format=torch.contiguous_format)
+            fresh.append(buf)
+        op = graph.call_function(FUSED_OP, (dy, x, param, list(state) + fresh, scal, prog.dumps()))
         op.meta["val"] = None
+    for (n, _), buf in zip(a.new_outputs, fresh):
+        a.out_node.replace_input_with(n, buf)
     for s in a.sinks:
         graph.erase_node(s)
     # erase what became dead: the gradient chain, the region, their constant leaves
