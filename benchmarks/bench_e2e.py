@@ -286,8 +286,9 @@ def drive(args) -> int:
     for (b, s, ck), m in order:
         name = config_name(b, s, ck)
         elapsed = time.perf_counter() - t_start
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", m, "--config", name,
-               "--device", args.device, "--inner", args.inner]
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", m, "--batch", str(b),
+               "--seq", str(s), *(["--ckpt"] if ck else []), "--device", args.device,
+               "--inner", args.inner]
         if args.tiny:
             cmd.append("--tiny")
         if args.layers is not None:
