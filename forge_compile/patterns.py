@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-__all__ = ["register_pattern", "registered_patterns", "unregister_pattern"]
+__all__ = ["register_pattern", "registered_patterns", "unregister_pattern", "cache_key"]
 
 _USER_PATTERNS: Dict[object, Callable] = {}
 
@@ -54,6 +54,23 @@ def unregister_pattern(target) -> None:
 def registered_patterns() -> Dict[object, Callable]:
     """A copy of the user-registered rules, op → rule."""
     return dict(_USER_PATTERNS)
+
+
+def cache_key() -> str:
+    """A string that changes whenever the registered rules change (op, rule name and code).
+
+    A compile cache keyed without it would serve a graph rewritten before a rule was registered
+    (the rewrite runs inside Inductor's post-grad pass, which an FX-graph-cache hit skips)."""
+    import hashlib
+    h = hashlib.sha256()
+    for target, rule in sorted(_USER_PATTERNS.items(), key=lambda kv: str(kv[0])):
+        code = getattr(rule, "__code__", None)
+        h.update(str(target).encode())
+        h.update(getattr(rule, "__qualname__", repr(rule)).encode())
+        if code is not None:
+            h.update(code.co_code)
+            h.update(repr(code.co_consts).encode())
+    return h.hexdigest()[:16]
 
 
 def _lookup(target):

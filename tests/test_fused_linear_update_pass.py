@@ -463,3 +463,13 @@ def test_refuses_state_that_is_the_gradient():
         return (dy.sum(), buf)
     why = _refused(f, _inputs((T, N), (T, K), (N, K)), ["dy", "x", "w"])
     assert "gradient is a graph output" in why
+
+
+def test_pattern_cache_key_changes_with_registrations():
+    k0 = patterns.cache_key()
+    patterns.register_pattern(torch.ops.forge_test.soft_sign.default, lambda emit, x: x)
+    try:
+        assert patterns.cache_key() != k0
+    finally:
+        patterns.unregister_pattern(torch.ops.forge_test.soft_sign.default)
+    assert patterns.cache_key() == k0

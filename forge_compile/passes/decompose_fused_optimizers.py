@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from torch._dynamo.utils import counters

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch

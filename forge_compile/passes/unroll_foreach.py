@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Callable, Dict, Optional
+from typing import Optional
 
 import torch
 from torch._dynamo.utils import counters
