@@ -2,11 +2,12 @@
 
     python examples/resume_with_scheduler.py
 
-Trains the tiny Llama of train_tiny_llama.py twice on the same batches:
-  1. uninterrupted for --steps steps;
-  2. for --save-at steps, then saves model + optimizer + scheduler state_dicts to a temporary
-     directory, builds a fresh model / AdamW / LambdaLR (different initial weights), loads the
-     checkpoint, compiles the step again and finishes the run.
+Trains the tiny Llama of train_tiny_llama.py on a fixed sequence of batches:
+  1. for --steps steps without stopping, saving model + optimizer + scheduler state_dicts to a
+     temporary directory at step --save-at on the way (as a long job checkpoints);
+  2. then, as a restarted job would, builds a fresh model / AdamW / LambdaLR (different initial
+     weights), loads that checkpoint, compiles the step again and finishes steps
+     --save-at+1 .. --steps.
 The scheduler is stepped every iteration outside the compiled step, as in any training loop;
 forge turns the lr into a tensor so the changing lr does not recompile. The resumed run's final
 loss must equal the uninterrupted run's within 1e-5 relative (exit code 1 otherwise).
@@ -35,7 +36,7 @@ RTOL = 1e-5
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--save-at", type=int, default=None, help="checkpoint step (default steps // 2)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps // 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,31 +94,30 @@ def main(argv=None) -> int:
     stream = batches(load_corpus(), args.batch, args.seq, args.seed)
     data = [tuple(t.to(device) for t in next(stream)) for _ in range(args.steps)]
 
-    t0 = time.perf_counter()
-    _, _, sched, step = fresh(args, device, args.seed)
-    ref = run(step, sched, data, 0, args.steps, "uninterrupted")
-    print(f"uninterrupted run: {time.perf_counter() - t0:.1f} s")
-
-    t0 = time.perf_counter()
-    model, opt, sched, step = fresh(args, device, args.seed)
-    run(step, sched, data, 0, args.save_at, "first half")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = pathlib.Path(tmp) / "checkpoint.pt"
+        t0 = time.perf_counter()
+        model, opt, sched, step = fresh(args, device, args.seed)
+        run(step, sched, data, 0, args.save_at, "uninterrupted")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "step": args.save_at}, ckpt)
         print(f"saved model + optimizer + scheduler at step {args.save_at} "
               f"({ckpt.stat().st_size / 2**20:.1f} MiB)")
+        ref = run(step, sched, data, args.save_at, args.steps, "uninterrupted")
+        print(f"uninterrupted run: {time.perf_counter() - t0:.1f} s")
         del model, opt, sched, step
+
+        t0 = time.perf_counter()
         # a different seed: the resumed run owes nothing to the initial weights it was built with
         model, opt, sched, step = fresh(args, device, args.seed + 1)
         state = torch.load(ckpt, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    print(f"resumed at step {state['step']} into a fresh model/optimizer/scheduler, "
-          f"lr {float(sched.get_last_lr()[0]):.2e}")
-    resumed = run(step, sched, data, state["step"], args.steps, "resumed")
-    print(f"interrupted + resumed run: {time.perf_counter() - t0:.1f} s")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        print(f"resumed at step {state['step']} into a fresh model/optimizer/scheduler, "
+              f"lr {float(sched.get_last_lr()[0]):.2e}")
+        resumed = run(step, sched, data, state["step"], args.steps, "resumed")
+        print(f"resumed run: {time.perf_counter() - t0:.1f} s")
 
     rel = abs(resumed - ref) / abs(ref)
     ok = rel <= RTOL
