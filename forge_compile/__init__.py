@@ -25,7 +25,10 @@ def compile(fn: Callable, *, fullgraph: bool = False, **options) -> Callable:
     """``torch.compile(fn, backend="forge")`` with forge options, e.g. ``fuse=False``,
     ``inner="aot_eager"``. Unknown options raise a one-line error naming the valid ones."""
     opts = ForgeOptions.from_kwargs(**options)
-    compiled = torch.compile(fn, backend=ForgeBackend(opts), fullgraph=fullgraph)
+    backend = ForgeBackend(opts)
+    compiled = torch.compile(fn, backend=backend, fullgraph=fullgraph)
     compiled._forge_options = dict(options)
     compiled._forge_fn = fn
+    compiled._forge_backend = backend
+    compiled._forge_fullgraph = fullgraph
     return compiled

@@ -153,10 +153,11 @@ class ForgeBackend:
         ctx = PassContext(options=options, input_names=list(report.input_names), report=report)
         log.info("forge_compile: compiling graph %d (%d inputs, fuse=%s, inner=%s)",
                  self.compiles, len(example_inputs), options.fuse, options.inner)
-        if options.inner == "inductor":
-            compiled = self._inductor(gm, example_inputs, ctx)
-        else:
-            compiled = self._aot_eager(gm, example_inputs, ctx)
+        with capture.forge_compiling():
+            if options.inner == "inductor":
+                compiled = self._inductor(gm, example_inputs, ctx)
+            else:
+                compiled = self._aot_eager(gm, example_inputs, ctx)
         # Reported only once compiled: Dynamo may abandon an attempt and trace again (e.g. a
         # TensorifyScalarRestartAnalysis raised from inside AOTAutograd).
         for listener in current_reports():

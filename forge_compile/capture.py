@@ -23,6 +23,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | ``OptimizerVariable.graph_break_if_pending_mutation`` | the pending mutation is the traced ``.grad``; handled by ``_init_group`` below |
 | ``OptimizerVariable.call_method`` (``_init_group``) | run the real ``_init_group`` with zero-memory placeholder grads for params whose ``.grad`` is a traced value, so the first call already updates (else every param is skipped: a graph that never trains) and the optimizer state exists before tracing |
 | ``OptimizerVariable.wrap_tensor`` | map each placeholder back to its traced gradient |
+| ``remat_using_tags_for_fwd_loss_bwd_graph_pass.has_recomputable_rng_ops`` (torch ≥ 2.13; absent in 2.11, then skipped) | activation checkpointing inside the one graph refuses any op tagged ``nondeterministic_seeded`` in a recompute region, and the SDPA kernels carry that tag for their dropout even at ``dropout_p=0``; a dropout-free SDPA recomputes deterministically, so it is not counted (forge compiles only) |
 
 Two changes to the optimizer object itself, made on its first forge trace, with their reasons:
 - a float ``lr`` becomes a 0-d float64 CPU tensor in ``param_groups`` (what PyTorch recommends
@@ -105,6 +106,20 @@ class Patch:
     make: Callable[[Callable], Callable]
     why: str
     original: Optional[Callable] = None
+
+
+def is_forge_compiling() -> bool:
+    """True while the forge backend compiles a captured graph (AOTAutograd + inner compiler)."""
+    return getattr(_tls, "compiling", 0) > 0
+
+
+@contextlib.contextmanager
+def forge_compiling():
+    _tls.compiling = getattr(_tls, "compiling", 0) + 1
+    try:
+        yield
+    finally:
+        _tls.compiling -= 1
 
 
 def _dynamo_modules():
@@ -332,10 +347,47 @@ def _make_wrap_tensor(orig):
     return wrap_tensor
 
 
+def _dropout_p(node) -> float:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return 1.0
+    for i, a in enumerate(schema.arguments):
+        if a.name == "dropout_p":
+            v = node.kwargs.get("dropout_p", node.args[i] if i < len(node.args) else a.default_value)
+            return v if isinstance(v, (int, float)) else 1.0
+    return 1.0
+
+
+def _make_has_recomputable_rng_ops(orig):
+    def has_recomputable_rng_ops(gm):
+        if not is_forge_compiling():
+            return orig(gm)
+        from torch._functorch.partitioners import must_recompute
+        for node in gm.graph.nodes:
+            if (must_recompute(node) and hasattr(node.target, "tags")
+                    and torch.Tag.nondeterministic_seeded in node.target.tags
+                    and not ("scaled_dot_product" in str(node.target) and _dropout_p(node) == 0)):
+                return True
+        return False
+    return has_recomputable_rng_ops
+
+
+def _optional_remat_patch() -> List[Patch]:
+    try:
+        from torch._functorch._activation_checkpointing import (
+            remat_using_tags_for_fwd_loss_bwd_graph_pass as remat)
+    except ImportError:       # torch 2.11: no fwd-loss-bwd remat pass, nothing to patch
+        return []
+    if not hasattr(remat, "has_recomputable_rng_ops"):
+        return []
+    return [Patch(remat, "has_recomputable_rng_ops", _make_has_recomputable_rng_ops,
+                  "checkpointed dropout-free SDPA is not an RNG op")]
+
+
 def _build_patches() -> List[Patch]:
     symbolic_convert, builder, functions, optimizer = _dynamo_modules()
     OV = optimizer.OptimizerVariable
-    return [
+    return _optional_remat_patch() + [
         Patch(symbolic_convert.InstructionTranslator, "run", _make_run,
               "detect forge frames; trace_autograd_ops=True while tracing them"),
         Patch(functions.SkipFunctionVariable, "call_function", _make_skip_call,

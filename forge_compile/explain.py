@@ -77,6 +77,8 @@ class ExplainReport:
                  f"{len(self.graph_breaks)} graph break(s), {self.recompiles} recompile(s)"]
         lines += [f"  break: {b}" for b in self.graph_breaks]
         fused, unfused = self.fused, self.unfused
+        if self.compiles and all(r.graph_before is None for r in self.compiles):
+            lines.append("fusion off (fuse=False) or no forge pass ran: nothing was rewritten")
         lines.append(f"fused: {len(fused)} parameter(s), gradient bytes eliminated: "
                      f"{self.gradient_bytes_eliminated:,} ({self.gradient_bytes_eliminated / 2**20:.2f} MiB)")
         lines += [f"  {n} {tuple(f.shape)} ({f.gradient_bytes:,} B)" for n, f in fused.items()]
@@ -89,12 +91,17 @@ def explain(fn: Callable, *args, **kwargs) -> ExplainReport:
     """Compile ``fn`` with forge, run it ONCE on the arguments (one real step) and report.
 
     Options of forge_compile.compile can be given by passing a function made by
-    ``forge_compile.compile(fn, **options)``.
+    ``forge_compile.compile(fn, **options)``; if that function has not compiled yet, explain()
+    runs it as is, so its first call is the explained one and the step is compiled only once.
     """
     from forge_compile import compile as forge_compile_fn
-    options = getattr(fn, "_forge_options", None)
-    inner = getattr(fn, "_forge_fn", fn)
-    compiled = forge_compile_fn(inner, **(options or {}))
+    backend = getattr(fn, "_forge_backend", None)
+    if backend is not None and backend.compiles == 0:
+        compiled = fn
+    else:
+        compiled = forge_compile_fn(getattr(fn, "_forge_fn", fn),
+                                    fullgraph=getattr(fn, "_forge_fullgraph", False),
+                                    **getattr(fn, "_forge_options", {}))
     before = collections.Counter(counters["graph_break"])
     with listen() as reports:
         result = compiled(*args, **kwargs)

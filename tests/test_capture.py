@@ -372,3 +372,57 @@ def test_explain_saves_the_rewritten_graph(tmp_path):
     if out.suffix == ".dot":   # no graphviz here: the DOT text names the fused op, highlighted
         text = out.read_text()
         assert text.startswith("digraph forge") and "fused_linear_update_" in text and "#f4a261" in text
+
+
+def test_explain_uses_the_first_call_of_a_fresh_compiled_step():
+    """explain() on a forge-compiled step that never ran compiles it once, not twice."""
+    model, opt, _ = make("adamw", False, schedule=False)
+    step = forge_compile.compile(train_step_fn(model, opt), inner="aot_eager")
+    report = forge_compile.explain(step, *batch(0))
+    assert report.graph_count == 1 and step._forge_backend.compiles == 1
+    step(*batch(1))                       # the explained compile serves the next call
+    assert step._forge_backend.compiles == 1
+
+
+def test_checkpointed_sdpa_block_is_captured():
+    """Activation checkpointing around dropout-free SDPA inside the one graph (torch >= 2.13)."""
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48, bias=False)
+            self.out = torch.nn.Linear(16, 16, bias=False)
+
+        def inner(self, x):
+            q, k, v = self.qkv(x).view(2, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(a.transpose(1, 2).reshape(2, 8, 16))
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+    def make_block():
+        torch.manual_seed(0)
+        m = Block()
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+    (m, o), (rm, ro) = make_block(), make_block()
+
+    def step_fn(mod, opt):
+        def f(x):
+            loss = mod(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        return f
+
+    step = forge_compile.compile(step_fn(m, o), inner="aot_eager")
+    x = torch.randn(2, 8, 16)
+    with listen() as reports:
+        for _ in range(3):
+            step(x), step_fn(rm, ro)(x)
+    assert len(reports) == 1
+    assert set(reports[0].fused) == {"qkv.weight", "out.weight"}, reports[0].unfused
+    assert_same_training(m, o, rm, ro)
