@@ -229,8 +229,11 @@ def test_inductor_adamw_static_proof(kind):
     shapes |= {s[::-1] for s in shapes}
     # (1) the graph Inductor receives after the forge passes: no gradient-sized value left
     assert not _gradient_sized_buffers(rep.graph_module_after, shapes), rep.graph_after
-    # (2) the code Inductor produced allocates no buffer of a fused gradient's size
+    # (2) the code Inductor produced allocates no buffer of a fused gradient's size, and calls
+    # the fused op in place on the parameter/state buffers (no clone, no copy back)
     code = "\n".join(codes)
+    assert code.count("torch.ops.forge_compile.fused_linear_update_.default(") == len(fused)
+    assert "clone" not in code
     for n, k in {tuple(f.shape) for f in fused.values()}:
         for a, b in ((n, k), (k, n)):
             assert not re.search(rf"empty_strided_cpu\(\({a}, {b}\)", code), (a, b)
