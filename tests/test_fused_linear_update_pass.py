@@ -473,3 +473,16 @@ def test_pattern_cache_key_changes_with_registrations():
     finally:
         patterns.unregister_pattern(torch.ops.forge_test.soft_sign.default)
     assert patterns.cache_key() == k0
+
+
+def test_refuses_tied_weight_two_gemms():
+    # a weight used twice (tied embedding/LM head) gets the sum of two GEMM gradients
+    def f(dy, x, dy2, x2, w, buf):
+        g = torch.mm(dy.t(), x) + torch.mm(dy2.t(), x2)
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dy.sum(),)
+    why = _refused(f, _inputs((T, N), (T, K), (T + 3, N), (T + 3, K), (N, K), (N, K)),
+                   ["dy", "x", "dy2", "x2", "w", "opt.state[w].momentum_buffer"])
+    assert "several gradient GEMMs" in why
