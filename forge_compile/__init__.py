@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 
 from forge_compile.backend import ForgeBackend, forge_backend
-from forge_compile.capture import CaptureMisuseError
 from forge_compile.context import ForgeOptions
 from forge_compile.explain import ExplainReport, explain
+from forge_compile.patterns import register_pattern, unregister_pattern
 
 __all__ = ["compile", "explain", "ExplainReport", "ForgeOptions", "ForgeBackend",
-           "forge_backend", "CaptureMisuseError"]
+           "forge_backend", "register_pattern", "unregister_pattern"]
 __version__ = "0.1.0"
 
 

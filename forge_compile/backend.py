@@ -99,10 +99,13 @@ class ForgePostGradPass(CustomGraphPass):
     def uuid(self) -> Any:
         # Changes whenever forge's pass code changes, so Inductor's FX graph cache never serves
         # a graph compiled by older passes (a cache hit skips the pass entirely).
-        import forge_compile.passes as passes
         import pathlib
+        import forge_compile.passes as passes
+        from forge_compile import patterns
         files = sorted(pathlib.Path(passes.__file__).parent.glob("*.py"))
-        return (get_hash_for_files(tuple(files)), repr(self.ctx.options))
+        files += [pathlib.Path(patterns.__file__), pathlib.Path(__file__)]
+        # user-registered rules change the rewrite without changing any file
+        return (get_hash_for_files(tuple(files)), patterns.cache_key(), repr(self.ctx.options))
 
 
 def _run_forge_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:

@@ -55,11 +55,7 @@ import torch.optim.optimizer as _optim_mod
 log = logging.getLogger("forge_compile")
 
 __all__ = ["install", "uninstall", "installed", "forge_tracing", "is_forge_tracing",
-           "is_forge_backend", "PATCHES", "CaptureMisuseError"]
-
-
-class CaptureMisuseError(RuntimeError):
-    """A training-step construct forge cannot capture faithfully; the message names the fix."""
+           "is_forge_backend", "PATCHES"]
 
 
 _tls = threading.local()

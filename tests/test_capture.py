@@ -426,3 +426,21 @@ def test_checkpointed_sdpa_block_is_captured():
     assert len(reports) == 1
     assert set(reports[0].fused) == {"qkv.weight", "out.weight"}, reports[0].unfused
     assert_same_training(m, o, rm, ro)
+
+
+def test_post_grad_pass_uuid_follows_registered_patterns():
+    """Inductor's cache key of the forge pass changes when a user registers a rule."""
+    from forge_compile.backend import ForgePostGradPass
+    from forge_compile.context import CompileReport, ForgeOptions, PassContext
+    ctx = PassContext(ForgeOptions(), [], CompileReport(graph_index=1))
+    before = ForgePostGradPass(ctx).uuid()
+    target = torch.ops.aten.erf.default
+
+    @forge_compile.register_pattern(target)
+    def _(emit, x):
+        return x
+    try:
+        assert ForgePostGradPass(ctx).uuid() != before
+    finally:
+        forge_compile.unregister_pattern(target)
+    assert ForgePostGradPass(ctx).uuid() == before
