@@ -197,19 +197,23 @@ def _break_if_used_before_backward(self, tx) -> None:
         raise exc.Unsupported(USED_BEFORE_BACKWARD)
 
 
-def _rejects_tensor_lr(opt: torch.optim.Optimizer, group: dict) -> bool:
+def _rejects_tensor_lr(opt: torch.optim.Optimizer, group: dict) -> Optional[str]:
+    """Why this group's lr must stay a float, or None."""
+    if group.get("fused"):
+        # aten::_fused_adamw_.tensor_lr and its siblings have no fake (meta) kernel in torch 2.13
+        return "fused=True (the tensor-lr fused kernels cannot be traced)"
     # torch.optim.adam: "lr as a Tensor is not supported for capturable=False and foreach=True"
     if not isinstance(opt, torch.optim.Adam) or group.get("capturable", False):
-        return False
+        return None
     # Dynamo itself turns capturable on for a fresh optimizer whose params are all on an
     # accelerator (OptimizerVariable._set_capturable), right after this check runs.
     if all((p.is_cuda or p.is_xpu) and p not in opt.state for p in group["params"]):
-        return False
+        return None
     foreach = group.get("foreach")
-    if foreach is None and not group.get("fused"):
+    if foreach is None:
         from torch.optim.optimizer import _default_to_fused_or_foreach
         _, foreach = _default_to_fused_or_foreach(list(group["params"]), False, use_fused=False)
-    return bool(foreach)
+    return "foreach=True and capturable=False" if foreach else None
 
 
 def _tensorize_lr(opt: torch.optim.Optimizer) -> None:
@@ -218,16 +222,13 @@ def _tensorize_lr(opt: torch.optim.Optimizer) -> None:
         lr = group.get("lr")
         if not isinstance(lr, float) or not group["params"]:
             continue
-        if _rejects_tensor_lr(opt, group):
-            log.warning("forge_compile: %s with foreach=True and capturable=False keeps a float lr; "
-                        "an LR schedule recompiles the step for each new lr (use foreach=False or "
-                        "capturable=True to avoid that)", type(opt).__name__)
+        why = _rejects_tensor_lr(opt, group)
+        if why:
+            log.warning("forge_compile: %s with %s keeps a float lr; an LR schedule recompiles "
+                        "the step for each new lr (use foreach=False, or capturable=True, to "
+                        "avoid that)", type(opt).__name__, why)
             continue
-        if group.get("fused"):
-            p = group["params"][0]      # the fused kernels read lr on the parameters' device
-            group["lr"] = torch.tensor(lr, dtype=torch.float32, device=p.device)
-        else:
-            group["lr"] = torch.tensor(lr, dtype=torch.float32)
+        group["lr"] = torch.tensor(lr, dtype=torch.float32)
 
 
 def _make_pending(orig):

@@ -444,3 +444,22 @@ def test_post_grad_pass_uuid_follows_registered_patterns():
     finally:
         forge_compile.unregister_pattern(target)
     assert ForgePostGradPass(ctx).uuid() == before
+
+
+def test_fused_true_falls_back_with_eager_equal_results():
+    """fused=True: torch.optim wraps its fused step in torch.compiler.disable. Tracing it fails in
+    functionalisation of _fused_adamw_ (torch 2.13), so the step graph-breaks there and the
+    stock fused kernel runs: eager-equal results, the break is reported, nothing fused."""
+    def mk():
+        torch.manual_seed(0)
+        m = _mlp()
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+    (m, o), (rm, ro) = mk(), mk()
+    step = forge_compile.compile(train_step_fn(m, o), inner="aot_eager")
+    report = forge_compile.explain(step, *batch(0))
+    train_step_fn(rm, ro)(*batch(0))
+    for i in range(1, 6):
+        step(*batch(i)), train_step_fn(rm, ro)(*batch(i))
+    assert any("compiler.disable" in b for b in report.graph_breaks), report.graph_breaks
+    assert report.fused == {}
+    assert_same_training(m, o, rm, ro)
