@@ -18,7 +18,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | target | why |
 |---|---|
 | ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` for its tracing only |
-| ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there) |
+| ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there); trace Adam/AdamW ``fused=True`` through ``_functional_fused_adam`` (below) where torch.optim's ``torch.compiler.disable``d ``_fused_adam`` would break the graph |
 | ``OptimizerVariable.var_getattr`` | trace ``zero_grad`` (its ``@_disable_dynamo`` wrapper is unwrapped) and an LR scheduler's ``step`` wrapper (lr_scheduler.py is force-skipped) |
 | ``OptimizerVariable.graph_break_if_pending_mutation`` | the pending mutation is the traced ``.grad``; handled by ``_init_group`` below |
 | ``OptimizerVariable.call_method`` (``_init_group``) | run the real ``_init_group`` with zero-memory placeholder grads for params whose ``.grad`` is a traced value, so the first call already updates (else every param is skipped: a graph that never trains) and the optimizer state exists before tracing |
@@ -31,6 +31,21 @@ Two changes to the optimizer object itself, made on its first forge trace, with 
   schedule never recompiles; Dynamo guards on a float's value, and a float made dynamic is
   specialised again where it reaches an ``alpha=`` argument (measured: a recompile every step).
   Not done for Adam/AdamW with foreach=True and capturable=False, which reject a tensor lr.
+
+``fused=True`` Adam/AdamW: Dynamo wraps ``optim.adam._fused_adam`` in ``torch.compiler.disable``
+(eval_frame.py, "don't trace into fused optimizer"). Inlining it as is fails in AOTAutograd's
+functionalisation of ``aten._fused_adamw_`` ("mutating a non-functional tensor with a functional
+tensor is not allowed"): the culprit is the EMPTY ``max_exp_avg_sqs`` list (amsgrad=False), a
+mutable ``Tensor(e!)[]`` argument that functionalisation counts as non-functional because an empty
+list holds no functional tensor (reproduced with ``make_fx(functionalize(f))`` and no Dynamo: the
+same call with amsgrad=True and a non-empty list functionalises fine). So while forge traces, the
+call is redirected to ``_functional_fused_adam``: the same per-(device, dtype) grouping and step
+increment, then the out-of-place ``aten._fused_adam(w)`` (same kernel, same math) and explicit
+``copy_`` back into params and state. Its fake kernel exists, and it is the node
+``passes.decompose_fused_optimizers`` rewrites for fusion. Only with a float lr
+(``_fused_adamw.tensor_lr`` has no meta kernel, so fused groups keep a float lr, see below),
+differentiable=False, no grad_scale/found_inf (AMP), and torch.optim's own signature (checked);
+otherwise the stock graph break.
 
 The step counters stay float32 0-d tensors, so bias corrections are float32 tensor math in the
 graph where eager uses Python doubles from ``step.item()``: the same deviation as stock
@@ -143,8 +158,85 @@ def _make_skip_call(orig):
                 and tx.f_code is _USE_GRAD_CODE):
             from torch._dynamo.variables.constant import ConstantVariable
             return ConstantVariable.create(None)
+        if is_forge_tracing():
+            twin = _traceable_twin(self.value, kwargs)
+            if twin is not None:
+                from torch._dynamo.variables.functions import UserFunctionVariable
+                return UserFunctionVariable(twin).call_function(tx, args, kwargs)
         return orig(self, tx, args, kwargs)
     return call_function
+
+
+def _functional_fused_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                           grad_scale, found_inf, *, amsgrad, has_complex, beta1, beta2, lr,
+                           weight_decay, eps, maximize, capturable, differentiable,
+                           decoupled_weight_decay):
+    """``torch.optim.adam._fused_adam`` (torch 2.13, float lr) with the out-of-place
+    ``aten._fused_adam(w)`` op and explicit copies back, instead of the in-place
+    ``_fused_adam(w)_``: same kernel, same results; traced only while forge traces."""
+    if not params:
+        return
+    op = torch.ops.aten._fused_adamw.default if decoupled_weight_decay \
+        else torch.ops.aten._fused_adam.default
+    groups: Dict[Any, List[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    for (device, _), idx in groups.items():
+        d_params = [params[i] for i in idx]
+        d_exp_avgs = [exp_avgs[i] for i in idx]
+        d_exp_avg_sqs = [exp_avg_sqs[i] for i in idx]
+        d_max = [max_exp_avg_sqs[i] for i in idx] if amsgrad else []
+        d_steps = [state_steps[i] for i in idx]
+        d_scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+        d_inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
+        torch._foreach_add_(d_steps, 1)
+        new_p, _, new_m, new_v, new_max = op(
+            d_params, [grads[i] for i in idx], d_exp_avgs, d_exp_avg_sqs, d_max, d_steps,
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
+            maximize=maximize, grad_scale=d_scale, found_inf=d_inf)
+        for j in range(len(idx)):
+            d_params[j].copy_(new_p[j])
+            d_exp_avgs[j].copy_(new_m[j])
+            d_exp_avg_sqs[j].copy_(new_v[j])
+            if amsgrad:
+                d_max[j].copy_(new_max[j])
+        if d_inf is not None:
+            torch._foreach_sub_(d_steps, [d_inf] * len(d_steps))
+
+
+def _fused_adam_twin_ok() -> bool:
+    import inspect
+    from torch.optim import adam
+    orig = getattr(adam._fused_adam, "_torchdynamo_orig_callable", adam._fused_adam)
+    try:
+        return (list(inspect.signature(orig).parameters)
+                == list(inspect.signature(_functional_fused_adam).parameters))
+    except (TypeError, ValueError):
+        return False
+
+
+def _traceable_twin(fn: Any, kwargs: Dict[str, Any]) -> Optional[Callable]:
+    """The function to trace in place of a ``torch.compiler.disable``d torch.optim fused step,
+    or None (then the stock graph break). Only Adam/AdamW, with a float lr, differentiable=False
+    and no grad_scale/found_inf, and only where its signature is the one mirrored here."""
+    import inspect
+    if not inspect.getattr_static(fn, "_torchdynamo_disable", False):
+        return None
+    from torch.optim import adam
+    if getattr(fn, "_torchdynamo_orig_callable", None) is not getattr(
+            adam._fused_adam, "_torchdynamo_orig_callable", adam._fused_adam):
+        return None
+    lr, diff = kwargs.get("lr"), kwargs.get("differentiable")
+    if not (lr is not None and lr.is_python_constant()
+            and isinstance(lr.as_python_constant(), (int, float))):
+        return None
+    if diff is None or not diff.is_python_constant() or diff.as_python_constant():
+        return None
+    for name in ("grad_scale", "found_inf"):       # AMP's GradScaler: untested here, stock break
+        v = kwargs.get(name)
+        if v is not None and not (v.is_python_constant() and v.as_python_constant() is None):
+            return None
+    return _functional_fused_adam if _fused_adam_twin_ok() else None
 
 
 def _make_var_getattr(orig):
