@@ -128,7 +128,8 @@ def test_mlp_foreach_matches_eager(opt_name):
     _fused_names_ok(model, fused)
 
 
-@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+# adamw_fused: fused=True's _fused_adamw_ traced (forge_compile.capture) and mapped to its rule
+@pytest.mark.parametrize("opt_name", OPTIMIZERS + ["adamw_fused"])
 def test_transformer_matches_eager(opt_name):
     model, fused, unfused, _ = _run("lm", opt_name)
     _fused_names_ok(model, fused)
