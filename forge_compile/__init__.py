@@ -6,7 +6,6 @@ that weight (FORGE), and lets Inductor compile the rest.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch

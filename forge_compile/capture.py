@@ -26,11 +26,12 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | ``remat_using_tags_for_fwd_loss_bwd_graph_pass.has_recomputable_rng_ops`` (torch ≥ 2.13; absent in 2.11, then skipped) | activation checkpointing inside the one graph refuses any op tagged ``nondeterministic_seeded`` in a recompute region, and the SDPA kernels carry that tag for their dropout even at ``dropout_p=0``; a dropout-free SDPA recomputes deterministically, so it is not counted (forge compiles only) |
 
 Two changes to the optimizer object itself, made on its first forge trace, with their reasons:
-- a float ``lr`` becomes a 0-d float64 CPU tensor in ``param_groups`` (what PyTorch recommends
+- a float ``lr`` becomes a 0-d float32 CPU tensor in ``param_groups`` (what PyTorch recommends
   for compiled optimizers under LR schedulers: schedulers ``fill_`` it in place), so an LR
   schedule never recompiles; Dynamo guards on a float's value, and a float made dynamic is
   specialised again where it reaches an ``alpha=`` argument (measured: a recompile every step).
-  Not done for Adam/AdamW with foreach=True and capturable=False, which reject a tensor lr.
+  Not done for Adam/AdamW with foreach=True and capturable=False, which reject a tensor lr,
+  nor for fused=True groups (no meta kernel for the tensor-lr fused ops).
 
 ``fused=True`` Adam/AdamW: Dynamo wraps ``optim.adam._fused_adam`` in ``torch.compiler.disable``
 (eval_frame.py, "don't trace into fused optimizer"). Inlining it as is fails in AOTAutograd's
@@ -59,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -76,20 +76,25 @@ __all__ = ["install", "uninstall", "installed", "forge_tracing", "is_forge_traci
 _tls = threading.local()
 
 
+@contextlib.contextmanager
+def _counted(attr: str):
+    setattr(_tls, attr, getattr(_tls, attr, 0) + 1)
+    try:
+        yield
+    finally:
+        setattr(_tls, attr, getattr(_tls, attr) - 1)
+
+
 def is_forge_tracing() -> bool:
     """True while Dynamo traces a frame compiled by the forge backend."""
-    return getattr(_tls, "depth", 0) > 0
+    return getattr(_tls, "tracing", 0) > 0
 
 
 @contextlib.contextmanager
 def forge_tracing():
     """Switch the forge behaviour of the patched Dynamo on for the enclosed tracing."""
-    _tls.depth = getattr(_tls, "depth", 0) + 1
-    try:
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            yield
-    finally:
-        _tls.depth -= 1
+    with _counted("tracing"), torch._dynamo.config.patch(trace_autograd_ops=True):
+        yield
 
 
 def is_forge_backend(fn: Any) -> bool:
@@ -124,13 +129,9 @@ def is_forge_compiling() -> bool:
     return getattr(_tls, "compiling", 0) > 0
 
 
-@contextlib.contextmanager
 def forge_compiling():
-    _tls.compiling = getattr(_tls, "compiling", 0) + 1
-    try:
-        yield
-    finally:
-        _tls.compiling -= 1
+    """Mark the enclosed AOTAutograd + inner compile as forge's (see is_forge_compiling)."""
+    return _counted("compiling")
 
 
 def _dynamo_modules():

@@ -6,7 +6,6 @@ import dataclasses
 import pathlib
 from typing import Any, Callable, Dict, List, Optional
 
-import torch
 from torch._dynamo.utils import counters
 
 from forge_compile.context import CompileReport, FusedParam, current_reports
