@@ -7,6 +7,7 @@ which act only on frames compiled by this backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Any, List, Optional
@@ -147,7 +148,7 @@ class ForgeBackend:
         if kwargs:
             raise TypeError(f"forge_compile: unexpected arguments {sorted(kwargs)}")
         if user:
-            options = ForgeOptions.from_kwargs(**{**vars_of(options), **user})
+            options = ForgeOptions.from_kwargs(**{**dataclasses.asdict(options), **user})
         self.compiles += 1
         cid = torch._guards.CompileContext.current_compile_id()
         report = CompileReport(graph_index=self.compiles,
@@ -202,11 +203,6 @@ class ForgeBackend:
         return aot_module_simplified(gm, example_inputs, fw_compiler=inner, inference_compiler=inner,
                                      decompositions=select_decomp_table(),
                                      keep_inference_input_mutations=True)
-
-
-def vars_of(options: ForgeOptions) -> dict:
-    import dataclasses
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
 forge_backend = ForgeBackend()
