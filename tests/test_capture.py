@@ -387,7 +387,8 @@ def test_explain_uses_the_first_call_of_a_fresh_compiled_step():
 
 
 def test_checkpointed_sdpa_block_is_captured():
-    """Activation checkpointing around dropout-free SDPA inside the one graph (torch >= 2.13)."""
+    """Activation checkpointing around dropout-free SDPA inside the one graph: the checkpointed
+    forward is recomputed in the backward (torch 2.11 via forge's backward tag, 2.13 natively)."""
     torch.manual_seed(0)
 
     class Block(torch.nn.Module):
@@ -427,6 +428,11 @@ def test_checkpointed_sdpa_block_is_captured():
             step(x), step_fn(rm, ro)(x)
     assert len(reports) == 1
     assert set(reports[0].fused) == {"qkv.weight", "out.weight"}, reports[0].unfused
+    recomputed = [n.target for n in reports[0].graph_module_after.graph.nodes
+                  if n.name.endswith("_recomputed")]
+    # the checkpointed region's forward (qkv mm, SDPA, ...) runs again in the backward
+    assert torch.ops.aten.mm.default in recomputed, recomputed
+    assert any("scaled_dot_product" in str(t) for t in recomputed), recomputed
     assert_same_training(m, o, rm, ro)
 
 
