@@ -10,7 +10,7 @@
 # Files under $OUT (flat, at most 7): info.txt e2e.jsonl bench.log e2e_correctness.json
 # correctness.log e2e.md e2e.png
 # Env: BENCH_BUDGET (s, per bench stage, default 480), BENCH_ARGS (extra driver args, e.g.
-# "--configs 1x512"), CORR_ARGS (default "--layers 16"), CORR_TIMEOUT (s, default 540).
+# "--configs 1x512"), COMPILED_METHODS (default forge,compile_inductor), CORR_ARGS (default "--layers 16"), CORR_TIMEOUT (s, default 540).
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -39,7 +39,7 @@ bench() {   # $1: methods
   cp "$RES/e2e.jsonl" "$OUT/" 2>/dev/null || true
 }
 case $WHAT in all|bench|eager) bench eager_foreach,eager_fused,opt_in_backward,floor ;; esac
-case $WHAT in all|bench|compiled) bench forge,compile_inductor ;; esac
+case $WHAT in all|bench|compiled) bench "${COMPILED_METHODS:-forge,compile_inductor}" ;; esac
 
 if [[ $WHAT == all || $WHAT == correctness ]]; then
   timeout "${CORR_TIMEOUT:-540}" $PY benchmarks/bench_e2e.py --correctness ${CORR_ARGS:---layers 16} \
