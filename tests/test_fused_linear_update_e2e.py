@@ -285,3 +285,29 @@ def test_dynamic_batch_fuses_once():
     assert len(reports) == 1
     _fused_names_ok(model, reports[0].fused)
     _assert_close(model, ref, opt, ref_opt)
+
+
+@pytest.mark.parametrize("kind,opt_name", [("mlp", "adamw"), ("lm", "adamw"), ("lm", "sgd")])
+def test_fused_updates_run_inside_the_backward(kind, opt_name):
+    """Each fused op runs as soon as its inputs exist, not after the whole backward: the optimizer
+    computes its per-step scalars (the bias corrections) after the backward, and left there they
+    would hold every layer's dY and X until the end (the pass hoists them)."""
+    _, fused, _, last = _run(kind, opt_name, steps=2)
+    fused_op = torch.ops.forge_compile.fused_linear_update_.default     # registered by now
+    nodes = list(last.graph_module_after.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    ops = [n for n in nodes if n.target is fused_op]
+    mms = [pos[n] for n in nodes if n.target is torch.ops.aten.mm.default]
+    assert len(ops) == len(fused) > 1
+    if kind == "lm":    # the MLP's first layer has no dX GEMM: its last GEMM is layer 2's dX
+        assert pos[ops[0]] < mms[-1], "every fused update trails the backward"
+    from forge_compile.passes.liveness import _is_view
+    for op in ops:
+        readers, work = [], [op.args[2]]      # W's readers, through views (dX = dY·permute(W))
+        while work:
+            for u in work.pop().users:
+                (work if _is_view(u) else readers).append(u)
+        ready = max([pos[x] for x in op.all_input_nodes if x.op != "placeholder"]
+                    + [pos[u] for u in readers if pos[u] < pos[op]])
+        between = [nodes[i].name for i in mms if ready < i < pos[op]]
+        assert not between, f"{op.name} waits behind GEMMs {between}"

@@ -704,8 +704,66 @@ def _plan(a: _Analysis, names, dup):
     if last is not None and a.facts.order[last] > a.facts.order[first_sink]:
         raise Refused("weight read after its update", f"{last.name} reads it after {first_sink.name}")
     dy_src, x_src = a.mm.args
+    if _hoist_step_scalars(a.facts.graph, a.scalar_nodes):
+        a.facts.order = {n: i for i, n in enumerate(a.facts.graph.nodes)}
     pos = a.facts.latest([last, dy_src, x_src] + list(a.scalar_nodes))
     return param, state, prog, pos
+
+
+def _is_mutation(n: torch.fx.Node) -> bool:
+    schema = getattr(n.target, "_schema", None)
+    return n.op == "call_function" and (
+        n.target is FUSED_OP or (schema is not None and schema.is_mutable))
+
+
+def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> bool:
+    """Move the per-step scalars an update reads (bias corrections from the step counter, the LR
+    times weight decay: 0-d ops on graph inputs) to the start of the graph.
+
+    The optimizer computes them after the whole backward; left there they would pin every fused
+    op to the end of the graph, and with it every dY and X until then (measured on a 2-layer
+    h2048 Llama at 4×1024 with checkpointing: 2.9 GiB of activations live at once instead of one
+    layer's). Moving a node earlier is safe when it reads only graph inputs that nothing mutates
+    before its old position, and 0-d values cost nothing to hold. Returns whether a node moved."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    ok: Dict[torch.fx.Node, bool] = {}
+
+    def hoistable(n: torch.fx.Node) -> bool:
+        if n in ok:
+            return ok[n]
+        ok[n] = False
+        if n.op in ("placeholder", "get_attr"):
+            limit = max(order[c] for c in scalars)
+            mutated_before = any(_is_mutation(u) and order[u] < limit for u in n.users)
+            ok[n] = not mutated_before
+            return ok[n]
+        if n.op != "call_function" or n.is_impure() or _is_mutation(n):
+            return False
+        v = _val(n)
+        if isinstance(v, torch.Tensor) and v.dim() != 0:
+            return False
+        ok[n] = all(hoistable(x) for x in n.all_input_nodes)
+        return ok[n]
+
+    if not all(hoistable(s) for s in scalars):
+        return False
+    closure: Set[torch.fx.Node] = set()
+    work = [s for s in scalars if s.op == "call_function"]
+    while work:
+        n = work.pop()
+        if n not in closure:
+            closure.add(n)
+            work += [x for x in n.all_input_nodes if x.op == "call_function"]
+    first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    moved = False
+    for n in sorted(closure, key=order.__getitem__):
+        if n is first:
+            first = n.next
+            continue
+        if order[n] > order[first]:
+            first.prepend(n)
+            moved = True
+    return moved
 
 
 def _rewrite(graph, a: _Analysis, param, state, prog, pos):
