@@ -34,7 +34,12 @@ def main():
     p.add_argument("--config", default="4x1024+ckpt")
     p.add_argument("--layers", type=int)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--inductor", action="append", default=[],
+                   help="torch._inductor.config override, e.g. reorder_for_peak_memory=False")
     a = p.parse_args()
+    for kv in a.inductor:
+        k, v = kv.split("=")
+        setattr(torch._inductor.config, k, {"True": True, "False": False}.get(v, v))
     batch, seq, ckpt = B.parse_config(a.config)
     cfg = B.llama_config(False, a.layers)
     model = B.build_model(cfg, "cuda", ckpt)
@@ -61,7 +66,7 @@ def main():
                 best, best_set, best_i = cur, dict(live), i
         elif e["action"] == "free_completed" and e["addr"] in live:
             cur -= live.pop(e["addr"])[0]
-    print(f"{a.method} {a.config} layers={cfg.num_hidden_layers}: allocated before the step "
+    print(f"{a.method} {a.config} layers={cfg.num_hidden_layers} {' '.join(a.inductor)}: allocated before the step "
           f"{base / 2**30:.3f} GiB, peak {peak / 2**30:.3f} GiB; replayed step-local peak "
           f"{best / 2**30:.3f} GiB at event {best_i}/{len(events)}: {len(best_set)} blocks")
     at = events[best_i]
