@@ -287,12 +287,13 @@ def test_dynamic_batch_fuses_once():
     _assert_close(model, ref, opt, ref_opt)
 
 
-@pytest.mark.parametrize("kind,opt_name", [("mlp", "adamw"), ("lm", "adamw"), ("lm", "sgd")])
-def test_fused_updates_run_inside_the_backward(kind, opt_name):
+@pytest.mark.parametrize("kind,opt_name,inner", [("mlp", "adamw", "aot_eager"), ("lm", "adamw", "aot_eager"),
+                                                  ("lm", "sgd", "aot_eager"), ("lm", "adamw", "inductor")])
+def test_fused_updates_run_inside_the_backward(kind, opt_name, inner):
     """Each fused op runs as soon as its inputs exist, not after the whole backward: the optimizer
     computes its per-step scalars (the bias corrections) after the backward, and left there they
     would hold every layer's dY and X until the end (the pass hoists them)."""
-    _, fused, _, last = _run(kind, opt_name, steps=2)
+    _, fused, _, last = _run(kind, opt_name, steps=2, inner=inner)
     fused_op = torch.ops.forge_compile.fused_linear_update_.default     # registered by now
     nodes = list(last.graph_module_after.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}

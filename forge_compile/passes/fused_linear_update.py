@@ -37,7 +37,7 @@ from forge_compile import patterns as _patterns
 from forge_compile.context import FusedParam, PassContext
 from forge_compile.epilogue import GRAD, PARAM, OPS, EpilogueProgram, Instr
 from forge_compile.kernels.fused_linear_update import fused_linear_update_  # noqa: F401 (registers op)
-from forge_compile.passes.liveness import GraphFacts
+from forge_compile.passes.liveness import GraphFacts, _is_view
 
 __all__ = ["fuse_linear_updates", "Refused", "lower_rules"]
 
@@ -703,11 +703,48 @@ def _plan(a: _Analysis, names, dup):
     first_sink = min(a.sinks, key=a.facts.order.__getitem__)
     if last is not None and a.facts.order[last] > a.facts.order[first_sink]:
         raise Refused("weight read after its update", f"{last.name} reads it after {first_sink.name}")
-    dy_src, x_src = a.mm.args
     if _hoist_step_scalars(a.facts.graph, a.scalar_nodes):
         a.facts.order = {n: i for i, n in enumerate(a.facts.graph.nodes)}
-    pos = a.facts.latest([last, dy_src, x_src] + list(a.scalar_nodes))
+    # the GEMM operands are placed through their views: Inductor's reorder_for_locality (run on
+    # inference graphs before forge's pass) sinks each view, and the weight-gradient mm with it,
+    # to just before its first reader, the optimizer at the end of the graph; _rewrite rebuilds
+    # the views at the fused op
+    ready = [x for src in a.mm.args for x in _view_chain_inputs(src)]
+    pos = a.facts.latest([last] + ready + list(a.scalar_nodes) + [param] + state)
     return param, state, prog, pos
+
+
+def _view_chain(n: torch.fx.Node) -> List[torch.fx.Node]:
+    """The views from n down to the first non-view node (n first); [] when n is not a view."""
+    chain = []
+    while _is_view(n) and n.args and isinstance(n.args[0], torch.fx.Node):
+        chain.append(n)
+        n = n.args[0]
+    return chain
+
+
+def _view_chain_inputs(n: torch.fx.Node) -> List[torch.fx.Node]:
+    """What the view chain of n reads besides itself: its base and any size arguments."""
+    chain = _view_chain(n)
+    if not chain:
+        return [n]
+    inside = set(chain)
+    return [x for v in chain for x in v.all_input_nodes if x not in inside]
+
+
+def _rebuild_views(graph: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node:
+    """A copy of n's view chain at the current insertion point (n itself if it is no view)."""
+    chain = _view_chain(n)
+    env: Dict[torch.fx.Node, torch.fx.Node] = {}
+    out = n
+    for v in reversed(chain):
+        # a fresh name from the target: node_copy would reuse v's, and names set directly by
+        # torch's remat pass ("…_recomputed") are unknown to the graph's namespace
+        args, kwargs = torch.fx.map_arg((v.args, v.kwargs), lambda x: env.get(x, x))
+        out = graph.call_function(v.target, args, kwargs)
+        out.meta.update(v.meta)
+        env[v] = out
+    return out
 
 
 def _is_mutation(n: torch.fx.Node) -> bool:
@@ -768,9 +805,9 @@ def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> 
 
 def _rewrite(graph, a: _Analysis, param, state, prog, pos):
     """Insert the fused op after ``pos``; erase the sinks and the dead region."""
-    A, B = a.mm.args
     anchor = pos.next
     with graph.inserting_before(anchor):
+        A, B = (_rebuild_views(graph, src) for src in a.mm.args)
         if a.parity == 0:       # grad = A·B  → dy = Aᵀ, x = B
             dy, x = _transpose_node(graph, A), B
         else:                   # grad = (A·B)ᵀ = Bᵀ·Aᵀ → dy = B, x = Aᵀ
