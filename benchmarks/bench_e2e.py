@@ -431,7 +431,9 @@ def render(args) -> int:
     meta = next((r for r in rows if "torch" in r), {})
     configs = sorted({(r["batch"], r["seq"], r["ckpt"]) for r in rows}, key=lambda c: (c[0] * c[1], c[2]))
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    cell = {(r["batch"], r["seq"], r["ckpt"], r["method"]): r for r in rows}
+    # by date: a driver's timeout row (no "gpu" key) must not hide a later measurement
+    cell = {(r["batch"], r["seq"], r["ckpt"], r["method"]): r
+            for r in sorted(rows, key=lambda r: r.get("date", ""))}
 
     def fmt(r, key):
         if r is None:
@@ -468,7 +470,7 @@ def render(args) -> int:
             r = cell.get((*c, m))
             cells += [fmt(r, "peak_GB"), fmt(r, "step_ms")]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    errors = [r for r in rows if "error" in r]
+    errors = [r for r in cell.values() if "error" in r]
     if errors:
         lines += ["", "Errors:", ""]
         lines += [f"- {config_name(r['batch'], r['seq'], r['ckpt'])} {r['method']}: "
