@@ -23,7 +23,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | ``OptimizerVariable.graph_break_if_pending_mutation`` | the pending mutation is the traced ``.grad``; handled by ``_init_group`` below |
 | ``OptimizerVariable.call_method`` (``_init_group``) | run the real ``_init_group`` with zero-memory placeholder grads for params whose ``.grad`` is a traced value, so the first call already updates (else every param is skipped: a graph that never trains) and the optimizer state exists before tracing |
 | ``OptimizerVariable.wrap_tensor`` | map each placeholder back to its traced gradient |
-| ``remat_using_tags_for_fwd_loss_bwd_graph_pass.has_recomputable_rng_ops`` | activation checkpointing inside the one graph refuses any op tagged ``nondeterministic_seeded`` in a recompute region, and the SDPA kernels carry that tag for their dropout even at ``dropout_p=0``; a dropout-free SDPA recomputes deterministically, so it is not counted (forge compiles only) |
+| ``remat_using_tags_for_fwd_loss_bwd_graph_pass.has_recomputable_rng_ops`` | activation checkpointing inside the one graph refuses any op tagged ``nondeterministic_seeded`` in a recompute region, and the SDPA kernels carry that tag for their dropout even at ``dropout_p=0``; a dropout-free SDPA recomputes deterministically, so it is not counted. A real RNG op (dropout) would fail the whole compile: the checkpoint tags are dropped instead (activations kept) with a logged warning (forge compiles only) |
 | ``TensorVariable.method_backward`` (torch 2.11 only) | AOTAutograd applies the remat pass of activation checkpointing to a forward-loss-backward graph, but torch 2.11's pass finds the backward only by the annotation ``{"remat_pass_tag": "is_backward"}``, so the traced ``loss.backward()`` runs under ``fx.traceback.annotate`` with it; without it every checkpointed activation stays live (measured at 4×1024 on the 953M Llama: 20.3 GiB peak vs 14.7 eager). torch 2.13 marks traced backward nodes itself (``autograd_backward``) |
 
 Two changes to the optimizer object itself, made on its first forge trace, with their reasons:
@@ -454,11 +454,21 @@ def _make_has_recomputable_rng_ops(orig):
         if not is_forge_compiling():
             return orig(gm)
         from torch._functorch.partitioners import must_recompute
-        for node in gm.graph.nodes:
-            if (must_recompute(node) and hasattr(node.target, "tags")
-                    and torch.Tag.nondeterministic_seeded in node.target.tags
-                    and not ("scaled_dot_product" in str(node.target) and _dropout_p(node) == 0)):
-                return True
+        rng = [node for node in gm.graph.nodes
+               if must_recompute(node) and hasattr(node.target, "tags")
+               and torch.Tag.nondeterministic_seeded in node.target.tags
+               and not ("scaled_dot_product" in str(node.target) and _dropout_p(node) == 0)]
+        if rng:
+            # torch's remat pass would raise (it cannot replay RNG in a forward-loss-backward
+            # graph) and fail the whole compile; instead the checkpoint tags are dropped: the
+            # step runs, keeping those activations, and the log says why
+            log.warning("forge_compile: activation checkpointing is ignored inside the captured "
+                        "step: a checkpointed region has random ops (%s) that cannot be "
+                        "recomputed there; its activations are kept",
+                        ", ".join(sorted({str(n.target) for n in rng})[:3]))
+            for node in gm.graph.nodes:
+                if must_recompute(node):
+                    node.meta["recompute"] = None
         return False
     return has_recomputable_rng_ops
 

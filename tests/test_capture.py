@@ -436,6 +436,35 @@ def test_checkpointed_sdpa_block_is_captured():
     assert_same_training(m, o, rm, ro)
 
 
+def test_checkpointed_dropout_keeps_activations_and_says_why(caplog):
+    """A checkpointed region with dropout cannot be recomputed inside the one graph (torch's
+    remat pass refuses RNG replay there): the step still compiles and trains, nothing is
+    recomputed, every Linear weight is fused, and the log says checkpointing was ignored."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 32, bias=False), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.1), torch.nn.Linear(32, 16, bias=False))
+    params = list(block.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def f(x):
+        loss = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step = forge_compile.compile(f, inner="aot_eager")
+    before = [p.detach().clone() for p in params]
+    x = torch.randn(8, 16)
+    with listen() as reports, caplog.at_level("WARNING", logger="forge_compile"):
+        losses = [step(x) for _ in range(3)]
+    assert len(reports) == 1 and len(reports[0].fused) == 2, reports[0].unfused
+    assert "activation checkpointing is ignored" in caplog.text and "aten.rand" in caplog.text
+    assert not any(n.name.endswith("_recomputed") for n in reports[0].graph_module_after.graph.nodes)
+    assert all(torch.isfinite(v) for v in losses)
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))     # it trained
+
+
 def test_post_grad_pass_uuid_follows_registered_patterns():
     """Inductor's cache key of the forge pass changes when a user registers a rule."""
     from forge_compile.backend import ForgePostGradPass
