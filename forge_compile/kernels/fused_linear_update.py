@@ -131,7 +131,9 @@ def _emit(op: str, args: List[str], const_args: List[Optional[float]]) -> str:
     if op in _UNARY:
         return _UNARY[op].format(*args)
     if op == "where":
-        return "tl.where({0}, {1}, {2})".format(*args)
+        # a condition that arrived as a per-step scalar was loaded as fp32 (0.0 / 1.0): compare,
+        # tl.where on a non-bool condition is deprecated (a warning on Triton 3.6, later an error)
+        return "tl.where({0} != 0, {1}, {2})".format(*args)
     if op == "fma":
         return "({0} * {1} + {2})".format(*args)
     if op == "lerp":
