@@ -50,6 +50,7 @@ class CompileReport:
     frame_compile_id: Optional[int] = None   # > 0: Dynamo recompiled this frame
     fused: Dict[str, FusedParam] = dataclasses.field(default_factory=dict)
     unfused: Dict[str, str] = dataclasses.field(default_factory=dict)   # param name -> reason
+    unfused_bytes: Dict[str, int] = dataclasses.field(default_factory=dict)  # its gradient's bytes
     input_names: List[Optional[str]] = dataclasses.field(default_factory=list)  # of the ATen graph
     graph_before: Optional[str] = None     # the post-grad ATen graph handed to the passes
     graph_after: Optional[str] = None      # the same graph after the forge rewrite

@@ -50,6 +50,15 @@ class ExplainReport:
         return out
 
     @property
+    def unfused_bytes(self) -> Dict[str, int]:
+        """Bytes of the gradient each unfused parameter still materialises."""
+        unfused = self.unfused
+        out: Dict[str, int] = {}
+        for r in self.compiles:
+            out.update({k: v for k, v in r.unfused_bytes.items() if k in unfused})
+        return out
+
+    @property
     def gradient_bytes_eliminated(self) -> int:
         return sum(f.gradient_bytes for f in self.fused.values())
 
@@ -81,8 +90,11 @@ class ExplainReport:
         lines.append(f"fused: {len(fused)} parameter(s), gradient bytes eliminated: "
                      f"{self.gradient_bytes_eliminated:,} ({self.gradient_bytes_eliminated / 2**20:.2f} MiB)")
         lines += [f"  {n} {tuple(f.shape)} ({f.gradient_bytes:,} B)" for n, f in fused.items()]
-        lines.append(f"not fused: {len(unfused)} parameter(s)")
-        lines += [f"  {n}: {why}" for n, why in unfused.items()]
+        ubytes = self.unfused_bytes
+        lines.append(f"not fused: {len(unfused)} parameter(s), gradient bytes still materialised: "
+                     f"{sum(ubytes.values()):,} ({sum(ubytes.values()) / 2**20:.2f} MiB)")
+        lines += [f"  {n} ({ubytes[n]:,} B): {why}" if n in ubytes else f"  {n}: {why}"
+                  for n, why in unfused.items()]
         return "\n".join(lines)
 
 

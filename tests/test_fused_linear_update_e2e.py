@@ -131,10 +131,14 @@ def test_mlp_foreach_matches_eager(opt_name):
 # adamw_fused: fused=True's _fused_adamw_ traced (forge_compile.capture) and mapped to its rule
 @pytest.mark.parametrize("opt_name", OPTIMIZERS + ["adamw_fused"])
 def test_transformer_matches_eager(opt_name):
-    model, fused, unfused, _ = _run("lm", opt_name)
+    model, fused, unfused, last = _run("lm", opt_name)
     _fused_names_ok(model, fused)
     # biases, norms and the embedding are not GEMM gradients: refused with their reason
     assert all(("not a 2-D weight" in why or "not a GEMM" in why) for why in unfused.values()), unfused
+    # ... and the bytes of the gradient each still materialises
+    params = dict(model.named_parameters())
+    assert set(unfused) <= set(params), sorted(unfused)
+    assert last.unfused_bytes == {n: params[n].numel() * 4 for n in unfused}
 
 
 def test_transformer_foreach_adam_matches_eager():

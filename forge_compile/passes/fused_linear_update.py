@@ -552,11 +552,13 @@ def _read_like_param(t: torch.fx.Node) -> bool:
     return False
 
 
-def _record_refusal(ctx, name: str, r: Refused):
+def _record_refusal(ctx, name: str, r: Refused, dest: torch.fx.Node):
     counters["forge_compile"][f"refused: {r.category}"] += 1
     reason = f"{r.category}: {r.detail}" if r.detail else r.category
     if ctx is not None:
         ctx.report.unfused[name] = reason
+        v = _val(dest)      # its gradient is materialised: same shape and dtype as the parameter
+        ctx.report.unfused_bytes[name] = v.numel() * v.element_size()
     log.info("forge_compile: %s not fused: %s", name, reason)
 
 
@@ -594,7 +596,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
             a.analyse(dest)
             plan = _plan(a, names, dup)
         except Refused as r:
-            _record_refusal(ctx, name, r)
+            _record_refusal(ctx, name, r, dest)
             continue
         param, state, prog, pos = plan
         pname = names.get(param) or param.name
@@ -609,6 +611,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
             ctx.report.fused[pname] = FusedParam(name=pname, shape=tuple(a.wshape),
                                                  gradient_bytes=gbytes, rule=str(prog))
             ctx.report.unfused.pop(pname, None)
+            ctx.report.unfused_bytes.pop(pname, None)
         log.info("forge_compile: fused %s %s (%d gradient bytes never materialised)",
                  pname, tuple(a.wshape), gbytes)
     if changed:
