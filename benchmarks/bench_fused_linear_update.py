@@ -13,6 +13,7 @@ Bytes moved by forge: W and each state tensor read and written once (fp32), dy a
 
 Appends one JSON object per row to benchmarks/results/fused_linear_update.jsonl (``--out``).
     python benchmarks/bench_fused_linear_update.py [--quick] [--out PATH]
+    python benchmarks/bench_fused_linear_update.py --operands float32 --tokens 512,4096,16384
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ QUANTILES = [0.5, 0.2, 0.8]
 LR, BETAS, EPS, WD, MOMENTUM = 1e-4, (0.9, 0.999), 1e-8, 1e-2, 0.9
 
 
-def make_case(N: int, K: int, T: int, optimizer: str, device="cuda", seed=0):
+def make_case(N: int, K: int, T: int, optimizer: str, device="cuda", seed=0,
+              operands=torch.bfloat16):
     """One setup shared by every timed variant: inputs, weight, state, program, scalars."""
     g = torch.Generator(device=device).manual_seed(seed)
-    dy = torch.randn(T, N, device=device, generator=g).to(torch.bfloat16)
-    x = torch.randn(T, K, device=device, generator=g).div_(T ** 0.5).to(torch.bfloat16)
+    dy = torch.randn(T, N, device=device, generator=g).to(operands)
+    x = torch.randn(T, K, device=device, generator=g).div_(T ** 0.5).to(operands)
     p = torch.randn(N, K, device=device, generator=g)
     if optimizer == "adamw":
         prog = rules.adamw_program()
@@ -81,6 +83,11 @@ def anchor_fns(c, optimizer):
                               is_first_step=False)
 
     fns = {}
+    if dy.dtype == torch.float32:       # an fp32 model: cuBLAS SGEMM straight into the grad
+        def mm_fp32():
+            opt_step(torch.mm(dy.t(), x, out=grad))
+        fns["mm_fp32"] = mm_fp32
+        return fns
 
     def cast():
         grad.copy_(torch.mm(dy.t(), x))
@@ -106,7 +113,7 @@ def forge_bytes(N, K, T, n_state, elt=2):
     return N * K * 4 * 2 * (1 + n_state) + T * (N + K) * elt
 
 
-def run(shapes, tokens, optimizers, out_path, rep):
+def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16):
     from triton.testing import do_bench
     import triton
     dev = torch.cuda.get_device_name()
@@ -118,26 +125,26 @@ def run(shapes, tokens, optimizers, out_path, rep):
     for optimizer in optimizers:
         for (N, K) in shapes:
             for T in tokens:
-                c = make_case(N, K, T, optimizer)
+                c = make_case(N, K, T, optimizer, operands=operands)
                 dy, x = c["dy"], c["x"]
                 mm_q = do_bench(lambda: torch.mm(dy.t(), x), warmup=25, rep=rep,
                                 quantiles=QUANTILES)
                 anchors = {k: do_bench(f, warmup=25, rep=rep, quantiles=QUANTILES)
                            for k, f in anchor_fns(c, optimizer).items()}
-                anchor_kind = "mm_bf16+cast"
+                anchor_kind = "mm_fp32" if operands == torch.float32 else "mm_bf16+cast"
                 best_kind = min(anchors, key=lambda k: anchors[k][0])
 
-                def forge():
+                def forge(c=c):          # bound now: `del c` ends each row
                     return flu.fused_linear_update_triton(dy, x, c["p"], c["state"],
                                                           c["scalars"], c["prog"])
                 ck = forge()                 # autotunes (on scratch copies) + compiles
                 cfg = flu.tuned_config(dy, x, c["p"], c["state"], c["scalars"], c["prog"])
                 forge_q = do_bench(forge, warmup=25, rep=rep, quantiles=QUANTILES)
-                nbytes = forge_bytes(N, K, T, len(c["state"]))
+                nbytes = forge_bytes(N, K, T, len(c["state"]), elt=dy.element_size())
                 f_ms = forge_q[0]
                 row = dict(
                     gpu=dev, torch=torch.__version__, triton=triton.__version__, date=date,
-                    optimizer=optimizer, N=N, K=K, T=T,
+                    optimizer=optimizer, N=N, K=K, T=T, operands=str(operands).split(".")[-1],
                     mm_ms=round(mm_q[0], 4), anchor_ms=round(anchors[anchor_kind][0], 4),
                     forge_ms=round(f_ms, 4),
                     forge_GBps=round(nbytes / f_ms / 1e6, 1),
@@ -177,7 +184,8 @@ def markdown(rows) -> str:
         c = r["config"]
         cfg = (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"
                f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']},{int(c['EPI_PIPE'])}")
-        lines.append(f"| {r['optimizer']} | {r['N']}×{r['K']} | {r['T']} | {r['mm_ms']:.3f} | "
+        opt = r["optimizer"] + ("/fp32" if r.get("operands") == "float32" else "")
+        lines.append(f"| {opt} | {r['N']}×{r['K']} | {r['T']} | {r['mm_ms']:.3f} | "
                      f"{r['anchor_ms']:.3f} | {r['anchor_best_ms']:.3f} | {r['forge_ms']:.3f} | "
                      f"{r['forge_vs_anchor']:.2f} | {r['forge_vs_best_anchor']:.2f} | "
                      f"{r['forge_GBps']:.0f} | {100 * r['roofline_frac']:.0f}% | "
@@ -216,6 +224,9 @@ def main():
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     ap.add_argument("--precompile", type=int, default=8, help="parallel compile workers (0: off)")
+    ap.add_argument("--operands", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="dtype of dY and X (float32: an fp32 model; IEEE fp32 dots vs SGEMM)")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="T values")
     ap.add_argument("--ncu-row", default=None, metavar="OPT,N,K,T",
                     help="launch only forge's kernel for one row, 3 times (for ncu "
                          "--launch-skip 2 --launch-count 1); uses the tuning cache")
@@ -231,10 +242,12 @@ def main():
         print("ncu row", a.ncu_row, cfg, "regs", getattr(ck, "n_regs", None),
               "spills", getattr(ck, "n_spills", None), "smem", ck.metadata.shared)
         return
-    if a.precompile:
+    operands = getattr(torch, a.operands)
+    if a.precompile and operands == torch.bfloat16:     # the precompiled variants are bf16's
         precompile(a.optimizers.split(","), a.precompile)
     shapes = SHAPES[:1] if a.quick else SHAPES
-    run(shapes, TOKENS, a.optimizers.split(","), a.out, a.rep)
+    run(shapes, [int(t) for t in a.tokens.split(",")], a.optimizers.split(","), a.out, a.rep,
+        operands)
 
 
 if __name__ == "__main__":
