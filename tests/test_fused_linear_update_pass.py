@@ -486,3 +486,58 @@ def test_refuses_tied_weight_two_gemms():
     why = _refused(f, _inputs((T, N), (T, K), (T + 3, N), (T + 3, K), (N, K), (N, K)),
                    ["dy", "x", "dy2", "x2", "w", "opt.state[w].momentum_buffer"])
     assert "several gradient GEMMs" in why
+
+
+# -- placement: per-step scalars are hoisted so the fused op does not wait for the optimizer ----
+
+def _closure(nodes):
+    out, work = set(), list(nodes)
+    while work:
+        n = work.pop()
+        if n.op == "call_function" and n not in out:
+            out.add(n)
+            work += list(n.all_input_nodes)
+    return out
+
+
+def test_step_scalars_hoisted_to_the_graph_start():
+    gm, ctx, diff = _run_both(adamw_tail, _adamw_args(), ADAMW_NAMES)
+    nodes = list(gm.graph.nodes)
+    op = next(n for n in nodes if n.target is FUSED)
+    chain = _closure(op.args[4])
+    assert chain, "the bias corrections are computed in the graph"
+    # traced after the GEMM (adamw_tail computes s = step + 1 after mm), now right after the
+    # graph inputs, ahead of every other computation
+    first_other = min(i for i, n in enumerate(nodes) if n.op != "placeholder" and n not in chain)
+    assert all(nodes.index(n) < first_other for n in chain), [n.name for n in nodes]
+    assert diff < 1e-5
+
+
+def test_scalar_reading_an_input_mutated_earlier_is_not_hoisted():
+    """A 0-d value read after an in-place write of its input must stay after that write."""
+    from forge_compile.passes.fused_linear_update import _hoist_step_scalars
+    g = torch.fx.Graph()
+    step = g.placeholder("step")
+    x = g.placeholder("x")
+    step.meta["val"], x.meta["val"] = torch.tensor(3.0), torch.randn(4)
+    big = g.call_function(aten.mul.Tensor, (x, 2.0))
+    big.meta["val"] = torch.randn(4)
+    write = g.call_function(aten.copy_.default, (step, g.call_function(aten.sum.default, (big,))))
+    write.args[1].meta["val"] = write.meta["val"] = torch.tensor(0.0)
+    s = g.call_function(aten.add.Tensor, (step, 1.0))
+    s.meta["val"] = torch.tensor(1.0)
+    g.output((s,))
+    before = [n.name for n in g.nodes]
+    assert not _hoist_step_scalars(g, [s])
+    assert [n.name for n in g.nodes] == before
+    # without the write the same scalar moves to the start
+    g2 = torch.fx.Graph()
+    step2, x2 = g2.placeholder("step"), g2.placeholder("x")
+    step2.meta["val"], x2.meta["val"] = torch.tensor(3.0), torch.randn(4)
+    big2 = g2.call_function(aten.mul.Tensor, (x2, 2.0))
+    big2.meta["val"] = torch.randn(4)
+    s2 = g2.call_function(aten.add.Tensor, (step2, 1.0))
+    s2.meta["val"] = torch.tensor(1.0)
+    g2.output((s2, big2))
+    assert _hoist_step_scalars(g2, [s2])
+    assert [n.name for n in g2.nodes][:3] == ["step", "x", s2.name]
