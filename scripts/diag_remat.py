@@ -11,7 +11,6 @@ import collections
 import os
 import sys
 
-import torch
 from torch._functorch._activation_checkpointing import (
     remat_using_tags_for_fwd_loss_bwd_graph_pass as remat)
 

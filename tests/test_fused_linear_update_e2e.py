@@ -193,7 +193,7 @@ def test_trust_ratio_optimizer_is_refused_and_exact():
 def _gradient_sized_buffers(gm, shapes):
     """call_function nodes of the graph that produce a tensor of a fused gradient's shape,
     not counting views of graph inputs (W itself, permute(W) for the forward/dX GEMMs)."""
-    from forge_compile.passes.liveness import _is_view
+    from forge_compile.passes.liveness import is_view
     out = []
     inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
     for n in gm.graph.nodes:
@@ -202,7 +202,7 @@ def _gradient_sized_buffers(gm, shapes):
             continue
         if tuple(v.shape) in shapes:
             src = n
-            while _is_view(src) and src.args and isinstance(src.args[0], torch.fx.Node):
+            while is_view(src) and src.args and isinstance(src.args[0], torch.fx.Node):
                 src = src.args[0]
             if src not in inputs:
                 out.append(n)
@@ -306,12 +306,12 @@ def test_fused_updates_run_inside_the_backward(kind, opt_name, inner):
     assert len(ops) == len(fused) > 1
     if kind == "lm":    # the MLP's first layer has no dX GEMM: its last GEMM is layer 2's dX
         assert pos[ops[0]] < mms[-1], "every fused update trails the backward"
-    from forge_compile.passes.liveness import _is_view
+    from forge_compile.passes.liveness import is_view
     for op in ops:
         readers, work = [], [op.args[2]]      # W's readers, through views (dX = dY·permute(W))
         while work:
             for u in work.pop().users:
-                (work if _is_view(u) else readers).append(u)
+                (work if is_view(u) else readers).append(u)
         ready = max([pos[x] for x in op.all_input_nodes if x.op != "placeholder"]
                     + [pos[u] for u in readers if pos[u] < pos[op]])
         between = [nodes[i].name for i in mms if ready < i < pos[op]]

@@ -37,7 +37,7 @@ from forge_compile import patterns as _patterns
 from forge_compile.context import FusedParam, PassContext
 from forge_compile.epilogue import GRAD, PARAM, OPS, EpilogueProgram, Instr
 from forge_compile.kernels.fused_linear_update import fused_linear_update_  # noqa: F401 (registers op)
-from forge_compile.passes.liveness import GraphFacts, _is_view
+from forge_compile.passes.liveness import GraphFacts, is_view
 
 __all__ = ["fuse_linear_updates", "Refused", "lower_rules"]
 
@@ -720,7 +720,7 @@ def _plan(a: _Analysis, names, dup):
 def _view_chain(n: torch.fx.Node) -> List[torch.fx.Node]:
     """The views from n down to the first non-view node (n first); [] when n is not a view."""
     chain = []
-    while _is_view(n) and n.args and isinstance(n.args[0], torch.fx.Node):
+    while is_view(n) and n.args and isinstance(n.args[0], torch.fx.Node):
         chain.append(n)
         n = n.args[0]
     return chain

@@ -18,10 +18,10 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import networkx as nx
 import torch
 
-__all__ = ["GraphFacts"]
+__all__ = ["GraphFacts", "is_view"]
 
 
-def _is_view(n: torch.fx.Node) -> bool:
+def is_view(n: torch.fx.Node) -> bool:
     """True for an op whose output aliases its input (permute, view, expand, slice, …)."""
     if n.op != "call_function":
         return False
@@ -66,7 +66,7 @@ class GraphFacts:
         out, work = {t}, [t]
         while work:
             for u in self.dg.successors(work.pop()):
-                if u not in out and _is_view(u):
+                if u not in out and is_view(u):
                     out.add(u)
                     work.append(u)
         return out
@@ -79,7 +79,7 @@ class GraphFacts:
         for t in tensors:
             for a in self.aliases(t):
                 for u in self.dg.successors(a):
-                    if u in exclude or (_is_view(u) and u is not a):
+                    if u in exclude or (is_view(u) and u is not a):
                         continue
                     if best is None or self.order[u] > self.order[best]:
                         best = u
