@@ -71,17 +71,19 @@ def _adam_chain(e: _Emitter, mode: str, p, g, m, v, vmax, step, kw) -> Dict[str,
         else:
             g = e(aten.add.Tensor, g, p, alpha=wd)
     if _v(p).device.type == "cuda":
-        # The CUDA kernel (fused_adam_utils.cuh) casts β to fp32 and forms 1-β in fp32, so its
-        # (1-β2) for β2=0.999 is 0.00099998713, 1.29e-5 below 0.001: measured on an H100 (torch
-        # 2.11, scripts/diag_fused_true_adamw.py), eager fused=True's exp_avg_sq is 1.27e-5 from
-        # an fp64 AdamW while foreach's is 2e-7. Same constants here, so forge equals eager.
-        f1, f2 = _f32(b1), _f32(b2)
+        # Eager fused=True on CUDA behaves as if β were cast to fp32 and 1-β formed in fp32
+        # ((1-β2) = 0.00099998713 for β2 = 0.999, 1.29e-5 below 0.001): measured on an H100
+        # (torch 2.11, scripts/diag_fused_true_adamw.py), its exp_avg_sq is 1.27e-5 from an fp64
+        # AdamW while foreach's is 2e-7. The same constants here make forge equal eager.
+        f1 = _f32(b1)
         m2 = e(aten.add.Tensor, e(aten.mul.Tensor, m, f1), e(aten.mul.Tensor, g, _f32(1 - f1)))
-        v2 = e(aten.add.Tensor, e(aten.mul.Tensor, v, f2),
-               e(aten.mul.Tensor, e(aten.mul.Tensor, g, g), _f32(1 - f2)))
+        v_keep = _f32(b2)
+        v_new = _f32(1 - v_keep)
     else:
         m2 = e(aten.lerp.Scalar, m, g, 1 - b1)
-        v2 = e(aten.add.Tensor, e(aten.mul.Tensor, v, b2), e(aten.mul.Tensor, e(aten.mul.Tensor, g, g), 1 - b2))
+        v_keep, v_new = b2, 1 - b2
+    v2 = e(aten.add.Tensor, e(aten.mul.Tensor, v, v_keep),
+           e(aten.mul.Tensor, e(aten.mul.Tensor, g, g), v_new))
     out = {"exp_avg": m2, "exp_avg_sq": v2}
     vd = v2
     if kw["amsgrad"]:

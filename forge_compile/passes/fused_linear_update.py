@@ -751,9 +751,9 @@ def _rebuild_views(graph: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node:
 
 
 def _is_mutation(n: torch.fx.Node) -> bool:
+    """An op that writes one of its inputs (copy_, and the fused op: its schema says so)."""
     schema = getattr(n.target, "_schema", None)
-    return n.op == "call_function" and (
-        n.target is FUSED_OP or (schema is not None and schema.is_mutable))
+    return n.op == "call_function" and schema is not None and schema.is_mutable
 
 
 def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> bool:
@@ -765,7 +765,10 @@ def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> 
     h2048 Llama at 4×1024 with checkpointing: 2.9 GiB of activations live at once instead of one
     layer's). Moving a node earlier is safe when it reads only graph inputs that nothing mutates
     before its old position, and 0-d values cost nothing to hold. Returns whether a node moved."""
+    if not scalars:
+        return False
     order = {n: i for i, n in enumerate(graph.nodes)}
+    limit = max(order[c] for c in scalars)
     ok: Dict[torch.fx.Node, bool] = {}
 
     def hoistable(n: torch.fx.Node) -> bool:
@@ -773,7 +776,6 @@ def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> 
             return ok[n]
         ok[n] = False
         if n.op in ("placeholder", "get_attr"):
-            limit = max(order[c] for c in scalars)
             mutated_before = any(_is_mutation(u) and order[u] < limit for u in n.users)
             ok[n] = not mutated_before
             return ok[n]
