@@ -761,10 +761,12 @@ def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> 
     times weight decay: 0-d ops on graph inputs) to the start of the graph.
 
     The optimizer computes them after the whole backward; left there they would pin every fused
-    op to the end of the graph, and with it every dY and X until then (measured on a 2-layer
-    h2048 Llama at 4×1024 with checkpointing: 2.9 GiB of activations live at once instead of one
-    layer's). Moving a node earlier is safe when it reads only graph inputs that nothing mutates
-    before its old position, and 0-d values cost nothing to hold. Returns whether a node moved."""
+    op to the end of the graph, and with it every dY and X until then (2-layer h2048 Llama at
+    4×1024 with checkpointing, liveness of the CPU aot_eager graph: 2.9 GiB of activations live
+    at once; on the H100, 16 layers, the step peak fell 14.56 → 12.76 GiB with this, the
+    view-based placement in _plan and Inductor's reorder_for_locality off). Moving a node
+    earlier is safe when it reads only graph inputs that nothing mutates before its old
+    position, and 0-d values cost nothing to hold. Returns whether a node moved."""
     if not scalars:
         return False
     order = {n: i for i, n in enumerate(graph.nodes)}
