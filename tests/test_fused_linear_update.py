@@ -220,6 +220,20 @@ def test_unsupported_reasons():
     assert flu.triton_unsupported_reason(dy, x, p.double(), st, sc, prog) is not None
 
 
+def test_split_gemm_unsupported_reasons(monkeypatch):
+    prog, sc = _rules()["adamw"]
+    dy, x, p, st = _inputs(prog, 8, 8, 4, torch.float32, "cpu")
+    assert flu.split_gemm_unsupported_reason(dy, x) is None
+    assert "torch.mm needs one dtype" in flu.split_gemm_unsupported_reason(dy.bfloat16(), x)
+    assert "cannot write fp32" in flu.split_gemm_unsupported_reason(dy.bfloat16(), x.bfloat16())
+    monkeypatch.setenv(flu.ENV_FP32_DOT, "tf32")    # promised tf32, CPU torch.mm is IEEE
+    assert "torch.mm would use ieee" in flu.split_gemm_unsupported_reason(dy, x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="split-GEMM config"):
+        flu.fused_linear_update_triton(dy, x, p, st, sc, prog, config=flu.KernelConfig(
+            64, 64, 64, SPLIT_GEMM_MB=1))
+
+
 # ============================================================================ CPU: interpreter
 _INTERP_CFG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_T=128, num_warps=4, num_stages=1)
 
@@ -254,6 +268,14 @@ def _interpreter_cases():
             dy, x, p, s = _inputs(prog, *shp, torch.bfloat16, "cpu")
             return _errors(prog, dy, x, p, s, sc, launcher(cfg))
         cases[f"adamw-config-{cname}"] = case
+
+    def split_gemm():
+        # torch.mm per block of 64 rows (0.1 MiB / (4 B × 300)) + the epilogue-only kernel;
+        # 200 rows = 3 full blocks and a ragged one.
+        prog, sc = _rules()["adamw"]
+        dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
+        return _errors(prog, dy, x, p, s, sc, launcher(K(64, 128, 64, 4, 1, SPLIT_GEMM_MB=0.1)))
+    cases["adamw-split-gemm"] = split_gemm
 
     def scalar_pointers():
         prog, sc = _rules()["adam"]
@@ -368,19 +390,27 @@ def test_gpu_rule(rule, dtype, rtol, shape):
     assert max(err.values()) <= rtol, err
 
 
+_ALL_GPU_CONFIGS = flu._GPU_CONFIGS + flu._GPU_SPLIT_CONFIGS + (
+    # split-GEMM with many row blocks: 0.5 MiB / (4 B × 3000) → 32-row blocks on RAGGED
+    flu.KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=0.5),)
+
+
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("idx", range(len(flu._GPU_CONFIGS)))
+@pytest.mark.parametrize("idx", range(len(_ALL_GPU_CONFIGS)))
 def test_gpu_every_candidate_config(idx):
-    """Whatever the autotuner picks is right: every candidate on a ragged and an even shape."""
-    cfg = flu._GPU_CONFIGS[idx]
+    """Whatever the autotuner picks is right: every candidate on a ragged and an even shape
+    (split-GEMM ones with fp32 operands too, the case they are for)."""
+    cfg = _ALL_GPU_CONFIGS[idx]
     prog, sc = _rules("cuda")["adamw"]
-    for shape in (RAGGED, (512, 512, 128)):
-        dy, x, p, s = _inputs(prog, *shape, torch.bfloat16, "cuda", seed=idx)
-        err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
-            *a, config=cfg))
-        assert err.pop("finite"), (cfg, err)
-        assert max(err.values()) <= 1e-5, (cfg, shape, err)
+    dtypes = (torch.bfloat16, torch.float32) if cfg.SPLIT_GEMM_MB else (torch.bfloat16,)
+    for dtype in dtypes:
+        for shape in (RAGGED, (512, 512, 128)):
+            dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=idx)
+            err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+                *a, config=cfg))
+            assert err.pop("finite"), (cfg, err)
+            assert max(err.values()) <= 1e-5, (cfg, shape, dtype, err)
 
 
 @gpu

@@ -51,7 +51,7 @@ from forge_compile.epilogue import GRAD, PARAM, EpilogueProgram, run_epilogue
 __all__ = [
     "fused_linear_update_", "fused_linear_update_reference", "fused_linear_update_triton",
     "triton_unsupported_reason", "kernel_source", "load_program", "KernelConfig",
-    "tuned_config", "candidate_configs",
+    "tuned_config", "candidate_configs", "split_gemm_unsupported_reason",
 ]
 
 # A 256×256 fp32 tile is 256 KiB: it stays in L2 on the CPU, and the T-long reduction per tile
@@ -346,13 +346,13 @@ def _round_bf16_stochastic(x, seed, offs):
 
 @triton.jit(do_not_specialize=["seed"])
 def _fused_linear_update_kernel(
-    dy_ptr, x_ptr, p_ptr, {state_ptrs}{scal_args}seed,
+    dy_ptr, x_ptr, g_ptr, p_ptr, {state_ptrs}{scal_args}seed,
     T, N, K,
-    s_dy_t, s_dy_n, s_x_t, s_x_k, s_p_n, s_p_k, {state_strides}
+    s_dy_t, s_dy_n, s_x_t, s_x_k, s_g_n, s_g_k, s_p_n, s_p_k, {state_strides}
     {scal_flags}
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_N: tl.constexpr,
     EVEN_NK: tl.constexpr, EVEN_T: tl.constexpr, PREFETCH: tl.constexpr, EPI_SPLIT: tl.constexpr,
-    EPI_PIPE: tl.constexpr, SAME_STRIDES: tl.constexpr,
+    EPI_PIPE: tl.constexpr, SAME_STRIDES: tl.constexpr, GRAD_IN: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr,
 ):
     # Grouped tile order: GROUP_N consecutive row-blocks sweep the K tiles together, so the
@@ -378,26 +378,35 @@ def _fused_linear_update_kernel(
     if PREFETCH:
 {chr(10).join(prefetch)}
 
-    rt = tl.arange(0, BLOCK_T)
-    dy_ptrs = dy_ptr + rt[:, None] * s_dy_t + rn[None, :] * s_dy_n
-    x_ptrs = x_ptr + rt[:, None] * s_x_t + rk[None, :] * s_x_k
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        if EVEN_T and EVEN_NK:
-            a = tl.load(dy_ptrs, eviction_policy="evict_last")
-            b = tl.load(x_ptrs, eviction_policy="evict_last")
+    if GRAD_IN:
+        # split-GEMM mode: cuBLAS wrote this row block's gradient (fp32) to g_ptr; only the
+        # epilogue runs here.
+        off_g = rn[:, None] * s_g_n + rk[None, :] * s_g_k
+        if EVEN_NK:
+            acc = tl.load(g_ptr + off_g, eviction_policy="evict_first")
         else:
-            mask_t = (t0 + rt) < T
-            a = tl.load(dy_ptrs, mask=mask_t[:, None] & mask_n[None, :], other=0.0,
-                        eviction_policy="evict_last")
-            b = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0,
-                        eviction_policy="evict_last")
-        if DOT_F32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-        dy_ptrs += BLOCK_T * s_dy_t
-        x_ptrs += BLOCK_T * s_x_t
+            acc = tl.load(g_ptr + off_g, mask=mask_nk, other=0.0, eviction_policy="evict_first")
+    else:
+        rt = tl.arange(0, BLOCK_T)
+        dy_ptrs = dy_ptr + rt[:, None] * s_dy_t + rn[None, :] * s_dy_n
+        x_ptrs = x_ptr + rt[:, None] * s_x_t + rk[None, :] * s_x_k
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            if EVEN_T and EVEN_NK:
+                a = tl.load(dy_ptrs, eviction_policy="evict_last")
+                b = tl.load(x_ptrs, eviction_policy="evict_last")
+            else:
+                mask_t = (t0 + rt) < T
+                a = tl.load(dy_ptrs, mask=mask_t[:, None] & mask_n[None, :], other=0.0,
+                            eviction_policy="evict_last")
+                b = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0,
+                            eviction_policy="evict_last")
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+            dy_ptrs += BLOCK_T * s_dy_t
+            x_ptrs += BLOCK_T * s_x_t
 
 {chr(10).join(scal_load)}
 {chr(10).join(epi)}
@@ -469,6 +478,11 @@ class KernelConfig:
     EPI_SPLIT: int = 1
     EPI_PIPE: bool = False          # with EPI_SPLIT > 1: load chunk h+1 before storing chunk h
     maxnreg: Optional[int] = None   # register cap (ptxas): 128 at 8 warps = 2 CTAs per SM
+    # > 0: split-GEMM mode. cuBLAS computes the gradient of one block of W's rows (at most
+    # SPLIT_GEMM_MB MiB of fp32) and the kernel runs only the epilogue on it (GRAD_IN); one
+    # block is live at a time. For GEMM-bound shapes where cuBLAS beats Triton's dot (fp32
+    # IEEE operands at large T); the block tiles are then BLOCK_N × BLOCK_K.
+    SPLIT_GEMM_MB: float = 0.0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
@@ -489,14 +503,23 @@ _GPU_CONFIGS = (
     KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # 193
 )
+# Split-GEMM candidates (cuBLAS per row block + the epilogue-only kernel). A 16 MiB block
+# stays in the 50 MB L2 of an H100 between the GEMM that writes it and the epilogue that reads
+# it; 64 MiB blocks make fewer, larger GEMMs for small K.
+_GPU_SPLIT_CONFIGS = (
+    KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=16),
+    KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=64),
+)
 # The interpreter's cost grows with the number of programs: large blocks (NOTES.md).
 _INTERPRETER_CONFIG = KernelConfig(128, 128, 128, 4, 1)
 
 
-def candidate_configs(dy: Tensor) -> Tuple[KernelConfig, ...]:
-    """The configs the autotuner times for this device."""
+def candidate_configs(dy: Tensor, x: Optional[Tensor] = None) -> Tuple[KernelConfig, ...]:
+    """The configs the autotuner times for this device (split-GEMM ones when they apply)."""
     if dy.device.type != "cuda":
         return (_INTERPRETER_CONFIG,)
+    if x is not None and split_gemm_unsupported_reason(dy, x) is None:
+        return _GPU_CONFIGS + _GPU_SPLIT_CONFIGS
     return _GPU_CONFIGS
 
 
@@ -560,7 +583,7 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     cfg = _FAST.get(fast)
     if cfg is not None:
         return cfg
-    cands = candidate_configs(dy)
+    cands = candidate_configs(dy, x)
     if len(cands) == 1 or os.environ.get(ENV_NO_TUNE) == "1":
         return cands[0]
     _load_tuned()
@@ -578,7 +601,7 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     best, best_ms = None, float("inf")
     for c in cands:
         try:
-            ms = do_bench(lambda: _launch(dy, x, p2, s2, scalars, prog, c, precision, 0),
+            ms = do_bench(lambda: _run(dy, x, p2, s2, scalars, prog, c, precision, 0),
                           warmup=5, rep=25, quantiles=[0.5])
         except Exception:   # noqa: BLE001 - e.g. out of shared memory / registers: skip it
             continue
@@ -606,6 +629,37 @@ def _input_precision(dy: Tensor, x: Tensor) -> str:
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MM_OUT_DTYPE: Dict[tuple, bool] = {}
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result (fp32 accumulation for bf16/fp16 operands too)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def split_gemm_unsupported_reason(dy: Tensor, x: Tensor) -> Optional[str]:
+    """Why the split-GEMM mode cannot run these operands (None: it can)."""
+    if dy.dtype != x.dtype:
+        return f"dy is {dy.dtype}, x is {x.dtype} (torch.mm needs one dtype)"
+    if dy.dtype == torch.float32:
+        # torch.mm follows torch's TF32 flag; the kernel's promise (_input_precision) may differ.
+        mm = "tf32" if dy.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        want = _input_precision(dy, x)
+        if want != mm:
+            return f"fp32 dots are {want}, torch.mm would use {mm}"
+        return None
+    key = (dy.device.type, dy.dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:       # torch.mm(..., out_dtype=float32): torch ≥ 2.8, and not on every backend
+            a = torch.zeros(2, 2, dtype=dy.dtype, device=dy.device)
+            _MM_OUT_DTYPE[key] = _mm_fp32(a, a).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE[key] = False
+    if not _MM_OUT_DTYPE[key]:
+        return f"torch.mm cannot write fp32 from {dy.dtype} on {dy.device.type}"
+    return None
 
 
 def triton_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
@@ -638,8 +692,33 @@ def triton_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor, state: List[
     return None
 
 
+def _run(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, seed: int,
+         scalar_pointers: Optional[bool] = None):
+    launch = _launch_split_gemm if cfg.SPLIT_GEMM_MB else _launch
+    return launch(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
+
+
+def _launch_split_gemm(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str,
+                       seed: int, scalar_pointers: Optional[bool] = None):
+    """cuBLAS gradient of one row block of W at a time, each consumed by the epilogue kernel."""
+    T, N = dy.shape
+    K = x.shape[1]
+    rows = int(cfg.SPLIT_GEMM_MB * 2 ** 20) // (4 * max(K, 1)) // cfg.BLOCK_N * cfg.BLOCK_N
+    rows = min(N, max(cfg.BLOCK_N, rows))
+    ck = None
+    for i, n0 in enumerate(range(0, N, rows)):
+        n1 = min(N, n0 + rows)
+        g = _mm_fp32(dy[:, n0:n1].t(), x)
+        # a different stochastic-rounding stream per block (the noise offsets restart at 0)
+        ck = _launch(dy[:, n0:n1], x, param[n0:n1], [s[n0:n1] for s in state], scalars, prog,
+                     cfg, precision, (seed + 0x9E3779B1 * i) % (1 << 31), scalar_pointers,
+                     grad=g)
+        del g       # freed before the next block's GEMM: the allocator reuses its memory
+    return ck
+
+
 def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, seed: int,
-            scalar_pointers: Optional[bool] = None):
+            scalar_pointers: Optional[bool] = None, grad: Optional[Tensor] = None):
     T, N = dy.shape
     K = x.shape[1]
     kern = _kernel(prog)
@@ -657,10 +736,12 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
         strides += [s.stride(0), s.stride(1)]
     grid = (triton_cdiv(N, cfg.BLOCK_N) * triton_cdiv(K, cfg.BLOCK_K),)
     extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and dy.device.type == "cuda" else {}
+    g = param if grad is None else grad      # unread unless GRAD_IN
     return kern[grid](
-        dy, x, param, *state, *scal_args, seed,
+        dy, x, g, param, *state, *scal_args, seed,
         T, N, K,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), param.stride(0), param.stride(1),
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+        param.stride(0), param.stride(1),
         *strides,
         **flags,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T, GROUP_N=cfg.GROUP_N,
@@ -668,6 +749,7 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
         EVEN_T=(T % cfg.BLOCK_T == 0), PREFETCH=cfg.PREFETCH, EPI_SPLIT=cfg.EPI_SPLIT,
         EPI_PIPE=cfg.EPI_PIPE and cfg.EPI_SPLIT > 1,
         SAME_STRIDES=all(s.stride() == param.stride() for s in state),
+        GRAD_IN=grad is not None,
         # Triton 3.9's interpreter gets bf16 dots wrong (relative error 6e9 measured on a
         # 32×32 dot, fp16 fine): interpreted runs upcast the operands, which is exact.
         DOT_F32=(dy.dtype != x.dtype or dy.dtype == torch.float32 or dy.device.type == "cpu"),
@@ -712,7 +794,11 @@ def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List
     cfg = config or tuned_config(dy, x, param, state, scalars, prog)
     if seed is None:
         seed = _SEED.getrandbits(31) if param.dtype == torch.bfloat16 else 0
-    return _launch(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
+    if cfg.SPLIT_GEMM_MB:
+        why = split_gemm_unsupported_reason(dy, x)
+        if why is not None:
+            raise ValueError(f"fused_linear_update_triton: split-GEMM config: {why}")
+    return _run(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
 
 
 # ============================================================================ the op
