@@ -184,6 +184,8 @@ def markdown(rows) -> str:
         c = r["config"]
         cfg = (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"
                f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']},{int(c['EPI_PIPE'])}")
+        if c.get("SPLIT_GEMM_MB"):        # cuBLAS per row block + the epilogue-only kernel
+            cfg = f"split-GEMM ≤{c['SPLIT_GEMM_MB']:g} MiB, epilogue {c['BLOCK_N']}×{c['BLOCK_K']}"
         opt = r["optimizer"] + ("/fp32" if r.get("operands") == "float32" else "")
         lines.append(f"| {opt} | {r['N']}×{r['K']} | {r['T']} | {r['mm_ms']:.3f} | "
                      f"{r['anchor_ms']:.3f} | {r['anchor_best_ms']:.3f} | {r['forge_ms']:.3f} | "

@@ -390,20 +390,22 @@ def test_gpu_rule(rule, dtype, rtol, shape):
     assert max(err.values()) <= rtol, err
 
 
-_ALL_GPU_CONFIGS = flu._GPU_CONFIGS + flu._GPU_SPLIT_CONFIGS + (
-    # split-GEMM with many row blocks: 0.5 MiB / (4 B × 3000) → 32-row blocks on RAGGED
-    flu.KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=0.5),)
+_BF16, _F32 = (torch.bfloat16,), (torch.float32,)
+_ALL_GPU_CONFIGS = (
+    [(c, _BF16) for c in flu._GPU_CONFIGS] + [(c, _F32) for c in flu._GPU_F32_CONFIGS]
+    + [(c, _BF16 + _F32) for c in flu._GPU_SPLIT_CONFIGS + (
+        # split-GEMM with many row blocks: 0.5 MiB / (4 B × 3000) → 32-row blocks on RAGGED
+        flu.KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=0.5),)])
 
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("idx", range(len(_ALL_GPU_CONFIGS)))
 def test_gpu_every_candidate_config(idx):
-    """Whatever the autotuner picks is right: every candidate on a ragged and an even shape
-    (split-GEMM ones with fp32 operands too, the case they are for)."""
-    cfg = _ALL_GPU_CONFIGS[idx]
+    """Whatever the autotuner picks is right: every candidate, with the operand dtypes it is a
+    candidate for, on a ragged and an even shape."""
+    cfg, dtypes = _ALL_GPU_CONFIGS[idx]
     prog, sc = _rules("cuda")["adamw"]
-    dtypes = (torch.bfloat16, torch.float32) if cfg.SPLIT_GEMM_MB else (torch.bfloat16,)
     for dtype in dtypes:
         for shape in (RAGGED, (512, 512, 128)):
             dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=idx)

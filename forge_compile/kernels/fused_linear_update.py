@@ -503,24 +503,35 @@ _GPU_CONFIGS = (
     KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # 193
 )
-# Split-GEMM candidates (cuBLAS per row block + the epilogue-only kernel). A 16 MiB block
-# stays in the 50 MB L2 of an H100 between the GEMM that writes it and the epilogue that reads
-# it; 64 MiB blocks make fewer, larger GEMMs for small K.
-_GPU_SPLIT_CONFIGS = (
-    KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=16),
-    KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=64),
+# fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
+# and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
+# Measured (H100, AdamW, 4096×4096): the best fused config is 14-16% slower than cuBLAS SGEMM
+# alone at T ≥ 4096 (3.07 vs 2.65 ms at T=4096). Kept: the fused configs best at T=512 and at
+# T ≥ 4096 among the six above (docs/kernels.md, "fp32 operands").
+_GPU_F32_CONFIGS = (
+    KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),                  # T=512: 0.549 ms
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # T≥4096: 3.07 ms
 )
+# Split-GEMM (cuBLAS per block of W's rows + the epilogue-only kernel): the fastest candidate on
+# 8 of 9 fp32 rows (the same run: 2.81 ms at T=4096, the anchor "mm then fused AdamW" 2.82).
+# Blocks of at most 64 MiB of fp32 gradient (16 MiB blocks: up to 1.7x slower at T=512, the
+# per-block GEMMs too small); 64 MiB is the most that lives at once.
+_GPU_SPLIT_CONFIGS = (KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=64),)
 # The interpreter's cost grows with the number of programs: large blocks (NOTES.md).
 _INTERPRETER_CONFIG = KernelConfig(128, 128, 128, 4, 1)
 
 
 def candidate_configs(dy: Tensor, x: Optional[Tensor] = None) -> Tuple[KernelConfig, ...]:
-    """The configs the autotuner times for this device (split-GEMM ones when they apply)."""
+    """The configs the autotuner times for this device, the likely best first (what
+    ``FORGE_NO_AUTOTUNE=1`` takes). Split-GEMM ones only when ``x`` is given and they apply."""
     if dy.device.type != "cuda":
         return (_INTERPRETER_CONFIG,)
-    if x is not None and split_gemm_unsupported_reason(dy, x) is None:
-        return _GPU_CONFIGS + _GPU_SPLIT_CONFIGS
-    return _GPU_CONFIGS
+    f32 = dy.dtype == torch.float32 or (x is not None and x.dtype == torch.float32)
+    split = (_GPU_SPLIT_CONFIGS if x is not None and split_gemm_unsupported_reason(dy, x) is None
+             else ())
+    if f32:
+        return split + _GPU_F32_CONFIGS
+    return _GPU_CONFIGS + split
 
 
 def _t_bucket(T: int) -> int:
@@ -703,8 +714,11 @@ def _launch_split_gemm(dy, x, param, state, scalars, prog, cfg: KernelConfig, pr
     """cuBLAS gradient of one row block of W at a time, each consumed by the epilogue kernel."""
     T, N = dy.shape
     K = x.shape[1]
-    rows = int(cfg.SPLIT_GEMM_MB * 2 ** 20) // (4 * max(K, 1)) // cfg.BLOCK_N * cfg.BLOCK_N
-    rows = min(N, max(cfg.BLOCK_N, rows))
+    # Equal blocks of at most SPLIT_GEMM_MB, rounded up to BLOCK_N rows: a ragged last block
+    # makes a small, slow GEMM (4096×11008 in 1504-row blocks: 1504/1504/1088).
+    max_rows = max(cfg.BLOCK_N, int(cfg.SPLIT_GEMM_MB * 2 ** 20) // (4 * max(K, 1)))
+    n_blocks = triton_cdiv(N, max_rows)
+    rows = min(N, triton_cdiv(triton_cdiv(N, n_blocks), cfg.BLOCK_N) * cfg.BLOCK_N)
     ck = None
     for i, n0 in enumerate(range(0, N, rows)):
         n1 = min(N, n0 + rows)
