@@ -714,11 +714,11 @@ def _launch_split_gemm(dy, x, param, state, scalars, prog, cfg: KernelConfig, pr
     """cuBLAS gradient of one row block of W at a time, each consumed by the epilogue kernel."""
     T, N = dy.shape
     K = x.shape[1]
-    # Equal blocks of at most SPLIT_GEMM_MB, rounded up to BLOCK_N rows: a ragged last block
-    # makes a small, slow GEMM (4096×11008 in 1504-row blocks: 1504/1504/1088).
-    max_rows = max(cfg.BLOCK_N, int(cfg.SPLIT_GEMM_MB * 2 ** 20) // (4 * max(K, 1)))
-    n_blocks = triton_cdiv(N, max_rows)
-    rows = min(N, triton_cdiv(triton_cdiv(N, n_blocks), cfg.BLOCK_N) * cfg.BLOCK_N)
+    # As many rows as fit, a multiple of BLOCK_N; the last block takes the rest. Measured
+    # (H100, fp32 AdamW, T=4096): 11008×4096 in 4096/4096/2816 rows 7.54 ms, in equal
+    # 3680/3680/3648-row blocks 7.87 ms; 4096×11008 1504/1504/1088 7.77 ms, equal 7.86 ms.
+    rows = int(cfg.SPLIT_GEMM_MB * 2 ** 20) // (4 * max(K, 1)) // cfg.BLOCK_N * cfg.BLOCK_N
+    rows = min(N, max(cfg.BLOCK_N, rows))
     ck = None
     for i, n0 in enumerate(range(0, N, rows)):
         n1 = min(N, n0 + rows)
