@@ -268,8 +268,6 @@ def kernel_source(program: Union[str, EpilogueProgram]) -> str:
     ep = _Epilogue(prog)
     full = ("", "rk", "mask_nk", "[BLOCK_N, BLOCK_K]")
     prefetch = ep.shared_offset("        ", "", "rk") + ep.loads("        ", "", "rk", "mask_nk")
-    l2_prefetch = [f"        _prefetch_l2({ep.ptr[n]} + off_l)"
-                   for n in ep.tensor_names if n in ep.used]
     epi = ["    if PREFETCH:"] + ep.compute_store("        ", *full)
     epi += ["    elif EPI_SPLIT == 1:"] + ep.shared_offset("        ", "", "rk")
     epi += ep.loads("        ", "", "rk", "mask_nk") + ep.compute_store("        ", *full)
@@ -346,12 +344,6 @@ def _round_bf16_stochastic(x, seed, offs):
     return tl.where(finite, rounded, x)
 
 
-@triton.jit
-def _prefetch_l2(ptrs):
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit(do_not_specialize=["seed"])
 def _fused_linear_update_kernel(
     dy_ptr, x_ptr, g_ptr, p_ptr, {state_ptrs}{scal_args}seed,
@@ -361,7 +353,6 @@ def _fused_linear_update_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_N: tl.constexpr,
     EVEN_NK: tl.constexpr, EVEN_T: tl.constexpr, PREFETCH: tl.constexpr, EPI_SPLIT: tl.constexpr,
     EPI_PIPE: tl.constexpr, SAME_STRIDES: tl.constexpr, GRAD_IN: tl.constexpr,
-    PREFETCH_L2: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr,
 ):
     # Grouped tile order: GROUP_N consecutive row-blocks sweep the K tiles together, so the
@@ -386,14 +377,6 @@ def _fused_linear_update_kernel(
     # the GEMM (costs registers: one fp32 tile per tensor).
     if PREFETCH:
 {chr(10).join(prefetch)}
-    # PREFETCH_L2 asks for the weight/state tiles to be brought into L2 (no registers): the HBM
-    # reads then run under the GEMM and the epilogue's loads hit L2. One prefetch per 128-byte
-    # line (contiguous rows of 4-byte elements; the launcher checks); clamped addresses, so a
-    # ragged tile never prefetches outside its tensor.
-    if PREFETCH_L2 and not GRAD_IN:
-        rl = tl.minimum(pid_k * BLOCK_K + tl.arange(0, BLOCK_K // 32) * 32, K - 1)
-        off_l = tl.minimum(rn, N - 1)[:, None] * s_p_n + rl[None, :]
-{chr(10).join(l2_prefetch)}
 
     if GRAD_IN:
         # split-GEMM mode: cuBLAS wrote this row block's gradient (fp32) to g_ptr; only the
@@ -500,9 +483,6 @@ class KernelConfig:
     # block is live at a time. For GEMM-bound shapes where cuBLAS beats Triton's dot (fp32
     # IEEE operands at large T); the block tiles are then BLOCK_N × BLOCK_K.
     SPLIT_GEMM_MB: float = 0.0
-    # L2 prefetch of the weight/state tile at kernel start (sm_80+ PTX; needs contiguous rows
-    # and one stride for weight and state, otherwise off)
-    PREFETCH_L2: bool = False
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
@@ -518,9 +498,6 @@ class KernelConfig:
 _GPU_CONFIGS = (
     KernelConfig(128, 256, 64, 8, 4, EPI_SPLIT=8),                  # 242; best on 13/18 rows
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4, EPI_PIPE=True),   # 250; T=512 AdamW
-    KernelConfig(128, 256, 64, 8, 4, EPI_SPLIT=8, PREFETCH_L2=True),
-    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4, EPI_PIPE=True, PREFETCH_L2=True),
-    KernelConfig(64, 64, 64, 8, 4, PREFETCH_L2=True),
     KernelConfig(64, 64, 64, 8, 4, PREFETCH=True),                  # 128; T=512 SGD
     KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),                  # 227
     KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
@@ -787,8 +764,6 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
         EPI_PIPE=cfg.EPI_PIPE and cfg.EPI_SPLIT > 1,
         SAME_STRIDES=all(s.stride() == param.stride() for s in state),
         GRAD_IN=grad is not None,
-        PREFETCH_L2=(cfg.PREFETCH_L2 and dy.device.type == "cuda" and param.stride(1) == 1
-                     and all(s.stride() == param.stride() for s in state)),
         # Triton 3.9's interpreter gets bf16 dots wrong (relative error 6e9 measured on a
         # 32×32 dot, fp16 fine): interpreted runs upcast the operands, which is exact.
         DOT_F32=(dy.dtype != x.dtype or dy.dtype == torch.float32 or dy.device.type == "cpu"),
