@@ -16,6 +16,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from forge_compile import capture
+from forge_compile.kernels import fused_linear_update as fused_linear_update_kernels
 from forge_compile.context import (CompileReport, ForgeOptions, PassContext,
                                    current_reports)
 
@@ -147,6 +148,7 @@ class ForgeBackend:
                              f"forge_compile.compile(fn, **options)")
         if kwargs:
             raise TypeError(f"forge_compile: unexpected arguments {sorted(kwargs)}")
+        fused_linear_update_kernels.check_env()
         if user:
             options = ForgeOptions.from_kwargs(**{**dataclasses.asdict(options), **user})
         self.compiles += 1

@@ -286,6 +286,16 @@ def test_unknown_option_fails_fast():
         forge_compile.compile(lambda: None, inner="tvm")
 
 
+@pytest.mark.parametrize("var,value", [("FORGE_SPLIT_GEMM_MB", "lots"),
+                                       ("FORGE_FP32_DOT", "tf16")])
+def test_bad_kernel_env_fails_at_compile_time(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    m = torch.nn.Linear(4, 2)
+    step = forge_compile.compile(lambda x: m(x).sum(), inner="aot_eager")
+    with pytest.raises(Exception, match=f"{var} must be"):
+        step(torch.randn(3, 4))
+
+
 def test_backend_string_via_entry_point_without_import():
     """`torch.compile(step, backend="forge")` in a process that never imports forge_compile."""
     code = r"""

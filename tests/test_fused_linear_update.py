@@ -234,6 +234,19 @@ def test_split_gemm_unsupported_reasons(monkeypatch):
             64, 64, 64, SPLIT_GEMM_MB=1))
 
 
+def test_split_gemm_option(monkeypatch):
+    monkeypatch.delenv(flu.ENV_SPLIT_GEMM, raising=False)
+    assert flu.split_gemm_mb() == 64
+    monkeypatch.setenv(flu.ENV_SPLIT_GEMM, "0")
+    assert flu.split_gemm_mb() == 0
+    monkeypatch.setenv(flu.ENV_SPLIT_GEMM, "16")
+    assert flu.split_gemm_mb() == 16
+    for bad in ("-1", "lots", "nan"):
+        monkeypatch.setenv(flu.ENV_SPLIT_GEMM, bad)
+        with pytest.raises(ValueError, match="FORGE_SPLIT_GEMM_MB must be"):
+            flu.split_gemm_mb()
+
+
 # ============================================================================ CPU: interpreter
 _INTERP_CFG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_T=128, num_warps=4, num_stages=1)
 
@@ -413,6 +426,19 @@ def test_gpu_every_candidate_config(idx):
                 *a, config=cfg))
             assert err.pop("finite"), (cfg, err)
             assert max(err.values()) <= 1e-5, (cfg, shape, dtype, err)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_split_gemm_candidates_follow_the_option(monkeypatch):
+    dy, x = torch.randn(64, 32, device="cuda"), torch.randn(64, 48, device="cuda")
+    monkeypatch.delenv(flu.ENV_SPLIT_GEMM, raising=False)
+    assert [c.SPLIT_GEMM_MB for c in flu.candidate_configs(dy, x)][0] == 64   # fp32: first
+    assert not any(c.SPLIT_GEMM_MB for c in flu.candidate_configs(dy))       # no x: none
+    monkeypatch.setenv(flu.ENV_SPLIT_GEMM, "0")
+    assert not any(c.SPLIT_GEMM_MB for c in flu.candidate_configs(dy, x))
+    monkeypatch.setenv(flu.ENV_SPLIT_GEMM, "8")
+    assert {c.SPLIT_GEMM_MB for c in flu.candidate_configs(dy, x)} == {0.0, 8.0}
 
 
 @gpu

@@ -64,6 +64,7 @@ ENV_CACHE_DIR = "FORGE_COMPILE_CACHE_DIR"   # generated kernels + tuning results
 ENV_CPU_TRITON = "FORGE_CPU_TRITON"        # "1": the op runs the interpreted kernel on CPU
 ENV_FP32_DOT = "FORGE_FP32_DOT"            # ieee | tf32 | tf32x3 for fp32 operands
 ENV_NO_TUNE = "FORGE_NO_AUTOTUNE"          # "1": use the first candidate config, never time
+ENV_SPLIT_GEMM = "FORGE_SPLIT_GEMM_MB"     # split-GEMM block cap in MiB (default 64); 0: never
 ENV_TUNE_LOG = "FORGE_AUTOTUNE_LOG"        # "1": print every candidate's time to stderr
 
 _PROGRAMS: dict = {}
@@ -517,6 +518,31 @@ _GPU_F32_CONFIGS = (
 # Blocks of at most 64 MiB of fp32 gradient (16 MiB blocks: up to 1.7x slower at T=512, the
 # per-block GEMMs too small); 64 MiB is the most that lives at once.
 _GPU_SPLIT_CONFIGS = (KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=64),)
+
+
+def check_env() -> None:
+    """Validate the kernel's environment options now (the backend calls it at compile time),
+    not at the first launch in the middle of a training step."""
+    split_gemm_mb()
+    env = os.environ.get(ENV_FP32_DOT)
+    if env and env not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"{ENV_FP32_DOT} must be ieee, tf32 or tf32x3, got {env!r}")
+
+
+def split_gemm_mb() -> float:
+    """The split-GEMM block cap (MiB) the autotuner may use: ``FORGE_SPLIT_GEMM_MB``, default
+    64; 0 keeps every weight in the fused kernel (no gradient block is ever materialised)."""
+    env = os.environ.get(ENV_SPLIT_GEMM)
+    if env is None or env == "":
+        return _GPU_SPLIT_CONFIGS[0].SPLIT_GEMM_MB
+    try:
+        mb = float(env)
+    except ValueError:
+        mb = -1.0
+    if not (mb >= 0 and math.isfinite(mb)):
+        raise ValueError(f"{ENV_SPLIT_GEMM} must be a number of MiB ≥ 0 (0 turns the "
+                         f"split-GEMM mode off), got {env!r}")
+    return mb
 # The interpreter's cost grows with the number of programs: large blocks (NOTES.md).
 _INTERPRETER_CONFIG = KernelConfig(128, 128, 128, 4, 1)
 
@@ -527,8 +553,10 @@ def candidate_configs(dy: Tensor, x: Optional[Tensor] = None) -> Tuple[KernelCon
     if dy.device.type != "cuda":
         return (_INTERPRETER_CONFIG,)
     f32 = dy.dtype == torch.float32 or (x is not None and x.dtype == torch.float32)
-    split = (_GPU_SPLIT_CONFIGS if x is not None and split_gemm_unsupported_reason(dy, x) is None
-             else ())
+    mb = split_gemm_mb()
+    split = ()
+    if mb > 0 and x is not None and split_gemm_unsupported_reason(dy, x) is None:
+        split = tuple(dataclasses.replace(c, SPLIT_GEMM_MB=mb) for c in _GPU_SPLIT_CONFIGS)
     if f32:
         return split + _GPU_F32_CONFIGS
     return _GPU_CONFIGS + split
@@ -578,7 +606,7 @@ def _tune_key(dy, x, param, state, prog, precision) -> str:
     K = x.shape[1]
     return "|".join(map(str, (
         dev, triton.__version__, N, K, _t_bucket(T), dy.dtype, x.dtype, param.dtype,
-        tuple(s.dtype for s in state), precision,
+        tuple(s.dtype for s in state), precision, split_gemm_mb(),
         hashlib.sha256(prog.dumps().encode()).hexdigest()[:16])))
 
 
@@ -590,7 +618,8 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     # Per-launch fast path: a plain tuple key, no hashing or device queries (host overhead
     # matters at ~0.1 ms per launch).
     fast = (dy.shape, x.shape[1], dy.dtype, x.dtype, param.dtype,
-            tuple(s.dtype for s in state), precision, dy.device, prog.dumps())
+            tuple(s.dtype for s in state), precision, os.environ.get(ENV_SPLIT_GEMM),
+            dy.device, prog.dumps())
     cfg = _FAST.get(fast)
     if cfg is not None:
         return cfg
