@@ -30,7 +30,9 @@ from forge_compile.kernels import fused_linear_update as flu
 # epilogue ops, ≤ ~1e-6 measured; 1e-5 is the bound. bf16 operands: a bf16×bf16
 # product is exact in fp32 (8+8 significant bits < 24) and the reference upcasts the same
 # bf16 values, so the only error is again fp32 accumulation: the same 1e-5 holds.
-TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)]
+# bf16 (8-bit) and fp16 (11-bit significand) products are exact in fp32, so all three operand
+# dtypes leave only fp32 accumulation error against an fp64 reference on the same values.
+TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
 # tf32 rounds each operand to 10 mantissa bits (2^-11 relative): ~3e-4 on the gradient, and
 # Adam's m/sqrt(v) passes a relative gradient error through at most ~1:1.
 TF32_RTOL = 2e-3
@@ -290,6 +292,18 @@ def _interpreter_cases():
         return _errors(prog, dy, x, p, s, sc, launcher(K(64, 128, 64, 4, 1, SPLIT_GEMM_MB=0.1)))
     cases["adamw-split-gemm"] = split_gemm
 
+    def mixed_and_fp16():
+        # fp16 operands, and a bf16 dY with an fp32 X (upcast in the kernel: DOT_F32)
+        prog, sc = _rules()["adamw"]
+        dy, x, p, s = _inputs(prog, *shape, torch.float16, "cpu")
+        e16 = _errors(prog, dy, x, p, s, sc, launcher(big))
+        dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
+        emix = _errors(prog, dy.bfloat16(), x, p, s, sc, launcher(big))
+        return {**{f"fp16_{k}": v for k, v in e16.items() if k != "finite"},
+                **{f"mixed_{k}": v for k, v in emix.items() if k != "finite"},
+                "finite": e16["finite"] and emix["finite"]}
+    cases["adamw-fp16-and-mixed"] = mixed_and_fp16
+
     def scalar_pointers():
         prog, sc = _rules()["adam"]
         dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
@@ -391,7 +405,7 @@ GPU_SHAPES = [RAGGED, (512, 768, 256)]
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype,rtol", TOLERANCES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,rtol", TOLERANCES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("rule", ["sgd_momentum", "adam", "adamw", "lion", "sgd_nesterov_wd"])
 def test_gpu_rule(rule, dtype, rtol, shape):
     prog, sc = _rules("cuda")[rule]
