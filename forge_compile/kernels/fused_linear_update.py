@@ -503,6 +503,9 @@ _GPU_CONFIGS = (
     KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),                  # 227
     KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # 193
+    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=4),
+    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=8),
+    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=4, EPI_PIPE=True),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
