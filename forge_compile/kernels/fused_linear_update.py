@@ -487,7 +487,7 @@ class KernelConfig:
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
-# operands, no spills). Kept: the 6 of 14 measured candidates that came within 5% of the best
+# operands, no spills). Kept: 7 of 17 measured candidates that came within 5% of the best
 # on some row of the benchmark (H100, docs/kernels.md has every candidate's time); fewer
 # candidates = shorter first-call tuning (one compile each, ~3 s). What decides the
 # memory-bound rows (T ≤ 2048) is how many W/state bytes are in flight per SM, i.e. registers
@@ -495,7 +495,10 @@ class KernelConfig:
 # warps spills 536 B at once, 193 registers at EPI_SPLIT=4, 128 at 8), EPI_PIPE (next chunk's
 # loads in flight during this chunk's stores), PREFETCH (W/state loads issued before the T
 # loop, under the GEMM). Measured and dropped: 2-CTA/SM variants of 128×128 (128 registers):
-# 0.242 ms vs 0.194 ms at 4096², T=512 — smaller chunks lose more than the overlap gains.
+# 0.242 ms vs 0.194 ms at 4096², T=512 — smaller chunks lose more than the overlap gains. The
+# 4-warp 128×128 one (half the registers and shared memory of the 8-warp one) won 2 SGD-momentum
+# rows by 1-3% and lost every AdamW row (0.254 vs 0.195 ms at 4096², T=512); its split-8 and
+# pipelined twins lost everywhere.
 _GPU_CONFIGS = (
     KernelConfig(128, 256, 64, 8, 4, EPI_SPLIT=8),                  # 242; best on 13/18 rows
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4, EPI_PIPE=True),   # 250; T=512 AdamW
@@ -503,9 +506,7 @@ _GPU_CONFIGS = (
     KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),                  # 227
     KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # 193
-    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=4),
-    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=8),
-    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=4, EPI_PIPE=True),
+    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=4),                  # SGD-m T=512: -1..3%
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
