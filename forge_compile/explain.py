@@ -34,6 +34,9 @@ class ExplainReport:
     recompiles: int
     compiles: List[CompileReport]
     result: Any = None
+    # (N, K) weight shape -> largest gradient block (bytes) the split-GEMM mode materialised
+    # during the explained step (CUDA, where the autotuner chose it; see docs/kernels.md)
+    split_gemm_blocks: Dict[tuple, int] = dataclasses.field(default_factory=dict)
 
     @property
     def fused(self) -> Dict[str, FusedParam]:
@@ -89,7 +92,15 @@ class ExplainReport:
             lines.append("fusion off (fuse=False) or no forge pass ran: nothing was rewritten")
         lines.append(f"fused: {len(fused)} parameter(s), gradient bytes eliminated: "
                      f"{self.gradient_bytes_eliminated:,} ({self.gradient_bytes_eliminated / 2**20:.2f} MiB)")
-        lines += [f"  {n} {tuple(f.shape)} ({f.gradient_bytes:,} B)" for n, f in fused.items()]
+        split = self.split_gemm_blocks
+        for n, f in fused.items():
+            block = split.get(tuple(f.shape))
+            lines.append(f"  {n} {tuple(f.shape)} ({f.gradient_bytes:,} B)" + (
+                f", split-GEMM: ≤ {block:,} B of it live at a time" if block else ""))
+        if split:
+            lines.append(f"split-GEMM mode (cuBLAS GEMM per block of rows + the epilogue kernel, "
+                         f"chosen by the autotuner): at most {max(split.values()):,} B of one "
+                         f"gradient live at a time; FORGE_SPLIT_GEMM_MB=0 keeps it to a tile")
         ubytes = self.unfused_bytes
         lines.append(f"not fused: {len(unfused)} parameter(s), gradient bytes still materialised: "
                      f"{sum(ubytes.values()):,} ({sum(ubytes.values()) / 2**20:.2f} MiB)")
@@ -113,7 +124,9 @@ def explain(fn: Callable, *args, **kwargs) -> ExplainReport:
         compiled = forge_compile_fn(getattr(fn, "_forge_fn", fn),
                                     fullgraph=getattr(fn, "_forge_fullgraph", False),
                                     **getattr(fn, "_forge_options", {}))
+    from forge_compile.kernels import fused_linear_update as kernels
     before = collections.Counter(counters["graph_break"])
+    kernels.SPLIT_GEMM_BLOCKS.clear()
     with listen() as reports:
         result = compiled(*args, **kwargs)
     after = collections.Counter(counters["graph_break"])
@@ -122,4 +135,5 @@ def explain(fn: Callable, *args, **kwargs) -> ExplainReport:
         breaks += [str(reason)] * n
     return ExplainReport(graph_count=len(reports), graph_breaks=breaks,
                          recompiles=sum(1 for r in reports if (r.frame_compile_id or 0) > 0),
-                         compiles=reports, result=result)
+                         compiles=reports, result=result,
+                         split_gemm_blocks=dict(kernels.SPLIT_GEMM_BLOCKS))

@@ -359,6 +359,8 @@ def test_explain_reports_graphs():
     assert report.recompiles == 0
     text = str(report)
     assert "1 graph(s), 0 graph break(s), 0 recompile(s)" in text
+    if DEVICE == "cpu":     # the CPU op computes tiles with torch.mm: no split-GEMM block
+        assert report.split_gemm_blocks == {} and "split-GEMM" not in text
 
 
 def test_explain_names_parameters_by_module_path():

@@ -455,6 +455,47 @@ def test_gpu_split_gemm_candidates_follow_the_option(monkeypatch):
     assert {c.SPLIT_GEMM_MB for c in flu.candidate_configs(dy, x)} == {0.0, 8.0}
 
 
+def _mlp_step(model, opt):
+    def step(x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_split_gemm_in_a_compiled_step_is_explained_and_eager_equal(monkeypatch):
+    """An fp32 model on CUDA with FORGE_NO_AUTOTUNE=1 takes the first fp32 candidate, the
+    split-GEMM mode: explain() names the block each weight's gradient lived in, the update
+    equals eager AdamW's; FORGE_SPLIT_GEMM_MB=0 keeps every weight in the fused kernel."""
+    import copy
+    import forge_compile
+    from forge_compile.kernels.fused_linear_update import SPLIT_GEMM_BLOCKS
+    monkeypatch.setenv(flu.ENV_NO_TUNE, "1")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 80, bias=False), torch.nn.GELU(),
+                                torch.nn.Linear(80, 64, bias=False)).cuda()
+    x = torch.randn(300, 96, device="cuda")
+    for split_mb, blocks in (("64", {(80, 96): 80 * 96 * 4, (64, 80): 64 * 80 * 4}),
+                             ("0", {})):
+        monkeypatch.setenv(flu.ENV_SPLIT_GEMM, split_mb)
+        ref = copy.deepcopy(model)
+        opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, ref))
+        torch._dynamo.reset()
+        report = forge_compile.explain(
+            forge_compile.compile(_mlp_step(model, opt), inner="aot_eager"), x)
+        _mlp_step(ref, ref_opt)(x)
+        assert len(report.fused) == 2, str(report)
+        assert report.split_gemm_blocks == blocks, (split_mb, report.split_gemm_blocks)
+        assert ("split-GEMM: ≤ 30,720 B of it live" in str(report)) == bool(blocks), str(report)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert _rel(p, q) <= 1e-5, (split_mb, _rel(p, q))
+    assert not SPLIT_GEMM_BLOCKS        # the last explain (split off) recorded nothing
+
+
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_op_autotunes_once_and_lr_never_recompiles():

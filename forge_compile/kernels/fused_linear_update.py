@@ -522,6 +522,8 @@ _GPU_F32_CONFIGS = (
 # Blocks of at most 64 MiB of fp32 gradient (16 MiB blocks: up to 1.7x slower at T=512, the
 # per-block GEMMs too small); 64 MiB is the most that lives at once.
 _GPU_SPLIT_CONFIGS = (KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=64),)
+# The interpreter's cost grows with the number of programs: large blocks (NOTES.md).
+_INTERPRETER_CONFIG = KernelConfig(128, 128, 128, 4, 1)
 
 
 def check_env() -> None:
@@ -547,8 +549,6 @@ def split_gemm_mb() -> float:
         raise ValueError(f"{ENV_SPLIT_GEMM} must be a number of MiB ≥ 0 (0 turns the "
                          f"split-GEMM mode off), got {env!r}")
     return mb
-# The interpreter's cost grows with the number of programs: large blocks (NOTES.md).
-_INTERPRETER_CONFIG = KernelConfig(128, 128, 128, 4, 1)
 
 
 def candidate_configs(dy: Tensor, x: Optional[Tensor] = None) -> Tuple[KernelConfig, ...]:
@@ -742,16 +742,26 @@ def _run(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, 
     return launch(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
 
 
+def _split_rows(cfg: KernelConfig, N: int, K: int) -> int:
+    """Rows per split-GEMM block: as many as fit in SPLIT_GEMM_MB, a multiple of BLOCK_N; the
+    last block takes the rest. Measured (H100, fp32 AdamW, T=4096): 11008×4096 in
+    4096/4096/2816 rows 7.54 ms, in equal 3680/3680/3648-row blocks 7.87 ms; 4096×11008
+    1504/1504/1088 7.77 ms, equal 7.86 ms."""
+    rows = int(cfg.SPLIT_GEMM_MB * 2 ** 20) // (4 * max(K, 1)) // cfg.BLOCK_N * cfg.BLOCK_N
+    return min(N, max(cfg.BLOCK_N, rows))
+
+
+# (N, K) of a weight -> bytes of the largest fp32 gradient block a split-GEMM launch of the op
+# materialised (autotuner trials excluded); explain() reports it.
+SPLIT_GEMM_BLOCKS: Dict[Tuple[int, int], int] = {}
+
+
 def _launch_split_gemm(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str,
                        seed: int, scalar_pointers: Optional[bool] = None):
     """cuBLAS gradient of one row block of W at a time, each consumed by the epilogue kernel."""
     T, N = dy.shape
     K = x.shape[1]
-    # As many rows as fit, a multiple of BLOCK_N; the last block takes the rest. Measured
-    # (H100, fp32 AdamW, T=4096): 11008×4096 in 4096/4096/2816 rows 7.54 ms, in equal
-    # 3680/3680/3648-row blocks 7.87 ms; 4096×11008 1504/1504/1088 7.77 ms, equal 7.86 ms.
-    rows = int(cfg.SPLIT_GEMM_MB * 2 ** 20) // (4 * max(K, 1)) // cfg.BLOCK_N * cfg.BLOCK_N
-    rows = min(N, max(cfg.BLOCK_N, rows))
+    rows = _split_rows(cfg, N, K)
     ck = None
     for i, n0 in enumerate(range(0, N, rows)):
         n1 = min(N, n0 + rows)
@@ -845,6 +855,9 @@ def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List
         why = split_gemm_unsupported_reason(dy, x)
         if why is not None:
             raise ValueError(f"fused_linear_update_triton: split-GEMM config: {why}")
+        N, K = param.shape
+        block = _split_rows(cfg, N, K) * K * 4
+        SPLIT_GEMM_BLOCKS[(N, K)] = max(block, SPLIT_GEMM_BLOCKS.get((N, K), 0))
     return _run(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
 
 
