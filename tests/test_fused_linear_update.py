@@ -29,9 +29,8 @@ from forge_compile.kernels import fused_linear_update as flu
 # (operand dtype, rtol). fp32 operands, IEEE dot: fp32 rounding of the T-long dot and of ~10
 # epilogue ops, ≤ ~1e-6 measured; 1e-5 is the bound. bf16 operands: a bf16×bf16
 # product is exact in fp32 (8+8 significant bits < 24) and the reference upcasts the same
-# bf16 values, so the only error is again fp32 accumulation: the same 1e-5 holds.
-# bf16 (8-bit) and fp16 (11-bit significand) products are exact in fp32, so all three operand
-# dtypes leave only fp32 accumulation error against an fp64 reference on the same values.
+# bf16 values, so the only error is again fp32 accumulation: the same 1e-5 holds. fp16
+# operands likewise (11+11 significant bits < 24: exact products).
 TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
 # tf32 rounds each operand to 10 mantissa bits (2^-11 relative): ~3e-4 on the gradient, and
 # Adam's m/sqrt(v) passes a relative gradient error through at most ~1:1.
