@@ -513,6 +513,7 @@ def test_step_scalars_hoisted_to_the_graph_start():
 def test_scalar_reading_an_input_mutated_earlier_is_not_hoisted():
     """A 0-d value read after an in-place write of its input must stay after that write."""
     from forge_compile.passes.fused_linear_update import _hoist_step_scalars
+    from forge_compile.passes.liveness import GraphFacts
     g = torch.fx.Graph()
     step = g.placeholder("step")
     x = g.placeholder("x")
@@ -525,7 +526,7 @@ def test_scalar_reading_an_input_mutated_earlier_is_not_hoisted():
     s.meta["val"] = torch.tensor(1.0)
     g.output((s,))
     before = [n.name for n in g.nodes]
-    assert not _hoist_step_scalars(g, [s])
+    assert not _hoist_step_scalars(GraphFacts(g), [s])
     assert [n.name for n in g.nodes] == before
     # without the write the same scalar moves to the start
     g2 = torch.fx.Graph()
@@ -536,5 +537,7 @@ def test_scalar_reading_an_input_mutated_earlier_is_not_hoisted():
     s2 = g2.call_function(aten.add.Tensor, (step2, 1.0))
     s2.meta["val"] = torch.tensor(1.0)
     g2.output((s2, big2))
-    assert _hoist_step_scalars(g2, [s2])
+    facts = GraphFacts(g2)
+    assert _hoist_step_scalars(facts, [s2])
     assert [n.name for n in g2.nodes][:3] == ["step", "x", s2.name]
+    assert facts.order[s2] == 2          # renumbered for the placement that follows

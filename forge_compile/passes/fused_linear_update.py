@@ -706,8 +706,7 @@ def _plan(a: _Analysis, names, dup):
     first_sink = min(a.sinks, key=a.facts.order.__getitem__)
     if last is not None and a.facts.order[last] > a.facts.order[first_sink]:
         raise Refused("weight read after its update", f"{last.name} reads it after {first_sink.name}")
-    if _hoist_step_scalars(a.facts.graph, a.scalar_nodes):
-        a.facts.order = {n: i for i, n in enumerate(a.facts.graph.nodes)}
+    _hoist_step_scalars(a.facts, a.scalar_nodes)
     # the GEMM operands are placed through their views: Inductor's reorder_for_locality (run on
     # inference graphs before forge's pass) sinks each view, and the weight-gradient mm with it,
     # to just before its first reader, the optimizer at the end of the graph; _rewrite rebuilds
@@ -756,7 +755,7 @@ def _is_mutation(n: torch.fx.Node) -> bool:
     return n.op == "call_function" and schema is not None and schema.is_mutable
 
 
-def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> bool:
+def _hoist_step_scalars(facts: GraphFacts, scalars: List[torch.fx.Node]) -> bool:
     """Move the per-step scalars an update reads (bias corrections from the step counter, the LR
     times weight decay: 0-d ops on graph inputs) to the start of the graph.
 
@@ -766,10 +765,11 @@ def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> 
     at once; on the H100, 16 layers, the step peak fell 14.56 → 12.76 GiB with this, the
     view-based placement in _plan and Inductor's reorder_for_locality off). Moving a node
     earlier is safe when it reads only graph inputs that nothing mutates before its old
-    position, and 0-d values cost nothing to hold. Returns whether a node moved."""
+    position, and 0-d values cost nothing to hold. Returns whether a node moved (then
+    ``facts.order`` is renumbered)."""
     if not scalars:
         return False
-    order = {n: i for i, n in enumerate(graph.nodes)}
+    graph, order = facts.graph, facts.order
     limit = max(order[c] for c in scalars)
     ok: Dict[torch.fx.Node, bool] = {}
 
@@ -807,6 +807,8 @@ def _hoist_step_scalars(graph: torch.fx.Graph, scalars: List[torch.fx.Node]) -> 
         if order[n] > order[first]:
             first.prepend(n)
             moved = True
+    if moved:
+        facts.order = {n: i for i, n in enumerate(graph.nodes)}
     return moved
 
 
