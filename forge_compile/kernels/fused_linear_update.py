@@ -530,9 +530,7 @@ def check_env() -> None:
     """Validate the kernel's environment options now (the backend calls it at compile time),
     not at the first launch in the middle of a training step."""
     split_gemm_mb()
-    env = os.environ.get(ENV_FP32_DOT)
-    if env and env not in ("ieee", "tf32", "tf32x3"):
-        raise ValueError(f"{ENV_FP32_DOT} must be ieee, tf32 or tf32x3, got {env!r}")
+    _fp32_dot_option()
 
 
 def split_gemm_mb() -> float:
@@ -661,15 +659,18 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
 
 
 # ============================================================================ launcher
+def _fp32_dot_option() -> Optional[str]:
+    """``FORGE_FP32_DOT`` (ieee | tf32 | tf32x3), None when unset."""
+    env = os.environ.get(ENV_FP32_DOT)
+    if env and env not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"{ENV_FP32_DOT} must be ieee, tf32 or tf32x3, got {env!r}")
+    return env or None
+
+
 def _input_precision(dy: Tensor, x: Tensor) -> str:
     if dy.dtype != torch.float32 and x.dtype != torch.float32:
         return "ieee"        # bf16/fp16 products are exact in fp32; the flag is irrelevant
-    env = os.environ.get(ENV_FP32_DOT)
-    if env:
-        if env not in ("ieee", "tf32", "tf32x3"):
-            raise ValueError(f"{ENV_FP32_DOT} must be ieee, tf32 or tf32x3, got {env!r}")
-        return env
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return _fp32_dot_option() or ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
