@@ -13,6 +13,7 @@ reference computed from the same (already rounded) inputs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -248,6 +249,31 @@ def test_split_gemm_option(monkeypatch):
             flu.split_gemm_mb()
 
 
+def test_tuning_keys_follow_torch_tf32_flag():
+    """Whether a split-GEMM config applies depends on torch's TF32 flag, so the tuning key
+    records it: a config tuned under one value is not reused after the flag flips."""
+    pytest.importorskip("triton")
+    prog, _ = _rules()["adamw"]
+    dy, x, p, st = _inputs(prog, 8, 8, 4, torch.float32, "cpu")
+    keys = []
+    with _tf32_flag_restored():
+        for flag in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            keys.append(flu._tune_key(dy, x, p, st, prog, "ieee"))
+    assert keys[0] != keys[1]
+
+
+@contextlib.contextmanager
+def _tf32_flag_restored():
+    # torch.backends.cuda.matmul.allow_tf32 is a property of a module object (monkeypatch
+    # cannot restore it)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 # ============================================================================ CPU: interpreter
 _INTERP_CFG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_T=128, num_warps=4, num_stages=1)
 
@@ -452,6 +478,25 @@ def test_gpu_split_gemm_candidates_follow_the_option(monkeypatch):
     assert not any(c.SPLIT_GEMM_MB for c in flu.candidate_configs(dy, x))
     monkeypatch.setenv(flu.ENV_SPLIT_GEMM, "8")
     assert {c.SPLIT_GEMM_MB for c in flu.candidate_configs(dy, x)} == {0.0, 8.0}
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_tuned_config_survives_tf32_flag_flip(monkeypatch):
+    """fp32 operands with IEEE dots pinned: tuned with TF32 off (split-GEMM may win), then
+    launched with it on, where torch.mm would be tf32 and the split config no longer applies:
+    the launcher retunes instead of reusing the cached split config (which raised before)."""
+    monkeypatch.setenv(flu.ENV_FP32_DOT, "ieee")
+    prog, sc = _rules("cuda")["adamw"]
+    dy, x, p, s = _inputs(prog, 2048, 1024, 512, torch.float32, "cuda")
+    with _tf32_flag_restored():
+        for flag in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            cfg = flu.tuned_config(dy, x, p, s, sc, prog)
+            assert not (flag and cfg.SPLIT_GEMM_MB), cfg
+            err = _errors(prog, dy, x, p, s, sc,
+                          lambda *a: flu.fused_linear_update_triton(*a))
+            assert err.pop("finite") and max(err.values()) <= 1e-5, (flag, cfg, err)
 
 
 def _mlp_step(model, opt):

@@ -70,6 +70,20 @@ ENV_TUNE_LOG = "FORGE_AUTOTUNE_LOG"        # "1": print every candidate's time t
 _PROGRAMS: dict = {}
 
 
+def _program_key(program: Union[str, EpilogueProgram], prog: EpilogueProgram) -> str:
+    # The op passes the serialised string: use it as is (prog.dumps() costs a json.dumps per
+    # launch); a program object is serialised once and cached.
+    if isinstance(program, str):
+        return program
+    key = _PROGRAM_KEYS.get(id(prog))
+    if key is None or key[0] is not prog:
+        key = _PROGRAM_KEYS[id(prog)] = (prog, prog.dumps())
+    return key[1]
+
+
+_PROGRAM_KEYS: dict = {}
+
+
 def load_program(program: Union[str, EpilogueProgram]) -> EpilogueProgram:
     """Parse (and cache) a serialised epilogue program."""
     if isinstance(program, EpilogueProgram):
@@ -487,7 +501,7 @@ class KernelConfig:
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
-# operands, no spills). Kept: 7 of 17 measured candidates that came within 5% of the best
+# operands, no spills). Kept: 9 of 26 measured candidates that came within 5% of the best
 # on some row of the benchmark (H100, docs/kernels.md has every candidate's time); fewer
 # candidates = shorter first-call tuning (one compile each, ~3 s). What decides the
 # memory-bound rows (T ≤ 2048) is how many W/state bytes are in flight per SM, i.e. registers
@@ -507,6 +521,13 @@ _GPU_CONFIGS = (
     KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # 193
     KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=4),                  # SGD-m T=512: -1..3%
+    #                                     (252 for SGD-m; AdamW: 255 and 90 B spilled)
+    # 16 warps (≤ 128 registers each): twice the warps to hide the epilogue's latency. Best
+    # at T=512 (CUDA-graph medians vs the tuned 8-warp choice): AdamW 4096² 0.184 vs 0.191 ms,
+    # 11008×4096 0.474 vs 0.503; SGD-m 4096² 0.117 vs 0.124 (split 1), 11008×4096 0.303 vs
+    # 0.315; slower on every T ≥ 2048 row (docs/kernels.md, "16 warps").
+    KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=2),                 # 128, AdamW 20 B spilled
+    KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=1),                 # SGD-m 128; AdamW 72 B
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
@@ -608,8 +629,15 @@ def _tune_key(dy, x, param, state, prog, precision) -> str:
     K = x.shape[1]
     return "|".join(map(str, (
         dev, triton.__version__, N, K, _t_bucket(T), dy.dtype, x.dtype, param.dtype,
-        tuple(s.dtype for s in state), precision, split_gemm_mb(),
+        tuple(s.dtype for s in state), precision, split_gemm_mb(), _mm_tf32(),
         hashlib.sha256(prog.dumps().encode()).hexdigest()[:16])))
+
+
+def _mm_tf32() -> bool:
+    # In both tuning keys: whether a split-GEMM config applies (split_gemm_unsupported_reason)
+    # depends on torch's TF32 flag, not only on the promised precision, so a config tuned under
+    # one flag value is not reused after it flips.
+    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
@@ -621,7 +649,7 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     # matters at ~0.1 ms per launch).
     fast = (dy.shape, x.shape[1], dy.dtype, x.dtype, param.dtype,
             tuple(s.dtype for s in state), precision, os.environ.get(ENV_SPLIT_GEMM),
-            dy.device, prog.dumps())
+            _mm_tf32(), dy.device, _program_key(program, prog))
     cfg = _FAST.get(fast)
     if cfg is not None:
         return cfg
@@ -707,10 +735,19 @@ def split_gemm_unsupported_reason(dy: Tensor, x: Tensor) -> Optional[str]:
     return None
 
 
+_HAS_TRITON: List[bool] = []
+
+
+def _has_triton() -> bool:
+    if not _HAS_TRITON:       # find_spec walks sys.path: once per process, not per launch
+        _HAS_TRITON.append(importlib.util.find_spec("triton") is not None)
+    return _HAS_TRITON[0]
+
+
 def triton_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                               scalars: Sequence, program) -> Optional[str]:
     """Why the Triton kernel cannot run these arguments (None: it can)."""
-    if importlib.util.find_spec("triton") is None:
+    if not _has_triton():
         return "triton is not installed"
     dev = param.device
     if dev.type == "cpu" and not _interpreting():
@@ -844,12 +881,21 @@ def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List
     why = triton_unsupported_reason(dy, x, param, state, scalars, prog)
     if why is not None:
         raise ValueError(f"fused_linear_update_triton: {why}")
+    return _triton_checked(dy, x, param, state, scalars, program, prog, config, seed,
+                           scalar_pointers)
+
+
+def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram,
+                    config: Optional[KernelConfig] = None, seed: Optional[int] = None,
+                    scalar_pointers: Optional[bool] = None):
+    """fused_linear_update_triton once its arguments were checked (the op checks them once:
+    host time per launch is ~0.1 ms, measured on the H100 host, and adds up over a model)."""
     if len(scalars) != len(prog.scalars):
         raise ValueError(f"program expects scalars {prog.scalars}, got {len(scalars)}")
     if dy.shape[1] == 0 or x.shape[1] == 0:
         return None
     precision = _input_precision(dy, x)
-    cfg = config or tuned_config(dy, x, param, state, scalars, prog)
+    cfg = config or tuned_config(dy, x, param, state, scalars, program)
     if seed is None:
         seed = _SEED.getrandbits(31) if param.dtype == torch.bfloat16 else 0
     if cfg.SPLIT_GEMM_MB:
@@ -877,7 +923,7 @@ def fused_linear_update_(dy: Tensor, x: Tensor, param: Tensor, state: List[Tenso
     prog = load_program(program)
     _check(dy, x, param, state, prog)
     if _use_triton(dy, x, param, state, scalars, prog):
-        fused_linear_update_triton(dy, x, param, state, scalars, prog)
+        _triton_checked(dy, x, param, state, scalars, program, prog)
         return
     _fused_linear_update_tiled(dy, x, param, state, scalars, prog)
 
