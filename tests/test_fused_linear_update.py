@@ -522,8 +522,7 @@ def sqrt_kernel(x_ptr, o_ptr, n, BLOCK: tl.constexpr):
 
 
 def ieee_kernels():
-    """The generated kernels' _div_rn / _sqrt_rn (GPU versions) in elementwise kernels, whose
-    1024-element blocks are the tiles the slow-path test runs over."""
+    """The generated kernels' _div_rn / _sqrt_rn (GPU versions), in elementwise kernels."""
     import importlib.util
     import tempfile
     src = _IEEE_KERNELS.format(helpers=flu._IEEE_GPU)
@@ -553,21 +552,12 @@ def _special_f32():
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_ieee_div_rn_matches_torch_bitwise():
-    """The kernels' division equals IEEE fp32 division (torch's, prec-div) bit for bit: 2^28
-    random bit patterns (every exponent, subnormals, overflow, underflow: nearly every
-    1024-element tile takes the slow path), 2^26 operands of similar magnitude (the common
-    case), 2^26 pairs spread over the whole fast range (|a|, |b|, |a/b| in [2^-95, 2^96): the
-    fast path on every tile), all pairs of special values."""
+    """The kernels' branch-free division equals IEEE fp32 division (torch's, prec-div) bit for
+    bit: 2^28 random bit patterns (every exponent, subnormals, overflow, underflow), 2^26
+    operands of similar magnitude (the common case), all pairs of special values."""
     k = ieee_kernels()
     g = torch.Generator(device="cuda").manual_seed(0)
     sp = _special_f32().cuda()
-
-    def spread(e):
-        m = 1 + torch.rand(2 ** 26, device="cuda", generator=g)
-        s = torch.randint(0, 2, (2 ** 26,), device="cuda", generator=g) * 2 - 1
-        return torch.ldexp(m * s, e)
-    ea = torch.randint(-80, 81, (2 ** 26,), device="cuda", generator=g)
-    eb = (ea + torch.randint(-40, 41, (2 ** 26,), device="cuda", generator=g)).clamp(-80, 80)
     cases = [
         (torch.randint(-2 ** 31, 2 ** 31 - 1, (2 ** 28,), device="cuda", generator=g,
                        dtype=torch.int32).view(torch.float32),
@@ -575,7 +565,6 @@ def test_gpu_ieee_div_rn_matches_torch_bitwise():
                        dtype=torch.int32).view(torch.float32)),
         (torch.randn(2 ** 26, device="cuda", generator=g),
          torch.randn(2 ** 26, device="cuda", generator=g).exp_()),
-        (spread(ea), spread(eb)),
         (sp.repeat_interleave(len(sp)), sp.repeat(len(sp))),
     ]
     for a, b in cases:
@@ -587,8 +576,7 @@ def test_gpu_ieee_div_rn_matches_torch_bitwise():
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_ieee_sqrt_rn_matches_torch_on_every_fp32():
-    """The kernels' square root equals torch.sqrt (IEEE) on all 2^32 fp32 values (tiles of 1024
-    consecutive bit patterns: the fast path on every tile inside its range)."""
+    """The kernels' branch-free square root equals torch.sqrt (IEEE) on all 2^32 fp32 values."""
     k = ieee_kernels()
     chunk = 2 ** 28
     for start in range(0, 2 ** 32, chunk):

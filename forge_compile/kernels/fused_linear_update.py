@@ -295,61 +295,56 @@ class _Epilogue:
 # IEEE-rounded fp32 division and square root of per-element values, without a branch per
 # element. ptxas expands div.rn.f32 / sqrt.rn.f32 into a fast path plus a range check that
 # branches to a slow path (FCHK + BRA + a convergence region per element and op: 192 regions
-# per AdamW tile and thread); code cannot be interleaved across them, so the AdamW epilogue runs
-# one dependent chain at a time with 2-4 warps per scheduler. Measured (H100, torch 2.11,
-# benchmarks/experiments/bench_fused_linear_update_tma.py): the AdamW epilogue alone reached
-# 62-77% of copy bandwidth, with div and sqrt replaced by products 85-89%.
-# Here every element runs ptxas's own fast-path instruction sequence (read off its SASS for
-# sm_90: MUFU.RCP + 5 FFMA for a / b; MUFU.RSQ + 2 FMUL + 2 FFMA for sqrt) as straight-line code,
-# and the tile takes Triton's div_rn / sqrt_rn instead (a branch uniform over the CTA) when any
-# of its elements lies outside the range where that sequence is exact: for sqrt the range
-# ptxas itself tests (bits in [0x0d000000, 0x7f7fffff], i.e. 2^-101 ≤ x < inf); for a / b a
-# subset, far from the extremes, of the range its FCHK accepts: a, b and the quotient with
-# biased exponents in [32, 222] (|value| in [2^-95, 2^96)), and a = ±0 selected exactly.
-# (Computing them in fp64 instead, rounded once, was exact too but 1.2x slower at 4096², T=512:
-# 24 fp64 ops and 9 conversions per AdamW element.) Checked bit for bit against torch's
-# division (2^28 random bit patterns, 2^26 common-range pairs, 2^26 pairs spread over the fast
-# range, all special pairs) and against all 2^32 fp32 square roots on the GPU
+# per AdamW tile and thread); the code between them cannot be interleaved, so the AdamW epilogue
+# runs at the latency of one dependent chain at a time with 2 warps per scheduler. Measured
+# (H100, torch 2.11, benchmarks/experiments/bench_fused_linear_update_tma.py): the AdamW
+# epilogue alone reached 62-77% of copy bandwidth, the same with div and sqrt replaced by
+# products 85-89%. Here each op is computed in fp64 (every fp32 value, subnormals included, is a
+# normal fp64 number, so the hardware reciprocal / rsqrt seed and two Newton steps plus one
+# residual correction never leave fp64's normal range) and rounded once to fp32. That rounding
+# is the correctly rounded fp32 result: the fp64 value is within ~2^-52 of the exact quotient
+# or root, and an exact quotient or root of fp32 values that is not itself an fp32 value lies
+# at least ~2^-48 (relative) from every fp32 rounding boundary (p' = 53 ≥ 2p + 2 = 50,
+# Figueroa's double-rounding bound for ÷ and √). Zeros, infinities and NaN take the IEEE
+# special results by select. Checked bit for bit against torch's division on 2^28 random pairs
+# and against every one of the 2^32 fp32 square roots on the GPU
 # (tests/test_fused_linear_update.py, "ieee").
 _IEEE_GPU = '''
 @triton.jit
-def _exp_field(x):
-    return (x.to(tl.uint32, bitcast=True) >> 23) & 0xFF
-
-
-@triton.jit
 def _div_rn(a, b):
-    a, b = tl.broadcast(a, b)
-    r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [b], dtype=tl.float32,
+    a, b = tl.broadcast(a.to(tl.float64), b.to(tl.float64))
+    y = tl.inline_asm_elementwise("rcp.approx.ftz.f64 $0, $1;", "=d,d", [b], dtype=tl.float64,
                                   is_pure=True, pack=1)
-    r = tl.fma(r, tl.fma(-b, r, 1.0), r)
-    q = a * r
-    q = tl.fma(tl.fma(-b, q, a), r, q)
-    sign = (a.to(tl.uint32, bitcast=True) ^ b.to(tl.uint32, bitcast=True)) & 0x80000000
-    ea = _exp_field(a).to(tl.int32)
-    eb = _exp_field(b).to(tl.int32)
-    eq = ea - eb + 127
-    b_ok = (eb >= 32) & (eb <= 222)
-    zero = (a == 0) & b_ok
-    ok = zero | ((ea >= 32) & (ea <= 222) & b_ok & (eq >= 32) & (eq <= 222))
+    y = tl.fma(y, tl.fma(-b, y, 1.0), y)
+    y = tl.fma(y, tl.fma(-b, y, 1.0), y)
+    q = a * y
+    q = tl.fma(tl.fma(-b, q, a), y, q).to(tl.float32)
+    a32 = a.to(tl.float32)
+    b32 = b.to(tl.float32)
+    sign = (a32.to(tl.uint32, bitcast=True) ^ b32.to(tl.uint32, bitcast=True)) & 0x80000000
+    a_inf = tl.abs(a32) == float("inf")
+    b_inf = tl.abs(b32) == float("inf")
+    nan = (a32 != a32) | (b32 != b32) | ((a32 == 0) & (b32 == 0)) | (a_inf & b_inf)
+    inf = (a_inf | (b32 == 0)) & ~nan
+    zero = ((a32 == 0) | b_inf) & ~nan
+    q = tl.where(inf, (sign | 0x7F800000).to(tl.float32, bitcast=True), q)
     q = tl.where(zero, sign.to(tl.float32, bitcast=True), q)
-    if tl.min(ok.to(tl.int32)) == 0:
-        q = tl.math.div_rn(a, b)
-    return q
+    return tl.where(nan, float("nan"), q)
 
 
 @triton.jit
 def _sqrt_rn(x):
-    y = tl.inline_asm_elementwise("rsqrt.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+    x64 = x.to(tl.float64)
+    y = tl.inline_asm_elementwise("rsqrt.approx.ftz.f64 $0, $1;", "=d,d", [x64], dtype=tl.float64,
                                   is_pure=True, pack=1)
-    s = x * y
-    h = y * 0.5
-    s = tl.fma(tl.fma(-s, s, x), h, s)
-    bits = x.to(tl.uint32, bitcast=True)
-    ok = (bits >= 0x0D000000) & (bits <= 0x7F7FFFFF)
-    if tl.min(ok.to(tl.int32)) == 0:
-        s = tl.sqrt_rn(x)
-    return s
+    h = 0.5 * x64
+    y = y * tl.fma(-h * y, y, 1.5)
+    y = y * tl.fma(-h * y, y, 1.5)
+    r = x64 * y
+    r = tl.fma(tl.fma(-r, r, x64), 0.5 * y, r).to(tl.float32)
+    # sqrt(±0) = ±0, sqrt(+inf) = +inf, sqrt(x < 0) = sqrt(NaN) = NaN
+    keep = (x == 0) | (x == float("inf"))
+    return tl.where(keep, x, tl.where((x < 0) | (x != x), float("nan"), r))
 '''
 # The interpreter runs no PTX: Triton's own IEEE ops (numpy underneath).
 _IEEE_INTERP = '''
