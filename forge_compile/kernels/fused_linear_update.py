@@ -127,37 +127,20 @@ def _const(v) -> str:
     return repr(v)
 
 
-# DIV_RN( / SQRT_RN( are placeholders: per-element ops call the generated _div_rn / _sqrt_rn
-# (fp32-exact, see _IEEE_GPU), ops on per-step scalars only call Triton's div_rn / sqrt_rn.
 _BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})",
-           "div": "DIV_RN({0}, {1})",
+           "div": "tl.math.div_rn({0}, {1})",
            "maximum": "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
            "minimum": "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
            "lt": "({0} < {1})", "le": "({0} <= {1})", "gt": "({0} > {1})", "ge": "({0} >= {1})",
            "eq": "({0} == {1})", "ne": "({0} != {1})"}
-_UNARY = {"neg": "(-{0})", "sqrt": "SQRT_RN({0})",
-          "rsqrt": "DIV_RN(ONE_F32, SQRT_RN({0}))",
-          "reciprocal": "DIV_RN(ONE_F32, {0})", "abs": "tl.abs({0})",
+_UNARY = {"neg": "(-{0})", "sqrt": "tl.sqrt_rn({0})",
+          "rsqrt": "tl.math.div_rn(1.0, tl.sqrt_rn({0}))",
+          "reciprocal": "tl.math.div_rn(1.0, {0})", "abs": "tl.abs({0})",
           "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",
           "exp": "tl.exp({0})", "log": "tl.log({0})"}
 
 
-def _emit(op: str, args: List[str], const_args: List[Optional[float]],
-          tile: bool = True) -> str:
-    """Triton code for one op; ``tile``: some argument is per-element (else all are scalars)."""
-    if tile and op in ("div", "pow"):
-        # the _div_rn / _sqrt_rn helpers take tensors: a constant argument becomes a 0-d one
-        args = [a if c is None else f"tl.full([], {a}, tl.float32)"
-                for a, c in zip(args, const_args)]
-    code = _emit_op(op, args, const_args)
-    if tile:
-        return (code.replace("DIV_RN(", "_div_rn(").replace("SQRT_RN(", "_sqrt_rn(")
-                .replace("ONE_F32", "tl.full([], 1.0, tl.float32)"))
-    return (code.replace("DIV_RN(", "tl.math.div_rn(").replace("SQRT_RN(", "tl.sqrt_rn(")
-            .replace("ONE_F32", "1.0"))
-
-
-def _emit_op(op: str, args: List[str], const_args: List[Optional[float]]) -> str:
+def _emit(op: str, args: List[str], const_args: List[Optional[float]]) -> str:
     if op in _BINARY:
         return _BINARY[op].format(*args)
     if op in _UNARY:
@@ -180,11 +163,11 @@ def _emit_op(op: str, args: List[str], const_args: List[Optional[float]]) -> str
         if e == 1.0:
             return "({0} + 0.0)".format(args[0])
         if e == 0.5:
-            return "SQRT_RN({0})".format(args[0])
+            return "tl.sqrt_rn({0})".format(args[0])
         if e == -0.5:
-            return "DIV_RN(ONE_F32, SQRT_RN({0}))".format(args[0])
+            return "tl.math.div_rn(1.0, tl.sqrt_rn({0}))".format(args[0])
         if e == -1.0:
-            return "DIV_RN(ONE_F32, {0})".format(args[0])
+            return "tl.math.div_rn(1.0, {0})".format(args[0])
         if _interpreting():
             # libdevice.pow fails in Triton 3.9's interpreter; positive bases only there.
             return "tl.exp2({1} * tl.log2({0}))".format(*args)
@@ -232,7 +215,7 @@ class _Epilogue:
                 continue
             is_tile = any(tiles)
             name = f"v{j}" + ("{sfx}" if is_tile else "")
-            self.body.append((name, _emit(ins.op, exprs, consts, is_tile)))
+            self.body.append((name, _emit(ins.op, exprs, consts)))
             env[ins.out] = (name, is_tile, None)
         used.update(val for _, val in prog.outputs)
         self.env, self.used = env, used
@@ -290,73 +273,6 @@ class _Epilogue:
                     f"{ind}    tl.store({ptr} + off_{v}, o_{v}.to({ptr}.dtype.element_ty), "
                     f"mask={mask}, eviction_policy=\"evict_first\")"]
         return out
-
-
-# IEEE-rounded fp32 division and square root of per-element values, without a branch per
-# element. ptxas expands div.rn.f32 / sqrt.rn.f32 into a fast path plus a range check that
-# branches to a slow path (FCHK + BRA + a convergence region per element and op: 192 regions
-# per AdamW tile and thread); the code between them cannot be interleaved, so the AdamW epilogue
-# runs at the latency of one dependent chain at a time with 2 warps per scheduler. Measured
-# (H100, torch 2.11, benchmarks/experiments/bench_fused_linear_update_tma.py): the AdamW
-# epilogue alone reached 62-77% of copy bandwidth, the same with div and sqrt replaced by
-# products 85-89%. Here each op is computed in fp64 (every fp32 value, subnormals included, is a
-# normal fp64 number, so the hardware reciprocal / rsqrt seed and two Newton steps plus one
-# residual correction never leave fp64's normal range) and rounded once to fp32. That rounding
-# is the correctly rounded fp32 result: the fp64 value is within ~2^-52 of the exact quotient
-# or root, and an exact quotient or root of fp32 values that is not itself an fp32 value lies
-# at least ~2^-48 (relative) from every fp32 rounding boundary (p' = 53 ≥ 2p + 2 = 50,
-# Figueroa's double-rounding bound for ÷ and √). Zeros, infinities and NaN take the IEEE
-# special results by select. Checked bit for bit against torch's division on 2^28 random pairs
-# and against every one of the 2^32 fp32 square roots on the GPU
-# (tests/test_fused_linear_update.py, "ieee").
-_IEEE_GPU = '''
-@triton.jit
-def _div_rn(a, b):
-    a, b = tl.broadcast(a.to(tl.float64), b.to(tl.float64))
-    y = tl.inline_asm_elementwise("rcp.approx.ftz.f64 $0, $1;", "=d,d", [b], dtype=tl.float64,
-                                  is_pure=True, pack=1)
-    y = tl.fma(y, tl.fma(-b, y, 1.0), y)
-    y = tl.fma(y, tl.fma(-b, y, 1.0), y)
-    q = a * y
-    q = tl.fma(tl.fma(-b, q, a), y, q).to(tl.float32)
-    a32 = a.to(tl.float32)
-    b32 = b.to(tl.float32)
-    sign = (a32.to(tl.uint32, bitcast=True) ^ b32.to(tl.uint32, bitcast=True)) & 0x80000000
-    a_inf = tl.abs(a32) == float("inf")
-    b_inf = tl.abs(b32) == float("inf")
-    nan = (a32 != a32) | (b32 != b32) | ((a32 == 0) & (b32 == 0)) | (a_inf & b_inf)
-    inf = (a_inf | (b32 == 0)) & ~nan
-    zero = ((a32 == 0) | b_inf) & ~nan
-    q = tl.where(inf, (sign | 0x7F800000).to(tl.float32, bitcast=True), q)
-    q = tl.where(zero, sign.to(tl.float32, bitcast=True), q)
-    return tl.where(nan, float("nan"), q)
-
-
-@triton.jit
-def _sqrt_rn(x):
-    x64 = x.to(tl.float64)
-    y = tl.inline_asm_elementwise("rsqrt.approx.ftz.f64 $0, $1;", "=d,d", [x64], dtype=tl.float64,
-                                  is_pure=True, pack=1)
-    h = 0.5 * x64
-    y = y * tl.fma(-h * y, y, 1.5)
-    y = y * tl.fma(-h * y, y, 1.5)
-    r = x64 * y
-    r = tl.fma(tl.fma(-r, r, x64), 0.5 * y, r).to(tl.float32)
-    # sqrt(±0) = ±0, sqrt(+inf) = +inf, sqrt(x < 0) = sqrt(NaN) = NaN
-    keep = (x == 0) | (x == float("inf"))
-    return tl.where(keep, x, tl.where((x < 0) | (x != x), float("nan"), r))
-'''
-# The interpreter runs no PTX: Triton's own IEEE ops (numpy underneath).
-_IEEE_INTERP = '''
-@triton.jit
-def _div_rn(a, b):
-    return tl.math.div_rn(a, b)
-
-
-@triton.jit
-def _sqrt_rn(x):
-    return tl.sqrt_rn(x)
-'''
 
 
 def kernel_source(program: Union[str, EpilogueProgram]) -> str:
@@ -442,8 +358,6 @@ def _round_bf16_stochastic(x, seed, offs):
     finite = (bits & 0x7F800000) != 0x7F800000
     return tl.where(finite, rounded, x)
 
-
-{_IEEE_INTERP if _interpreting() else _IEEE_GPU}
 
 @triton.jit(do_not_specialize=["seed"])
 def _fused_linear_update_kernel(
