@@ -31,7 +31,8 @@ import tempfile
 
 import torch
 
-from forge_compile.kernels.fused_linear_update import _Epilogue, load_program, PARAM
+from forge_compile.kernels.fused_linear_update import (
+    PARAM, _ROUND_BF16_STOCHASTIC, _Epilogue, column_split, load_program)
 
 
 def _gl(expr: str) -> str:
@@ -61,16 +62,10 @@ def kernel_source(program, split: int) -> str:
     a("")
     a(f"PROGRAM = {prog.dumps()!r}")
     a("")
+    # the shipped kernel's stochastic rounding, in Gluon (Philox from triton.language)
+    a(_gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
+      .replace("gl.randint", "tl.randint"))
     a("""
-@gluon.jit
-def _round_bf16_stochastic(x, seed, offs):
-    bits = x.to(gl.uint32, bitcast=True)
-    noise = tl.randint(seed, offs).to(gl.uint32, bitcast=True) & 0xFFFF
-    rounded = ((bits + noise) & 0xFFFF0000).to(gl.float32, bitcast=True)
-    finite = (bits & 0x7F800000) != 0x7F800000
-    return gl.where(finite, rounded, x)
-
-
 @gluon.jit
 def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
     num_n = gl.cdiv(N, BLOCK_N)
@@ -180,16 +175,8 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
     a("                    _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, SPLIT, BLOCK_T, CW)")
     # column chunks of the accumulator: halve each chunk split-1 times (register renaming only:
     # the halved column bit is held inside each thread in the wgmma layout)
-    chunks = ["acc"]
-    width = 1
-    while len(chunks) < split:
-        width *= 2
-        nxt = []
-        for c in chunks:
-            lo, hi = f"{c}_{width}l", f"{c}_{width}h"
-            a(f"        {lo}, {hi} = gl.split(gl.permute(gl.reshape({c}, [BLOCK_N, 2, BLOCK_K // {width}]), [0, 2, 1]))")
-            nxt += [lo, hi]
-        chunks = nxt
+    lines, chunks = column_split(split, "        ", "gl")
+    L.extend(lines)
     a(f"        cl: gl.constexpr = {chunks[0]}.type.layout")
     a("        rn = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cl))")
     a("        mask_n = rn < N")

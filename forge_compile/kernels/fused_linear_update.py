@@ -275,6 +275,34 @@ class _Epilogue:
         return out
 
 
+def column_split(split: int, ind: str, lang: str = "tl") -> Tuple[List[str], List[str]]:
+    """Code splitting ``acc`` [BLOCK_N, BLOCK_K] into ``split`` column chunks by halving every
+    chunk (reshape/permute/split: register renaming, the halved column bit is held inside each
+    thread); returns (code lines, chunk names in column order). ``lang``: tl, or gl (Gluon)."""
+    lines, chunks, width = [], ["acc"], 1
+    while len(chunks) < split:
+        width *= 2
+        nxt = []
+        for c in chunks:
+            lo, hi = f"{c}_{width}l", f"{c}_{width}h"
+            lines.append(f"{ind}{lo}, {hi} = {lang}.split({lang}.permute({lang}.reshape("
+                         f"{c}, [BLOCK_N, 2, BLOCK_K // {width}]), [0, 2, 1]))")
+            nxt += [lo, hi]
+        chunks = nxt
+    return lines, chunks
+
+
+_ROUND_BF16_STOCHASTIC = '''@triton.jit
+def _round_bf16_stochastic(x, seed, offs):
+    # x + uniform 16-bit noise below the bf16 lsb, then truncate: E[result] = x (unbiased).
+    bits = x.to(tl.uint32, bitcast=True)
+    noise = tl.randint(seed, offs).to(tl.uint32, bitcast=True) & 0xFFFF
+    rounded = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded, x)
+'''
+
+
 def kernel_source(program: Union[str, EpilogueProgram]) -> str:
     """The Triton module source of the fused kernel for one epilogue program."""
     prog = load_program(program)
@@ -291,17 +319,8 @@ def kernel_source(program: Union[str, EpilogueProgram]) -> str:
     # Each split halves every chunk: acc[:, :w/2] and acc[:, w/2:] via reshape/permute/split.
     for split in (2, 4, 8):
         epi.append(f"    elif EPI_SPLIT == {split}:")
-        chunks = ["acc"]
-        width = 1
-        while len(chunks) < split:
-            width *= 2
-            nxt = []
-            for c in chunks:
-                lo, hi = f"{c}_{width}l", f"{c}_{width}h"
-                epi.append(f"        {lo}, {hi} = tl.split(tl.permute(tl.reshape("
-                           f"{c}, [BLOCK_N, 2, BLOCK_K // {width}]), [0, 2, 1]))")
-                nxt += [lo, hi]
-            chunks = nxt
+        lines, chunks = column_split(split, "        ")
+        epi += lines
         w = f"BLOCK_K // {split}"
 
         def prep(h, ind):
@@ -349,15 +368,7 @@ from triton.language.extra import libdevice
 PROGRAM = {prog.dumps()!r}
 
 
-@triton.jit
-def _round_bf16_stochastic(x, seed, offs):
-    # x + uniform 16-bit noise below the bf16 lsb, then truncate: E[result] = x (unbiased).
-    bits = x.to(tl.uint32, bitcast=True)
-    noise = tl.randint(seed, offs).to(tl.uint32, bitcast=True) & 0xFFFF
-    rounded = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    finite = (bits & 0x7F800000) != 0x7F800000
-    return tl.where(finite, rounded, x)
-
+{_ROUND_BF16_STOCHASTIC}
 
 @triton.jit(do_not_specialize=["seed"])
 def _fused_linear_update_kernel(
