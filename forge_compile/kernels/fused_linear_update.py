@@ -127,37 +127,20 @@ def _const(v) -> str:
     return repr(v)
 
 
-# DIV_RN( / SQRT_RN( are placeholders: per-element ops call the generated _div_rn / _sqrt_rn
-# (fp32-exact, see _IEEE_GPU), ops on per-step scalars only call Triton's div_rn / sqrt_rn.
 _BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})",
-           "div": "DIV_RN({0}, {1})",
+           "div": "tl.math.div_rn({0}, {1})",
            "maximum": "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
            "minimum": "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",
            "lt": "({0} < {1})", "le": "({0} <= {1})", "gt": "({0} > {1})", "ge": "({0} >= {1})",
            "eq": "({0} == {1})", "ne": "({0} != {1})"}
-_UNARY = {"neg": "(-{0})", "sqrt": "SQRT_RN({0})",
-          "rsqrt": "DIV_RN(ONE_F32, SQRT_RN({0}))",
-          "reciprocal": "DIV_RN(ONE_F32, {0})", "abs": "tl.abs({0})",
+_UNARY = {"neg": "(-{0})", "sqrt": "tl.sqrt_rn({0})",
+          "rsqrt": "tl.math.div_rn(1.0, tl.sqrt_rn({0}))",
+          "reciprocal": "tl.math.div_rn(1.0, {0})", "abs": "tl.abs({0})",
           "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",
           "exp": "tl.exp({0})", "log": "tl.log({0})"}
 
 
-def _emit(op: str, args: List[str], const_args: List[Optional[float]],
-          tile: bool = True) -> str:
-    """Triton code for one op; ``tile``: some argument is per-element (else all are scalars)."""
-    if tile and op in ("div", "pow"):
-        # the _div_rn / _sqrt_rn helpers take tensors: a constant argument becomes a 0-d one
-        args = [a if c is None else f"tl.full([], {a}, tl.float32)"
-                for a, c in zip(args, const_args)]
-    code = _emit_op(op, args, const_args)
-    if tile:
-        return (code.replace("DIV_RN(", "_div_rn(").replace("SQRT_RN(", "_sqrt_rn(")
-                .replace("ONE_F32", "tl.full([], 1.0, tl.float32)"))
-    return (code.replace("DIV_RN(", "tl.math.div_rn(").replace("SQRT_RN(", "tl.sqrt_rn(")
-            .replace("ONE_F32", "1.0"))
-
-
-def _emit_op(op: str, args: List[str], const_args: List[Optional[float]]) -> str:
+def _emit(op: str, args: List[str], const_args: List[Optional[float]]) -> str:
     if op in _BINARY:
         return _BINARY[op].format(*args)
     if op in _UNARY:
@@ -180,11 +163,11 @@ def _emit_op(op: str, args: List[str], const_args: List[Optional[float]]) -> str
         if e == 1.0:
             return "({0} + 0.0)".format(args[0])
         if e == 0.5:
-            return "SQRT_RN({0})".format(args[0])
+            return "tl.sqrt_rn({0})".format(args[0])
         if e == -0.5:
-            return "DIV_RN(ONE_F32, SQRT_RN({0}))".format(args[0])
+            return "tl.math.div_rn(1.0, tl.sqrt_rn({0}))".format(args[0])
         if e == -1.0:
-            return "DIV_RN(ONE_F32, {0})".format(args[0])
+            return "tl.math.div_rn(1.0, {0})".format(args[0])
         if _interpreting():
             # libdevice.pow fails in Triton 3.9's interpreter; positive bases only there.
             return "tl.exp2({1} * tl.log2({0}))".format(*args)
@@ -232,7 +215,7 @@ class _Epilogue:
                 continue
             is_tile = any(tiles)
             name = f"v{j}" + ("{sfx}" if is_tile else "")
-            self.body.append((name, _emit(ins.op, exprs, consts, is_tile)))
+            self.body.append((name, _emit(ins.op, exprs, consts)))
             env[ins.out] = (name, is_tile, None)
         used.update(val for _, val in prog.outputs)
         self.env, self.used = env, used
@@ -320,106 +303,6 @@ def _round_bf16_stochastic(x, seed, offs):
 '''
 
 
-# IEEE-rounded fp32 division and square root of per-element values, with one slow-path branch
-# per 4 elements instead of one per element. ptxas expands div.rn.f32 / sqrt.rn.f32 into a
-# fast path plus a range check that branches to a slow path (FCHK + BRA + a convergence region
-# per element and op: 192 regions per AdamW tile and thread); nothing is interleaved across
-# them, so the AdamW epilogue runs one dependent chain at a time with 2-4 warps per scheduler.
-# Measured (H100, torch 2.11, benchmarks/experiments/bench_fused_linear_update_tma.py): the
-# AdamW epilogue alone reached 62-77% of copy bandwidth, with div and sqrt replaced by products
-# 85-89%. Here (inline PTX, 4 elements per instance) each element runs ptxas's own fast-path
-# sequence, read off its sm_90 SASS (MUFU.RCP + 5 FFMA for a / b; MUFU.RSQ + 2 FMUL + 2 FFMA for
-# sqrt), and the thread branches once, to div.rn.f32 / sqrt.rn.f32 for all 4, when one of them
-# lies outside the range where that sequence is exact: for sqrt the range ptxas itself tests
-# (bits in [0x0d000000, 0x7f7fffff], i.e. 2^-101 ≤ x < inf); for a / b a subset of the range
-# its FCHK accepts, far from the extremes: a, b and the quotient with biased exponents in
-# [32, 222] (|value| in [2^-95, 2^96)). Two other exact versions were measured and dropped
-# (docs/kernels.md): fp64 arithmetic (slower: throughput) and a tile-wide fall back (slower:
-# three block reductions per chunk). Checked bit for bit against torch's division (2^28 random
-# bit patterns, 2^26 common-range pairs, 2^26 pairs spread over the fast range, all special
-# pairs) and against all 2^32 fp32 square roots on the GPU (tests/test_fused_linear_update.py,
-# "ieee").
-_DIV_PTX = "{\n.reg .pred %ok<4>, %all;\n.reg .f32 %r<4>, %n<4>, %e<4>, %q<4>;\n" \
-    ".reg .b32 %ea<4>, %eb<4>, %t<4>;\n" + "".join(f"""
-rcp.approx.ftz.f32 %r{i}, ${8 + i};
-neg.f32 %n{i}, ${8 + i};
-fma.rn.f32 %e{i}, %n{i}, %r{i}, 0f3F800000;
-fma.rn.f32 %r{i}, %r{i}, %e{i}, %r{i};
-mul.rn.f32 %q{i}, ${4 + i}, %r{i};
-fma.rn.f32 %e{i}, %n{i}, %q{i}, ${4 + i};
-fma.rn.f32 ${i}, %e{i}, %r{i}, %q{i};
-mov.b32 %ea{i}, ${4 + i};
-bfe.u32 %ea{i}, %ea{i}, 23, 8;
-mov.b32 %eb{i}, ${8 + i};
-bfe.u32 %eb{i}, %eb{i}, 23, 8;
-sub.u32 %t{i}, %ea{i}, 32;
-setp.le.u32 %ok{i}, %t{i}, 190;
-sub.u32 %t{i}, %eb{i}, 32;
-setp.le.and.u32 %ok{i}, %t{i}, 190, %ok{i};
-sub.s32 %t{i}, %ea{i}, %eb{i};
-add.s32 %t{i}, %t{i}, 95;
-setp.le.and.u32 %ok{i}, %t{i}, 190, %ok{i};""" for i in range(4)) + """
-and.pred %all, %ok0, %ok1;
-and.pred %all, %all, %ok2;
-and.pred %all, %all, %ok3;
-@%all bra FLU_DIV_${:uid};
-div.rn.f32 $0, $4, $8;
-div.rn.f32 $1, $5, $9;
-div.rn.f32 $2, $6, $10;
-div.rn.f32 $3, $7, $11;
-FLU_DIV_${:uid}:
-}"""
-_SQRT_PTX = "{\n.reg .pred %ok<4>, %all;\n.reg .f32 %y<4>, %s<4>, %h<4>, %n<4>, %e<4>;\n" \
-    ".reg .b32 %u<4>;\n" + "".join(f"""
-rsqrt.approx.ftz.f32 %y{i}, ${4 + i};
-mul.ftz.f32 %s{i}, ${4 + i}, %y{i};
-mul.ftz.f32 %h{i}, %y{i}, 0f3F000000;
-neg.f32 %n{i}, %s{i};
-fma.rn.f32 %e{i}, %n{i}, %s{i}, ${4 + i};
-fma.rn.f32 ${i}, %e{i}, %h{i}, %s{i};
-mov.b32 %u{i}, ${4 + i};
-sub.u32 %u{i}, %u{i}, 0x0D000000;
-setp.le.u32 %ok{i}, %u{i}, 0x727FFFFF;""" for i in range(4)) + """
-and.pred %all, %ok0, %ok1;
-and.pred %all, %all, %ok2;
-and.pred %all, %all, %ok3;
-@%all bra FLU_SQRT_${:uid};
-sqrt.rn.f32 $0, $4;
-sqrt.rn.f32 $1, $5;
-sqrt.rn.f32 $2, $6;
-sqrt.rn.f32 $3, $7;
-FLU_SQRT_${:uid}:
-}"""
-_IEEE_GPU = f"""
-_DIV_PTX = tl.constexpr({_DIV_PTX!r})
-_SQRT_PTX = tl.constexpr({_SQRT_PTX!r})
-
-
-@triton.jit
-def _div_rn(a, b):
-    a, b = tl.broadcast(a, b)
-    return tl.inline_asm_elementwise(_DIV_PTX, "=f,=f,=f,=f,f,f,f,f,f,f,f,f", [a, b],
-                                     dtype=tl.float32, is_pure=True, pack=4)
-
-
-@triton.jit
-def _sqrt_rn(x):
-    return tl.inline_asm_elementwise(_SQRT_PTX, "=f,=f,=f,=f,f,f,f,f", [x], dtype=tl.float32,
-                                     is_pure=True, pack=4)
-"""
-# The interpreter runs no PTX: Triton's own IEEE ops (numpy underneath).
-_IEEE_INTERP = '''
-@triton.jit
-def _div_rn(a, b):
-    return tl.math.div_rn(a, b)
-
-
-@triton.jit
-def _sqrt_rn(x):
-    return tl.sqrt_rn(x)
-'''
-
-
 def kernel_source(program: Union[str, EpilogueProgram]) -> str:
     """The Triton module source of the fused kernel for one epilogue program."""
     prog = load_program(program)
@@ -486,8 +369,6 @@ PROGRAM = {prog.dumps()!r}
 
 
 {_ROUND_BF16_STOCHASTIC}
-
-{_IEEE_INTERP if _interpreting() else _IEEE_GPU}
 
 @triton.jit(do_not_specialize=["seed"])
 def _fused_linear_update_kernel(
