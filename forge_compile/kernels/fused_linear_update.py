@@ -512,7 +512,7 @@ class KernelConfig:
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
-# operands, no spills). Kept: 9 of 26 measured candidates that came within 5% of the best
+# operands; no spills unless noted). Kept: 9 of 26 measured candidates that came within 5% of the best
 # on some row of the benchmark (H100, docs/kernels.md has every candidate's time); fewer
 # candidates = shorter first-call tuning (one compile each, ~3 s). What decides the
 # memory-bound rows (T ≤ 2048) is how many W/state bytes are in flight per SM, i.e. registers
@@ -531,8 +531,8 @@ _GPU_CONFIGS = (
     KernelConfig(64, 64, 64, 4, 4, PREFETCH=True),                  # 227
     KernelConfig(128, 256, 64, 8, 3, EPI_SPLIT=8),                  # 242
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=4),                  # 193
-    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=4),                  # SGD-m T=512: -1..3%
-    #                                     (252 for SGD-m; AdamW: 255 and 90 B spilled)
+    KernelConfig(128, 128, 64, 4, 3, EPI_SPLIT=4),                  # 255, 90 B spilled;
+    #                                         SGD-m: 252, no spill, T=512 -1..3%
     # 16 warps (≤ 128 registers each): twice the warps to hide the epilogue's latency. Best
     # at T=512 (CUDA-graph medians vs the tuned 8-warp choice): AdamW 4096² 0.184 vs 0.191 ms,
     # 11008×4096 0.474 vs 0.503; SGD-m 4096² 0.117 vs 0.124 (split 1), 11008×4096 0.303 vs
@@ -899,8 +899,9 @@ def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List
 def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram,
                     config: Optional[KernelConfig] = None, seed: Optional[int] = None,
                     scalar_pointers: Optional[bool] = None):
-    """fused_linear_update_triton once its arguments were checked (the op checks them once:
-    host time per launch is ~0.1 ms, measured on the H100 host, and adds up over a model)."""
+    """fused_linear_update_triton once its arguments were checked (the op checks them once: its
+    host time is 0.17-0.22 ms per launch on the H100 host, torch 2.11, and adds up over a
+    model's weights)."""
     if len(scalars) != len(prog.scalars):
         raise ValueError(f"program expects scalars {prog.scalars}, got {len(scalars)}")
     if dy.shape[1] == 0 or x.shape[1] == 0:
