@@ -82,8 +82,7 @@ def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP
 
 @gluon.jit
 def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
-                STAGES: gl.constexpr, SPLIT: gl.constexpr, BLOCK_T: gl.constexpr,
-                CW: gl.constexpr):
+                STAGES: gl.constexpr, BLOCK_T: gl.constexpr):
     slot = gstep % STAGES
     bar = ld_bar.index(slot)
     mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
@@ -146,7 +145,7 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
     a("    if SKIP_GEMM:")
     a("        num_t = 0")
     a("    gbase = 0")
-    g_call = "off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, SPLIT, BLOCK_T, CW)"
+    g_call = "off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)"
     a("    off_n, off_k = _tile_coords(pid, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
     a("    for s in gl.static_range(STAGES - 1):")
     a("        if s < num_t:")
@@ -172,7 +171,7 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
     a("            nn, nk = _tile_coords(pid + (i + 1) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
     a("            for s in gl.static_range(STAGES - 1):")
     a("                if s < num_t:")
-    a("                    _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, SPLIT, BLOCK_T, CW)")
+    a("                    _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)")
     # column chunks of the accumulator: halve each chunk split-1 times (register renaming only:
     # the halved column bit is held inside each thread in the wgmma layout)
     lines, chunks = column_split(split, "        ", "gl")
