@@ -41,6 +41,12 @@ CONFIGS = {
     "128x128x32 split8 stages4 slots6": C(128, 128, 32, 8, 4, 6),
     "128x256x64 split8 stages3 slots1": C(128, 256, 64, 8, 3, 1),
     "256x128x32 split8 stages3 slots3 w16": C(256, 128, 32, 8, 3, 3, 16),
+    # the same with W/state written back by TMA from the ring (no gl.store)
+    "128x128x64 split8 stages3 slots5 tma-store": C(128, 128, 64, 8, 3, 5, TMA_STORE=True),
+    "128x128x32 split8 stages4 slots6 tma-store": C(128, 128, 32, 8, 4, 6, TMA_STORE=True),
+    "128x256x64 split8 stages2 slots2 tma-store": C(128, 256, 64, 8, 2, 2, TMA_STORE=True),
+    "256x128x32 split8 stages3 slots3 w16 tma-store": C(256, 128, 32, 8, 3, 3, 16,
+                                                          TMA_STORE=True),
 }
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [512, 2048, 8192]

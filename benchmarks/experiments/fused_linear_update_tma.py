@@ -111,7 +111,8 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
     a("                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,")
     a("                    SPLIT: gl.constexpr, STAGES: gl.constexpr, SLOTS: gl.constexpr,")
     a("                    GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr,")
-    a("                    STOCHASTIC_ROUND: gl.constexpr, SKIP_GEMM: gl.constexpr, num_warps: gl.constexpr):")
+    a("                    STOCHASTIC_ROUND: gl.constexpr, SKIP_GEMM: gl.constexpr,")
+    a("                    TMA_STORE: gl.constexpr, num_warps: gl.constexpr):")
     a("    CW: gl.constexpr = BLOCK_K // SPLIT")
     a("    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],")
     a("                                                  instr_shape=[16, BLOCK_K, 16])")
@@ -189,8 +190,9 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
             if n in ep.used:
                 a(f"        {ep.var[n]}{sfx} = {s}.index(slot).load(cl).to(gl.float32)")
         a("        gl.thread_barrier()")
-        a("        if seq + SLOTS < n_chunks:")
-        a(f"            _issue_state(seq + SLOTS, {st_call}")
+        a("        if not TMA_STORE:")       # the slot is free once read: refill it now
+        a("            if seq + SLOTS < n_chunks:")
+        a(f"                _issue_state(seq + SLOTS, {st_call}")
         a(f"        rk{sfx} = off_k + {h} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))")
         a(f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]")
         a(f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]")
@@ -209,10 +211,29 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
                 a(f"            o{sfx} = _round_bf16_stochastic(o{sfx}, seed, "
                   f"rn[:, None] * K + rk{sfx}[None, :])")
             offe = f"off{sfx}" if idx == 0 else f"rn[:, None] * {st} + rk{sfx}[None, :]"
-            a("        if EVEN_NK:")
+            a("        if TMA_STORE:")
+            a(f"            {smems[idx]}.index(slot).store(o{sfx}.to({ptr}.dtype.element_ty))")
+            a("        elif EVEN_NK:")
             a(f"            gl.store({ptr} + {offe}, o{sfx}.to({ptr}.dtype.element_ty))")
             a("        else:")
             a(f"            gl.store({ptr} + {offe}, o{sfx}.to({ptr}.dtype.element_ty), mask=mask{sfx})")
+        # TMA_STORE: the outputs leave from the slot by bulk copy (clipped at the edges, not
+        # through the load/store queue); the slot of the previous chunk is refilled once its
+        # stores have read it (at most this chunk's stores still pending)
+        n_out = len(prog.outputs)
+        a("        if TMA_STORE:")
+        a("            fence_async_shared()")
+        a("            gl.thread_barrier()")
+        for dst, _ in prog.outputs:
+            idx = ep.tensor_names.index(dst)
+            a(f"            tma.async_copy_shared_to_global({descs[idx]}, [off_n, off_k + {h} * CW], "
+              f"{smems[idx]}.index(slot))")
+        a(f"            tma.store_wait(pendings={n_out})")
+        a("            if seq >= 1:")
+        a("                if seq - 1 + SLOTS < n_chunks:")
+        a(f"                    _issue_state(seq - 1 + SLOTS, {st_call}")
+    a("    if TMA_STORE:")
+    a("        tma.store_wait(pendings=0)")
     a("")
     return "\n".join(L)
 
@@ -258,6 +279,7 @@ class TmaConfig:
     SLOTS: int
     num_warps: int = 8
     GROUP_N: int = 8
+    TMA_STORE: bool = False   # W/state written back by TMA from the ring slot (else gl.store)
 
 
 def launch(dy, x, param, state, scalars, program, cfg: TmaConfig, seed=0, skip_gemm=False):
@@ -269,6 +291,8 @@ def launch(dy, x, param, state, scalars, program, cfg: TmaConfig, seed=0, skip_g
     T, N = dy.shape
     K = x.shape[1]
     BLOCK_N, BLOCK_K, BLOCK_T, SPLIT = cfg.BLOCK_N, cfg.BLOCK_K, cfg.BLOCK_T, cfg.SPLIT
+    if cfg.TMA_STORE and cfg.SLOTS < 2:
+        raise ValueError("TMA_STORE refills the previous chunk's slot: SLOTS must be ≥ 2")
     CW = BLOCK_K // SPLIT
 
     def desc(t, block):
@@ -296,4 +320,5 @@ def launch(dy, x, param, state, scalars, program, cfg: TmaConfig, seed=0, skip_g
                    STAGES=cfg.STAGES, SLOTS=cfg.SLOTS, GROUP_N=cfg.GROUP_N,
                    EVEN_NK=(N % BLOCK_N == 0 and K % BLOCK_K == 0),
                    STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
+                   TMA_STORE=cfg.TMA_STORE,
                    num_warps=cfg.num_warps)
