@@ -32,6 +32,7 @@ with stochastic rounding. div and sqrt are the IEEE-rounded ``div_rn``/``sqrt_rn
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -68,20 +69,6 @@ ENV_SPLIT_GEMM = "FORGE_SPLIT_GEMM_MB"     # split-GEMM block cap in MiB (defaul
 ENV_TUNE_LOG = "FORGE_AUTOTUNE_LOG"        # "1": print every candidate's time to stderr
 
 _PROGRAMS: dict = {}
-
-
-def _program_key(program: Union[str, EpilogueProgram], prog: EpilogueProgram) -> str:
-    # The op passes the serialised string: use it as is (prog.dumps() costs a json.dumps per
-    # launch); a program object is serialised once and cached.
-    if isinstance(program, str):
-        return program
-    key = _PROGRAM_KEYS.get(id(prog))
-    if key is None or key[0] is not prog:
-        key = _PROGRAM_KEYS[id(prog)] = (prog, prog.dumps())
-    return key[1]
-
-
-_PROGRAM_KEYS: dict = {}
 
 
 def load_program(program: Union[str, EpilogueProgram]) -> EpilogueProgram:
@@ -660,7 +647,7 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     # matters at ~0.1 ms per launch).
     fast = (dy.shape, x.shape[1], dy.dtype, x.dtype, param.dtype,
             tuple(s.dtype for s in state), precision, os.environ.get(ENV_SPLIT_GEMM),
-            _mm_tf32(), dy.device, _program_key(program, prog))
+            _mm_tf32(), dy.device, program)   # the op's string, or a (hashable) program
     cfg = _FAST.get(fast)
     if cfg is not None:
         return cfg
@@ -709,7 +696,7 @@ def _fp32_dot_option() -> Optional[str]:
 def _input_precision(dy: Tensor, x: Tensor) -> str:
     if dy.dtype != torch.float32 and x.dtype != torch.float32:
         return "ieee"        # bf16/fp16 products are exact in fp32; the flag is irrelevant
-    return _fp32_dot_option() or ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee")
+    return _fp32_dot_option() or ("tf32" if _mm_tf32() else "ieee")
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -729,7 +716,7 @@ def split_gemm_unsupported_reason(dy: Tensor, x: Tensor) -> Optional[str]:
         return f"dy is {dy.dtype}, x is {x.dtype} (torch.mm needs one dtype)"
     if dy.dtype == torch.float32:
         # torch.mm follows torch's TF32 flag; the kernel's promise (_input_precision) may differ.
-        mm = "tf32" if dy.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        mm = "tf32" if dy.is_cuda and _mm_tf32() else "ieee"
         want = _input_precision(dy, x)
         if want != mm:
             return f"fp32 dots are {want}, torch.mm would use {mm}"
@@ -746,13 +733,10 @@ def split_gemm_unsupported_reason(dy: Tensor, x: Tensor) -> Optional[str]:
     return None
 
 
-_HAS_TRITON: List[bool] = []
-
-
+@functools.lru_cache(maxsize=None)
 def _has_triton() -> bool:
-    if not _HAS_TRITON:       # find_spec walks sys.path: once per process, not per launch
-        _HAS_TRITON.append(importlib.util.find_spec("triton") is not None)
-    return _HAS_TRITON[0]
+    # find_spec walks sys.path: once per process, not per launch
+    return importlib.util.find_spec("triton") is not None
 
 
 def triton_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
@@ -900,7 +884,7 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
                     config: Optional[KernelConfig] = None, seed: Optional[int] = None,
                     scalar_pointers: Optional[bool] = None):
     """fused_linear_update_triton once its arguments were checked (the op checks them once: its
-    host time is 0.17-0.22 ms per launch on the H100 host, torch 2.11, and adds up over a
+    host time is 0.17-0.24 ms per launch on the H100 host, torch 2.11, and adds up over a
     model's weights)."""
     if len(scalars) != len(prog.scalars):
         raise ValueError(f"program expects scalars {prog.scalars}, got {len(scalars)}")
