@@ -66,10 +66,14 @@ def _adamw_without_div_sqrt() -> EpilogueProgram:
         tuple(Instr(*o) for o in ops), (("param", "pn"), ("exp_avg", "m"), ("exp_avg_sq", "v")))
 
 
-def check_correctness() -> list:
+def check_correctness(configs=None, launch=None) -> list:
+    """Every config against the fp64 reference; ``launch(dy, x, p, state, scalars, prog, cfg,
+    seed=)`` (default: the TMA kernel's). Returns the failures."""
+    configs = CONFIGS if configs is None else configs
+    launch = tma.launch if launch is None else launch
     rules = ref._rules("cuda")
     bad = []
-    for i, (name, cfg) in enumerate(CONFIGS.items()):
+    for i, (name, cfg) in enumerate(configs.items()):
         names = ["adamw", "sgd_momentum", "lion"] if i == 0 else ["adamw", "sgd_momentum"]
         for rule in names:
             prog, sc = rules[rule]
@@ -83,14 +87,14 @@ def check_correctness() -> list:
                 for dt in ((torch.bfloat16, torch.float16) if i == 0 else (torch.bfloat16,)):
                     dy, x, p, s = ref._inputs(prog, *shape, dt, "cuda", seed=7)
                     err = ref._errors(prog, dy, x, p, s, sc,
-                                      lambda *a: tma.launch(*a, cfg, seed=1234))
+                                      lambda *a: launch(*a, cfg, seed=1234))
                     if not err.pop("finite") or max(err.values()) > 1e-5:
                         bad.append((name, rule, shape, str(dt), err))
     prog, sc = rules["adamw"]
     dy, x, p, s = ref._inputs(prog, 2048, 1024, 256, torch.bfloat16, "cuda",
                               param_dtype=torch.bfloat16)
     sr = ref._sr_stats(prog, dy, x, p, s, sc,
-                       lambda *a: tma.launch(*a, CONFIGS[next(iter(CONFIGS))], seed=1234))
+                       lambda *a: launch(*a, next(iter(configs.values())), seed=1234))
     try:
         ref._check_interp("bf16-weights-sr", sr)
     except AssertionError:

@@ -40,6 +40,32 @@ def _gl(expr: str) -> str:
             .replace("gl.PropagateNan", "tl.PropagateNan"))
 
 
+GEMM_HELPERS = """
+@gluon.jit
+def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
+    num_n = gl.cdiv(N, BLOCK_N)
+    num_k = gl.cdiv(K, BLOCK_K)
+    per_group = GROUP_N * num_k
+    first_n = (tile // per_group) * GROUP_N
+    group_n = num_n - first_n
+    if group_n > GROUP_N:
+        group_n = GROUP_N
+    pid_n = first_n + (tile % per_group) % group_n
+    pid_k = (tile % per_group) // group_n
+    return pid_n * BLOCK_N, pid_k * BLOCK_K
+
+
+@gluon.jit
+def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
+                STAGES: gl.constexpr, BLOCK_T: gl.constexpr):
+    slot = gstep % STAGES
+    bar = ld_bar.index(slot)
+    mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot))
+    tma.async_copy_global_to_shared(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot))
+"""
+
+
 def kernel_source(program, split: int) -> str:
     """The Gluon module source for one epilogue program and one SPLIT."""
     prog = load_program(program)
@@ -65,30 +91,7 @@ def kernel_source(program, split: int) -> str:
     # the shipped kernel's stochastic rounding, in Gluon (Philox from triton.language)
     a(_gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
       .replace("gl.randint", "tl.randint"))
-    a("""
-@gluon.jit
-def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
-    num_n = gl.cdiv(N, BLOCK_N)
-    num_k = gl.cdiv(K, BLOCK_K)
-    per_group = GROUP_N * num_k
-    first_n = (tile // per_group) * GROUP_N
-    group_n = num_n - first_n
-    if group_n > GROUP_N:
-        group_n = GROUP_N
-    pid_n = first_n + (tile % per_group) % group_n
-    pid_k = (tile % per_group) // group_n
-    return pid_n * BLOCK_N, pid_k * BLOCK_K
-
-
-@gluon.jit
-def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
-                STAGES: gl.constexpr, BLOCK_T: gl.constexpr):
-    slot = gstep % STAGES
-    bar = ld_bar.index(slot)
-    mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot))
-    tma.async_copy_global_to_shared(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot))
-""")
+    a(GEMM_HELPERS)
     # state issue helper (arity depends on the program)
     a("@gluon.jit")
     a(f"def _issue_state(seq, pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,")
@@ -241,23 +244,26 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
 _K = {}
 
 
-def kernel(program, split):
-    pk = (load_program(program).dumps(), split)
-    if pk in _K:
-        return _K[pk]
-    src = kernel_source(program, split)
+def load_module(src: str, stem: str):
+    """Import a generated Gluon source (written to a temp dir: @gluon.jit needs a real file)."""
     key = hashlib.sha256(src.encode()).hexdigest()[:16]
-    d = os.path.join(tempfile.gettempdir(), f"forge_flu_tma_{os.getuid()}")
+    d = os.path.join(tempfile.gettempdir(), f"forge_{stem}_{os.getuid()}")
     os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"flu_tma_{key}.py")
+    path = os.path.join(d, f"{stem}_{key}.py")
     with open(path, "w") as f:
         f.write(src)
-    name = f"forge_flu_tma_{key}"
+    name = f"forge_{stem}_{key}"
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
-    _K[pk] = mod._flu_tma_kernel
+    return mod
+
+
+def kernel(program, split):
+    pk = (load_program(program).dumps(), split)
+    if pk not in _K:
+        _K[pk] = load_module(kernel_source(program, split), "flu_tma")._flu_tma_kernel
     return _K[pk]
 
 

@@ -1,0 +1,107 @@
+"""Study: the warp-specialised Gluon kernel (fused_linear_update_ws.py) against the shipped
+Triton kernel, on one Hopper GPU (docs/kernels.md, "Experiments of the fifth session").
+
+1. correctness of every config against the fp64 reference (the TMA study's check: relative
+   error ≤ 1e-5 for bf16/fp16 operands; bf16 weights ≤ 1 ulp and unbiased); exits non-zero on
+   a failure, before timing anything;
+2. fused timings on the issue's rows: the shipped kernel (autotuned) vs each WS config;
+3. the epilogue's traffic alone (``skip_gemm``: grad = 0) at 4096², AdamW and SGD-momentum.
+
+Timings are medians of ``triton.testing.do_bench_cudagraph``. One JSON object per measurement
+to ``--out``.
+    python benchmarks/experiments/bench_fused_linear_update_ws.py [--quick] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
+
+from benchmarks.bench_fused_linear_update import (  # noqa: E402
+    copy_bandwidth_GBps, forge_bytes, make_case)
+from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
+from bench_fused_linear_update_tma import _ms, check_correctness  # noqa: E402
+import fused_linear_update_ws as ws  # noqa: E402
+
+W = ws.WsConfig
+# (BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, EPI_WARPS, MMA_REGS, MAXNREG[, PIPE]); MAXNREG =
+# 64K registers / (EPI_WARPS + 4 MMA warps) / 32, so the CTA fits one SM. Spill-free at sm_90
+# (ptxas of Triton 3.6, local compile): epilogue 144 registers at 8 warps/split 8, 64 at 16/8.
+CONFIGS = {
+    "e8 split8": W(128, 128, 64, 8, 4, 8, 208, 168),
+    "e16 split8": W(128, 128, 64, 8, 4, 16, 208, 96),
+    "e4 split8": W(128, 128, 64, 8, 4, 4, 208, 248),
+    "e16 split8 bt32 s6": W(128, 128, 32, 8, 6, 16, 208, 96),
+}
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+TOKENS = [512, 2048, 8192]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4096² rows only")
+    ap.add_argument("--configs", default="", help="comma-separated config names (default all)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                  "fused_linear_update_ws.jsonl"))
+    a = ap.parse_args()
+    configs = {k: v for k, v in CONFIGS.items()
+               if not a.configs or k in a.configs.split(",")}
+    import triton
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+    t0 = time.time()
+    bad = check_correctness(configs, ws.launch)
+    print(f"correctness: {len(bad)} failures ({time.time() - t0:.0f} s)", flush=True)
+    for b in bad:
+        print("  FAIL", b, flush=True)
+    if bad:
+        sys.exit(1)
+    bw = copy_bandwidth_GBps()
+    rows = []
+
+    def emit(**row):
+        row = {**meta, "copy_GBps": round(bw, 1), **row}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # the epilogue's traffic alone and the fused kernel, 4096² T=512
+    for opt in ("adamw", "sgd_momentum"):
+        c = make_case(4096, 4096, 512, opt)
+        args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
+        nbytes = forge_bytes(4096, 4096, 0, len(c["state"]))
+        for name, wc in configs.items():
+            ms = _ms(lambda: ws.launch(*args, wc, skip_gemm=True))
+            emit(study="epilogue only", program=opt, config=name, ms=round(ms, 4),
+                 frac_copy_bw=round(nbytes / (ms * 1e-3) / 1e9 / bw, 3))
+    shapes = SHAPES[:1] if a.quick else SHAPES
+    for opt in ("adamw", "sgd_momentum"):
+        for N, K in shapes:
+            for T in TOKENS:
+                c = make_case(N, K, T, opt)
+                args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
+                flu.fused_linear_update_triton(*args)            # tunes
+                cfg = flu.tuned_config(*args)
+                row = {"shipped": round(_ms(lambda: flu.fused_linear_update_triton(
+                    *args, config=cfg, seed=0)), 4), "shipped_config": str(cfg)}
+                for name, wc in configs.items():
+                    row[name] = round(_ms(lambda: ws.launch(*args, wc)), 4)
+                emit(study="fused", optimizer=opt, N=N, K=K, T=T, **row)
+                torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"total {time.time() - t0:.0f} s; {len(rows)} rows -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
