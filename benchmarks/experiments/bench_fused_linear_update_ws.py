@@ -32,14 +32,19 @@ from bench_fused_linear_update_tma import _ms, check_correctness  # noqa: E402
 import fused_linear_update_ws as ws  # noqa: E402
 
 W = ws.WsConfig
-# (BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, EPI_WARPS, MMA_REGS, MAXNREG[, PIPE]); MAXNREG =
-# 64K registers / (EPI_WARPS + 4 MMA warps) / 32, so the CTA fits one SM. Spill-free at sm_90
-# (ptxas of Triton 3.6, local compile): epilogue 144 registers at 8 warps/split 8, 64 at 16/8.
+# (BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, EPI_WARPS, MMA_REGS, MAXNREG[, PIPE, SLOTS]);
+# MAXNREG = 64K registers / warps / 32 (warps rounded up to whole warpgroups), so the CTA fits
+# one SM. All spill-free at sm_90 (ptxas of Triton 3.6, local compile).
+# Run 1 (09:04 UTC): W/state through registers (gl.load): the epilogue alone ran at 31-58% of
+# copy bandwidth (AdamW), 60% (SGD-m), with 24 KB in flight per SM; kept: its best config.
+# Run 2: W/state by TMA through a SLOTS-deep shared-memory ring (a 1-warp partition), up to
+# 96 KB in flight per SM; 16 epilogue warps do not fit (ptxas needs ≥ 90 registers at 24 warps).
 CONFIGS = {
-    "e8 split8": W(128, 128, 64, 8, 4, 8, 208, 168),
     "e16 split8": W(128, 128, 64, 8, 4, 16, 208, 96),
-    "e4 split8": W(128, 128, 64, 8, 4, 4, 208, 248),
-    "e16 split8 bt32 s6": W(128, 128, 32, 8, 6, 16, 208, 96),
+    "tma e8 split8 bt32 st4 sl4": W(128, 128, 32, 8, 4, 8, 208, 128, SLOTS=4),
+    "tma e8 split8 bt32 st4 sl4 pipe": W(128, 128, 32, 8, 4, 8, 208, 128, PIPE=True, SLOTS=4),
+    "tma e8 split4 bt64 st2 sl2": W(128, 128, 64, 4, 2, 8, 208, 128, SLOTS=2),
+    "tma e4 split8 bt32 st4 sl4": W(128, 128, 32, 8, 4, 4, 208, 168, SLOTS=4),
 }
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [512, 2048, 8192]

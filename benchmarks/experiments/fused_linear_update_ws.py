@@ -38,11 +38,13 @@ from forge_compile.kernels.fused_linear_update import (
 from fused_linear_update_tma import GEMM_HELPERS, _gl, _gl_dtype, load_module
 
 
-def kernel_source(program, split: int, pipe: bool) -> str:
-    """The Gluon module source for one epilogue program, one SPLIT and PIPE."""
+def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
+    """The Gluon module source for one epilogue program, SPLIT, PIPE and STATE_TMA."""
     prog = load_program(program)
     ep = _Epilogue(prog)
     n_state = len(prog.state)
+    descs = ["p_desc"] + [f"s{i}_desc" for i in range(n_state)]
+    smems = ["p_smem"] + [f"s{i}_smem" for i in range(n_state)]
     ptrs = ["p_ptr"] + [f"s{i}_ptr" for i in range(n_state)]
     strides = ["s_p_n"] + [f"s_s{i}_n" for i in range(n_state)]
     n_scalar = len(prog.scalars)
@@ -63,12 +65,41 @@ def kernel_source(program, split: int, pipe: bool) -> str:
       .replace("gl.randint", "tl.randint"))
     a(GEMM_HELPERS)
     # ---- MMA partition (worker: 4 warps) ----
+    # worker partitions share one signature (Gluon's rule): the GEMM and the state streams
+    wsig = (f"dy_desc, x_desc, {''.join(d + ', ' for d in descs) if state_tma else ''}"
+            f"dy_smem, x_smem, {''.join(m + ', ' for m in smems) if state_tma else ''}"
+            f"ld_bar, {'st_ready, st_empty, ' if state_tma else ''}acc_smem, acc_ready, acc_empty, "
+            "T, N, K, BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, SLOTS, GROUP_N, SKIP_GEMM")
+    wparams = (wsig.replace("BLOCK_N,", "BLOCK_N: gl.constexpr,")
+               .replace("BLOCK_K,", "BLOCK_K: gl.constexpr,")
+               .replace("BLOCK_T,", "BLOCK_T: gl.constexpr,").replace("SPLIT,", "SPLIT: gl.constexpr,")
+               .replace("STAGES,", "STAGES: gl.constexpr,").replace("SLOTS,", "SLOTS: gl.constexpr,")
+               .replace("GROUP_N,", "GROUP_N: gl.constexpr,")
+               .replace("SKIP_GEMM", "SKIP_GEMM: gl.constexpr"))
+    if state_tma:
+        a("@gluon.jit")
+        a(f"def _state_partition({wparams}):")
+        a("    # one warp: W/state column chunks by TMA into a SLOTS-deep ring, ahead of the epilogue")
+        a("    CW: gl.constexpr = BLOCK_K // SPLIT")
+        a("    pid = gl.program_id(0)")
+        a("    nprog = gl.num_programs(0)")
+        a("    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)")
+        a("    my_tiles = gl.cdiv(num_tiles - pid, nprog)")
+        a("    for seq in range(my_tiles * SPLIT):")
+        a("        off_n, off_k = _tile_coords(pid + (seq // SPLIT) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
+        a("        slot = seq % SLOTS")
+        a("        mbarrier.wait(st_empty.index(slot), ((seq // SLOTS) & 1) ^ 1)")
+        a("        fence_async_shared()     # the epilogue's generic reads before TMA's writes")
+        a("        bar = st_ready.index(slot)")
+        a("        mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")")
+        for d, m in zip(descs, smems):
+            a(f"        tma.async_copy_global_to_shared({d}, [off_n, off_k + (seq % SPLIT) * CW], "
+              f"bar, {m}.index(slot))")
+        a("")
+        a("")
+    a("@gluon.jit")
+    a(f"def _mma_partition({wparams}):")
     a("""
-@gluon.jit
-def _mma_partition(dy_desc, x_desc, dy_smem, x_smem, ld_bar, acc_smem, acc_ready, acc_empty,
-                   T, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,
-                   SPLIT: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
-                   SKIP_GEMM: gl.constexpr):
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_K, 16])
     pid = gl.program_id(0)
@@ -117,10 +148,11 @@ def _mma_partition(dy_desc, x_desc, dy_smem, x_smem, ld_bar, acc_smem, acc_ready
     a("")
     # ---- epilogue partition (default: num_warps warps) ----
     a("@gluon.jit")
-    a(f"def _epilogue_partition(acc_smem, acc_ready, acc_empty, {', '.join(ptrs)}, "
+    st_params = (f"{', '.join(smems)}, st_ready, st_empty, " if state_tma else "")
+    a(f"def _epilogue_partition(acc_smem, acc_ready, acc_empty, {st_params}{', '.join(ptrs)}, "
       f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)},")
     a("                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,")
-    a("                        GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr,")
+    a("                        SLOTS: gl.constexpr, GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr,")
     a("                        SAME_STRIDES: gl.constexpr, STOCHASTIC_ROUND: gl.constexpr,")
     a("                        EPI_WARPS: gl.constexpr):")
     a("    CW: gl.constexpr = BLOCK_K // SPLIT")
@@ -140,16 +172,25 @@ def _mma_partition(dy_desc, x_desc, dy_smem, x_smem, ld_bar, acc_smem, acc_ready
         out = [f"        rk{sfx} = off_k + {h} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))",
                f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]",
                f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]"]
+        for idx, n in enumerate(ep.tensor_names[1:], 1):
+            v = f"{ep.var[n]}{sfx}"
+            out += ["        if SAME_STRIDES:",
+                    f"            off_{v} = off{sfx}",
+                    "        else:",
+                    f"            off_{v} = rn[:, None] * {strides[idx]} + rk{sfx}[None, :]"]
+        if state_tma:
+            # the chunk's W/state are in ring slot `seq % SLOTS` (TMA zero-fills the edges)
+            out += [f"        seq = i * SPLIT + {h}",
+                    "        slot = seq % SLOTS",
+                    "        mbarrier.wait(st_ready.index(slot), (seq // SLOTS) & 1)"]
         for idx, n in enumerate(ep.tensor_names):
             if n not in ep.used:
                 continue
             v = f"{ep.var[n]}{sfx}"
             offe = f"off{sfx}" if idx == 0 else f"off_{v}"
-            if idx:
-                out += ["        if SAME_STRIDES:",
-                        f"            off_{v} = off{sfx}",
-                        "        else:",
-                        f"            off_{v} = rn[:, None] * {strides[idx]} + rk{sfx}[None, :]"]
+            if state_tma:
+                out.append(f"        {v} = {smems[idx]}.index(slot).load(cl).to(gl.float32)")
+                continue
             out += ["        if EVEN_NK:",
                     f"            {v} = gl.load({ptrs[idx]} + {offe}, "
                     "eviction_policy=\"evict_first\").to(gl.float32)",
@@ -157,9 +198,12 @@ def _mma_partition(dy_desc, x_desc, dy_smem, x_smem, ld_bar, acc_smem, acc_ready
                     f"            {v} = gl.load({ptrs[idx]} + {offe}, mask=mask{sfx}, other=0.0, "
                     "eviction_policy=\"evict_first\").to(gl.float32)"]
         out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
+        if state_tma or h == split - 1:
+            out.append("        gl.thread_barrier()")
+        if state_tma:               # the slot is read: the state warp may refill it
+            out.append("        mbarrier.arrive(st_empty.index(slot), count=1)")
         if h == split - 1:          # every chunk's gradient read: the MMA warps may refill it
-            out += ["        gl.thread_barrier()",
-                    "        mbarrier.arrive(acc_empty, count=1)"]
+            out.append("        mbarrier.arrive(acc_empty, count=1)")
         return out
 
     def math_and_stores(h):
@@ -203,11 +247,12 @@ def _mma_partition(dy_desc, x_desc, dy_smem, x_smem, ld_bar, acc_smem, acc_ready
     scal_args = "".join(f"sc{i}, " for i in range(n_scalar))
     scal_flags = "".join(f"SCALAR_PTR_{i}: gl.constexpr, " for i in range(n_scalar))
     a("@gluon.jit(do_not_specialize=['seed'])")
-    a(f"def _flu_ws_kernel(dy_desc, x_desc, {', '.join(ptrs)}, {scal_args}seed,")
+    dparams = f"{', '.join(descs)}, " if state_tma else ""
+    a(f"def _flu_ws_kernel(dy_desc, x_desc, {dparams}{', '.join(ptrs)}, {scal_args}seed,")
     a(f"                   T, N, K, {', '.join(strides)}, {scal_flags}")
     a("                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,")
-    a("                   SPLIT: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,")
-    a("                   EVEN_NK: gl.constexpr, SAME_STRIDES: gl.constexpr,")
+    a("                   SPLIT: gl.constexpr, STAGES: gl.constexpr, SLOTS: gl.constexpr,")
+    a("                   GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr, SAME_STRIDES: gl.constexpr,")
     a("                   STOCHASTIC_ROUND: gl.constexpr,")
     a("                   SKIP_GEMM: gl.constexpr, ACC_LAYOUT: gl.constexpr,")
     a("                   MMA_REGS: gl.constexpr, num_warps: gl.constexpr):")
@@ -222,19 +267,31 @@ def _mma_partition(dy_desc, x_desc, dy_smem, x_smem, ld_bar, acc_smem, acc_ready
     a("        mbarrier.init(ld_bar.index(s), count=1)")
     a("    mbarrier.init(acc_ready, count=1)")
     a("    mbarrier.init(acc_empty, count=1)")
+    if state_tma:
+        for d, m in zip(descs, smems):
+            a(f"    {m} = gl.allocate_shared_memory({d}.dtype, [SLOTS, BLOCK_N, CW], {d}.layout)")
+        a("    st_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())")
+        a("    st_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())")
+        a("    for s in gl.static_range(SLOTS):")
+        a("        mbarrier.init(st_ready.index(s), count=1)")
+        a("        mbarrier.init(st_empty.index(s), count=1)")
     a("    fence_async_shared()")
     for i in range(n_scalar):
         a(f"    if SCALAR_PTR_{i}:")
         a(f"        c{i} = gl.load(sc{i}).to(gl.float32)")
         a("    else:")
         a(f"        c{i} = sc{i}")
+    st_args = (f"{', '.join(smems)}, st_ready, st_empty, " if state_tma else "")
     a("    gl.warp_specialize([")
-    a(f"        (_epilogue_partition, (acc_smem, acc_ready, acc_empty, {', '.join(ptrs)}, "
+    a(f"        (_epilogue_partition, (acc_smem, acc_ready, acc_empty, {st_args}{', '.join(ptrs)}, "
       f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)}, BLOCK_N, BLOCK_K, SPLIT, "
-      "GROUP_N, EVEN_NK, SAME_STRIDES, STOCHASTIC_ROUND, num_warps)),")
-    a("        (_mma_partition, (dy_desc, x_desc, dy_smem, x_smem, ld_bar, acc_smem, acc_ready, "
-      "acc_empty, T, N, K, BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, GROUP_N, SKIP_GEMM)),")
-    a("    ], [4], [MMA_REGS])")
+      "SLOTS, GROUP_N, EVEN_NK, SAME_STRIDES, STOCHASTIC_ROUND, num_warps)),")
+    a(f"        (_mma_partition, ({wsig})),")
+    if state_tma:
+        a(f"        (_state_partition, ({wsig})),")
+        a("    ], [4, 1], [MMA_REGS, 40])")
+    else:
+        a("    ], [4], [MMA_REGS])")
     a("")
     return "\n".join(L)
 
@@ -242,10 +299,11 @@ def _mma_partition(dy_desc, x_desc, dy_smem, x_smem, ld_bar, acc_smem, acc_ready
 _K = {}
 
 
-def kernel(program, split, pipe):
-    pk = (load_program(program).dumps(), split, pipe)
+def kernel(program, split, pipe, state_tma):
+    pk = (load_program(program).dumps(), split, pipe, state_tma)
     if pk not in _K:
-        _K[pk] = load_module(kernel_source(program, split, pipe), "flu_ws")._flu_ws_kernel
+        src = kernel_source(program, split, pipe, state_tma)
+        _K[pk] = load_module(src, "flu_ws")._flu_ws_kernel
     return _K[pk]
 
 
@@ -263,6 +321,7 @@ class WsConfig:
     MMA_REGS: int
     MAXNREG: int
     PIPE: bool = False
+    SLOTS: int = 0          # > 0: W/state come by TMA through a SLOTS-deep ring (a 1-warp partition)
     GROUP_N: int = 8
 
 
@@ -295,12 +354,14 @@ def launch(dy, x, param, state, scalars, program, cfg: WsConfig, seed=0, skip_ge
         flags[f"SCALAR_PTR_{i}"] = on_gpu
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = torch.cuda.get_device_properties(dy.device).multi_processor_count
-    k = kernel(prog, cfg.SPLIT, cfg.PIPE)
+    k = kernel(prog, cfg.SPLIT, cfg.PIPE, cfg.SLOTS > 0)
+    sds = ([desc(t, [cfg.BLOCK_N, cfg.BLOCK_K // cfg.SPLIT]) for t in [param, *state]]
+           if cfg.SLOTS else [])
     return k[(min(tiles, nsm),)](
-        dyd, xd, param, *state, *scal, seed, T, N, K,
+        dyd, xd, *sds, param, *state, *scal, seed, T, N, K,
         param.stride(0), *[s.stride(0) for s in state], **flags,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T, SPLIT=cfg.SPLIT,
-        STAGES=cfg.STAGES, GROUP_N=cfg.GROUP_N,
+        STAGES=cfg.STAGES, SLOTS=max(cfg.SLOTS, 1), GROUP_N=cfg.GROUP_N,
         EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
