@@ -39,12 +39,20 @@ W = ws.WsConfig
 # copy bandwidth (AdamW), 60% (SGD-m), with 24 KB in flight per SM; kept: its best config.
 # Run 2: W/state by TMA through a SLOTS-deep shared-memory ring (a 1-warp partition), up to
 # 96 KB in flight per SM; 16 epilogue warps do not fit (ptxas needs ≥ 90 registers at 24 warps).
+# Run 2 (09:17 UTC): SGD-m's epilogue alone reached 85%, AdamW's 59-61% at 8 epilogue warps
+# (34% at 4: the AdamW math needs warps); fused AdamW T=512 beat the shipped kernel by 4-8%,
+# but BLOCK_T=32 slowed the GEMM (T=8192: 0.69 vs 0.53 ms). Kept: its best config.
+# Run 3: the epilogue warps issue the ring's TMA loads themselves ("epi", no extra warpgroup),
+# so 16 epilogue warps fit beside the MMA warpgroup; BLOCK_T=64 with 3 stages.
+E = "epi"
 CONFIGS = {
-    "e16 split8": W(128, 128, 64, 8, 4, 16, 208, 96),
-    "tma e8 split8 bt32 st4 sl4": W(128, 128, 32, 8, 4, 8, 208, 128, SLOTS=4),
     "tma e8 split8 bt32 st4 sl4 pipe": W(128, 128, 32, 8, 4, 8, 208, 128, PIPE=True, SLOTS=4),
-    "tma e8 split4 bt64 st2 sl2": W(128, 128, 64, 4, 2, 8, 208, 128, SLOTS=2),
-    "tma e4 split8 bt32 st4 sl4": W(128, 128, 32, 8, 4, 4, 208, 168, SLOTS=4),
+    "tma e8 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 8, 208, 128, SLOTS=2),
+    "epi e8 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 8, 208, 168, SLOTS=2, STATE_ISSUER=E),
+    "epi e16 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 16, 208, 96, SLOTS=2, STATE_ISSUER=E),
+    "epi e16 split8 bt64 st3 sl2 mma168": W(128, 128, 64, 8, 3, 16, 168, 96, SLOTS=2,
+                                            STATE_ISSUER=E),
+    "epi e16 split8 bt32 st4 sl4": W(128, 128, 32, 8, 4, 16, 208, 96, SLOTS=4, STATE_ISSUER=E),
 }
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [512, 2048, 8192]

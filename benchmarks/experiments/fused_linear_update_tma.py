@@ -66,6 +66,23 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
 """
 
 
+def issue_state_source(descs, smems) -> list:
+    """``_issue_state(seq, ...)``: TMA loads of W/state column chunk ``seq`` (tile seq // SPLIT
+    of this CTA, chunk seq % SPLIT) into ring slot seq % SLOTS (arity depends on the program)."""
+    out = ["@gluon.jit",
+           f"def _issue_state(seq, pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,",
+           "                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,",
+           "                 SLOTS: gl.constexpr, GROUP_N: gl.constexpr, CW: gl.constexpr):",
+           "    off_n, off_k = _tile_coords(pid + (seq // SPLIT) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)",
+           "    off_k += (seq % SPLIT) * CW",
+           "    slot = seq % SLOTS",
+           "    bar = st_bar.index(slot)",
+           "    mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")"]
+    out += [f"    tma.async_copy_global_to_shared({d}, [off_n, off_k], bar, {m}.index(slot))"
+            for d, m in zip(descs, smems)]
+    return out + ["", ""]
+
+
 def kernel_source(program, split: int) -> str:
     """The Gluon module source for one epilogue program and one SPLIT."""
     prog = load_program(program)
@@ -92,20 +109,7 @@ def kernel_source(program, split: int) -> str:
     a(_gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
       .replace("gl.randint", "tl.randint"))
     a(GEMM_HELPERS)
-    # state issue helper (arity depends on the program)
-    a("@gluon.jit")
-    a(f"def _issue_state(seq, pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,")
-    a("                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,")
-    a("                 SLOTS: gl.constexpr, GROUP_N: gl.constexpr, CW: gl.constexpr):")
-    a("    off_n, off_k = _tile_coords(pid + (seq // SPLIT) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
-    a("    off_k += (seq % SPLIT) * CW")
-    a("    slot = seq % SLOTS")
-    a("    bar = st_bar.index(slot)")
-    a("    mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")")
-    for d, s in zip(descs, smems):
-        a(f"    tma.async_copy_global_to_shared({d}, [off_n, off_k], bar, {s}.index(slot))")
-    a("")
-    a("")
+    L.extend(issue_state_source(descs, smems))
     scal_args = "".join(f"sc{i}, " for i in range(n_scalar))
     scal_flags = "".join(f"SCALAR_PTR_{i}: gl.constexpr, " for i in range(n_scalar))
     a("@gluon.jit(do_not_specialize=['seed'])")

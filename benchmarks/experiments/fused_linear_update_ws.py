@@ -35,11 +35,16 @@ import torch
 
 from forge_compile.kernels.fused_linear_update import (
     PARAM, _ROUND_BF16_STOCHASTIC, _Epilogue, column_split, load_program)
-from fused_linear_update_tma import GEMM_HELPERS, _gl, _gl_dtype, load_module
+from fused_linear_update_tma import (
+    GEMM_HELPERS, _gl, _gl_dtype, issue_state_source, load_module)
 
 
-def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
-    """The Gluon module source for one epilogue program, SPLIT, PIPE and STATE_TMA."""
+def kernel_source(program, split: int, pipe: bool, state: str) -> str:
+    """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
+    (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
+    fed by the epilogue warps themselves, SLOTS chunks ahead)."""
+    state_tma = state != "regs"
+    warp_fed = state == "warp"
     prog = load_program(program)
     ep = _Epilogue(prog)
     n_state = len(prog.state)
@@ -66,9 +71,9 @@ def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
     a(GEMM_HELPERS)
     # ---- MMA partition (worker: 4 warps) ----
     # worker partitions share one signature (Gluon's rule): the GEMM and the state streams
-    wsig = (f"dy_desc, x_desc, {''.join(d + ', ' for d in descs) if state_tma else ''}"
-            f"dy_smem, x_smem, {''.join(m + ', ' for m in smems) if state_tma else ''}"
-            f"ld_bar, {'st_ready, st_empty, ' if state_tma else ''}acc_smem, acc_ready, acc_empty, "
+    wsig = (f"dy_desc, x_desc, {''.join(d + ', ' for d in descs) if warp_fed else ''}"
+            f"dy_smem, x_smem, {''.join(m + ', ' for m in smems) if warp_fed else ''}"
+            f"ld_bar, {'st_ready, st_empty, ' if warp_fed else ''}acc_smem, acc_ready, acc_empty, "
             "T, N, K, BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, SLOTS, GROUP_N, SKIP_GEMM")
     wparams = (wsig.replace("BLOCK_N,", "BLOCK_N: gl.constexpr,")
                .replace("BLOCK_K,", "BLOCK_K: gl.constexpr,")
@@ -76,7 +81,9 @@ def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
                .replace("STAGES,", "STAGES: gl.constexpr,").replace("SLOTS,", "SLOTS: gl.constexpr,")
                .replace("GROUP_N,", "GROUP_N: gl.constexpr,")
                .replace("SKIP_GEMM", "SKIP_GEMM: gl.constexpr"))
-    if state_tma:
+    if state == "epi":
+        L.extend(issue_state_source(descs, smems))
+    if warp_fed:
         a("@gluon.jit")
         a(f"def _state_partition({wparams}):")
         a("    # one warp: W/state column chunks by TMA into a SLOTS-deep ring, ahead of the epilogue")
@@ -148,7 +155,8 @@ def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
     a("")
     # ---- epilogue partition (default: num_warps warps) ----
     a("@gluon.jit")
-    st_params = (f"{', '.join(smems)}, st_ready, st_empty, " if state_tma else "")
+    st_params = {"regs": "", "warp": f"{', '.join(smems)}, st_ready, st_empty, ",
+                 "epi": f"{', '.join(descs)}, {', '.join(smems)}, st_ready, "}[state]
     a(f"def _epilogue_partition(acc_smem, acc_ready, acc_empty, {st_params}{', '.join(ptrs)}, "
       f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)},")
     a("                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,")
@@ -166,6 +174,14 @@ def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
     a("        rn = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cl))")
     a("        mask_n = rn < N")
     a("        mbarrier.wait(acc_ready, i & 1)")
+    st_call = (f"pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_ready, N, K, "
+               "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
+    if state == "epi":     # the first SLOTS chunks go out before the tile loop
+        i_loop = L.index("    for i in range(my_tiles):")
+        L[i_loop:i_loop] = ["    n_chunks = my_tiles * SPLIT",
+                            "    for j in gl.static_range(SLOTS):",
+                            "        if j < n_chunks:",
+                            f"            _issue_state(j, {st_call}"]
 
     def loads(h):
         sfx = f"_{h}"
@@ -200,8 +216,12 @@ def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
         out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
         if state_tma or h == split - 1:
             out.append("        gl.thread_barrier()")
-        if state_tma:               # the slot is read: the state warp may refill it
+        if warp_fed:                # the slot is read: the state warp may refill it
             out.append("        mbarrier.arrive(st_empty.index(slot), count=1)")
+        elif state == "epi":        # the slot is read: refill it with chunk seq + SLOTS
+            out += ["        fence_async_shared()",
+                    "        if seq + SLOTS < n_chunks:",
+                    f"            _issue_state(seq + SLOTS, {st_call}"]
         if h == split - 1:          # every chunk's gradient read: the MMA warps may refill it
             out.append("        mbarrier.arrive(acc_empty, count=1)")
         return out
@@ -281,13 +301,13 @@ def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
         a(f"        c{i} = gl.load(sc{i}).to(gl.float32)")
         a("    else:")
         a(f"        c{i} = sc{i}")
-    st_args = (f"{', '.join(smems)}, st_ready, st_empty, " if state_tma else "")
+    st_args = st_params
     a("    gl.warp_specialize([")
     a(f"        (_epilogue_partition, (acc_smem, acc_ready, acc_empty, {st_args}{', '.join(ptrs)}, "
       f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)}, BLOCK_N, BLOCK_K, SPLIT, "
       "SLOTS, GROUP_N, EVEN_NK, SAME_STRIDES, STOCHASTIC_ROUND, num_warps)),")
     a(f"        (_mma_partition, ({wsig})),")
-    if state_tma:
+    if warp_fed:
         a(f"        (_state_partition, ({wsig})),")
         a("    ], [4, 1], [MMA_REGS, 40])")
     else:
@@ -299,10 +319,10 @@ def kernel_source(program, split: int, pipe: bool, state_tma: bool) -> str:
 _K = {}
 
 
-def kernel(program, split, pipe, state_tma):
-    pk = (load_program(program).dumps(), split, pipe, state_tma)
+def kernel(program, split, pipe, state):
+    pk = (load_program(program).dumps(), split, pipe, state)
     if pk not in _K:
-        src = kernel_source(program, split, pipe, state_tma)
+        src = kernel_source(program, split, pipe, state)
         _K[pk] = load_module(src, "flu_ws")._flu_ws_kernel
     return _K[pk]
 
@@ -321,8 +341,13 @@ class WsConfig:
     MMA_REGS: int
     MAXNREG: int
     PIPE: bool = False
-    SLOTS: int = 0          # > 0: W/state come by TMA through a SLOTS-deep ring (a 1-warp partition)
+    SLOTS: int = 0          # > 0: W/state come by TMA through a SLOTS-deep ring
+    STATE_ISSUER: str = "warp"   # who issues the ring's loads: a 1-warp partition, or "epi"
     GROUP_N: int = 8
+
+
+def state_path(cfg: WsConfig) -> str:
+    return cfg.STATE_ISSUER if cfg.SLOTS else "regs"
 
 
 def acc_layout(cfg: WsConfig):
@@ -354,7 +379,7 @@ def launch(dy, x, param, state, scalars, program, cfg: WsConfig, seed=0, skip_ge
         flags[f"SCALAR_PTR_{i}"] = on_gpu
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = torch.cuda.get_device_properties(dy.device).multi_processor_count
-    k = kernel(prog, cfg.SPLIT, cfg.PIPE, cfg.SLOTS > 0)
+    k = kernel(prog, cfg.SPLIT, cfg.PIPE, state_path(cfg))
     sds = ([desc(t, [cfg.BLOCK_N, cfg.BLOCK_K // cfg.SPLIT]) for t in [param, *state]]
            if cfg.SLOTS else [])
     return k[(min(tiles, nsm),)](
