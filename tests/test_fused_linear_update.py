@@ -14,6 +14,7 @@ reference computed from the same (already rounded) inputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -259,8 +260,123 @@ def test_tuning_keys_follow_torch_tf32_flag():
     with _tf32_flag_restored():
         for flag in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = flag
-            keys.append(flu._tune_key(dy, x, p, st, prog, "ieee"))
+            keys.append(flu._tune_key(dy, x, p, st, prog, "ieee", flu._GPU_CONFIGS))
     assert keys[0] != keys[1]
+
+
+def test_tuning_key_follows_the_candidate_list():
+    """A new candidate set (a release adding configs, or the warp-specialised kernel applying
+    or not) re-tunes instead of reusing a winner chosen among other candidates."""
+    pytest.importorskip("triton")
+    prog, _ = _rules()["adamw"]
+    dy, x, p, st = _inputs(prog, 8, 8, 4, torch.bfloat16, "cpu")
+    k1 = flu._tune_key(dy, x, p, st, prog, "ieee", flu._GPU_CONFIGS)
+    k2 = flu._tune_key(dy, x, p, st, prog, "ieee", flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS)
+    assert k1 != k2
+
+
+def test_kernel_config_round_trips_through_tuning_json():
+    for cfg in flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS + flu._GPU_SPLIT_CONFIGS:
+        assert flu.KernelConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+
+
+# ---------------------------------------------------------------- warp-specialised (Gluon) kernel
+WS_STUDY = {   # the shipped path and the study's two alternatives (docs/kernels.md)
+    "epi": flu._GPU_WS_CONFIGS[0],
+    "warp": flu.KernelConfig(128, 128, 32, 8, 4, EPI_SPLIT=8, EPI_PIPE=True, maxnreg=128,
+                             WS="warp", WS_SLOTS=4),
+    "regs": flu.KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="regs"),
+}
+
+
+def _ws():
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from forge_compile.kernels import fused_linear_update_ws
+    return fused_linear_update_ws
+
+
+@pytest.mark.parametrize("state_path", sorted(WS_STUDY))
+@pytest.mark.parametrize("rule", ["sgd_momentum", "sgd_nesterov_wd", "adam", "adamw", "lion",
+                                  "all_ops"])
+def test_ws_kernel_source_is_python(rule, state_path):
+    ws = _ws()
+    prog = _all_ops_program() if rule == "all_ops" else _rules()[rule][0]
+    for pipe in (False, True):
+        src = ws.kernel_source(prog, 8, pipe, state_path)
+        compile(src, f"<{rule}-{state_path}>", "exec")
+        assert "gl.warp_specialize" in src and prog.dumps() in src
+        assert ("def _state_partition" in src) == (state_path == "warp")
+        assert ("_issue_state(seq + SLOTS" in src) == (state_path == "epi")
+
+
+def test_ws_not_offered_off_gpu():
+    ws = _ws()
+    prog, _ = _rules()["adamw"]
+    dy, x, p, st = _inputs(prog, 64, 64, 64, torch.bfloat16, "cpu")
+    assert ws.ws_unsupported_reason(dy, x, p, st) == "not a CUDA tensor"
+    assert not any(c.WS for c in flu.candidate_configs(dy, x, p, st))
+
+
+def _sm90_resources(cfg, prog, param_dtype="fp32"):
+    """Compile the warp-specialised kernel for sm_90 on this machine (no GPU needed: Triton's
+    bundled ptxas) and return cuobjdump's resource line and Triton's shared-memory bytes."""
+    import re
+    import tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    ws = _ws()
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("this Triton has no bundled cuobjdump")
+    gdt = {"bf16": gl.bfloat16, "fp32": gl.float32}
+
+    def desc(dt, block):
+        lay = gl.NVMMASharedLayout.get_default_for(block, gdt[dt])
+        return f"tensordesc<{dt}[{', '.join(map(str, block))}],{lay!r}>"
+    n = len(prog.state)
+    cw = cfg.BLOCK_K // cfg.EPI_SPLIT
+    sig = {"dy_desc": desc("bf16", [cfg.BLOCK_T, cfg.BLOCK_N]),
+           "x_desc": desc("bf16", [cfg.BLOCK_T, cfg.BLOCK_K]),
+           "p_desc": desc(param_dtype, [cfg.BLOCK_N, cw]),
+           **{f"s{i}_desc": desc("fp32", [cfg.BLOCK_N, cw]) for i in range(n)},
+           "p_ptr": "*" + param_dtype, **{f"s{i}_ptr": "*fp32" for i in range(n)},
+           **{f"sc{i}": "*fp32" for i in range(len(prog.scalars))}, "seed": "i32",
+           **{a: "i32" for a in ["T", "N", "K", "s_p_n"] + [f"s_s{i}_n" for i in range(n)]}}
+    const = {**{f"SCALAR_PTR_{i}": True for i in range(len(prog.scalars))},
+             "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "BLOCK_T": cfg.BLOCK_T,
+             "SPLIT": cfg.EPI_SPLIT, "STAGES": cfg.num_stages, "SLOTS": cfg.WS_SLOTS,
+             "GROUP_N": cfg.GROUP_N, "EVEN_NK": False, "SAME_STRIDES": True,
+             "STOCHASTIC_ROUND": param_dtype == "bf16", "SKIP_GEMM": False,
+             "ACC_LAYOUT": gl.NVMMASharedLayout.get_default_for([cfg.BLOCK_N, cw], gl.float32),
+             "MMA_REGS": ws.MMA_REGS, "num_warps": cfg.num_warps}
+    sig.update({k: "constexpr" for k in const})
+    fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS)
+    ck = triton.compile(GluonASTSource(fn, sig, constexprs=const),
+                        target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    return dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out)), ck.metadata.shared
+
+
+@pytest.mark.parametrize("idx,rule,param_dtype", [
+    (i, "adamw", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
+    (0, "adamw", "bf16"), (2, "sgd_momentum", "fp32")])
+def test_ws_kernel_compiles_for_sm90_without_spills(idx, rule, param_dtype):
+    """Every shipped warp-specialised config compiles for sm_90 with this Triton's Gluon API
+    (CI: 3.9, the device: 3.6), without register spills and within 227 KiB of shared memory."""
+    cfg = flu._GPU_WS_CONFIGS[idx]
+    res, smem = _sm90_resources(cfg, _rules()[rule][0], param_dtype)
+    assert res["LOCAL"] == "0" and res["STACK"] == "0", res
+    assert smem <= 232448, smem
+    assert smem <= _ws().ws_shared_memory_bytes(
+        cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32, 2)
 
 
 @contextlib.contextmanager
@@ -445,6 +561,7 @@ def test_gpu_rule(rule, dtype, rtol, shape):
 _BF16, _F32 = (torch.bfloat16,), (torch.float32,)
 _ALL_GPU_CONFIGS = (
     [(c, _BF16) for c in flu._GPU_CONFIGS] + [(c, _F32) for c in flu._GPU_F32_CONFIGS]
+    + [(c, (torch.bfloat16, torch.float16)) for c in flu._GPU_WS_CONFIGS]
     + [(c, _BF16 + _F32) for c in flu._GPU_SPLIT_CONFIGS + (
         # split-GEMM with many row blocks: 0.5 MiB / (4 B × 3000) → 32-row blocks on RAGGED
         flu.KernelConfig(32, 128, 64, 4, 1, SPLIT_GEMM_MB=0.5),)])
@@ -461,6 +578,8 @@ def test_gpu_every_candidate_config(idx):
     for dtype in dtypes:
         for shape in (RAGGED, (512, 512, 128)):
             dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=idx)
+            if cfg.WS:
+                _ws_or_skip(dy, x, p, s)
             err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
                 *a, config=cfg))
             assert err.pop("finite"), (cfg, err)
@@ -548,7 +667,12 @@ def test_gpu_op_autotunes_once_and_lr_never_recompiles():
     flu.fused_linear_update_(dy, x, p, s, rules.adamw_scalars(1e-3, step=1, device="cuda"),
                              prog.dumps())
     n_tuned = len(flu._TUNED)
-    kern = flu._kernel(prog)
+    cfg = flu.tuned_config(dy, x, p, s, [], prog.dumps())   # the kernel the op launches
+    if cfg.WS:
+        from forge_compile.kernels.fused_linear_update_ws import _kernel as ws_kernel
+        kern = ws_kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS)
+    else:
+        kern = flu._kernel(prog)
     n_variants = _n_compiled(kern)
     for step, lr in [(2, 2e-3), (3, 5e-4)]:
         for dev in ("cuda", "cpu"):       # GPU scalars (pointers) and CPU scalars (values)
@@ -622,6 +746,76 @@ def _run_on(name, device, config):
         p = p.t().contiguous().t()
     return _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
         *a, config=config))
+
+
+def _ws_or_skip(dy, x, p, s):
+    why = _ws().ws_unsupported_reason(dy, x, p, s)
+    if why is not None:
+        pytest.skip(why)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("state_path", sorted(WS_STUDY))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adam", "adamw", "lion", "sgd_nesterov_wd"])
+def test_gpu_ws_rule(rule, dtype, state_path):
+    """The warp-specialised kernel, every rule, its shipped W/state path and the study's two,
+    on a ragged and an even shape; the same 1e-5 bound (bf16/fp16 products are exact)."""
+    prog, sc = _rules("cuda")[rule]
+    cfg = WS_STUDY[state_path]
+    for shape in GPU_SHAPES:
+        dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=hash((rule, shape)) % 1000)
+        _ws_or_skip(dy, x, p, s)
+        err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+            *a, config=cfg))
+        assert err.pop("finite"), err
+        assert max(err.values()) <= 1e-5, (shape, err)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_ws_bf16_weights_stochastic_rounding():
+    prog, sc = _rules("cuda")["adamw"]
+    dy, x, p, s = _inputs(prog, 2048, 1024, 256, torch.bfloat16, "cuda",
+                          param_dtype=torch.bfloat16)
+    _ws_or_skip(dy, x, p, s)
+    res = _sr_stats(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+        *a, config=flu._GPU_WS_CONFIGS[0]))
+    _check_interp("bf16-weights-sr", res)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("idx", range(len(flu._GPU_WS_CONFIGS)))
+def test_gpu_ws_poison(idx):
+    """param ← grad over a NaN-poisoned weight: any element the kernel does not write stays NaN."""
+    prog = EpilogueProgram(("grad", "param"), (), (Instr("g", "mul", ("grad", 1.0)),),
+                           (("param", "g"),))
+    dy, x, p, _ = _inputs(prog, *RAGGED, torch.bfloat16, "cuda")
+    _ws_or_skip(dy, x, p, [])
+    p.fill_(float("nan"))
+    flu.fused_linear_update_triton(dy, x, p, [], [], prog, config=flu._GPU_WS_CONFIGS[idx])
+    assert bool(torch.isfinite(p).all())
+    assert _rel(p, dy.double().t() @ x.double()) <= 1e-5
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_ws_declines_tensors_tma_cannot_read():
+    """A strided view (last stride 2) is not TMA-readable: the warp-specialised configs are not
+    candidates, an explicit one fails with the reason, and the op still gives the update."""
+    prog, sc = _rules("cuda")["adamw"]
+    dy, x, p, s = _inputs(prog, 512, 768, 256, torch.bfloat16, "cuda")
+    _ws_or_skip(dy, x, p, s)
+    assert any(c.WS for c in flu.candidate_configs(dy, x, p, s))
+    xs = torch.cat([x, x], 1)[:, ::2]
+    assert "TMA" in _ws().ws_unsupported_reason(dy, xs, p, s)
+    assert not any(c.WS for c in flu.candidate_configs(dy, xs, p, s))
+    with pytest.raises(ValueError, match="warp-specialised config: x is not TMA"):
+        flu.fused_linear_update_triton(dy, xs, p, s, sc, prog, config=flu._GPU_WS_CONFIGS[0])
+    err = _errors(prog, dy, xs, p, s, sc, flu.fused_linear_update_triton)
+    assert err.pop("finite") and max(err.values()) <= 1e-5, err
 
 
 # ============================================================================ subprocess entry

@@ -1,10 +1,11 @@
-"""Study: the warp-specialised Gluon kernel (fused_linear_update_ws.py) against the shipped
-Triton kernel, on one Hopper GPU (docs/kernels.md, "Experiments of the fifth session").
+"""Study: the warp-specialised Gluon kernel (forge_compile/kernels/fused_linear_update_ws.py)
+against the autotuned choice, on one Hopper GPU (docs/kernels.md, "Warp-specialised kernel").
 
 1. correctness of every config against the fp64 reference (the TMA study's check: relative
    error ≤ 1e-5 for bf16/fp16 operands; bf16 weights ≤ 1 ulp and unbiased); exits non-zero on
    a failure, before timing anything;
-2. fused timings on the issue's rows: the shipped kernel (autotuned) vs each WS config;
+2. fused timings on the issue's rows: the autotuned choice (which includes the shipped WS
+   candidates) vs each studied WS config;
 3. the epilogue's traffic alone (``skip_gemm``: grad = 0) at 4096², AdamW and SGD-momentum.
 
 Timings are medians of ``triton.testing.do_bench_cudagraph``. One JSON object per measurement
@@ -28,31 +29,42 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspa
 from benchmarks.bench_fused_linear_update import (  # noqa: E402
     copy_bandwidth_GBps, forge_bytes, make_case)
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
+from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
 from bench_fused_linear_update_tma import _ms, check_correctness  # noqa: E402
-import fused_linear_update_ws as ws  # noqa: E402
 
-W = ws.WsConfig
-# (BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, EPI_WARPS, MMA_REGS, MAXNREG[, PIPE, SLOTS]);
-# MAXNREG = 64K registers / warps / 32 (warps rounded up to whole warpgroups), so the CTA fits
-# one SM. All spill-free at sm_90 (ptxas of Triton 3.6, local compile).
-# Run 1 (09:04 UTC): W/state through registers (gl.load): the epilogue alone ran at 31-58% of
-# copy bandwidth (AdamW), 60% (SGD-m), with 24 KB in flight per SM; kept: its best config.
-# Run 2: W/state by TMA through a SLOTS-deep shared-memory ring (a 1-warp partition), up to
-# 96 KB in flight per SM; 16 epilogue warps do not fit (ptxas needs ≥ 90 registers at 24 warps).
-# Run 2 (09:17 UTC): SGD-m's epilogue alone reached 85%, AdamW's 59-61% at 8 epilogue warps
-# (34% at 4: the AdamW math needs warps); fused AdamW T=512 beat the shipped kernel by 4-8%,
-# but BLOCK_T=32 slowed the GEMM (T=8192: 0.69 vs 0.53 ms). Kept: its best config.
-# Run 3: the epilogue warps issue the ring's TMA loads themselves ("epi", no extra warpgroup),
-# so 16 epilogue warps fit beside the MMA warpgroup; BLOCK_T=64 with 3 stages.
+
+def W(bn, bk, bt, split, stages, warps, maxnreg, PIPE=False, SLOTS=0, STATE_ISSUER="warp"):
+    """A warp-specialised KernelConfig: num_warps epilogue warps beside the MMA warpgroup;
+    maxnreg = 64K registers / all warps (rounded up to whole warpgroups) / 32."""
+    return flu.KernelConfig(bn, bk, bt, warps, stages, EPI_SPLIT=split, EPI_PIPE=PIPE,
+                            maxnreg=maxnreg, WS=STATE_ISSUER if SLOTS else "regs",
+                            WS_SLOTS=SLOTS)
+
+
+def launch(*args, seed=0, skip_gemm=False):
+    *a, cfg = args
+    return fused_linear_update_ws(*a, cfg, seed=seed, skip_gemm=skip_gemm)
+
+
+# All spill-free at sm_90 (ptxas of Triton 3.6, local compile). Runs 1-3 (2026-11-23, H100)
+# had MMA_REGS as a field: 208 and 168 measured equal within 1%, 208 is fixed now.
+# Run 1 (09:04 UTC): W/state through registers ("regs", gl.load): the epilogue alone ran at
+# 31-58% of copy bandwidth (AdamW), 60% (SGD-m), with 24 KB in flight per SM.
+# Run 2 (09:17 UTC): W/state by TMA through a SLOTS-deep shared-memory ring fed by a 1-warp
+# partition ("warp"), up to 96 KB in flight per SM: SGD-m's epilogue alone 85%, AdamW's 59-61%
+# at 8 epilogue warps (34% at 4: the AdamW math needs warps; 16 do not fit, ptxas needs ≥ 90
+# registers at 24 warps); fused AdamW T=512 4-8% faster than the Triton kernel, but BLOCK_T=32
+# slowed the GEMM (T=8192: 0.69 vs 0.53 ms).
+# Run 3 (09:27 UTC): the epilogue warps issue the ring's TMA loads themselves ("epi", no extra
+# warpgroup), so 16 epilogue warps fit: AdamW's epilogue alone 75%; fused T=512 4-9% faster
+# than the Triton kernel, T >= 2048 slower. The three "epi" ones ship (_GPU_WS_CONFIGS).
 E = "epi"
 CONFIGS = {
-    "tma e8 split8 bt32 st4 sl4 pipe": W(128, 128, 32, 8, 4, 8, 208, 128, PIPE=True, SLOTS=4),
-    "tma e8 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 8, 208, 128, SLOTS=2),
-    "epi e8 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 8, 208, 168, SLOTS=2, STATE_ISSUER=E),
-    "epi e16 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 16, 208, 96, SLOTS=2, STATE_ISSUER=E),
-    "epi e16 split8 bt64 st3 sl2 mma168": W(128, 128, 64, 8, 3, 16, 168, 96, SLOTS=2,
-                                            STATE_ISSUER=E),
-    "epi e16 split8 bt32 st4 sl4": W(128, 128, 32, 8, 4, 16, 208, 96, SLOTS=4, STATE_ISSUER=E),
+    "regs e16 split8": W(128, 128, 64, 8, 4, 16, 96),
+    "warp e8 split8 bt32 st4 sl4 pipe": W(128, 128, 32, 8, 4, 8, 128, PIPE=True, SLOTS=4),
+    "epi e8 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 8, 168, SLOTS=2, STATE_ISSUER=E),
+    "epi e16 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 16, 96, SLOTS=2, STATE_ISSUER=E),
+    "epi e16 split8 bt32 st4 sl4": W(128, 128, 32, 8, 4, 16, 96, SLOTS=4, STATE_ISSUER=E),
 }
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [512, 2048, 8192]
@@ -72,7 +84,7 @@ def main():
             "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
     t0 = time.time()
-    bad = check_correctness(configs, ws.launch)
+    bad = check_correctness(configs, launch)
     print(f"correctness: {len(bad)} failures ({time.time() - t0:.0f} s)", flush=True)
     for b in bad:
         print("  FAIL", b, flush=True)
@@ -92,7 +104,7 @@ def main():
         args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
         nbytes = forge_bytes(4096, 4096, 0, len(c["state"]))
         for name, wc in configs.items():
-            ms = _ms(lambda: ws.launch(*args, wc, skip_gemm=True))
+            ms = _ms(lambda: launch(*args, wc, skip_gemm=True))
             emit(study="epilogue only", program=opt, config=name, ms=round(ms, 4),
                  frac_copy_bw=round(nbytes / (ms * 1e-3) / 1e9 / bw, 3))
     shapes = SHAPES[:1] if a.quick else SHAPES
@@ -103,10 +115,10 @@ def main():
                 args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
                 flu.fused_linear_update_triton(*args)            # tunes
                 cfg = flu.tuned_config(*args)
-                row = {"shipped": round(_ms(lambda: flu.fused_linear_update_triton(
-                    *args, config=cfg, seed=0)), 4), "shipped_config": str(cfg)}
+                row = {"tuned": round(_ms(lambda: flu.fused_linear_update_triton(
+                    *args, config=cfg, seed=0)), 4), "tuned_config": str(cfg)}
                 for name, wc in configs.items():
-                    row[name] = round(_ms(lambda: ws.launch(*args, wc)), 4)
+                    row[name] = round(_ms(lambda: launch(*args, wc)), 4)
                 emit(study="fused", optimizer=opt, N=N, K=K, T=T, **row)
                 torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -23,64 +23,13 @@ stride and 16-byte aligned strides (TMA), a CUDA sm_90 device.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
 
 import torch
 
 from forge_compile.kernels.fused_linear_update import (
-    PARAM, _ROUND_BF16_STOCHASTIC, _Epilogue, column_split, load_program)
-
-
-def _gl(expr: str) -> str:
-    return (expr.replace("tl.math.div_rn(", "gl.div_rn(").replace("tl.", "gl.")
-            .replace("gl.PropagateNan", "tl.PropagateNan"))
-
-
-GEMM_HELPERS = """
-@gluon.jit
-def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
-    num_n = gl.cdiv(N, BLOCK_N)
-    num_k = gl.cdiv(K, BLOCK_K)
-    per_group = GROUP_N * num_k
-    first_n = (tile // per_group) * GROUP_N
-    group_n = num_n - first_n
-    if group_n > GROUP_N:
-        group_n = GROUP_N
-    pid_n = first_n + (tile % per_group) % group_n
-    pid_k = (tile % per_group) // group_n
-    return pid_n * BLOCK_N, pid_k * BLOCK_K
-
-
-@gluon.jit
-def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
-                STAGES: gl.constexpr, BLOCK_T: gl.constexpr):
-    slot = gstep % STAGES
-    bar = ld_bar.index(slot)
-    mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot))
-    tma.async_copy_global_to_shared(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot))
-"""
-
-
-def issue_state_source(descs, smems) -> list:
-    """``_issue_state(seq, ...)``: TMA loads of W/state column chunk ``seq`` (tile seq // SPLIT
-    of this CTA, chunk seq % SPLIT) into ring slot seq % SLOTS (arity depends on the program)."""
-    out = ["@gluon.jit",
-           f"def _issue_state(seq, pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,",
-           "                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,",
-           "                 SLOTS: gl.constexpr, GROUP_N: gl.constexpr, CW: gl.constexpr):",
-           "    off_n, off_k = _tile_coords(pid + (seq // SPLIT) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)",
-           "    off_k += (seq % SPLIT) * CW",
-           "    slot = seq % SLOTS",
-           "    bar = st_bar.index(slot)",
-           "    mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")"]
-    out += [f"    tma.async_copy_global_to_shared({d}, [off_n, off_k], bar, {m}.index(slot))"
-            for d, m in zip(descs, smems)]
-    return out + ["", ""]
+    PARAM, _ROUND_BF16_STOCHASTIC, _Epilogue, _import_generated, column_split, load_program)
+from forge_compile.kernels.fused_linear_update_ws import (
+    _gl, _gl_dtype, gemm_helpers, issue_state_source)
 
 
 def kernel_source(program, split: int) -> str:
@@ -108,7 +57,7 @@ def kernel_source(program, split: int) -> str:
     # the shipped kernel's stochastic rounding, in Gluon (Philox from triton.language)
     a(_gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
       .replace("gl.randint", "tl.randint"))
-    a(GEMM_HELPERS)
+    a(gemm_helpers())
     L.extend(issue_state_source(descs, smems))
     scal_args = "".join(f"sc{i}, " for i in range(n_scalar))
     scal_flags = "".join(f"SCALAR_PTR_{i}: gl.constexpr, " for i in range(n_scalar))
@@ -248,33 +197,11 @@ def kernel_source(program, split: int) -> str:
 _K = {}
 
 
-def load_module(src: str, stem: str):
-    """Import a generated Gluon source (written to a temp dir: @gluon.jit needs a real file)."""
-    key = hashlib.sha256(src.encode()).hexdigest()[:16]
-    d = os.path.join(tempfile.gettempdir(), f"forge_{stem}_{os.getuid()}")
-    os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"{stem}_{key}.py")
-    with open(path, "w") as f:
-        f.write(src)
-    name = f"forge_{stem}_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def kernel(program, split):
     pk = (load_program(program).dumps(), split)
     if pk not in _K:
-        _K[pk] = load_module(kernel_source(program, split), "flu_tma")._flu_tma_kernel
+        _K[pk] = _import_generated(kernel_source(program, split), "flu_tma")._flu_tma_kernel
     return _K[pk]
-
-
-def _gl_dtype(t):
-    from triton.experimental.gluon import language as gl
-    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
-            torch.float32: gl.float32}[t]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -447,6 +447,26 @@ _KERNELS: dict = {}
 _LOCK = threading.Lock()
 
 
+def _import_generated(src: str, stem: str):
+    """Write a generated kernel module to the cache dir and import it (``@triton.jit`` and
+    ``@gluon.jit`` need a real source file)."""
+    digest = hashlib.sha256(src.encode()).hexdigest()[:16]
+    d = os.path.join(_cache_dir(), "kernels")
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, f"{stem}_{digest}.py")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".py")
+        with os.fdopen(fd, "w") as f:
+            f.write(src)
+        os.replace(tmp, path)      # atomic: concurrent processes never see half a file
+    name = f"forge_compile_generated.{stem}_{digest}_{int(_interpreting())}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _kernel(prog: EpilogueProgram):
     """The jitted kernel for ``prog``: generated, written to the cache dir, imported (cached)."""
     key = (prog.dumps(), _interpreting())
@@ -455,24 +475,9 @@ def _kernel(prog: EpilogueProgram):
         return k
     with _LOCK:
         k = _KERNELS.get(key)
-        if k is not None:
-            return k
-        src = kernel_source(prog)
-        digest = hashlib.sha256(src.encode()).hexdigest()[:16]
-        d = os.path.join(_cache_dir(), "kernels")
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"flu_{digest}.py")
-        if not os.path.exists(path):
-            fd, tmp = tempfile.mkstemp(dir=d, suffix=".py")
-            with os.fdopen(fd, "w") as f:
-                f.write(src)
-            os.replace(tmp, path)      # atomic: concurrent processes never see half a file
-        name = f"forge_compile_generated.flu_{digest}_{int(_interpreting())}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        k = _KERNELS[key] = mod._fused_linear_update_kernel
+        if k is None:
+            k = _KERNELS[key] = _import_generated(
+                kernel_source(prog), "flu")._fused_linear_update_kernel
         return k
 
 
@@ -496,6 +501,12 @@ class KernelConfig:
     # block is live at a time. For GEMM-bound shapes where cuBLAS beats Triton's dot (fp32
     # IEEE operands at large T); the block tiles are then BLOCK_N × BLOCK_K.
     SPLIT_GEMM_MB: float = 0.0
+    # "epi" (or the study's "warp"/"regs"): the warp-specialised Gluon kernel for sm_90
+    # (fused_linear_update_ws.py). num_warps are then its epilogue warps (beside one MMA
+    # warpgroup), num_stages its GEMM ring depth, WS_SLOTS its W/state ring depth in chunks of
+    # BLOCK_K / EPI_SPLIT columns, maxnreg = 64K registers / all its warps / 32.
+    WS: str = ""
+    WS_SLOTS: int = 0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
@@ -526,6 +537,16 @@ _GPU_CONFIGS = (
     # 0.315; slower on every T ≥ 2048 row (docs/kernels.md, "16 warps").
     KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=2),                 # 128, AdamW 20 B spilled
     KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=1),                 # SGD-m 128; AdamW 72 B
+)
+# The warp-specialised Gluon kernel (sm_90, bf16/fp16 operands, TMA-compatible tensors):
+# timed beside the configs above where ws_unsupported_reason allows. Measured (H100, CUDA-graph
+# medians, vs the tuned Triton kernel; docs/kernels.md, "Warp-specialised kernel"): AdamW T=512
+# 4096² 0.170 vs 0.182 ms, 11008×4096 0.451 vs 0.472, 4096×11008 0.462 vs 0.502; SGD-m T=512
+# 11008×4096 0.300 vs 0.317; slower at T ≥ 2048 (one MMA warpgroup on 128×128 tiles).
+_GPU_WS_CONFIGS = (
+    KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=2),
+    KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=4),
+    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi", WS_SLOTS=2),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
@@ -568,9 +589,11 @@ def split_gemm_mb() -> float:
     return mb
 
 
-def candidate_configs(dy: Tensor, x: Optional[Tensor] = None) -> Tuple[KernelConfig, ...]:
+def candidate_configs(dy: Tensor, x: Optional[Tensor] = None, param: Optional[Tensor] = None,
+                      state: Optional[List[Tensor]] = None) -> Tuple[KernelConfig, ...]:
     """The configs the autotuner times for this device, the likely best first (what
-    ``FORGE_NO_AUTOTUNE=1`` takes). Split-GEMM ones only when ``x`` is given and they apply."""
+    ``FORGE_NO_AUTOTUNE=1`` takes). Split-GEMM ones only when ``x`` is given and they apply,
+    warp-specialised ones only when ``param`` and ``state`` are given too and they apply."""
     if dy.device.type != "cuda":
         return (_INTERPRETER_CONFIG,)
     f32 = dy.dtype == torch.float32 or (x is not None and x.dtype == torch.float32)
@@ -580,7 +603,15 @@ def candidate_configs(dy: Tensor, x: Optional[Tensor] = None) -> Tuple[KernelCon
         split = tuple(dataclasses.replace(c, SPLIT_GEMM_MB=mb) for c in _GPU_SPLIT_CONFIGS)
     if f32:
         return split + _GPU_F32_CONFIGS
-    return _GPU_CONFIGS + split
+    ws = ()
+    if param is not None and _ws_ok(dy, x, param, state or []):
+        ws = _GPU_WS_CONFIGS
+    return _GPU_CONFIGS + split + ws
+
+
+def _ws_ok(dy, x, param, state) -> bool:
+    from forge_compile.kernels.fused_linear_update_ws import ws_unsupported_reason
+    return ws_unsupported_reason(dy, x, param, state) is None
 
 
 def _t_bucket(T: int) -> int:
@@ -620,15 +651,18 @@ def _save_tuned() -> None:
         pass
 
 
-def _tune_key(dy, x, param, state, prog, precision) -> str:
+def _tune_key(dy, x, param, state, prog, precision, cands) -> str:
     import triton
     dev = torch.cuda.get_device_name(dy.device) if dy.is_cuda else "cpu"
     T, N = dy.shape
     K = x.shape[1]
+    # the candidate list is in the key: a new candidate set (a new release, or the
+    # warp-specialised kernel applying or not to these tensors) re-tunes
     return "|".join(map(str, (
         dev, triton.__version__, N, K, _t_bucket(T), dy.dtype, x.dtype, param.dtype,
         tuple(s.dtype for s in state), precision, split_gemm_mb(), _mm_tf32(),
-        hashlib.sha256(prog.dumps().encode()).hexdigest()[:16])))
+        hashlib.sha256(prog.dumps().encode()).hexdigest()[:16],
+        hashlib.sha256(repr(cands).encode()).hexdigest()[:8])))
 
 
 def _mm_tf32() -> bool:
@@ -645,17 +679,19 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     precision = _input_precision(dy, x)
     # Per-launch fast path: a plain tuple key, no hashing or device queries (host overhead
     # matters at ~0.1 ms per launch).
+    # whether the warp-specialised kernel applies depends on strides and alignment too
+    ws = dy.is_cuda and dy.dtype != torch.float32 and _ws_ok(dy, x, param, state)
     fast = (dy.shape, x.shape[1], dy.dtype, x.dtype, param.dtype,
             tuple(s.dtype for s in state), precision, os.environ.get(ENV_SPLIT_GEMM),
-            _mm_tf32(), dy.device, program)   # the op's string, or a (hashable) program
+            _mm_tf32(), dy.device, ws, program)   # the op's string, or a (hashable) program
     cfg = _FAST.get(fast)
     if cfg is not None:
         return cfg
-    cands = candidate_configs(dy, x)
+    cands = candidate_configs(dy, x, param, state)
     if len(cands) == 1 or os.environ.get(ENV_NO_TUNE) == "1":
         return cands[0]
     _load_tuned()
-    key = _tune_key(dy, x, param, state, prog, precision)
+    key = _tune_key(dy, x, param, state, prog, precision, cands)
     cfg = _TUNED.get(key)
     if cfg is not None:
         _FAST[fast] = cfg
@@ -771,6 +807,10 @@ def triton_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor, state: List[
 
 def _run(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, seed: int,
          scalar_pointers: Optional[bool] = None):
+    if cfg.WS:
+        from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws
+        return fused_linear_update_ws(dy, x, param, state, scalars, prog, cfg, seed,
+                                      scalar_pointers)
     launch = _launch_split_gemm if cfg.SPLIT_GEMM_MB else _launch
     return launch(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
 
@@ -901,6 +941,11 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
         N, K = param.shape
         block = _split_rows(cfg, N, K) * K * 4
         SPLIT_GEMM_BLOCKS[(N, K)] = max(block, SPLIT_GEMM_BLOCKS.get((N, K), 0))
+    if cfg.WS:
+        from forge_compile.kernels.fused_linear_update_ws import ws_unsupported_reason
+        why = ws_unsupported_reason(dy, x, param, state)
+        if why is not None:
+            raise ValueError(f"fused_linear_update_triton: warp-specialised config: {why}")
     return _run(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
 
 

@@ -1,42 +1,126 @@
-"""Experiment: a warp-specialised Gluon kernel for Hopper (docs/kernels.md, "Experiments of
-the fifth session").
+"""``forge_compile::fused_linear_update_`` on Hopper: a warp-specialised Gluon kernel.
 
-The question: the shipped kernel runs the GEMM and then the optimizer epilogue in the same warps,
-so per tile the two phases add up (T=2048: 0.246 ms vs cuBLAS 0.095 + traffic 0.137), and its
-epilogue runs on the 8-16 warps that a 128x128 fp32 accumulator leaves room for. Here one
-warpgroup (4 warps, ~200 registers each) only runs the GEMM and hands each finished
-accumulator over through shared memory; the epilogue runs in E other warps (the default
-partition) with few registers each, so tile i's optimizer traffic streams while tile i+1's
-wgmma runs. It computes what ``forge_compile::fused_linear_update_`` computes (same epilogue
-program, same generated math, same stochastic rounding) and is checked against the fp64
-reference at 1e-5 by ``bench_fused_linear_update_ws.py``.
+Why it exists: the Triton kernel (fused_linear_update.py) runs the weight-gradient GEMM and
+then the optimizer epilogue in the same warps, and at T ≤ 2048 its epilogue runs on the 8-16
+warps that a 128×128 fp32 accumulator leaves room for, streaming W/state through registers
+(docs/kernels.md, "What limits it"). Here the work is split between warps (``gl.warp_specialize``):
 
-Design: grid = #SMs, each CTA walks tiles pid, pid + #SMs, ... in the shipped grouped order.
-- MMA partition (worker, 4 warps): a STAGES-deep TMA ring of dY[BLOCK_T, BLOCK_N] /
-  x[BLOCK_T, BLOCK_K] feeds ``warpgroup_mma``; the next tile's first steps are issued before the
-  handoff. The finished accumulator is split into SPLIT column chunks (register renaming) and
-  stored into ``acc_smem[SPLIT, BLOCK_N, BLOCK_K/SPLIT]`` (128-byte swizzle: conflict-free for
-  both the wgmma layout's stores and the epilogue's 16-byte loads), once the epilogue has
-  released it (``acc_empty``), then ``acc_ready`` is signalled. One accumulator buffer suffices
-  for overlap: tile i+1 accumulates in registers while the epilogue reads tile i.
-- Epilogue partition (default, E warps): per chunk, the gradient from shared memory, W/state
-  with 16-byte ``gl.load`` (evict-first), the generated update, ``gl.store``; with PIPE, chunk
-  h+1's loads are issued before chunk h's math. ``acc_empty`` is signalled after the last
-  chunk's gradient has been read.
+* the MMA partition, one warpgroup (4 warps, ``MMA_REGS`` registers each), runs the T loop on
+  wgmma from a STAGES-deep TMA ring of dY/X tiles, splits the finished accumulator into
+  EPI_SPLIT column chunks and hands them to the epilogue through shared memory
+  (``acc_smem``, 128-byte swizzle: conflict-free for the wgmma layout's stores and the
+  epilogue's 16-byte loads), then starts the next tile while the epilogue works;
+* the epilogue partition, ``num_warps`` warps with few registers each, reads the gradient chunk
+  from shared memory and W/state from a WS_SLOTS-deep TMA ring that it refills itself, WS_SLOTS
+  chunks ahead ("epi"), runs the generated update and stores W/state.
 
-Needs Triton with Gluon's Hopper API and ``gl.warp_specialize`` (3.6 on the device), bf16/fp16
-operands with unit last stride and 16-byte aligned strides (TMA), a CUDA sm_90 device.
+Measured (H100, torch 2.11, Triton 3.6; docs/kernels.md, "Warp-specialised kernel"): with 16
+epilogue warps AdamW's epilogue alone reaches 75% of copy bandwidth (60% with 8, 34% with 4:
+its IEEE div/sqrt need warps) and the fused kernel beats the Triton kernel at T=512 by 4-9%;
+at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the Triton kernel's
+128×256 tiles. The autotuner times it beside the Triton configs where it applies
+(``ws_unsupported_reason``). Two measured alternatives stay selectable for the study script
+(``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
+("regs", 31-58%), and the ring fed by a separate 1-warp partition ("warp", which leaves no
+room for 16 epilogue warps).
+
+Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
+accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
+Needs an sm_90 GPU, Triton with Gluon's Hopper API, bf16/fp16 operands and TMA-compatible
+tensors (unit last stride, 16-byte aligned rows and base pointers).
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
+import importlib
+from typing import List, Optional
 
 import torch
+from torch import Tensor
 
+from forge_compile.epilogue import PARAM
 from forge_compile.kernels.fused_linear_update import (
-    PARAM, _ROUND_BF16_STOCHASTIC, _Epilogue, column_split, load_program)
-from fused_linear_update_tma import (
-    GEMM_HELPERS, _gl, _gl_dtype, issue_state_source, load_module)
+    _ROUND_BF16_STOCHASTIC, _Epilogue, _import_generated, column_split, load_program)
+
+__all__ = ["kernel_source", "ws_unsupported_reason", "fused_linear_update_ws",
+           "ws_shared_memory_bytes"]
+
+# Registers of each MMA thread (setmaxnreg): the 128×128 fp32 accumulator is 128 per thread of
+# the warpgroup. 208 and 168 measured equal within 1% (H100, AdamW 4096², T=512-8192).
+MMA_REGS = 208
+# H100/H200: 227 KiB of shared memory per CTA.
+_SMEM_LIMIT = 232448
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_load() -> str:
+    # Triton 3.6 names the TMA load async_copy_global_to_shared; 3.9 removed that name.
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+    return "async_load" if hasattr(tma, "async_load") else "async_copy_global_to_shared"
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_barrier() -> str:
+    # Triton 3.6: gl.thread_barrier(); 3.9 renamed it gl.barrier()
+    gl = importlib.import_module("triton.experimental.gluon.language")
+    return "barrier" if hasattr(gl, "barrier") else "thread_barrier"
+
+
+def _gl(expr: str) -> str:
+    """A Triton epilogue expression in Gluon's namespace."""
+    return (expr.replace("tl.math.div_rn(", "gl.div_rn(").replace("tl.", "gl.")
+            .replace("gl.PropagateNan", "tl.PropagateNan"))
+
+
+def _gl_dtype(t: torch.dtype):
+    from triton.experimental.gluon import language as gl
+    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+            torch.float32: gl.float32}[t]
+
+
+def gemm_helpers() -> str:
+    """Gluon source of the grouped tile order and of one GEMM ring step's TMA loads."""
+    return f"""
+@gluon.jit
+def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
+    num_n = gl.cdiv(N, BLOCK_N)
+    num_k = gl.cdiv(K, BLOCK_K)
+    per_group = GROUP_N * num_k
+    first_n = (tile // per_group) * GROUP_N
+    group_n = num_n - first_n
+    if group_n > GROUP_N:
+        group_n = GROUP_N
+    pid_n = first_n + (tile % per_group) % group_n
+    pid_k = (tile % per_group) // group_n
+    return pid_n * BLOCK_N, pid_k * BLOCK_K
+
+
+@gluon.jit
+def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
+                STAGES: gl.constexpr, BLOCK_T: gl.constexpr):
+    slot = gstep % STAGES
+    bar = ld_bar.index(slot)
+    mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
+    tma.{_tma_load()}(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot))
+    tma.{_tma_load()}(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot))
+"""
+
+
+def issue_state_source(descs, smems) -> list:
+    """``_issue_state(seq, ...)``: TMA loads of W/state column chunk ``seq`` (tile seq // SPLIT
+    of this CTA, chunk seq % SPLIT) into ring slot seq % SLOTS (arity depends on the program)."""
+    out = ["@gluon.jit",
+           f"def _issue_state(seq, pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,",
+           "                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,",
+           "                 SLOTS: gl.constexpr, GROUP_N: gl.constexpr, CW: gl.constexpr):",
+           "    off_n, off_k = _tile_coords(pid + (seq // SPLIT) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)",
+           "    off_k += (seq % SPLIT) * CW",
+           "    slot = seq % SLOTS",
+           "    bar = st_bar.index(slot)",
+           "    mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")"]
+    out += [f"    tma.{_tma_load()}({d}, [off_n, off_k], bar, {m}.index(slot))"
+            for d, m in zip(descs, smems)]
+    return out + ["", ""]
 
 
 def kernel_source(program, split: int, pipe: bool, state: str) -> str:
@@ -56,7 +140,7 @@ def kernel_source(program, split: int, pipe: bool, state: str) -> str:
     cs = [f"c{i}" for i in range(n_scalar)]
     L = []
     a = L.append
-    a('"""Generated by benchmarks/experiments/fused_linear_update_ws.py; do not edit."""')
+    a('"""Generated by forge_compile/kernels/fused_linear_update_ws.py; do not edit."""')
     a("import triton")
     a("import triton.language as tl")
     a("from triton.experimental import gluon")
@@ -68,7 +152,7 @@ def kernel_source(program, split: int, pipe: bool, state: str) -> str:
     a("")
     a(_gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
       .replace("gl.randint", "tl.randint"))
-    a(GEMM_HELPERS)
+    a(gemm_helpers())
     # ---- MMA partition (worker: 4 warps) ----
     # worker partitions share one signature (Gluon's rule): the GEMM and the state streams
     wsig = (f"dy_desc, x_desc, {''.join(d + ', ' for d in descs) if warp_fed else ''}"
@@ -100,7 +184,7 @@ def kernel_source(program, split: int, pipe: bool, state: str) -> str:
         a("        bar = st_ready.index(slot)")
         a("        mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")")
         for d, m in zip(descs, smems):
-            a(f"        tma.async_copy_global_to_shared({d}, [off_n, off_k + (seq % SPLIT) * CW], "
+            a(f"        tma.{_tma_load()}({d}, [off_n, off_k + (seq % SPLIT) * CW], "
               f"bar, {m}.index(slot))")
         a("")
         a("")
@@ -268,7 +352,7 @@ def kernel_source(program, split: int, pipe: bool, state: str) -> str:
     scal_flags = "".join(f"SCALAR_PTR_{i}: gl.constexpr, " for i in range(n_scalar))
     a("@gluon.jit(do_not_specialize=['seed'])")
     dparams = f"{', '.join(descs)}, " if state_tma else ""
-    a(f"def _flu_ws_kernel(dy_desc, x_desc, {dparams}{', '.join(ptrs)}, {scal_args}seed,")
+    a(f"def _fused_linear_update_ws_kernel(dy_desc, x_desc, {dparams}{', '.join(ptrs)}, {scal_args}seed,")
     a(f"                   T, N, K, {', '.join(strides)}, {scal_flags}")
     a("                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,")
     a("                   SPLIT: gl.constexpr, STAGES: gl.constexpr, SLOTS: gl.constexpr,")
@@ -313,82 +397,110 @@ def kernel_source(program, split: int, pipe: bool, state: str) -> str:
     else:
         a("    ], [4], [MMA_REGS])")
     a("")
-    return "\n".join(L)
+    return "\n".join(L).replace("gl.thread_barrier()", f"gl.{_thread_barrier()}()")
 
 
-_K = {}
+_KERNELS: dict = {}
 
 
-def kernel(program, split, pipe, state):
-    pk = (load_program(program).dumps(), split, pipe, state)
-    if pk not in _K:
-        src = kernel_source(program, split, pipe, state)
-        _K[pk] = load_module(src, "flu_ws")._flu_ws_kernel
-    return _K[pk]
+def _kernel(prog, split: int, pipe: bool, state: str):
+    key = (prog.dumps(), split, pipe, state)
+    k = _KERNELS.get(key)
+    if k is None:
+        src = kernel_source(prog, split, pipe, state)
+        k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
+    return k
 
 
-@dataclasses.dataclass(frozen=True)
-class WsConfig:
-    """Tile, GEMM ring depth, epilogue chunks (SPLIT) and warps; MMA_REGS for the 4 MMA warps,
-    MAXNREG for the launch (the epilogue warps get what is left: 64K registers per SM)."""
-
-    BLOCK_N: int
-    BLOCK_K: int
-    BLOCK_T: int
-    SPLIT: int
-    STAGES: int
-    EPI_WARPS: int
-    MMA_REGS: int
-    MAXNREG: int
-    PIPE: bool = False
-    SLOTS: int = 0          # > 0: W/state come by TMA through a SLOTS-deep ring
-    STATE_ISSUER: str = "warp"   # who issues the ring's loads: a 1-warp partition, or "epi"
-    GROUP_N: int = 8
+def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
+                           op_bytes: int = 2) -> int:
+    """Shared memory of one CTA (the GEMM ring, the accumulator hand-off, the W/state ring)."""
+    cw = cfg.BLOCK_K // cfg.EPI_SPLIT
+    ring = cfg.num_stages * cfg.BLOCK_T * (cfg.BLOCK_N + cfg.BLOCK_K) * op_bytes
+    acc = cfg.BLOCK_N * cfg.BLOCK_K * 4
+    st = 0
+    if cfg.WS != "regs":
+        st = cfg.WS_SLOTS * cfg.BLOCK_N * cw * (param_dtype.itemsize + 4 * n_state)
+    return ring + acc + st + 1024      # + barriers and alignment
 
 
-def state_path(cfg: WsConfig) -> str:
-    return cfg.STATE_ISSUER if cfg.SLOTS else "regs"
+@functools.lru_cache(maxsize=None)
+def _gluon_hopper() -> Optional[str]:
+    try:
+        gl = importlib.import_module("triton.experimental.gluon.language")
+        for m in ("triton.experimental.gluon.language.nvidia.hopper",
+                  "triton.experimental.gluon.nvidia.hopper"):   # wgmma/TMA, TensorDescriptor
+            importlib.import_module(m)
+    except ImportError as e:
+        return f"this Triton has no Gluon Hopper API ({e})"
+    if not hasattr(gl, "warp_specialize"):
+        return "this Triton's Gluon has no warp_specialize"
+    return None
 
 
-def acc_layout(cfg: WsConfig):
-    from triton.experimental.gluon import language as gl
-    return gl.NVMMASharedLayout.get_default_for([cfg.BLOCK_N, cfg.BLOCK_K // cfg.SPLIT],
-                                                gl.float32)
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
 
 
-def launch(dy, x, param, state, scalars, program, cfg: WsConfig, seed=0, skip_gemm=False):
-    """W, state ← epilogue(dyᵀ·x, W, state, scalars) in place; ``skip_gemm``: grad = 0 (the
-    epilogue's traffic alone, for the study)."""
+def _tma_ok(t: Tensor) -> bool:
+    # TMA: unit last stride, 16-byte aligned base and row stride
+    return (t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def ws_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor,
+                          state: List[Tensor]) -> Optional[str]:
+    """Why the warp-specialised kernel cannot run these arguments (None: it can)."""
+    if not dy.is_cuda:
+        return "not a CUDA tensor"
+    if _capability(dy.device.index or 0) != (9, 0):
+        return "needs an sm_90 GPU (wgmma, setmaxnreg)"
+    why = _gluon_hopper()
+    if why:
+        return why
+    if dy.dtype != x.dtype or dy.dtype not in (torch.bfloat16, torch.float16):
+        return f"operands are {dy.dtype}/{x.dtype} (bf16 or fp16, one dtype)"
+    for name, t in [("dy", dy), ("x", x), ("param", param)] + [
+            (f"state[{i}]", s) for i, s in enumerate(state)]:
+        if not _tma_ok(t):
+            return f"{name} is not TMA-compatible (unit last stride, 16-byte aligned rows/base)"
+    return None
+
+
+def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
+                           scalars, program, cfg, seed: int = 0,
+                           scalar_pointers: Optional[bool] = None, skip_gemm: bool = False):
+    """W, state ← epilogue(dyᵀ·x, W, state, scalars) in place with the warp-specialised kernel;
+    ``cfg`` a KernelConfig with WS set; ``skip_gemm``: grad = 0 (the epilogue's traffic alone,
+    for the study script). The caller checked ``ws_unsupported_reason``."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     prog = load_program(program)
     T, N = dy.shape
     K = x.shape[1]
-    if any(t.stride(1) != 1 for t in [param, *state]):
-        raise ValueError("the WS experiment needs W and state with unit last stride")
+    cw = cfg.BLOCK_K // cfg.EPI_SPLIT
 
     def desc(t, block):
         lay = gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t.dtype))
         return TensorDescriptor(t, list(t.shape), list(t.stride()), block, lay)
-    dyd = desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N])
-    xd = desc(x, [cfg.BLOCK_T, cfg.BLOCK_K])
     flags, scal = {}, []
     for i, s in enumerate(scalars):
-        on_gpu = isinstance(s, torch.Tensor) and s.is_cuda
-        scal.append(s if on_gpu else float(s))
-        flags[f"SCALAR_PTR_{i}"] = on_gpu
+        on_gpu = isinstance(s, Tensor) and s.is_cuda
+        ptr = isinstance(s, Tensor) and (on_gpu if scalar_pointers is None else scalar_pointers)
+        scal.append(s if ptr else float(s))
+        flags[f"SCALAR_PTR_{i}"] = ptr
+    sds = [desc(t, [cfg.BLOCK_N, cw]) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = torch.cuda.get_device_properties(dy.device).multi_processor_count
-    k = kernel(prog, cfg.SPLIT, cfg.PIPE, state_path(cfg))
-    sds = ([desc(t, [cfg.BLOCK_N, cfg.BLOCK_K // cfg.SPLIT]) for t in [param, *state]]
-           if cfg.SLOTS else [])
+    k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS)
     return k[(min(tiles, nsm),)](
-        dyd, xd, *sds, param, *state, *scal, seed, T, N, K,
-        param.stride(0), *[s.stride(0) for s in state], **flags,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T, SPLIT=cfg.SPLIT,
-        STAGES=cfg.STAGES, SLOTS=max(cfg.SLOTS, 1), GROUP_N=cfg.GROUP_N,
-        EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
+        desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
+        param, *state, *scal, seed, T, N, K, param.stride(0), *[s.stride(0) for s in state],
+        **flags, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
+        SPLIT=cfg.EPI_SPLIT, STAGES=cfg.num_stages, SLOTS=max(cfg.WS_SLOTS, 1),
+        GROUP_N=cfg.GROUP_N, EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
-        ACC_LAYOUT=acc_layout(cfg), MMA_REGS=cfg.MMA_REGS,
-        num_warps=cfg.EPI_WARPS, maxnreg=cfg.MAXNREG)
+        ACC_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.BLOCK_N, cw], gl.float32),
+        MMA_REGS=MMA_REGS, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
