@@ -184,6 +184,10 @@ def markdown(rows) -> str:
         c = r["config"]
         cfg = (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"
                f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']},{int(c['EPI_PIPE'])}")
+        if c.get("WS"):                   # the warp-specialised Gluon kernel
+            cfg = (f"WS {c['BLOCK_N']}×{c['BLOCK_K']}×{c['BLOCK_T']}, {c['num_warps']} epilogue "
+                   f"warps, {c['num_stages']} stages, split {c['EPI_SPLIT']}, "
+                   f"{c['WS_SLOTS']} slots")
         if c.get("SPLIT_GEMM_MB"):        # cuBLAS per row block + the epilogue-only kernel
             cfg = f"split-GEMM ≤{c['SPLIT_GEMM_MB']:g} MiB, epilogue {c['BLOCK_N']}×{c['BLOCK_K']}"
         opt = r["optimizer"] + ("/fp32" if r.get("operands") == "float32" else "")
@@ -195,10 +199,13 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+_PRECOMPILED = flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS
+
+
 def _precompile_one(args):
     optimizer, idx = args
     c = make_case(1024, 1024, 512, optimizer)
-    cfg = flu._GPU_CONFIGS[idx]
+    cfg = _PRECOMPILED[idx]
     try:
         flu.fused_linear_update_triton(c["dy"], c["x"], c["p"], c["state"], c["scalars"],
                                        c["prog"], config=cfg)
@@ -212,7 +219,7 @@ def precompile(optimizers, workers=8):
     """Compile every candidate config in parallel processes (fills Triton's disk cache), so the
     sequential autotuning only loads kernels. Shapes divisible by 16 share one specialization."""
     import multiprocessing as mp
-    jobs = [(o, i) for o in optimizers for i in range(len(flu._GPU_CONFIGS))]
+    jobs = [(o, i) for o in optimizers for i in range(len(_PRECOMPILED))]
     with mp.get_context("spawn").Pool(workers) as pool:
         for r in pool.imap_unordered(_precompile_one, jobs):
             print("precompile", r, flush=True)
