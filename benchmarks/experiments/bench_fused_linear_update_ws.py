@@ -41,9 +41,10 @@ def W(bn, bk, bt, split, stages, warps, maxnreg, PIPE=False, SLOTS=0, STATE_ISSU
                             WS_SLOTS=SLOTS)
 
 
-def launch(*args, seed=0, skip_gemm=False):
+def launch(*args, seed=0, skip_gemm=False, skip_epilogue=False):
     *a, cfg = args
-    return fused_linear_update_ws(*a, cfg, seed=seed, skip_gemm=skip_gemm)
+    return fused_linear_update_ws(*a, cfg, seed=seed, skip_gemm=skip_gemm,
+                                  skip_epilogue=skip_epilogue)
 
 
 # All spill-free at sm_90 (ptxas of Triton 3.6, local compile). Runs 1-3 (2026-11-23, H100)
@@ -59,12 +60,19 @@ def launch(*args, seed=0, skip_gemm=False):
 # warpgroup), so 16 epilogue warps fit: AdamW's epilogue alone 75%; fused T=512 4-9% faster
 # than the Triton kernel, T >= 2048 slower. The three "epi" ones ship (_GPU_WS_CONFIGS).
 E = "epi"
+# Run 4: chunks of 32 columns (split 4) at 16 warps, more slots at BLOCK_T=32 / 3 stages, and
+# the GEMM alone (``skip_epilogue``) to see what the MMA warpgroup costs at T >= 2048.
 CONFIGS = {
+    "epi e16 split8 bt64 st3 sl2 (shipped 1)": flu._GPU_WS_CONFIGS[0],
+    "epi e16 split8 bt32 st4 sl4 (shipped 2)": flu._GPU_WS_CONFIGS[1],
+    "epi e8 split8 bt64 st3 sl2 (shipped 3)": flu._GPU_WS_CONFIGS[2],
+    "epi e16 split4 bt32 st3 sl2": W(128, 128, 32, 4, 3, 16, 96, SLOTS=2, STATE_ISSUER=E),
+    "epi e16 split8 bt32 st3 sl4": W(128, 128, 32, 8, 3, 16, 96, SLOTS=4, STATE_ISSUER=E),
+    "epi e16 split4 bt64 st2 sl2": W(128, 128, 64, 4, 2, 16, 96, SLOTS=2, STATE_ISSUER=E),
+}
+RUN3 = {
     "regs e16 split8": W(128, 128, 64, 8, 4, 16, 96),
     "warp e8 split8 bt32 st4 sl4 pipe": W(128, 128, 32, 8, 4, 8, 128, PIPE=True, SLOTS=4),
-    "epi e8 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 8, 168, SLOTS=2, STATE_ISSUER=E),
-    "epi e16 split8 bt64 st3 sl2": W(128, 128, 64, 8, 3, 16, 96, SLOTS=2, STATE_ISSUER=E),
-    "epi e16 split8 bt32 st4 sl4": W(128, 128, 32, 8, 4, 16, 96, SLOTS=4, STATE_ISSUER=E),
 }
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [512, 2048, 8192]
@@ -107,6 +115,14 @@ def main():
             ms = _ms(lambda: launch(*args, wc, skip_gemm=True))
             emit(study="epilogue only", program=opt, config=name, ms=round(ms, 4),
                  frac_copy_bw=round(nbytes / (ms * 1e-3) / 1e9 / bw, 3))
+    # the GEMM and the accumulator hand-off alone (nothing written), 4096², vs cuBLAS mm
+    for T in TOKENS:
+        c = make_case(4096, 4096, T, "adamw")
+        args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
+        row = {"cublas_mm": round(_ms(lambda: torch.mm(c["dy"].t(), c["x"])), 4)}
+        for name, wc in configs.items():
+            row[name] = round(_ms(lambda: launch(*args, wc, skip_epilogue=True)), 4)
+        emit(study="gemm only", N=4096, K=4096, T=T, **row)
     shapes = SHAPES[:1] if a.quick else SHAPES
     for opt in ("adamw", "sgd_momentum"):
         for N, K in shapes:

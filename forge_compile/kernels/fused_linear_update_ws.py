@@ -123,10 +123,11 @@ def issue_state_source(descs, smems) -> list:
     return out + ["", ""]
 
 
-def kernel_source(program, split: int, pipe: bool, state: str) -> str:
+def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
-    fed by the epilogue warps themselves, SLOTS chunks ahead)."""
+    fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
+    GEMM-alone measurement): the epilogue warps only take the accumulator over and drop it."""
     state_tma = state != "regs"
     warp_fed = state == "warp"
     prog = load_program(program)
@@ -260,7 +261,9 @@ def kernel_source(program, split: int, pipe: bool, state: str) -> str:
     a("        mbarrier.wait(acc_ready, i & 1)")
     st_call = (f"pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_ready, N, K, "
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
-    if state == "epi":     # the first SLOTS chunks go out before the tile loop
+    if not epilogue:
+        L += ["        gl.thread_barrier()", "        mbarrier.arrive(acc_empty, count=1)"]
+    elif state == "epi":     # the first SLOTS chunks go out before the tile loop
         i_loop = L.index("    for i in range(my_tiles):")
         L[i_loop:i_loop] = ["    n_chunks = my_tiles * SPLIT",
                             "    for j in gl.static_range(SLOTS):",
@@ -335,7 +338,9 @@ def kernel_source(program, split: int, pipe: bool, state: str) -> str:
                     f"mask=mask{sfx}, eviction_policy=\"evict_first\")"]
         return out
 
-    if pipe:
+    if not epilogue:
+        pass
+    elif pipe:
         L.extend(loads(0))
         for h in range(split):
             if h + 1 < split:
@@ -403,11 +408,11 @@ def kernel_source(program, split: int, pipe: bool, state: str) -> str:
 _KERNELS: dict = {}
 
 
-def _kernel(prog, split: int, pipe: bool, state: str):
-    key = (prog.dumps(), split, pipe, state)
+def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True):
+    key = (prog.dumps(), split, pipe, state, epilogue)
     k = _KERNELS.get(key)
     if k is None:
-        src = kernel_source(prog, split, pipe, state)
+        src = kernel_source(prog, split, pipe, state, epilogue)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -470,10 +475,12 @@ def ws_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor,
 
 def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                            scalars, program, cfg, seed: int = 0,
-                           scalar_pointers: Optional[bool] = None, skip_gemm: bool = False):
+                           scalar_pointers: Optional[bool] = None, skip_gemm: bool = False,
+                           skip_epilogue: bool = False):
     """W, state ← epilogue(dyᵀ·x, W, state, scalars) in place with the warp-specialised kernel;
-    ``cfg`` a KernelConfig with WS set; ``skip_gemm``: grad = 0 (the epilogue's traffic alone,
-    for the study script). The caller checked ``ws_unsupported_reason``."""
+    ``cfg`` a KernelConfig with WS set. For the study script: ``skip_gemm`` (grad = 0: the
+    epilogue's traffic alone), ``skip_epilogue`` (the GEMM and the hand-off alone; nothing is
+    written). The caller checked ``ws_unsupported_reason``."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     prog = load_program(program)
@@ -493,7 +500,7 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     sds = [desc(t, [cfg.BLOCK_N, cw]) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = torch.cuda.get_device_properties(dy.device).multi_processor_count
-    k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS)
+    k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue)
     return k[(min(tiles, nsm),)](
         desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
         param, *state, *scal, seed, T, N, K, param.stride(0), *[s.stride(0) for s in state],
