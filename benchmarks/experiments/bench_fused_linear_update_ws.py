@@ -81,12 +81,13 @@ TOKENS = [512, 2048, 8192]
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4096² rows only")
-    ap.add_argument("--configs", default="", help="comma-separated config names (default all)")
+    ap.add_argument("--configs", default="",
+                    help="comma-separated config names (default: CONFIGS)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
-    configs = {k: v for k, v in CONFIGS.items()
-               if not a.configs or k in a.configs.split(",")}
+    configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
+               {k: v for k, v in {**CONFIGS, **RUN3}.items() if k in a.configs.split(",")})
     import triton
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__,
