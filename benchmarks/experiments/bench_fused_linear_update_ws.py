@@ -42,9 +42,11 @@ def W(bn, bk, bt, split, stages, warps, maxnreg, PIPE=False, SLOTS=0, STATE_ISSU
 
 
 def launch(*args, seed=0, skip_gemm=False, skip_epilogue=False):
+    """The WS launcher; the config is a KernelConfig or a (KernelConfig, hand-off) pair."""
     *a, cfg = args
+    cfg, handoff = cfg if isinstance(cfg, tuple) else (cfg, "chunk")
     return fused_linear_update_ws(*a, cfg, seed=seed, skip_gemm=skip_gemm,
-                                  skip_epilogue=skip_epilogue)
+                                  skip_epilogue=skip_epilogue, handoff=handoff)
 
 
 # All spill-free at sm_90 (ptxas of Triton 3.6, local compile). Runs 1-3 (2026-11-23, H100)
@@ -60,12 +62,20 @@ def launch(*args, seed=0, skip_gemm=False, skip_epilogue=False):
 # warpgroup), so 16 epilogue warps fit: AdamW's epilogue alone 75%; fused T=512 4-9% faster
 # than the Triton kernel, T >= 2048 slower. The three "epi" ones ship (_GPU_WS_CONFIGS).
 E = "epi"
-# Run 4: chunks of 32 columns (split 4) at 16 warps, more slots at BLOCK_T=32 / 3 stages, and
-# the GEMM alone (``skip_epilogue``) to see what the MMA warpgroup costs at T >= 2048.
+# Run 4 (09:41 UTC): chunks of 32 columns (split 4) at 16 warps and more slots at BLOCK_T=32 /
+# 3 stages lost everywhere; the GEMM alone (``skip_epilogue``) at T=2048 took 0.120 ms (cuBLAS
+# 0.100) but the fused kernel 0.253 with an epilogue alone of 0.164-0.18: the two overlap
+# badly. Run 5: the accumulator handed over per column chunk (the shipped default now) vs per
+# tile, on the shipped configs; (config, hand-off) pairs.
 CONFIGS = {
-    "epi e16 split8 bt64 st3 sl2 (shipped 1)": flu._GPU_WS_CONFIGS[0],
-    "epi e16 split8 bt32 st4 sl4 (shipped 2)": flu._GPU_WS_CONFIGS[1],
-    "epi e8 split8 bt64 st3 sl2 (shipped 3)": flu._GPU_WS_CONFIGS[2],
+    "epi e16 split8 bt64 st3 sl2 (shipped 1)": (flu._GPU_WS_CONFIGS[0], "chunk"),
+    "epi e16 split8 bt32 st4 sl4 (shipped 2)": (flu._GPU_WS_CONFIGS[1], "chunk"),
+    "epi e8 split8 bt64 st3 sl2 (shipped 3)": (flu._GPU_WS_CONFIGS[2], "chunk"),
+    "epi e16 split8 bt64 st3 sl2 tile-handoff": (flu._GPU_WS_CONFIGS[0], "tile"),
+    "epi e16 split8 bt32 st4 sl4 tile-handoff": (flu._GPU_WS_CONFIGS[1], "tile"),
+    "epi e8 split8 bt64 st3 sl2 tile-handoff": (flu._GPU_WS_CONFIGS[2], "tile"),
+}
+RUN4 = {
     "epi e16 split4 bt32 st3 sl2": W(128, 128, 32, 4, 3, 16, 96, SLOTS=2, STATE_ISSUER=E),
     "epi e16 split8 bt32 st3 sl4": W(128, 128, 32, 8, 3, 16, 96, SLOTS=4, STATE_ISSUER=E),
     "epi e16 split4 bt64 st2 sl2": W(128, 128, 64, 4, 2, 16, 96, SLOTS=2, STATE_ISSUER=E),
@@ -87,7 +97,8 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
-               {k: v for k, v in {**CONFIGS, **RUN3}.items() if k in a.configs.split(",")})
+               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4}.items()
+                if k in a.configs.split(",")})
     import triton
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__,

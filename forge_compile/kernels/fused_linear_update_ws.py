@@ -123,11 +123,16 @@ def issue_state_source(descs, smems) -> list:
     return out + ["", ""]
 
 
-def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True) -> str:
+def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
+                  handoff: str = "chunk") -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
-    GEMM-alone measurement): the epilogue warps only take the accumulator over and drop it."""
+    GEMM-alone measurement): the epilogue warps only take the accumulator over and drop it.
+    ``handoff``: "chunk" = the accumulator changes hands one column chunk at a time (chunk h
+    of tile i+1 is stored as soon as the epilogue has read chunk h of tile i); "tile" = the
+    whole tile at once (the study's earlier variant: the epilogue idles during every hand-off)."""
+    per_chunk = handoff == "chunk"
     state_tma = state != "regs"
     warp_fed = state == "warp"
     prog = load_program(program)
@@ -229,13 +234,18 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                 if s < num_t:
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
                                 STAGES, BLOCK_T)
-        mbarrier.wait(acc_empty, (i & 1) ^ 1)""")
+""")
     lines, chunks = column_split(split, "        ", "gl")
     L.extend(lines)
+    if not per_chunk:
+        a("        mbarrier.wait(acc_empty.index(0), (i & 1) ^ 1)")
     for h, c in enumerate(chunks):
+        if per_chunk:
+            a(f"        mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)")
         a(f"        acc_smem.index({h}).store({c})")
-    a("        gl.thread_barrier()")
-    a("        mbarrier.arrive(acc_ready, count=1)")
+        if per_chunk or h == split - 1:
+            a("        gl.thread_barrier()")
+            a(f"        mbarrier.arrive(acc_ready.index({h if per_chunk else 0}), count=1)")
     a("")
     a("")
     # ---- epilogue partition (default: num_warps warps) ----
@@ -258,11 +268,16 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("        off_n, off_k = _tile_coords(pid + i * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
     a("        rn = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cl))")
     a("        mask_n = rn < N")
-    a("        mbarrier.wait(acc_ready, i & 1)")
+    if not per_chunk:
+        a("        mbarrier.wait(acc_ready.index(0), i & 1)")
     st_call = (f"pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_ready, N, K, "
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
     if not epilogue:
-        L += ["        gl.thread_barrier()", "        mbarrier.arrive(acc_empty, count=1)"]
+        for h in range(split if per_chunk else 1):
+            if per_chunk:
+                a(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
+            L += ["        gl.thread_barrier()",
+                  f"        mbarrier.arrive(acc_empty.index({h}), count=1)"]
     elif state == "epi":     # the first SLOTS chunks go out before the tile loop
         i_loop = L.index("    for i in range(my_tiles):")
         L[i_loop:i_loop] = ["    n_chunks = my_tiles * SPLIT",
@@ -300,8 +315,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     "        else:",
                     f"            {v} = gl.load({ptrs[idx]} + {offe}, mask=mask{sfx}, other=0.0, "
                     "eviction_policy=\"evict_first\").to(gl.float32)"]
+        if per_chunk:
+            out.append(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
         out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
-        if state_tma or h == split - 1:
+        if state_tma or per_chunk or h == split - 1:
             out.append("        gl.thread_barrier()")
         if warp_fed:                # the slot is read: the state warp may refill it
             out.append("        mbarrier.arrive(st_empty.index(slot), count=1)")
@@ -309,8 +326,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             out += ["        fence_async_shared()",
                     "        if seq + SLOTS < n_chunks:",
                     f"            _issue_state(seq + SLOTS, {st_call}"]
-        if h == split - 1:          # every chunk's gradient read: the MMA warps may refill it
-            out.append("        mbarrier.arrive(acc_empty, count=1)")
+        if per_chunk:               # chunk h read: the MMA warps may store the next tile's
+            out.append(f"        mbarrier.arrive(acc_empty.index({h}), count=1)")
+        elif h == split - 1:        # every chunk's gradient read: the MMA warps may refill it
+            out.append("        mbarrier.arrive(acc_empty.index(0), count=1)")
         return out
 
     def math_and_stores(h):
@@ -370,12 +389,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_T, BLOCK_K], x_desc.layout)")
     a("    acc_smem = gl.allocate_shared_memory(gl.float32, [SPLIT, BLOCK_N, CW], ACC_LAYOUT)")
     a("    ld_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())")
-    a("    acc_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())")
-    a("    acc_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())")
+    a("    acc_ready = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())")
+    a("    acc_empty = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())")
     a("    for s in gl.static_range(STAGES):")
     a("        mbarrier.init(ld_bar.index(s), count=1)")
-    a("    mbarrier.init(acc_ready, count=1)")
-    a("    mbarrier.init(acc_empty, count=1)")
+    a("    for h in gl.static_range(SPLIT):")
+    a("        mbarrier.init(acc_ready.index(h), count=1)")
+    a("        mbarrier.init(acc_empty.index(h), count=1)")
     if state_tma:
         for d, m in zip(descs, smems):
             a(f"    {m} = gl.allocate_shared_memory({d}.dtype, [SLOTS, BLOCK_N, CW], {d}.layout)")
@@ -408,11 +428,12 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
 _KERNELS: dict = {}
 
 
-def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True):
-    key = (prog.dumps(), split, pipe, state, epilogue)
+def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
+            handoff: str = "chunk"):
+    key = (prog.dumps(), split, pipe, state, epilogue, handoff)
     k = _KERNELS.get(key)
     if k is None:
-        src = kernel_source(prog, split, pipe, state, epilogue)
+        src = kernel_source(prog, split, pipe, state, epilogue, handoff)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -476,11 +497,11 @@ def ws_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor,
 def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                            scalars, program, cfg, seed: int = 0,
                            scalar_pointers: Optional[bool] = None, skip_gemm: bool = False,
-                           skip_epilogue: bool = False):
+                           skip_epilogue: bool = False, handoff: str = "chunk"):
     """W, state ← epilogue(dyᵀ·x, W, state, scalars) in place with the warp-specialised kernel;
     ``cfg`` a KernelConfig with WS set. For the study script: ``skip_gemm`` (grad = 0: the
     epilogue's traffic alone), ``skip_epilogue`` (the GEMM and the hand-off alone; nothing is
-    written). The caller checked ``ws_unsupported_reason``."""
+    written), ``handoff`` (see kernel_source). The caller checked ``ws_unsupported_reason``."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     prog = load_program(program)
@@ -500,7 +521,7 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     sds = [desc(t, [cfg.BLOCK_N, cw]) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = torch.cuda.get_device_properties(dy.device).multi_processor_count
-    k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue)
+    k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff)
     return k[(min(tiles, nsm),)](
         desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
         param, *state, *scal, seed, T, N, K, param.stride(0), *[s.stride(0) for s in state],
