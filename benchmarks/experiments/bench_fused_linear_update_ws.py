@@ -6,7 +6,9 @@ against the autotuned choice, on one Hopper GPU (docs/kernels.md, "Warp-speciali
    a failure, before timing anything;
 2. fused timings on the issue's rows: the autotuned choice (which includes the shipped WS
    candidates) vs each studied WS config;
-3. the epilogue's traffic alone (``skip_gemm``: grad = 0) at 4096², AdamW and SGD-momentum.
+3. the epilogue's traffic alone (``skip_gemm``: grad = 0) at 4096², AdamW and SGD-momentum;
+   the GEMM and the accumulator hand-off alone (``skip_epilogue``) vs cuBLAS;
+4. host time per launch, the Triton kernel vs the warp-specialised one (tiny shape).
 
 Timings are medians of ``triton.testing.do_bench_cudagraph``. One JSON object per measurement
 to ``--out``.
@@ -149,6 +151,19 @@ def main():
                     row[name] = round(_ms(lambda: launch(*args, wc)), 4)
                 emit(study="fused", optimizer=opt, N=N, K=K, T=T, **row)
                 torch.cuda.empty_cache()
+    # host time per launch (a tiny shape: the GPU waits on the host), the Triton kernel vs WS
+    c = make_case(256, 256, 64, "adamw")
+    args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"].dumps())
+    for name, cfg in (("triton", flu._GPU_CONFIGS[0]), ("ws", flu._GPU_WS_CONFIGS[0])):
+        for _ in range(5):
+            flu.fused_linear_update_triton(*args, config=cfg, seed=0)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(300):
+            flu.fused_linear_update_triton(*args, config=cfg, seed=0)
+        torch.cuda.synchronize()
+        emit(study="host us per launch", kernel=name,
+             us=round((time.perf_counter() - t) / 300 * 1e6, 1))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "a") as f:
         for r in rows:

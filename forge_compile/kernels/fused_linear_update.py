@@ -702,7 +702,7 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     p2 = param.clone()
     s2 = [s.clone() for s in state]
     log = os.environ.get(ENV_TUNE_LOG) == "1"
-    best, best_ms = None, float("inf")
+    timed = []
     for c in cands:
         try:
             ms = do_bench(lambda: _run(dy, x, p2, s2, scalars, prog, c, precision, 0),
@@ -711,10 +711,19 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
             continue
         if log:
             print(f"[forge autotune] {key} {c} {ms:.4f} ms", file=sys.stderr)
+        timed.append((ms, len(timed), c))
+    if not timed:
+        raise RuntimeError("fused_linear_update: no kernel config compiled for this device")
+    # The three fastest again, 4x longer: one 25 ms pass once picked a config 6% slower than
+    # the best (H100, AdamW 4096², T=512: 0.182 vs 0.172 ms), an outlier in the winner's pass.
+    best, best_ms = None, float("inf")
+    for _, _, c in sorted(timed)[:3]:
+        ms = do_bench(lambda: _run(dy, x, p2, s2, scalars, prog, c, precision, 0),
+                      warmup=5, rep=100, quantiles=[0.5])
+        if log:
+            print(f"[forge autotune] {key} {c} {ms:.4f} ms (final)", file=sys.stderr)
         if ms < best_ms:
             best, best_ms = c, ms
-    if best is None:
-        raise RuntimeError("fused_linear_update: no kernel config compiled for this device")
     _TUNED[key] = _FAST[fast] = best
     _save_tuned()
     return best

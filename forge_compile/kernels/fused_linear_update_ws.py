@@ -469,6 +469,18 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
+# host work per launch is cached: the layouts and the SM count do not change
+@functools.lru_cache(maxsize=None)
+def _nvmma_layout(block: tuple, dtype: torch.dtype):
+    from triton.experimental.gluon import language as gl
+    return gl.NVMMASharedLayout.get_default_for(list(block), _gl_dtype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _tma_ok(t: Tensor) -> bool:
     # TMA: unit last stride, 16-byte aligned base and row stride
     return (t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
@@ -502,7 +514,6 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     ``cfg`` a KernelConfig with WS set. For the study script: ``skip_gemm`` (grad = 0: the
     epilogue's traffic alone), ``skip_epilogue`` (the GEMM and the hand-off alone; nothing is
     written), ``handoff`` (see kernel_source). The caller checked ``ws_unsupported_reason``."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     prog = load_program(program)
     T, N = dy.shape
@@ -510,8 +521,8 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     cw = cfg.BLOCK_K // cfg.EPI_SPLIT
 
     def desc(t, block):
-        lay = gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t.dtype))
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), block, lay)
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+                                _nvmma_layout(tuple(block), t.dtype))
     flags, scal = {}, []
     for i, s in enumerate(scalars):
         on_gpu = isinstance(s, Tensor) and s.is_cuda
@@ -520,7 +531,7 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
         flags[f"SCALAR_PTR_{i}"] = ptr
     sds = [desc(t, [cfg.BLOCK_N, cw]) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
-    nsm = torch.cuda.get_device_properties(dy.device).multi_processor_count
+    nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff)
     return k[(min(tiles, nsm),)](
         desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
@@ -530,5 +541,5 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
         GROUP_N=cfg.GROUP_N, EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
-        ACC_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.BLOCK_N, cw], gl.float32),
+        ACC_LAYOUT=_nvmma_layout((cfg.BLOCK_N, cw), torch.float32),
         MMA_REGS=MMA_REGS, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
