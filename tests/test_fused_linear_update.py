@@ -20,6 +20,7 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -88,6 +89,37 @@ def _errors(prog, dy, x, p, state, scalars, run):
     for name, a, b in zip(prog.state, s1, s2):
         out[name] = _rel(a, b)
     out["finite"] = bool(torch.isfinite(p1).all() and all(torch.isfinite(s).all() for s in s1))
+    return out
+
+
+def _seed(rule, shape) -> int:
+    # a fixed seed per case (hash() of a str changes between processes)
+    return zlib.crc32(f"{rule}{shape}".encode()) % 1000
+
+
+def _rule_errors(rule, prog, dy, x, p, state, scalars, run):
+    """``_errors``, except for Lion: its update sign(c), c = b1·m + (1-b1)·grad, is
+    discontinuous at c = 0, so where the fp64 c lies within the fp32 accumulation error of 0,
+    any fp32 implementation (eager torch's too) may take the other sign, a ±2·lr change of
+    that weight element (one such flip on RAGGED is 1.16e-5 of ‖W‖, measured). Such
+    elements are allowed to flip, only those, and the bound holds on all the others."""
+    if rule != "lion":
+        return _errors(prog, dy, x, p, state, scalars, run)
+    decay, neg_lr, b1, omb1 = (float(v) for v in scalars[:4])
+    p1, s1 = p.clone(), [s.clone() for s in state]
+    run(dy, x, p1, s1, scalars, prog.dumps())
+    p2, s2 = p.double(), [s.double() for s in state]
+    flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, scalars, prog.dumps())
+    d, xd, m = dy.double(), x.double(), state[0].double()
+    c = b1 * m + omb1 * (d.t() @ xd)
+    # fp32: T-long accumulation (≤ T·u of Σ|dy·x| each way) and two products + a sum (3u)
+    u = 2.0 ** -24
+    bound = omb1 * 2 * dy.shape[0] * u * (d.abs().t() @ xd.abs()) + 3 * u * (b1 * m).abs()
+    flipped = (p1.double() - p2).abs() > abs(neg_lr)
+    assert bool((c.abs()[flipped] <= bound[flipped]).all()), "a sign flipped where c is clear"
+    keep = ~flipped
+    out = {"param": _rel(p1[keep], p2[keep]), "exp_avg": _rel(s1[0], s2[0]),
+           "finite": bool(torch.isfinite(p1).all() and torch.isfinite(s1[0]).all())}
     return out
 
 
@@ -550,9 +582,9 @@ GPU_SHAPES = [RAGGED, (512, 768, 256)]
 @pytest.mark.parametrize("rule", ["sgd_momentum", "adam", "adamw", "lion", "sgd_nesterov_wd"])
 def test_gpu_rule(rule, dtype, rtol, shape):
     prog, sc = _rules("cuda")[rule]
-    dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=hash((rule, shape)) % 1000)
+    dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=_seed(rule, shape))
     cfg = flu.candidate_configs(dy)[0]
-    err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+    err = _rule_errors(rule, prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
         *a, config=cfg))
     assert err.pop("finite"), err
     assert max(err.values()) <= rtol, err
@@ -765,10 +797,10 @@ def test_gpu_ws_rule(rule, dtype, state_path):
     prog, sc = _rules("cuda")[rule]
     cfg = WS_STUDY[state_path]
     for shape in GPU_SHAPES:
-        dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=hash((rule, shape)) % 1000)
+        dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=_seed(rule, shape))
         _ws_or_skip(dy, x, p, s)
-        err = _errors(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
-            *a, config=cfg))
+        err = _rule_errors(rule, prog, dy, x, p, s, sc,
+                           lambda *a: flu.fused_linear_update_triton(*a, config=cfg))
         assert err.pop("finite"), err
         assert max(err.values()) <= 1e-5, (shape, err)
 
