@@ -318,6 +318,8 @@ WS_STUDY = {   # the shipped path and the study's two alternatives (docs/kernels
     "warp": flu.KernelConfig(128, 128, 32, 8, 4, EPI_SPLIT=8, EPI_PIPE=True, maxnreg=128,
                              WS="warp", WS_SLOTS=4),
     "regs": flu.KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="regs"),
+    "epi_rows": flu.KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows",
+                                 WS_SLOTS=2),
 }
 
 
@@ -338,7 +340,8 @@ def test_ws_kernel_source_is_python(rule, state_path):
         compile(src, f"<{rule}-{state_path}>", "exec")
         assert "gl.warp_specialize" in src and prog.dumps() in src
         assert ("def _state_partition" in src) == (state_path == "warp")
-        assert ("_issue_state(seq + SLOTS" in src) == (state_path == "epi")
+        assert ("_issue_state(seq + SLOTS" in src) == state_path.startswith("epi")
+        assert ("acc_smem.slice(" in src) == (state_path == "epi_rows")
 
 
 def test_ws_not_offered_off_gpu():

@@ -67,12 +67,23 @@ E = "epi"
 # Run 4 (09:41 UTC): chunks of 32 columns (split 4) at 16 warps and more slots at BLOCK_T=32 /
 # 3 stages lost everywhere; the GEMM alone (``skip_epilogue``) at T=2048 took 0.120 ms (cuBLAS
 # 0.100) but the fused kernel 0.253 with an epilogue alone of 0.164-0.18: the two overlap
-# badly. Run 5: the accumulator handed over per column chunk (the shipped default now) vs per
-# tile, on the shipped configs; (config, hand-off) pairs.
+# badly. Run 5 (09:33 UTC): the accumulator handed over per column chunk (now the default) vs
+# per tile: within 0-3% (per chunk ahead on 9 of 12 T=2048 rows).
+# Run 6: chunks of BLOCK_N/SPLIT whole rows ("epi_rows": 512 contiguous bytes per row and
+# tensor instead of 64, for DRAM locality) vs the column chunks; (config, hand-off) pairs.
+KC = flu.KernelConfig
 CONFIGS = {
     "epi e16 split8 bt64 st3 sl2 (shipped 1)": (flu._GPU_WS_CONFIGS[0], "chunk"),
     "epi e16 split8 bt32 st4 sl4 (shipped 2)": (flu._GPU_WS_CONFIGS[1], "chunk"),
     "epi e8 split8 bt64 st3 sl2 (shipped 3)": (flu._GPU_WS_CONFIGS[2], "chunk"),
+    "rows e16 split8 bt64 st3 sl2": KC(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96,
+                                       WS="epi_rows", WS_SLOTS=2),
+    "rows e16 split8 bt32 st4 sl4": KC(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96,
+                                       WS="epi_rows", WS_SLOTS=4),
+    "rows e8 split8 bt64 st3 sl2": KC(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168,
+                                      WS="epi_rows", WS_SLOTS=2),
+}
+RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (flu._GPU_WS_CONFIGS[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (flu._GPU_WS_CONFIGS[1], "tile"),
     "epi e8 split8 bt64 st3 sl2 tile-handoff": (flu._GPU_WS_CONFIGS[2], "tile"),
@@ -100,7 +111,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
-               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4}.items()
+               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5}.items()
                 if k in a.configs.split(",")})
     import triton
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -106,15 +106,16 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
 """
 
 
-def issue_state_source(descs, smems) -> list:
-    """``_issue_state(seq, ...)``: TMA loads of W/state column chunk ``seq`` (tile seq // SPLIT
-    of this CTA, chunk seq % SPLIT) into ring slot seq % SLOTS (arity depends on the program)."""
+def issue_state_source(descs, smems, rows: bool = False) -> list:
+    """``_issue_state(seq, ...)``: TMA loads of W/state chunk ``seq`` (tile seq // SPLIT of this
+    CTA, chunk seq % SPLIT: CW columns, or with ``rows`` CW rows) into ring slot seq % SLOTS
+    (arity depends on the program)."""
     out = ["@gluon.jit",
            f"def _issue_state(seq, pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,",
            "                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,",
            "                 SLOTS: gl.constexpr, GROUP_N: gl.constexpr, CW: gl.constexpr):",
            "    off_n, off_k = _tile_coords(pid + (seq // SPLIT) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)",
-           "    off_k += (seq % SPLIT) * CW",
+           f"    off_{'n' if rows else 'k'} += (seq % SPLIT) * CW",
            "    slot = seq % SLOTS",
            "    bar = st_bar.index(slot)",
            "    mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")"]
@@ -132,7 +133,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``handoff``: "chunk" = the accumulator changes hands one column chunk at a time (chunk h
     of tile i+1 is stored as soon as the epilogue has read chunk h of tile i); "tile" = the
     whole tile at once (the study's earlier variant: the epilogue idles during every hand-off)."""
-    per_chunk = handoff == "chunk"
+    rows = state == "epi_rows"   # chunks of BLOCK_N/SPLIT rows (whole tile hand-off)
+    state = "epi" if rows else state
+    per_chunk = handoff == "chunk" and not rows
     state_tma = state != "regs"
     warp_fed = state == "warp"
     prog = load_program(program)
@@ -172,7 +175,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                .replace("GROUP_N,", "GROUP_N: gl.constexpr,")
                .replace("SKIP_GEMM", "SKIP_GEMM: gl.constexpr"))
     if state == "epi":
-        L.extend(issue_state_source(descs, smems))
+        L.extend(issue_state_source(descs, smems, rows))
     if warp_fed:
         a("@gluon.jit")
         a(f"def _state_partition({wparams}):")
@@ -236,14 +239,16 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                                 STAGES, BLOCK_T)
 """)
     lines, chunks = column_split(split, "        ", "gl")
+    if rows:     # one store of the whole tile; the epilogue reads row slices of it
+        lines, chunks = [], ["acc"]
     L.extend(lines)
     if not per_chunk:
         a("        mbarrier.wait(acc_empty.index(0), (i & 1) ^ 1)")
     for h, c in enumerate(chunks):
         if per_chunk:
             a(f"        mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)")
-        a(f"        acc_smem.index({h}).store({c})")
-        if per_chunk or h == split - 1:
+        a(f"        acc_smem.store({c})" if rows else f"        acc_smem.index({h}).store({c})")
+        if per_chunk or h == len(chunks) - 1:
             a("        gl.thread_barrier()")
             a(f"        mbarrier.arrive(acc_ready.index({h if per_chunk else 0}), count=1)")
     a("")
@@ -258,8 +263,12 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("                        SLOTS: gl.constexpr, GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr,")
     a("                        SAME_STRIDES: gl.constexpr, STOCHASTIC_ROUND: gl.constexpr,")
     a("                        EPI_WARPS: gl.constexpr):")
-    a("    CW: gl.constexpr = BLOCK_K // SPLIT")
-    a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [128 // CW, CW // 4], [EPI_WARPS, 1], [1, 0])")
+    if rows:
+        a("    CW: gl.constexpr = BLOCK_N // SPLIT")
+        a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [EPI_WARPS, 1], [1, 0])")
+    else:
+        a("    CW: gl.constexpr = BLOCK_K // SPLIT")
+        a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [128 // CW, CW // 4], [EPI_WARPS, 1], [1, 0])")
     a("    pid = gl.program_id(0)")
     a("    nprog = gl.num_programs(0)")
     a("    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)")
@@ -285,17 +294,26 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                             "        if j < n_chunks:",
                             f"            _issue_state(j, {st_call}"]
 
+    def rn(sfx):
+        return f"rn{sfx}" if rows else "rn"
+
     def loads(h):
         sfx = f"_{h}"
-        out = [f"        rk{sfx} = off_k + {h} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))",
-               f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]",
-               f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]"]
+        if rows:
+            out = [f"        rn{sfx} = off_n + {h} * CW + gl.arange(0, CW, gl.SliceLayout(1, cl))",
+                   f"        rk{sfx} = off_k + gl.arange(0, BLOCK_K, gl.SliceLayout(0, cl))",
+                   f"        mask{sfx} = (rn{sfx} < N)[:, None] & (rk{sfx} < K)[None, :]",
+                   f"        off{sfx} = rn{sfx}[:, None] * s_p_n + rk{sfx}[None, :]"]
+        else:
+            out = [f"        rk{sfx} = off_k + {h} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))",
+                   f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]",
+                   f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]"]
         for idx, n in enumerate(ep.tensor_names[1:], 1):
             v = f"{ep.var[n]}{sfx}"
             out += ["        if SAME_STRIDES:",
                     f"            off_{v} = off{sfx}",
                     "        else:",
-                    f"            off_{v} = rn[:, None] * {strides[idx]} + rk{sfx}[None, :]"]
+                    f"            off_{v} = {rn(sfx)}[:, None] * {strides[idx]} + rk{sfx}[None, :]"]
         if state_tma:
             # the chunk's W/state are in ring slot `seq % SLOTS` (TMA zero-fills the edges)
             out += [f"        seq = i * SPLIT + {h}",
@@ -317,7 +335,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     "eviction_policy=\"evict_first\").to(gl.float32)"]
         if per_chunk:
             out.append(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
-        out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
+        if rows:
+            out.append(f"        acc{sfx} = acc_smem.slice({h} * CW, CW, dim=0).load(cl)")
+        else:
+            out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
         if state_tma or per_chunk or h == split - 1:
             out.append("        gl.thread_barrier()")
         if warp_fed:                # the slot is read: the state warp may refill it
@@ -340,7 +361,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             e, is_tile, _ = ep.env[val]
             e = e.format(sfx=sfx)
             if not is_tile:
-                e = f"({e} + gl.zeros([BLOCK_N, CW], gl.float32, cl))"
+                shape = "[CW, BLOCK_K]" if rows else "[BLOCK_N, CW]"
+                e = f"({e} + gl.zeros({shape}, gl.float32, cl))"
             idx = ep.tensor_names.index(dst)
             ptr = ptrs[idx]
             offe = f"off{sfx}" if idx == 0 else f"off_{ep.var[dst]}{sfx}"
@@ -348,7 +370,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             if dst == PARAM:
                 out += ["        if STOCHASTIC_ROUND:",
                         f"            o{sfx} = _round_bf16_stochastic(o{sfx}, seed, "
-                        f"rn[:, None] * K + rk{sfx}[None, :])"]
+                        f"{rn(sfx)}[:, None] * K + rk{sfx}[None, :])"]
             out += ["        if EVEN_NK:",
                     f"            gl.store({ptr} + {offe}, o{sfx}.to({ptr}.dtype.element_ty), "
                     "eviction_policy=\"evict_first\")",
@@ -387,7 +409,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("    CW: gl.constexpr = BLOCK_K // SPLIT")
     a("    dy_smem = gl.allocate_shared_memory(dy_desc.dtype, [STAGES, BLOCK_T, BLOCK_N], dy_desc.layout)")
     a("    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_T, BLOCK_K], x_desc.layout)")
-    a("    acc_smem = gl.allocate_shared_memory(gl.float32, [SPLIT, BLOCK_N, CW], ACC_LAYOUT)")
+    if rows:
+        a("    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_N, BLOCK_K], ACC_LAYOUT)")
+    else:
+        a("    acc_smem = gl.allocate_shared_memory(gl.float32, [SPLIT, BLOCK_N, CW], ACC_LAYOUT)")
     a("    ld_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())")
     a("    acc_ready = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())")
     a("    acc_empty = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())")
@@ -398,7 +423,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("        mbarrier.init(acc_empty.index(h), count=1)")
     if state_tma:
         for d, m in zip(descs, smems):
-            a(f"    {m} = gl.allocate_shared_memory({d}.dtype, [SLOTS, BLOCK_N, CW], {d}.layout)")
+            shape = "[SLOTS, BLOCK_N // SPLIT, BLOCK_K]" if rows else "[SLOTS, BLOCK_N, CW]"
+            a(f"    {m} = gl.allocate_shared_memory({d}.dtype, {shape}, {d}.layout)")
         a("    st_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())")
         a("    st_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())")
         a("    for s in gl.static_range(SLOTS):")
@@ -529,7 +555,9 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
         ptr = isinstance(s, Tensor) and (on_gpu if scalar_pointers is None else scalar_pointers)
         scal.append(s if ptr else float(s))
         flags[f"SCALAR_PTR_{i}"] = ptr
-    sds = [desc(t, [cfg.BLOCK_N, cw]) for t in [param, *state]] if cfg.WS != "regs" else []
+    rows = cfg.WS == "epi_rows"
+    chunk = [cfg.BLOCK_N // cfg.EPI_SPLIT, cfg.BLOCK_K] if rows else [cfg.BLOCK_N, cw]
+    sds = [desc(t, chunk) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff)
@@ -541,5 +569,6 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
         GROUP_N=cfg.GROUP_N, EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
-        ACC_LAYOUT=_nvmma_layout((cfg.BLOCK_N, cw), torch.float32),
+        ACC_LAYOUT=_nvmma_layout((cfg.BLOCK_N, cfg.BLOCK_K) if rows else (cfg.BLOCK_N, cw),
+                                 torch.float32),
         MMA_REGS=MMA_REGS, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
