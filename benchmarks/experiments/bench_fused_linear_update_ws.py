@@ -69,13 +69,18 @@ E = "epi"
 # 0.100) but the fused kernel 0.253 with an epilogue alone of 0.164-0.18: the two overlap
 # badly. Run 5 (09:33 UTC): the accumulator handed over per column chunk (now the default) vs
 # per tile: within 0-3% (per chunk ahead on 9 of 12 T=2048 rows).
-# Run 6: chunks of BLOCK_N/SPLIT whole rows ("epi_rows": 512 contiguous bytes per row and
+# Run 6 (09:49 UTC, an H200): chunks of BLOCK_N/SPLIT whole rows ("epi_rows": 512 contiguous bytes per row and
 # tensor instead of 64, for DRAM locality) vs the column chunks; (config, hand-off) pairs.
+# Rows won every T <= 2048 row by 3-11% (AdamW 4096² T=512 0.123 vs 0.134 ms); three of them
+# and the second column config ship.
 KC = flu.KernelConfig
+COL = (KC(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=2),   # runs 3-6
+       KC(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=4),
+       KC(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi", WS_SLOTS=2))
 CONFIGS = {
-    "epi e16 split8 bt64 st3 sl2 (shipped 1)": (flu._GPU_WS_CONFIGS[0], "chunk"),
-    "epi e16 split8 bt32 st4 sl4 (shipped 2)": (flu._GPU_WS_CONFIGS[1], "chunk"),
-    "epi e8 split8 bt64 st3 sl2 (shipped 3)": (flu._GPU_WS_CONFIGS[2], "chunk"),
+    "epi e16 split8 bt64 st3 sl2 (col 1)": (COL[0], "chunk"),
+    "epi e16 split8 bt32 st4 sl4 (col 2)": (COL[1], "chunk"),
+    "epi e8 split8 bt64 st3 sl2 (col 3)": (COL[2], "chunk"),
     "rows e16 split8 bt64 st3 sl2": KC(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96,
                                        WS="epi_rows", WS_SLOTS=2),
     "rows e16 split8 bt32 st4 sl4": KC(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96,
@@ -84,9 +89,9 @@ CONFIGS = {
                                       WS="epi_rows", WS_SLOTS=2),
 }
 RUN5 = {
-    "epi e16 split8 bt64 st3 sl2 tile-handoff": (flu._GPU_WS_CONFIGS[0], "tile"),
-    "epi e16 split8 bt32 st4 sl4 tile-handoff": (flu._GPU_WS_CONFIGS[1], "tile"),
-    "epi e8 split8 bt64 st3 sl2 tile-handoff": (flu._GPU_WS_CONFIGS[2], "tile"),
+    "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
+    "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
+    "epi e8 split8 bt64 st3 sl2 tile-handoff": (COL[2], "tile"),
 }
 RUN4 = {
     "epi e16 split4 bt32 st3 sl2": W(128, 128, 32, 4, 3, 16, 96, SLOTS=2, STATE_ISSUER=E),

@@ -539,14 +539,17 @@ _GPU_CONFIGS = (
     KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=1),                 # SGD-m 128; AdamW 72 B
 )
 # The warp-specialised Gluon kernel (sm_90, bf16/fp16 operands, TMA-compatible tensors):
-# timed beside the configs above where ws_unsupported_reason allows. Measured (H100, CUDA-graph
-# medians, vs the tuned Triton kernel; docs/kernels.md, "Warp-specialised kernel"): AdamW T=512
-# 4096² 0.170 vs 0.182 ms, 11008×4096 0.451 vs 0.472, 4096×11008 0.462 vs 0.502; SGD-m T=512
-# 11008×4096 0.300 vs 0.317; slower at T ≥ 2048 (one MMA warpgroup on 128×128 tiles).
+# timed beside the configs above where ws_unsupported_reason allows. Measured (CUDA-graph
+# medians; docs/kernels.md, "Warp-specialised kernel"): on the H100, column chunks vs the tuned
+# Triton kernel: AdamW T=512 4096² 0.170 vs 0.182 ms, 11008×4096 0.451 vs 0.472, 4096×11008
+# 0.462 vs 0.502; slower at T ≥ 2048 (one MMA warpgroup on 128×128 tiles). On the H200, row
+# chunks ("epi_rows", 512 contiguous bytes per row and tensor) beat column chunks on every
+# T ≤ 2048 row, e.g. AdamW 4096² T=512 0.123 vs 0.134 ms, T=2048 0.210 vs 0.220.
 _GPU_WS_CONFIGS = (
-    KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=2),
+    KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=2),
+    KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=4),
+    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=4),
-    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi", WS_SLOTS=2),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
