@@ -544,7 +544,8 @@ _GPU_CONFIGS = (
 # Triton kernel: AdamW T=512 4096² 0.170 vs 0.182 ms, 11008×4096 0.451 vs 0.472, 4096×11008
 # 0.462 vs 0.502; slower at T ≥ 2048 (one MMA warpgroup on 128×128 tiles). On the H200, row
 # chunks ("epi_rows", 512 contiguous bytes per row and tensor) beat column chunks on every
-# T ≤ 2048 row, e.g. AdamW 4096² T=512 0.123 vs 0.134 ms, T=2048 0.210 vs 0.220.
+# T ≤ 2048 row by 2-14% (best of each: AdamW 4096² T=512 0.123 vs 0.134 ms, T=2048 0.210 vs
+# 0.220). Final bench (H100): every T=512 row picks one of them (docs/kernels.md).
 _GPU_WS_CONFIGS = (
     KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=2),
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=4),
