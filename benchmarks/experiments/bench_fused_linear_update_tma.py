@@ -102,6 +102,54 @@ def check_correctness(configs=None, launch=None) -> list:
     return bad
 
 
+def study_setup(bad: list, t0: float):
+    """Report the correctness failures (exit 1 if any), measure the copy bandwidth; returns
+    (rows, emit, copy GB/s) where emit(**row) prints and records one row with device and versions."""
+    import triton
+    print(f"correctness: {len(bad)} failures ({time.time() - t0:.0f} s)", flush=True)
+    for b in bad:
+        print("  FAIL", b, flush=True)
+    if bad:
+        sys.exit(1)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+    bw = copy_bandwidth_GBps()
+    rows = []
+
+    def emit(**row):
+        row = {**meta, "copy_GBps": round(bw, 1), **row}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows, emit, bw
+
+
+def fused_rows(emit, shapes, configs, launch, label):
+    """The issue's rows: the autotuned choice (``label``) vs every studied config."""
+    for opt in ("adamw", "sgd_momentum"):
+        for N, K in shapes:
+            for T in TOKENS:
+                c = make_case(N, K, T, opt)
+                args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
+                flu.fused_linear_update_triton(*args)            # tunes
+                cfg = flu.tuned_config(*args)
+                row = {label: round(_ms(lambda: flu.fused_linear_update_triton(
+                    *args, config=cfg, seed=0)), 4), f"{label}_config": str(cfg)}
+                for name, tc in configs.items():
+                    row[name] = round(_ms(lambda: launch(*args, tc)), 4)
+                emit(study="fused", optimizer=opt, N=N, K=K, T=T, **row)
+                torch.cuda.empty_cache()
+
+
+def save_rows(rows, out, t0):
+    """Append the rows to ``out`` (JSON lines)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"total {time.time() - t0:.0f} s; {len(rows)} rows -> {out}")
+
+
 def _ms(fn) -> float:
     from triton.testing import do_bench_cudagraph
     fn()
@@ -113,39 +161,10 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "fused_linear_update_tma.jsonl"))
     a = ap.parse_args()
-    import triton
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
     t0 = time.time()
-    bad = check_correctness()
-    print(f"correctness: {len(bad)} failures ({time.time() - t0:.0f} s)", flush=True)
-    for b in bad:
-        print("  FAIL", b, flush=True)
-    if bad:
-        sys.exit(1)
-    bw = copy_bandwidth_GBps()
-    rows = []
+    rows, emit, bw = study_setup(check_correctness(), t0)
 
-    def emit(**row):
-        row = {**meta, "copy_GBps": round(bw, 1), **row}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    for opt in ("adamw", "sgd_momentum"):
-        for N, K in SHAPES:
-            for T in TOKENS:
-                c = make_case(N, K, T, opt)
-                args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
-                flu.fused_linear_update_triton(*args)            # tunes
-                cfg = flu.tuned_config(*args)
-                row = {"shipped": round(_ms(lambda: flu.fused_linear_update_triton(
-                    *args, config=cfg, seed=0)), 4), "shipped_config": str(cfg)}
-                for name, tc in CONFIGS.items():
-                    row[name] = round(_ms(lambda: tma.launch(*args, tc)), 4)
-                emit(study="fused", optimizer=opt, N=N, K=K, T=T, **row)
-                del c, args
-                torch.cuda.empty_cache()
+    fused_rows(emit, SHAPES, CONFIGS, tma.launch, "shipped")
     # the epilogue's traffic alone, 4096² (the GEMM skipped: grad = 0)
     for opt, label, prog in (("adamw", "adamw", None),
                              ("adamw", "adamw without div/sqrt", _adamw_without_div_sqrt()),
@@ -189,11 +208,7 @@ def main():
         op(*args)
     torch.cuda.synchronize()
     emit(study="host us per op launch", us=round((time.perf_counter() - t) / 300 * 1e6, 1))
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(f"total {time.time() - t0:.0f} s; {len(rows)} rows -> {a.out}")
+    save_rows(rows, a.out, t0)
 
 
 if __name__ == "__main__":

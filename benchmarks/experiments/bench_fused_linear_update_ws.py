@@ -17,8 +17,6 @@ to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -29,10 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 
 from benchmarks.bench_fused_linear_update import (  # noqa: E402
-    copy_bandwidth_GBps, forge_bytes, make_case)
+    forge_bytes, make_case)
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
-from bench_fused_linear_update_tma import _ms, check_correctness  # noqa: E402
+from bench_fused_linear_update_tma import (  # noqa: E402
+    _ms, check_correctness, fused_rows, save_rows, study_setup)
 
 
 def W(bn, bk, bt, split, stages, warps, maxnreg, PIPE=False, SLOTS=0, STATE_ISSUER="warp"):
@@ -118,25 +117,9 @@ def main():
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
                {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5}.items()
                 if k in a.configs.split(",")})
-    import triton
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
     t0 = time.time()
-    bad = [] if a.host_only else check_correctness(configs, launch)
-    print(f"correctness: {len(bad)} failures ({time.time() - t0:.0f} s)", flush=True)
-    for b in bad:
-        print("  FAIL", b, flush=True)
-    if bad:
-        sys.exit(1)
-    bw = copy_bandwidth_GBps()
-    rows = []
-
-    def emit(**row):
-        row = {**meta, "copy_GBps": round(bw, 1), **row}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
+    rows, emit, bw = study_setup([] if a.host_only else check_correctness(configs, launch),
+                                 t0)
     # the epilogue's traffic alone and the fused kernel, 4096² T=512
     for opt in () if a.host_only else ("adamw", "sgd_momentum"):
         c = make_case(4096, 4096, 512, opt)
@@ -155,19 +138,7 @@ def main():
             row[name] = round(_ms(lambda: launch(*args, wc, skip_epilogue=True)), 4)
         emit(study="gemm only", N=4096, K=4096, T=T, **row)
     shapes = [] if a.host_only else SHAPES[:1] if a.quick else SHAPES
-    for opt in ("adamw", "sgd_momentum"):
-        for N, K in shapes:
-            for T in TOKENS:
-                c = make_case(N, K, T, opt)
-                args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
-                flu.fused_linear_update_triton(*args)            # tunes
-                cfg = flu.tuned_config(*args)
-                row = {"tuned": round(_ms(lambda: flu.fused_linear_update_triton(
-                    *args, config=cfg, seed=0)), 4), "tuned_config": str(cfg)}
-                for name, wc in configs.items():
-                    row[name] = round(_ms(lambda: launch(*args, wc)), 4)
-                emit(study="fused", optimizer=opt, N=N, K=K, T=T, **row)
-                torch.cuda.empty_cache()
+    fused_rows(emit, shapes, configs, launch, "tuned")
     # host time per launch (a tiny shape: the GPU waits on the host), the Triton kernel vs WS
     c = make_case(256, 256, 64, "adamw")
     args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"].dumps())
@@ -181,11 +152,7 @@ def main():
         torch.cuda.synchronize()
         emit(study="host us per launch", kernel=name,
              us=round((time.perf_counter() - t) / 300 * 1e6, 1))
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(f"total {time.time() - t0:.0f} s; {len(rows)} rows -> {a.out}")
+    save_rows(rows, a.out, t0)
 
 
 if __name__ == "__main__":
