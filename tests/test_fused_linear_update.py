@@ -740,11 +740,16 @@ def test_gpu_tf32_option(monkeypatch):
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gpu_bf16_weights_stochastic_rounding():
+@pytest.mark.parametrize("ws", [False, True], ids=["autotuned", "warp-specialised"])
+def test_gpu_bf16_weights_stochastic_rounding(ws):
     prog, sc = _rules("cuda")["adamw"]
     dy, x, p, s = _inputs(prog, 2048, 1024, 256, torch.bfloat16, "cuda",
                           param_dtype=torch.bfloat16)
-    res = _sr_stats(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(*a))
+    if ws:
+        _ws_or_skip(dy, x, p, s)
+    cfg = flu._GPU_WS_CONFIGS[0] if ws else None
+    res = _sr_stats(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+        *a, config=cfg))
     _check_interp("bf16-weights-sr", res)
 
 
@@ -805,18 +810,6 @@ def test_gpu_ws_rule(rule, dtype, state_path):
                            lambda *a: flu.fused_linear_update_triton(*a, config=cfg))
         assert err.pop("finite"), err
         assert max(err.values()) <= 1e-5, (shape, err)
-
-
-@gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_gpu_ws_bf16_weights_stochastic_rounding():
-    prog, sc = _rules("cuda")["adamw"]
-    dy, x, p, s = _inputs(prog, 2048, 1024, 256, torch.bfloat16, "cuda",
-                          param_dtype=torch.bfloat16)
-    _ws_or_skip(dy, x, p, s)
-    res = _sr_stats(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
-        *a, config=flu._GPU_WS_CONFIGS[0]))
-    _check_interp("bf16-weights-sr", res)
 
 
 @gpu

@@ -860,20 +860,25 @@ def _launch_split_gemm(dy, x, param, state, scalars, prog, cfg: KernelConfig, pr
     return ck
 
 
+def scalar_args(scalars, scalar_pointers: Optional[bool] = None):
+    """The kernels' scalar arguments and their SCALAR_PTR_i flags: a GPU tensor by pointer (read
+    on the GPU: no host sync, graph-safe), a CPU 0-d tensor or a number by value (free to read);
+    ``scalar_pointers`` forces one way for tensors."""
+    args, flags = [], {}
+    for i, s in enumerate(scalars):
+        on_device = isinstance(s, Tensor) and s.device.type == "cuda"
+        ptr = isinstance(s, Tensor) and (on_device if scalar_pointers is None else scalar_pointers)
+        args.append(s if ptr else float(s))
+        flags[f"SCALAR_PTR_{i}"] = ptr
+    return args, flags
+
+
 def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, seed: int,
             scalar_pointers: Optional[bool] = None, grad: Optional[Tensor] = None):
     T, N = dy.shape
     K = x.shape[1]
     kern = _kernel(prog)
-    scal_args, flags = [], {}
-    for i, s in enumerate(scalars):
-        on_device = isinstance(s, Tensor) and s.device.type == "cuda"
-        if isinstance(s, Tensor) and (on_device if scalar_pointers is None else scalar_pointers):
-            scal_args.append(s)                 # read on the GPU: no host sync, graph-safe
-            flags[f"SCALAR_PTR_{i}"] = True
-        else:
-            scal_args.append(float(s))          # CPU 0-d tensor or number: free to read
-            flags[f"SCALAR_PTR_{i}"] = False
+    scal_args, flags = scalar_args(scalars, scalar_pointers)
     strides = []
     for s in state:
         strides += [s.stride(0), s.stride(1)]
@@ -954,7 +959,7 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
         N, K = param.shape
         block = _split_rows(cfg, N, K) * K * 4
         SPLIT_GEMM_BLOCKS[(N, K)] = max(block, SPLIT_GEMM_BLOCKS.get((N, K), 0))
-    if cfg.WS:
+    if cfg.WS and config is not None:     # a tuned config was chosen among applicable ones
         from forge_compile.kernels.fused_linear_update_ws import ws_unsupported_reason
         why = ws_unsupported_reason(dy, x, param, state)
         if why is not None:

@@ -40,7 +40,8 @@ from torch import Tensor
 
 from forge_compile.epilogue import PARAM
 from forge_compile.kernels.fused_linear_update import (
-    _ROUND_BF16_STOCHASTIC, _Epilogue, _import_generated, column_split, load_program)
+    _ROUND_BF16_STOCHASTIC, _Epilogue, _import_generated, column_split, load_program,
+    scalar_args)
 
 __all__ = ["kernel_source", "ws_unsupported_reason", "fused_linear_update_ws",
            "ws_shared_memory_bytes"]
@@ -397,15 +398,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     f"mask=mask{sfx}, eviction_policy=\"evict_first\")"]
         return out
 
-    if not epilogue:
-        pass
-    elif pipe:
+    if epilogue and pipe:
         L.extend(loads(0))
         for h in range(split):
             if h + 1 < split:
                 L.extend(loads(h + 1))
             L.extend(math_and_stores(h))
-    else:
+    elif epilogue:
         for h in range(split):
             L.extend(loads(h))
             L.extend(math_and_stores(h))
@@ -450,9 +449,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("        mbarrier.init(st_empty.index(s), count=1)")
     a("    fence_async_shared()")
     L.extend(scalar_loads(n_scalar))
-    st_args = st_params
     a("    gl.warp_specialize([")
-    a(f"        (_epilogue_partition, (acc_smem, acc_ready, acc_empty, {st_args}{', '.join(ptrs)}, "
+    a(f"        (_epilogue_partition, (acc_smem, acc_ready, acc_empty, {st_params}{', '.join(ptrs)}, "
       f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)}, BLOCK_N, BLOCK_K, SPLIT, "
       "SLOTS, GROUP_N, EVEN_NK, SAME_STRIDES, STOCHASTIC_ROUND, num_warps)),")
     a(f"        (_mma_partition, ({wsig})),")
@@ -563,12 +561,7 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     def desc(t, block):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
                                 _nvmma_layout(tuple(block), t.dtype))
-    flags, scal = {}, []
-    for i, s in enumerate(scalars):
-        on_gpu = isinstance(s, Tensor) and s.is_cuda
-        ptr = isinstance(s, Tensor) and (on_gpu if scalar_pointers is None else scalar_pointers)
-        scal.append(s if ptr else float(s))
-        flags[f"SCALAR_PTR_{i}"] = ptr
+    scal, flags = scalar_args(scalars, scalar_pointers)
     rows = cfg.WS == "epi_rows"
     chunk = [cfg.BLOCK_N // cfg.EPI_SPLIT, cfg.BLOCK_K] if rows else [cfg.BLOCK_N, cw]
     sds = [desc(t, chunk) for t in [param, *state]] if cfg.WS != "regs" else []
