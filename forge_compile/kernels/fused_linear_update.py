@@ -501,10 +501,11 @@ class KernelConfig:
     # block is live at a time. For GEMM-bound shapes where cuBLAS beats Triton's dot (fp32
     # IEEE operands at large T); the block tiles are then BLOCK_N × BLOCK_K.
     SPLIT_GEMM_MB: float = 0.0
-    # "epi" (or the study's "warp"/"regs"): the warp-specialised Gluon kernel for sm_90
-    # (fused_linear_update_ws.py). num_warps are then its epilogue warps (beside one MMA
+    # "epi_rows"/"epi" (or the study's "warp"/"regs"): the warp-specialised Gluon kernel for
+    # sm_90 (fused_linear_update_ws.py). num_warps are then its epilogue warps (beside one MMA
     # warpgroup), num_stages its GEMM ring depth, WS_SLOTS its W/state ring depth in chunks of
-    # BLOCK_K / EPI_SPLIT columns, maxnreg = 64K registers / all its warps / 32.
+    # BLOCK_N / EPI_SPLIT rows ("epi_rows") or BLOCK_K / EPI_SPLIT columns, maxnreg = 64K
+    # registers / all its warps / 32.
     WS: str = ""
     WS_SLOTS: int = 0
 
