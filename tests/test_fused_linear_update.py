@@ -319,6 +319,7 @@ WS_STUDY = {   # the shipped path and the study's two alternatives (docs/kernels
                              WS="warp", WS_SLOTS=4),
     "regs": flu.KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="regs"),
     "epi_rows": flu._GPU_WS_CONFIGS[0],
+    "epi_rows_bal": dataclasses.replace(flu._GPU_WS_CONFIGS[0], WS="epi_rows_bal"),
 }
 
 
@@ -335,12 +336,18 @@ def test_ws_kernel_source_is_python(rule, state_path):
     ws = _ws()
     prog = _all_ops_program() if rule == "all_ops" else _rules()[rule][0]
     for pipe in (False, True):
+        if pipe and state_path == "epi_rows_bal":
+            with pytest.raises(ValueError, match="no EPI_PIPE variant"):
+                ws.kernel_source(prog, 8, pipe, state_path)
+            continue
         src = ws.kernel_source(prog, 8, pipe, state_path)
         compile(src, f"<{rule}-{state_path}>", "exec")
         assert "gl.warp_specialize" in src and prog.dumps() in src
         assert ("def _state_partition" in src) == (state_path == "warp")
         assert ("_issue_state(seq + SLOTS" in src) == state_path.startswith("epi")
-        assert ("acc_smem.slice(" in src) == (state_path == "epi_rows")
+        assert ("acc_smem.slice(" in src) == state_path.startswith("epi_rows")
+        # the balanced walk guards each chunk with this CTA's run of chunks
+        assert ("if (seq >= 0) & (seq < n_chunks):" in src) == (state_path == "epi_rows_bal")
 
 
 def test_ws_not_offered_off_gpu():
@@ -371,11 +378,10 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
         lay = gl.NVMMASharedLayout.get_default_for(block, gdt[dt])
         return f"tensordesc<{dt}[{', '.join(map(str, block))}],{lay!r}>"
     n = len(prog.state)
-    cw = cfg.BLOCK_K // cfg.EPI_SPLIT
     sig = {"dy_desc": desc("bf16", [cfg.BLOCK_T, cfg.BLOCK_N]),
            "x_desc": desc("bf16", [cfg.BLOCK_T, cfg.BLOCK_K]),
-           "p_desc": desc(param_dtype, [cfg.BLOCK_N, cw]),
-           **{f"s{i}_desc": desc("fp32", [cfg.BLOCK_N, cw]) for i in range(n)},
+           "p_desc": desc(param_dtype, ws.state_block(cfg)),
+           **{f"s{i}_desc": desc("fp32", ws.state_block(cfg)) for i in range(n)},
            "p_ptr": "*" + param_dtype, **{f"s{i}_ptr": "*fp32" for i in range(n)},
            **{f"sc{i}": "*fp32" for i in range(len(prog.scalars))}, "seed": "i32",
            **{a: "i32" for a in ["T", "N", "K", "s_p_n"] + [f"s_s{i}_n" for i in range(n)]}}
@@ -384,7 +390,7 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
              "SPLIT": cfg.EPI_SPLIT, "STAGES": cfg.num_stages, "SLOTS": cfg.WS_SLOTS,
              "GROUP_N": cfg.GROUP_N, "EVEN_NK": False, "SAME_STRIDES": True,
              "STOCHASTIC_ROUND": param_dtype == "bf16", "SKIP_GEMM": False,
-             "ACC_LAYOUT": gl.NVMMASharedLayout.get_default_for([cfg.BLOCK_N, cw], gl.float32),
+             "ACC_LAYOUT": gl.NVMMASharedLayout.get_default_for(ws.acc_block(cfg), gl.float32),
              "MMA_REGS": ws.MMA_REGS, "num_warps": cfg.num_warps}
     sig.update({k: "constexpr" for k in const})
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS)
@@ -812,17 +818,23 @@ def test_gpu_ws_rule(rule, dtype, state_path):
         assert max(err.values()) <= 1e-5, (shape, err)
 
 
+_WS_POISON_CONFIGS = flu._GPU_WS_CONFIGS + tuple(
+    c for c in WS_STUDY.values() if c not in flu._GPU_WS_CONFIGS and c.WS.startswith("epi"))
+
+
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("idx", range(len(flu._GPU_WS_CONFIGS)))
+@pytest.mark.parametrize("idx", range(len(_WS_POISON_CONFIGS)))
 def test_gpu_ws_poison(idx):
-    """param ← grad over a NaN-poisoned weight: any element the kernel does not write stays NaN."""
+    """param ← grad over a NaN-poisoned weight: any element the kernel does not write stays NaN
+    (the balanced walk: RAGGED's 192 tiles are 1536 chunks, cut into 132 runs that start and
+    end inside tiles)."""
     prog = EpilogueProgram(("grad", "param"), (), (Instr("g", "mul", ("grad", 1.0)),),
                            (("param", "g"),))
     dy, x, p, _ = _inputs(prog, *RAGGED, torch.bfloat16, "cuda")
     _ws_or_skip(dy, x, p, [])
     p.fill_(float("nan"))
-    flu.fused_linear_update_triton(dy, x, p, [], [], prog, config=flu._GPU_WS_CONFIGS[idx])
+    flu.fused_linear_update_triton(dy, x, p, [], [], prog, config=_WS_POISON_CONFIGS[idx])
     assert bool(torch.isfinite(p).all())
     assert _rel(p, dy.double().t() @ x.double()) <= 1e-5
 

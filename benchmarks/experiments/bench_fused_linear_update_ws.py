@@ -17,6 +17,7 @@ to ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -87,6 +88,12 @@ CONFIGS = {
     "rows e8 split8 bt64 st3 sl2": KC(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168,
                                       WS="epi_rows", WS_SLOTS=2),
 }
+# Run 7 (2026-11-23, H100): the row-chunk configs with the balanced tile walk ("epi_rows_bal":
+# every CTA the same number of row chunks, a tile at a run's edge computed by both CTAs) vs the
+# strided walk, in one run.
+RUN7 = {**{k: v for k, v in CONFIGS.items() if k.startswith("rows")},
+        **{k.replace("rows", "rows-bal"): dataclasses.replace(v, WS="epi_rows_bal")
+           for k, v in CONFIGS.items() if k.startswith("rows")}}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -115,7 +122,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
-               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5}.items()
+               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7}.items()
                 if k in a.configs.split(",")})
     t0 = time.time()
     rows, emit, bw = study_setup([] if a.host_only else check_correctness(configs, launch),

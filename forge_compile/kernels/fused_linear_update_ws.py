@@ -141,21 +141,54 @@ def module_head(prog, generator: str) -> list:
 
 
 def issue_state_source(descs, smems, rows: bool = False) -> list:
-    """``_issue_state(seq, ...)``: TMA loads of W/state chunk ``seq`` (tile seq // SPLIT of this
-    CTA, chunk seq % SPLIT: CW columns, or with ``rows`` CW rows) into ring slot seq % SLOTS
-    (arity depends on the program)."""
+    """``_issue_state(seq, u0, t0, tstep, ...)``: TMA loads of this CTA's W/state chunk ``seq``
+    (see ``tile_walk``: chunk (u0 + seq) % SPLIT, CW columns or with ``rows`` CW rows, of the
+    CTA's tile (u0 + seq) // SPLIT - u0 // SPLIT) into ring slot seq % SLOTS (arity depends on
+    the program)."""
     out = ["@gluon.jit",
-           f"def _issue_state(seq, pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,",
+           f"def _issue_state(seq, u0, t0, tstep, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,",
            "                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,",
            "                 SLOTS: gl.constexpr, GROUP_N: gl.constexpr, CW: gl.constexpr):",
-           "    off_n, off_k = _tile_coords(pid + (seq // SPLIT) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)",
-           f"    off_{'n' if rows else 'k'} += (seq % SPLIT) * CW",
+           "    u = u0 + seq     # this CTA's chunk seq: global chunk u of the tile walk",
+           "    off_n, off_k = _tile_coords(t0 + (u // SPLIT - u0 // SPLIT) * tstep, N, K, BLOCK_N, BLOCK_K,",
+           "                                GROUP_N)",
+           f"    off_{'n' if rows else 'k'} += (u % SPLIT) * CW",
            "    slot = seq % SLOTS",
            "    bar = st_bar.index(slot)",
            "    mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")"]
     out += [f"    tma.{_tma_load()}({d}, [off_n, off_k], bar, {m}.index(slot))"
             for d, m in zip(descs, smems)]
     return out + ["", ""]
+
+
+def tile_walk(balanced: bool) -> list:
+    """Kernel lines (both partitions) naming this CTA's share of the work: ``my_tiles`` tiles
+    t0, t0 + tstep, ... (in ``_tile_coords`` order), and within them ``n_chunks`` chunks of
+    SPLIT per tile, the first being chunk c0 of tile t0 (global chunk u0).
+
+    Strided (every tile to one CTA): tile t0 + i·nprog, all its chunks. 4096² has 1024
+    tiles of 128×128 on 132 SMs: 100 CTAs run 8 tiles, 32 run 7, and in the last round a
+    quarter of the SMs idle while the rest stream, ~3% of a memory-bound kernel.
+    ``balanced``: the num_tiles·SPLIT chunks are cut into nprog contiguous runs that differ by at
+    most one chunk; a tile cut between two CTAs has its GEMM computed by both, and each updates
+    its own rows (only the row-chunk path: a chunk is whole rows, the hand-off the whole tile)."""
+    out = ["    pid = gl.program_id(0)",
+           "    nprog = gl.num_programs(0)",
+           "    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)"]
+    if balanced:
+        return out + ["    n_units = num_tiles * SPLIT",
+                      "    u0 = pid * n_units // nprog",
+                      "    n_chunks = (pid + 1) * n_units // nprog - u0",
+                      "    t0 = u0 // SPLIT",
+                      "    tstep = 1",
+                      "    c0 = u0 % SPLIT",
+                      "    my_tiles = (u0 + n_chunks - 1) // SPLIT - t0 + 1"]
+    return out + ["    t0 = pid",
+                  "    tstep = nprog",
+                  "    my_tiles = gl.cdiv(num_tiles - pid, nprog)",
+                  "    u0 = 0",
+                  "    c0 = 0",
+                  "    n_chunks = my_tiles * SPLIT"]
 
 
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
@@ -167,8 +200,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``handoff``: "chunk" = the accumulator changes hands one column chunk at a time (chunk h
     of tile i+1 is stored as soon as the epilogue has read chunk h of tile i); "tile" = the
     whole tile at once (the study's earlier variant: the epilogue idles during every hand-off)."""
-    rows = state == "epi_rows"   # chunks of BLOCK_N/SPLIT rows (whole tile hand-off)
+    rows = state in ("epi_rows", "epi_rows_bal")   # chunks of BLOCK_N/SPLIT rows (whole tile hand-off)
+    balanced = state == "epi_rows_bal"             # see tile_walk
     state = "epi" if rows else state
+    if balanced and pipe:
+        raise ValueError("the balanced walk (epi_rows_bal) has no EPI_PIPE variant")
     per_chunk = handoff == "chunk" and not rows
     state_tma = state != "regs"
     warp_fed = state == "warp"
@@ -200,12 +236,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a(f"def _state_partition({wparams}):")
         a("    # one warp: W/state column chunks by TMA into a SLOTS-deep ring, ahead of the epilogue")
         a("    CW: gl.constexpr = BLOCK_K // SPLIT")
-        a("    pid = gl.program_id(0)")
-        a("    nprog = gl.num_programs(0)")
-        a("    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)")
-        a("    my_tiles = gl.cdiv(num_tiles - pid, nprog)")
-        a("    for seq in range(my_tiles * SPLIT):")
-        a("        off_n, off_k = _tile_coords(pid + (seq // SPLIT) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
+        L.extend(tile_walk(False))
+        a("    for seq in range(n_chunks):")
+        a("        off_n, off_k = _tile_coords(t0 + (seq // SPLIT) * tstep, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
         a("        slot = seq % SLOTS")
         a("        mbarrier.wait(st_empty.index(slot), ((seq // SLOTS) & 1) ^ 1)")
         a("        fence_async_shared()     # the epilogue's generic reads before TMA's writes")
@@ -218,23 +251,19 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("")
     a("@gluon.jit")
     a(f"def _mma_partition({wparams}):")
-    a("""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, BLOCK_K, 16])
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)
-    my_tiles = gl.cdiv(num_tiles - pid, nprog)
-    num_t = gl.cdiv(T, BLOCK_T)
+    a("""    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_K, 16])""")
+    L.extend(tile_walk(balanced))
+    a("""    num_t = gl.cdiv(T, BLOCK_T)
     if SKIP_GEMM:
         num_t = 0
     gbase = 0
-    off_n, off_k = _tile_coords(pid, N, K, BLOCK_N, BLOCK_K, GROUP_N)
+    off_n, off_k = _tile_coords(t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)
     for s in gl.static_range(STAGES - 1):
         if s < num_t:
             _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
     for i in range(my_tiles):
-        off_n, off_k = _tile_coords(pid + i * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)
+        off_n, off_k = _tile_coords(t0 + i * tstep, N, K, BLOCK_N, BLOCK_K, GROUP_N)
         acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
         for t in range(num_t):
             gs = gbase + t
@@ -251,7 +280,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         gbase += num_t
         gl.thread_barrier()
         if i + 1 < my_tiles:
-            nn, nk = _tile_coords(pid + (i + 1) * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)
+            nn, nk = _tile_coords(t0 + (i + 1) * tstep, N, K, BLOCK_N, BLOCK_K, GROUP_N)
             for s in gl.static_range(STAGES - 1):
                 if s < num_t:
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
@@ -288,17 +317,14 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     else:
         a("    CW: gl.constexpr = BLOCK_K // SPLIT")
         a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [128 // CW, CW // 4], [EPI_WARPS, 1], [1, 0])")
-    a("    pid = gl.program_id(0)")
-    a("    nprog = gl.num_programs(0)")
-    a("    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)")
-    a("    my_tiles = gl.cdiv(num_tiles - pid, nprog)")
+    L.extend(tile_walk(balanced))
     a("    for i in range(my_tiles):")
-    a("        off_n, off_k = _tile_coords(pid + i * nprog, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
+    a("        off_n, off_k = _tile_coords(t0 + i * tstep, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
     a("        rn = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cl))")
     a("        mask_n = rn < N")
     if not per_chunk:
         a("        mbarrier.wait(acc_ready.index(0), i & 1)")
-    st_call = (f"pid, nprog, {', '.join(descs)}, {', '.join(smems)}, st_ready, N, K, "
+    st_call = (f"u0, t0, tstep, {', '.join(descs)}, {', '.join(smems)}, st_ready, N, K, "
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
     if not epilogue:
         for h in range(split if per_chunk else 1):
@@ -308,8 +334,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                   f"        mbarrier.arrive(acc_empty.index({h}), count=1)"]
     elif state == "epi":     # the first SLOTS chunks go out before the tile loop
         i_loop = L.index("    for i in range(my_tiles):")
-        L[i_loop:i_loop] = ["    n_chunks = my_tiles * SPLIT",
-                            "    for j in gl.static_range(SLOTS):",
+        L[i_loop:i_loop] = ["    for j in gl.static_range(SLOTS):",
                             "        if j < n_chunks:",
                             f"            _issue_state(j, {st_call}"]
 
@@ -335,8 +360,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     f"            off_{v} = {rn(sfx)}[:, None] * {strides[idx]} + rk{sfx}[None, :]"]
         if state_tma:
             # the chunk's W/state are in ring slot `seq % SLOTS` (TMA zero-fills the edges)
-            out += [f"        seq = i * SPLIT + {h}",
-                    "        slot = seq % SLOTS",
+            if not balanced:     # (balanced: set by the chunk's guard)
+                out.append(f"        seq = i * SPLIT + {h}")
+            out += ["        slot = seq % SLOTS",
                     "        mbarrier.wait(st_ready.index(slot), (seq // SLOTS) & 1)"]
         for idx, n in enumerate(ep.tensor_names):
             if n not in ep.used:
@@ -404,6 +430,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             if h + 1 < split:
                 L.extend(loads(h + 1))
             L.extend(math_and_stores(h))
+    elif epilogue and balanced:     # chunks outside this CTA's run belong to its neighbour
+        for h in range(split):
+            L += [f"        seq = i * SPLIT + {h} - c0",
+                  "        if (seq >= 0) & (seq < n_chunks):"]
+            L.extend("    " + line for line in loads(h) + math_and_stores(h))
     elif epilogue:
         for h in range(split):
             L.extend(loads(h))
@@ -474,6 +505,21 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
         src = kernel_source(prog, split, pipe, state, epilogue, handoff)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
+
+
+def state_block(cfg) -> list:
+    """The W/state chunk one TMA load brings in: BLOCK_N/EPI_SPLIT whole rows (the row paths)
+    or BLOCK_K/EPI_SPLIT columns."""
+    if cfg.WS in ("epi_rows", "epi_rows_bal"):
+        return [cfg.BLOCK_N // cfg.EPI_SPLIT, cfg.BLOCK_K]
+    return [cfg.BLOCK_N, cfg.BLOCK_K // cfg.EPI_SPLIT]
+
+
+def acc_block(cfg) -> list:
+    """The accumulator hand-off buffer's block: the whole tile (row paths) or one column chunk."""
+    if cfg.WS in ("epi_rows", "epi_rows_bal"):
+        return [cfg.BLOCK_N, cfg.BLOCK_K]
+    return [cfg.BLOCK_N, cfg.BLOCK_K // cfg.EPI_SPLIT]
 
 
 def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
@@ -556,19 +602,17 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     prog = load_program(program)
     T, N = dy.shape
     K = x.shape[1]
-    cw = cfg.BLOCK_K // cfg.EPI_SPLIT
 
     def desc(t, block):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
                                 _nvmma_layout(tuple(block), t.dtype))
     scal, flags = scalar_args(scalars, scalar_pointers)
-    rows = cfg.WS == "epi_rows"
-    chunk = [cfg.BLOCK_N // cfg.EPI_SPLIT, cfg.BLOCK_K] if rows else [cfg.BLOCK_N, cw]
-    sds = [desc(t, chunk) for t in [param, *state]] if cfg.WS != "regs" else []
+    sds = [desc(t, state_block(cfg)) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff)
-    return k[(min(tiles, nsm),)](
+    work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
+    return k[(min(work, nsm),)](
         desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
         param, *state, *scal, seed, T, N, K, param.stride(0), *[s.stride(0) for s in state],
         **flags, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
@@ -576,6 +620,5 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
         GROUP_N=cfg.GROUP_N, EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
-        ACC_LAYOUT=_nvmma_layout((cfg.BLOCK_N, cfg.BLOCK_K) if rows else (cfg.BLOCK_N, cw),
-                                 torch.float32),
+        ACC_LAYOUT=_nvmma_layout(tuple(acc_block(cfg)), torch.float32),
         MMA_REGS=MMA_REGS, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
