@@ -346,6 +346,11 @@ def test_ws_kernel_source_is_python(rule, state_path):
         assert ("def _state_partition" in src) == (state_path == "warp")
         assert ("_issue_state(seq + SLOTS" in src) == state_path.startswith("epi")
         assert ("acc_smem.slice(" in src) == state_path.startswith("epi_rows")
+        # each per-step scalar is set once, by the prologue's pointer-or-value branch (a
+        # kernel-local name that shadowed c0 = lr once left W unchanged on the GPU)
+        import re
+        for i in range(len(prog.scalars)):
+            assert len(re.findall(rf"^\s+c{i} = ", src, re.M)) == 2, (i, src)
         # the balanced walk guards each chunk with this CTA's run of chunks
         assert ("if (seq >= 0) & (seq < n_chunks):" in src) == (state_path == "epi_rows_bal")
 

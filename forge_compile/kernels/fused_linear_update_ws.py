@@ -141,17 +141,18 @@ def module_head(prog, generator: str) -> list:
 
 
 def issue_state_source(descs, smems, rows: bool = False) -> list:
-    """``_issue_state(seq, u0, t0, tstep, ...)``: TMA loads of this CTA's W/state chunk ``seq``
-    (see ``tile_walk``: chunk (u0 + seq) % SPLIT, CW columns or with ``rows`` CW rows, of the
-    CTA's tile (u0 + seq) // SPLIT - u0 // SPLIT) into ring slot seq % SLOTS (arity depends on
-    the program)."""
+    """``_issue_state(seq, walk_u0, walk_t0, walk_step, ...)``: TMA loads of this CTA's
+    W/state chunk ``seq`` (see ``tile_walk``: global chunk u = walk_u0 + seq, i.e. chunk
+    u % SPLIT, CW columns or with ``rows`` CW rows, of the CTA's tile number
+    u // SPLIT - walk_u0 // SPLIT) into ring slot seq % SLOTS (arity depends on the program)."""
     out = ["@gluon.jit",
-           f"def _issue_state(seq, u0, t0, tstep, {', '.join(descs)}, {', '.join(smems)}, st_bar, N, K,",
+           f"def _issue_state(seq, walk_u0, walk_t0, walk_step, {', '.join(descs)}, "
+           f"{', '.join(smems)}, st_bar, N, K,",
            "                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,",
            "                 SLOTS: gl.constexpr, GROUP_N: gl.constexpr, CW: gl.constexpr):",
-           "    u = u0 + seq     # this CTA's chunk seq: global chunk u of the tile walk",
-           "    off_n, off_k = _tile_coords(t0 + (u // SPLIT - u0 // SPLIT) * tstep, N, K, BLOCK_N, BLOCK_K,",
-           "                                GROUP_N)",
+           "    u = walk_u0 + seq     # this CTA's chunk seq: global chunk u of the tile walk",
+           "    off_n, off_k = _tile_coords(walk_t0 + (u // SPLIT - walk_u0 // SPLIT) * walk_step,",
+           "                                N, K, BLOCK_N, BLOCK_K, GROUP_N)",
            f"    off_{'n' if rows else 'k'} += (u % SPLIT) * CW",
            "    slot = seq % SLOTS",
            "    bar = st_bar.index(slot)",
@@ -163,10 +164,12 @@ def issue_state_source(descs, smems, rows: bool = False) -> list:
 
 def tile_walk(balanced: bool) -> list:
     """Kernel lines (both partitions) naming this CTA's share of the work: ``my_tiles`` tiles
-    t0, t0 + tstep, ... (in ``_tile_coords`` order), and within them ``n_chunks`` chunks of
-    SPLIT per tile, the first being chunk c0 of tile t0 (global chunk u0).
+    walk_t0, walk_t0 + walk_step, ... (in ``_tile_coords`` order), and within them
+    ``n_chunks`` chunks of SPLIT per tile, the first being chunk walk_c0 of tile walk_t0
+    (global chunk walk_u0). The walk_ prefix keeps clear of the generated program's names
+    (its scalars are c0, c1, ...).
 
-    Strided (every tile to one CTA): tile t0 + i·nprog, all its chunks. 4096² has 1024
+    Strided (every tile to one CTA): tile pid + i·nprog, all its chunks. 4096² has 1024
     tiles of 128×128 on 132 SMs: 100 CTAs run 8 tiles, 32 run 7, and in the last round a
     quarter of the SMs idle while the rest stream, ~3% of a memory-bound kernel.
     ``balanced``: the num_tiles·SPLIT chunks are cut into nprog contiguous runs that differ by at
@@ -176,18 +179,18 @@ def tile_walk(balanced: bool) -> list:
            "    nprog = gl.num_programs(0)",
            "    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)"]
     if balanced:
-        return out + ["    n_units = num_tiles * SPLIT",
-                      "    u0 = pid * n_units // nprog",
-                      "    n_chunks = (pid + 1) * n_units // nprog - u0",
-                      "    t0 = u0 // SPLIT",
-                      "    tstep = 1",
-                      "    c0 = u0 % SPLIT",
-                      "    my_tiles = (u0 + n_chunks - 1) // SPLIT - t0 + 1"]
-    return out + ["    t0 = pid",
-                  "    tstep = nprog",
+        return out + ["    walk_units = num_tiles * SPLIT",
+                      "    walk_u0 = pid * walk_units // nprog",
+                      "    n_chunks = (pid + 1) * walk_units // nprog - walk_u0",
+                      "    walk_t0 = walk_u0 // SPLIT",
+                      "    walk_step = 1",
+                      "    walk_c0 = walk_u0 % SPLIT",
+                      "    my_tiles = (walk_u0 + n_chunks - 1) // SPLIT - walk_t0 + 1"]
+    return out + ["    walk_t0 = pid",
+                  "    walk_step = nprog",
                   "    my_tiles = gl.cdiv(num_tiles - pid, nprog)",
-                  "    u0 = 0",
-                  "    c0 = 0",
+                  "    walk_u0 = 0",
+                  "    walk_c0 = 0",
                   "    n_chunks = my_tiles * SPLIT"]
 
 
@@ -238,7 +241,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("    CW: gl.constexpr = BLOCK_K // SPLIT")
         L.extend(tile_walk(False))
         a("    for seq in range(n_chunks):")
-        a("        off_n, off_k = _tile_coords(t0 + (seq // SPLIT) * tstep, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
+        a("        off_n, off_k = _tile_coords(walk_t0 + (seq // SPLIT) * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
         a("        slot = seq % SLOTS")
         a("        mbarrier.wait(st_empty.index(slot), ((seq // SLOTS) & 1) ^ 1)")
         a("        fence_async_shared()     # the epilogue's generic reads before TMA's writes")
@@ -258,12 +261,12 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     if SKIP_GEMM:
         num_t = 0
     gbase = 0
-    off_n, off_k = _tile_coords(t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)
+    off_n, off_k = _tile_coords(walk_t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)
     for s in gl.static_range(STAGES - 1):
         if s < num_t:
             _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
     for i in range(my_tiles):
-        off_n, off_k = _tile_coords(t0 + i * tstep, N, K, BLOCK_N, BLOCK_K, GROUP_N)
+        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
         acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
         for t in range(num_t):
             gs = gbase + t
@@ -280,7 +283,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         gbase += num_t
         gl.thread_barrier()
         if i + 1 < my_tiles:
-            nn, nk = _tile_coords(t0 + (i + 1) * tstep, N, K, BLOCK_N, BLOCK_K, GROUP_N)
+            nn, nk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
             for s in gl.static_range(STAGES - 1):
                 if s < num_t:
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
@@ -319,12 +322,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [128 // CW, CW // 4], [EPI_WARPS, 1], [1, 0])")
     L.extend(tile_walk(balanced))
     a("    for i in range(my_tiles):")
-    a("        off_n, off_k = _tile_coords(t0 + i * tstep, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
+    a("        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
     a("        rn = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cl))")
     a("        mask_n = rn < N")
     if not per_chunk:
         a("        mbarrier.wait(acc_ready.index(0), i & 1)")
-    st_call = (f"u0, t0, tstep, {', '.join(descs)}, {', '.join(smems)}, st_ready, N, K, "
+    st_call = (f"walk_u0, walk_t0, walk_step, {', '.join(descs)}, {', '.join(smems)}, "
+               "st_ready, N, K, "
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
     if not epilogue:
         for h in range(split if per_chunk else 1):
@@ -432,7 +436,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             L.extend(math_and_stores(h))
     elif epilogue and balanced:     # chunks outside this CTA's run belong to its neighbour
         for h in range(split):
-            L += [f"        seq = i * SPLIT + {h} - c0",
+            L += [f"        seq = i * SPLIT + {h} - walk_c0",
                   "        if (seq >= 0) & (seq < n_chunks):"]
             L.extend("    " + line for line in loads(h) + math_and_stores(h))
     elif epilogue:
