@@ -90,7 +90,9 @@ CONFIGS = {
 }
 # Run 7 (2026-11-23, H100): the row-chunk configs with the balanced tile walk ("epi_rows_bal":
 # every CTA the same number of row chunks, a tile at a run's edge computed by both CTAs) vs the
-# strided walk, in one run.
+# strided walk, in one run. Lost everywhere: epilogue alone AdamW 0.1746 vs 0.1713 ms, GEMM
+# alone 19-27% slower (concurrent CTAs no longer share dY/X panels in L2), fused AdamW T=512
+# 0.168 vs 0.159 ms (docs/kernels.md, run 7).
 RUN7 = {**{k: v for k, v in CONFIGS.items() if k.startswith("rows")},
         **{k.replace("rows", "rows-bal"): dataclasses.replace(v, WS="epi_rows_bal")
            for k, v in CONFIGS.items() if k.startswith("rows")}}

@@ -19,10 +19,11 @@ epilogue warps AdamW's epilogue alone reaches 75% of copy bandwidth (60% with 8,
 its IEEE div/sqrt need warps) and the fused kernel beats the Triton kernel at T=512 by 4-9%;
 at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the Triton kernel's
 128×256 tiles. The autotuner times it beside the Triton configs where it applies
-(``ws_unsupported_reason``). Two measured alternatives stay selectable for the study script
+(``ws_unsupported_reason``). Three measured alternatives stay selectable for the study script
 (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
-("regs", 31-58%), and the ring fed by a separate 1-warp partition ("warp", which leaves no
-room for 16 epilogue warps).
+("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
+room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
+``tile_walk``: 5-20% slower).
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
@@ -174,7 +175,10 @@ def tile_walk(balanced: bool) -> list:
     quarter of the SMs idle while the rest stream, ~3% of a memory-bound kernel.
     ``balanced``: the num_tiles·SPLIT chunks are cut into nprog contiguous runs that differ by at
     most one chunk; a tile cut between two CTAs has its GEMM computed by both, and each updates
-    its own rows (only the row-chunk path: a chunk is whole rows, the hand-off the whole tile)."""
+    its own rows (only the row-chunk path: a chunk is whole rows, the hand-off the whole tile).
+    Measured slower (H100, study run 7): the epilogue alone gains nothing (AdamW 0.175 vs 0.171
+    ms), the GEMM alone loses 19-27% (concurrent CTAs no longer share dY/X panels in L2);
+    kept for the study, not a candidate."""
     out = ["    pid = gl.program_id(0)",
            "    nprog = gl.num_programs(0)",
            "    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)"]
