@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 
 from benchmarks.bench_fused_linear_update import (  # noqa: E402
-    forge_bytes, make_case)
+    forge_bytes, host_us_per_launch, make_case)
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
 from bench_fused_linear_update_tma import (  # noqa: E402
@@ -149,18 +149,8 @@ def main():
     shapes = [] if a.host_only else SHAPES[:1] if a.quick else SHAPES
     fused_rows(emit, shapes, configs, launch, "tuned")
     # host time per launch (a tiny shape: the GPU waits on the host), the Triton kernel vs WS
-    c = make_case(256, 256, 64, "adamw")
-    args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"].dumps())
     for name, cfg in (("triton", flu._GPU_CONFIGS[0]), ("ws", flu._GPU_WS_CONFIGS[0])):
-        for _ in range(5):
-            flu.fused_linear_update_triton(*args, config=cfg, seed=0)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(300):
-            flu.fused_linear_update_triton(*args, config=cfg, seed=0)
-        torch.cuda.synchronize()
-        emit(study="host us per launch", kernel=name,
-             us=round((time.perf_counter() - t) / 300 * 1e6, 1))
+        emit(study="host us per launch", kernel=name, us=round(host_us_per_launch(cfg), 1))
     save_rows(rows, a.out, t0)
 
 
