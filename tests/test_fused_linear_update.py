@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -313,7 +314,7 @@ def test_kernel_config_round_trips_through_tuning_json():
 
 
 # ---------------------------------------------------------------- warp-specialised (Gluon) kernel
-WS_STUDY = {   # the shipped path and the study's two alternatives (docs/kernels.md)
+WS_STUDY = {   # the shipped paths and the study's alternatives (docs/kernels.md)
     "epi": flu._GPU_WS_CONFIGS[3],
     "warp": flu.KernelConfig(128, 128, 32, 8, 4, EPI_SPLIT=8, EPI_PIPE=True, maxnreg=128,
                              WS="warp", WS_SLOTS=4),
@@ -348,7 +349,6 @@ def test_ws_kernel_source_is_python(rule, state_path):
         assert ("acc_smem.slice(" in src) == state_path.startswith("epi_rows")
         # each per-step scalar is set once, by the prologue's pointer-or-value branch (a
         # kernel-local name that shadowed c0 = lr once left W unchanged on the GPU)
-        import re
         for i in range(len(prog.scalars)):
             assert len(re.findall(rf"^\s+c{i} = ", src, re.M)) == 2, (i, src)
         # the balanced walk guards each chunk with this CTA's run of chunks
@@ -366,7 +366,6 @@ def test_ws_not_offered_off_gpu():
 def _sm90_resources(cfg, prog, param_dtype="fp32"):
     """Compile the warp-specialised kernel for sm_90 on this machine (no GPU needed: Triton's
     bundled ptxas) and return cuobjdump's resource line and Triton's shared-memory bytes."""
-    import re
     import tempfile
     import triton
     from triton.backends.compiler import GPUTarget

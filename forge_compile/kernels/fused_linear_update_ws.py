@@ -23,7 +23,7 @@ at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the Trit
 (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
-``tile_walk``: 5-20% slower).
+``tile_walk``: 3-24% slower fused).
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
@@ -52,6 +52,9 @@ __all__ = ["kernel_source", "ws_unsupported_reason", "fused_linear_update_ws",
 MMA_REGS = 208
 # H100/H200: 227 KiB of shared memory per CTA.
 _SMEM_LIMIT = 232448
+# The W/state paths whose chunks are BLOCK_N/EPI_SPLIT whole rows (the accumulator changes hands
+# a whole tile at a time); "epi_rows_bal" walks the tiles balanced (tile_walk).
+_ROW_PATHS = ("epi_rows", "epi_rows_bal")
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,7 +210,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``handoff``: "chunk" = the accumulator changes hands one column chunk at a time (chunk h
     of tile i+1 is stored as soon as the epilogue has read chunk h of tile i); "tile" = the
     whole tile at once (the study's earlier variant: the epilogue idles during every hand-off)."""
-    rows = state in ("epi_rows", "epi_rows_bal")   # chunks of BLOCK_N/SPLIT rows (whole tile hand-off)
+    rows = state in _ROW_PATHS
     balanced = state == "epi_rows_bal"             # see tile_walk
     state = "epi" if rows else state
     if balanced and pipe:
@@ -518,14 +521,14 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
 def state_block(cfg) -> list:
     """The W/state chunk one TMA load brings in: BLOCK_N/EPI_SPLIT whole rows (the row paths)
     or BLOCK_K/EPI_SPLIT columns."""
-    if cfg.WS in ("epi_rows", "epi_rows_bal"):
+    if cfg.WS in _ROW_PATHS:
         return [cfg.BLOCK_N // cfg.EPI_SPLIT, cfg.BLOCK_K]
     return [cfg.BLOCK_N, cfg.BLOCK_K // cfg.EPI_SPLIT]
 
 
 def acc_block(cfg) -> list:
     """The accumulator hand-off buffer's block: the whole tile (row paths) or one column chunk."""
-    if cfg.WS in ("epi_rows", "epi_rows_bal"):
+    if cfg.WS in _ROW_PATHS:
         return [cfg.BLOCK_N, cfg.BLOCK_K]
     return [cfg.BLOCK_N, cfg.BLOCK_K // cfg.EPI_SPLIT]
 
@@ -533,12 +536,12 @@ def acc_block(cfg) -> list:
 def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
                            op_bytes: int = 2) -> int:
     """Shared memory of one CTA (the GEMM ring, the accumulator hand-off, the W/state ring)."""
-    cw = cfg.BLOCK_K // cfg.EPI_SPLIT
     ring = cfg.num_stages * cfg.BLOCK_T * (cfg.BLOCK_N + cfg.BLOCK_K) * op_bytes
     acc = cfg.BLOCK_N * cfg.BLOCK_K * 4
     st = 0
     if cfg.WS != "regs":
-        st = cfg.WS_SLOTS * cfg.BLOCK_N * cw * (param_dtype.itemsize + 4 * n_state)
+        rows, cols = state_block(cfg)
+        st = cfg.WS_SLOTS * rows * cols * (param_dtype.itemsize + 4 * n_state)
     return ring + acc + st + 1024      # + barriers and alignment
 
 
