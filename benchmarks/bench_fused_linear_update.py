@@ -202,21 +202,25 @@ def markdown(rows) -> str:
 _PRECOMPILED = flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS
 
 
-def host_us_per_launch(cfg, n: int = 300, profile=None) -> float:
+def host_us_per_launch(cfg, n: int = 300, profile=None, launch=None) -> float:
     """Wall time per launch of ``cfg`` on a tiny AdamW shape (256×256×64: the GPU waits on the
     host), after 5 warm-up launches; ``profile`` (a cProfile.Profile) is enabled around the
-    timed loop when given."""
+    timed loop when given. ``launch``: the entry point (default fused_linear_update_triton
+    with ``cfg``; the op itself for instance)."""
     import time
     c = make_case(256, 256, 64, "adamw")
     args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"].dumps())
+    if launch is None:
+        def launch(*a):
+            flu.fused_linear_update_triton(*a, config=cfg, seed=0)
     for _ in range(5):
-        flu.fused_linear_update_triton(*args, config=cfg, seed=0)
+        launch(*args)
     torch.cuda.synchronize()
     if profile is not None:
         profile.enable()
     t = time.perf_counter()
     for _ in range(n):
-        flu.fused_linear_update_triton(*args, config=cfg, seed=0)
+        launch(*args)
     torch.cuda.synchronize()
     us = (time.perf_counter() - t) / n * 1e6
     if profile is not None:

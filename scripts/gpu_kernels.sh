@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
-#   bash scripts/gpu_kernels.sh [tests|bench|all]   (default all)
+#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|all]   (default all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ if [[ $WHAT == all || $WHAT == tests ]]; then
   XDIST=""
   $PY -c 'import xdist' 2>/dev/null && XDIST="-n 8"
   timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu $XDIST -q -rfE -p no:cacheprovider \
-    tests/test_fused_linear_update.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+    tests/test_fused_linear_update.py tests/test_launch_cache.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   rc=$?
 fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
@@ -37,6 +37,12 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
     | grep -v -e '^{' -e 'forge autotune' 
   rc=$(( rc | $? ))
   cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
+fi
+if [[ $WHAT == all || $WHAT == profile ]]; then
+  # host time per launch, launch cache off/on, and through the op (scripts/profile_launch.py)
+  timeout 300 $PY scripts/profile_launch.py > "$OUT/profile_launch.txt" 2>&1
+  rc=$(( rc | $? ))
+  grep "^==" "$OUT/profile_launch.txt"
 fi
 if [[ $WHAT == all || $WHAT == ncu ]]; then
   # Evidence for the memory-bound rows: DRAM throughput, occupancy, registers of the tuned

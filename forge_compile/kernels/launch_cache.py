@@ -1,0 +1,124 @@
+"""A per-signature cache in front of Triton's kernel dispatch, for the fused kernels' launches.
+
+Why it exists: ``JITFunction.run`` binds and specialises every argument on every launch before
+it finds the compiled kernel. For the warp-specialised kernel (22 runtime arguments, five of
+them TensorDescriptors whose specialisation formats their shared layout as a string) that was
+the largest share of its 246 µs host time per launch, against 85-96 µs for the Triton kernel
+(H100 host, torch 2.11, Triton 3.6; ``scripts/profile_launch.py``). At T=512 the GPU time of a
+4096² AdamW update is 0.16 ms, so the host, not the GPU, sets the pace of a chain of launches.
+
+``launch`` keys the compiled kernel by Triton's own specialisation of the scalar and pointer
+arguments (``native_specialize_impl``, the function JITFunction's binder calls, so alignment
+and the int 1 / multiple-of-16 cases are classified exactly as Triton does), the descriptors'
+dtype, block, layout and padding (what their specialisation string is made of), the constexpr
+and option keywords, the device and Triton's debug/instrumentation switches. A key seen before
+launches the cached ``CompiledKernel`` directly (``CompiledKernel[grid]``, the call
+``JITFunction.run`` itself ends in); a new key goes through ``JITFunction.run``, which compiles
+or finds the kernel, launches it and returns it for the cache. Inductor's Triton launchers skip
+``JITFunction.run`` the same way. Not used under ``TRITON_INTERPRET=1`` (no compiled kernels);
+``FORGE_LAUNCH_CACHE=0`` turns it off.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Optional
+
+__all__ = ["launch", "specialization_key", "ENV_LAUNCH_CACHE", "STATS"]
+
+ENV_LAUNCH_CACHE = "FORGE_LAUNCH_CACHE"    # "0": every launch through JITFunction.run
+
+# launches that found their compiled kernel here / went through JITFunction.run (tests read them)
+STATS = {"hits": 0, "misses": 0}
+# id(jit function) -> (jit function, _Entry, or None where the cache does not apply: interpreted)
+_ENTRIES: dict = {}
+
+
+class _Entry:
+    """What one jit function's launches need: its parameter order and defaults, the backend
+    its binder specialises with, and the compiled kernels seen so far."""
+    __slots__ = ("names", "defaults", "backend", "compiled")
+
+    def __init__(self, jit):
+        from triton.compiler import make_backend
+        from triton.runtime.driver import driver
+        self.names = list(jit.arg_names)
+        self.defaults = {n: p.default for n, p in jit.signature.parameters.items()
+                         if p.default is not inspect.Parameter.empty}
+        self.backend = make_backend(driver.active.get_current_target())
+        self.compiled: dict = {}
+
+
+def _entry(jit) -> Optional[_Entry]:
+    # keyed by id: JITFunction.__hash__ goes through its source hash; the jit function is kept
+    # in the value, so its id cannot be reused
+    hit = _ENTRIES.get(id(jit))
+    if hit is None or hit[0] is not jit:
+        from triton.runtime.jit import JITFunction
+        hit = _ENTRIES[id(jit)] = (jit, _Entry(jit) if isinstance(jit, JITFunction) else None)
+    return hit[1]
+
+
+def _desc_types() -> tuple:
+    global _DESC_TYPES
+    if _DESC_TYPES is None:
+        types = []
+        for mod in ("triton.experimental.gluon.nvidia.hopper", "triton.tools.tensor_descriptor"):
+            try:
+                types.append(__import__(mod, fromlist=["TensorDescriptor"]).TensorDescriptor)
+            except (ImportError, AttributeError):
+                pass
+        _DESC_TYPES = tuple(types)
+    return _DESC_TYPES
+
+
+_DESC_TYPES: Optional[tuple] = None
+
+
+def specialization_key(e: _Entry, args, kwargs) -> tuple:
+    """The cache key of one launch (see the module docstring)."""
+    from triton import knobs
+    from triton._C.libtriton import native_specialize_impl
+    from triton.runtime.driver import driver
+    descs = _desc_types()
+    spec = []
+    for a in args:
+        if isinstance(a, descs):
+            spec.append((a.base.dtype, tuple(a.block_shape), a.layout, a.padding, len(a.shape)))
+        else:
+            spec.append(native_specialize_impl(e.backend, a, False, True, True))
+    return (driver.active.get_current_device(), tuple(spec), tuple(kwargs.items()),
+            knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+
+
+def launch(jit, grid: tuple, *args, **kwargs):
+    """``jit[grid](*args, **kwargs)``, through the cache; returns the compiled kernel."""
+    e = _entry(jit) if _enabled() else None
+    if e is None:
+        return jit[grid](*args, **kwargs)
+    key = specialization_key(e, args, kwargs)
+    ck = e.compiled.get(key)
+    if ck is None:
+        STATS["misses"] += 1
+        ck = jit[grid](*args, **kwargs)
+        if hasattr(ck, "result"):        # Triton's asynchronous compile mode hands a future
+            ck = ck.result()
+        if ck is not None:
+            e.compiled[key] = ck
+        return ck
+    STATS["hits"] += 1
+    # every parameter in signature order, constexprs included: what JITFunction.run passes
+    vals = list(args)
+    for name in e.names[len(args):]:
+        vals.append(kwargs[name] if name in kwargs else e.defaults[name])
+    ck[(tuple(grid) + (1, 1))[:3]](*vals)
+    return ck
+
+
+def _enabled() -> bool:
+    env = os.environ.get(ENV_LAUNCH_CACHE)
+    if env is None or env == "1":
+        return True
+    if env == "0":
+        return False
+    raise ValueError(f"{ENV_LAUNCH_CACHE} must be 0 or 1, got {env!r}")

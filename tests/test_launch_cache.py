@@ -1,0 +1,121 @@
+"""Tests of the launch cache in front of Triton's dispatch (forge_compile/kernels/launch_cache.py)
+and of the warp-specialised kernel's cached TensorDescriptors.
+
+* CPU: a descriptor built on an address (``_DescBase``) specialises exactly like one built on
+  the tensor, is cached, and does not keep a freed tensor alive; the option fails fast.
+* GPU (``-m gpu``): every launch through the cache equals, bit for bit, the same launch through
+  ``JITFunction.run``, over a sequence whose arguments change Triton's specialisation (T = 1, a
+  T that is not a multiple of 16, scalars by value and by pointer) and come back, so a cached
+  kernel is never used for arguments it was not specialised for; both kernels.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from forge_compile import rules
+from forge_compile.kernels import fused_linear_update as flu
+from forge_compile.kernels import launch_cache
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+def _ws():
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from forge_compile.kernels import fused_linear_update_ws
+    return fused_linear_update_ws
+
+
+def test_desc_specialises_like_a_tensor_descriptor():
+    ws = _ws()
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    for dtype, block in [(torch.bfloat16, (64, 128)), (torch.float32, (16, 128))]:
+        t = torch.zeros(256, 512, dtype=dtype)
+        ours = ws.desc(t, block)
+        theirs = TensorDescriptor(t, list(t.shape), list(t.stride()), list(block),
+                                  ws._nvmma_layout(block, dtype))
+        assert ours.base.data_ptr() == t.data_ptr() and ours.base.dtype == dtype
+        assert (ours.shape, ours.strides, ours.block_shape, ours.layout, ours.padding) == (
+            theirs.shape, theirs.strides, theirs.block_shape, theirs.layout, theirs.padding)
+        spec = [native_specialize_impl(BaseBackend, d, False, True, True) for d in (ours, theirs)]
+        assert spec[0] == spec[1] and spec[0][0].startswith("tensordesc"), spec
+
+
+def test_desc_is_cached_and_holds_no_tensor():
+    ws = _ws()
+    t = torch.zeros(128, 256, dtype=torch.bfloat16)
+    d = ws.desc(t, (64, 128))
+    assert ws.desc(t, (64, 128)) is d                  # a weight's second step: a hit
+    assert ws.desc(t, (64, 64)) is not d                # another block, another descriptor
+    assert ws.desc(t[:, :128], (64, 128)) is not d      # another shape at the same address
+    ref = weakref.ref(t)
+    del t
+    gc.collect()
+    assert ref() is None, "the descriptor cache keeps a freed tensor alive"
+
+
+def test_launch_cache_option_fails_fast(monkeypatch):
+    monkeypatch.setenv(launch_cache.ENV_LAUNCH_CACHE, "yes")
+    with pytest.raises(ValueError, match="FORGE_LAUNCH_CACHE must be 0 or 1"):
+        launch_cache.launch(None, (1,))
+
+
+# ============================================================================ GPU
+def _case(T, N=512, K=768, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(T, N, generator=g).to("cuda", torch.bfloat16)
+    x = torch.randn(T, K, generator=g).div_(T ** 0.5).to("cuda", torch.bfloat16)
+    p = torch.randn(N, K, generator=g).cuda()
+    s = [torch.randn(N, K, generator=g).cuda(), torch.rand(N, K, generator=g).cuda()]
+    return dy, x, p, s
+
+
+# (T, scalars on): T=1 is specialised as a constant, 65 is not a multiple of 16, and the
+# scalars switch between values (CPU tensors) and pointers (GPU tensors); then it comes back
+SEQUENCE = [(64, "cuda"), (1, "cuda"), (65, "cuda"), (64, "cpu"), (1, "cuda"), (65, "cpu"),
+            (64, "cuda")]
+
+
+def _sequence_matches_uncached(monkeypatch, config):
+    prog = rules.adamw_program()
+    hits0 = launch_cache.STATS["hits"]
+    for i, (T, dev) in enumerate(SEQUENCE):
+        dy, x, p, s = _case(T, seed=i)
+        sc = rules.adamw_scalars(1e-2 * (i + 1), step=i + 1, device=dev)
+        if config.WS:
+            why = _ws().ws_unsupported_reason(dy, x, p, s)
+            if why:
+                pytest.skip(why)
+        out = []
+        for cached in ("0", "1", "1"):      # Triton's dispatch, then the cache's miss and hit
+            monkeypatch.setenv(launch_cache.ENV_LAUNCH_CACHE, cached)
+            p1, s1 = p.clone(), [t.clone() for t in s]
+            flu.fused_linear_update_triton(dy, x, p1, s1, sc, prog, config=config)
+            out.append([p1, *s1])
+        for a, b, c in zip(*out):
+            assert torch.equal(a, b) and torch.equal(a, c), (T, dev, (a - c).abs().max())
+        # and the update is the right one (fp64 reference; bf16 products are exact)
+        p2, s2 = p.double(), [t.double() for t in s]
+        flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, sc, prog.dumps())
+        for a, b in zip(out[2], [p2, *s2]):
+            assert ((a.double() - b).norm() / b.norm()).item() <= 1e-5, (T, dev)
+    # every case after the first ran twice through the cache; each repeat is a hit
+    assert launch_cache.STATS["hits"] - hits0 >= len(SEQUENCE)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_launch_cache_triton_kernel(monkeypatch):
+    _sequence_matches_uncached(monkeypatch, flu._GPU_CONFIGS[0])
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_launch_cache_ws_kernel(monkeypatch):
+    _sequence_matches_uncached(monkeypatch, flu._GPU_WS_CONFIGS[0])
