@@ -57,8 +57,8 @@ def modes(fn) -> dict:
     cache = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")    # do_bench's size
     sink = torch.empty((), dtype=torch.int64, device="cuda")
     return {
-        "do_bench": do_bench(fn, warmup=25, rep=200, quantiles=[0.5])[0],
-        "graph": do_bench_cudagraph(fn, rep=200, quantiles=[0.5])[0],
+        "do_bench": do_bench(fn, warmup=25, rep=200, return_mode="median"),
+        "graph": do_bench_cudagraph(fn, rep=200, return_mode="median"),
         "ev_memset": events_ms(fn, cache.zero_),
         "ev_readflush": events_ms(fn, lambda: torch.sum(cache, dtype=torch.int64, out=sink)),
         "ev_warm": events_ms(fn, None),
