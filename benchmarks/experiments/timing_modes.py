@@ -60,7 +60,7 @@ def modes(fn) -> dict:
         "do_bench": do_bench(fn, warmup=25, rep=200, return_mode="median"),
         "graph": do_bench_cudagraph(fn, rep=200, return_mode="median"),
         "ev_memset": events_ms(fn, cache.zero_),
-        "ev_readflush": events_ms(fn, lambda: torch.sum(cache, dtype=torch.int64, out=sink)),
+        "ev_readflush": events_ms(fn, lambda: torch.sum(cache, 0, dtype=torch.int64, out=sink)),
         "ev_warm": events_ms(fn, None),
     }
 
