@@ -96,6 +96,15 @@ CONFIGS = {
 RUN7 = {**{k: v for k, v in CONFIGS.items() if k.startswith("rows")},
         **{k.replace("rows", "rows-bal"): dataclasses.replace(v, WS="epi_rows_bal")
            for k, v in CONFIGS.items() if k.startswith("rows")}}
+# Run 8 (2026-11-23, H100): row chunks of 32 rows (split 4: 8 elements per thread and tensor
+# at 16 epilogue warps instead of 4, more independent div/sqrt chains per thread) beside the
+# shipped split-8 row configs. AdamW compiles with 8 bytes of stack (local sm_90 compile).
+RUN8 = {
+    "rows e16 split4 bt32 st4 sl2": KC(128, 128, 32, 16, 4, EPI_SPLIT=4, maxnreg=96,
+                                       WS="epi_rows", WS_SLOTS=2),
+    "rows e16 split4 bt64 st2 sl2": KC(128, 128, 64, 16, 2, EPI_SPLIT=4, maxnreg=96,
+                                       WS="epi_rows", WS_SLOTS=2),
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -124,7 +133,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
-               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7}.items()
+               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8}.items()
                 if k in a.configs.split(",")})
     t0 = time.time()
     rows, emit, bw = study_setup([] if a.host_only else check_correctness(configs, launch),
