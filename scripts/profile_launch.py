@@ -1,6 +1,6 @@
 """Where the host time of one fused-kernel launch goes (cProfile, tiny shape so the GPU waits on
-the host): the Triton kernel vs the warp-specialised one, 300 launches each, with the launch
-cache (forge_compile/kernels/launch_cache.py) off and on, and through the op.
+the host): the Triton kernel vs the warp-specialised one (with its launch cache,
+forge_compile/kernels/launch_cache.py, off and on), 300 launches each, and through the op.
 On the GPU device: python3 scripts/profile_launch.py [--n 300] [--top 25]
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
     for name, cfg in (("triton", flu._GPU_CONFIGS[0]), ("ws", flu._GPU_WS_CONFIGS[0])):
-        for cached in ("0", "1"):
+        for cached in ("0", "1") if cfg.WS else ("1",):
             os.environ[ENV_LAUNCH_CACHE] = cached
             us = host_us_per_launch(cfg, a.n)
-            print(f"== {name}, launch cache {cached}: {us:.1f} us per launch (unprofiled)",
-                  flush=True)
+            print(f"== {name}" + (f", launch cache {cached}" if cfg.WS else "")
+                  + f": {us:.1f} us per launch (unprofiled)", flush=True)
         prof = cProfile.Profile()
         host_us_per_launch(cfg, a.n, profile=prof)
         pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)

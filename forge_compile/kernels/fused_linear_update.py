@@ -48,7 +48,6 @@ import torch
 from torch import Tensor
 
 from forge_compile.epilogue import GRAD, PARAM, EpilogueProgram, run_epilogue
-from forge_compile.kernels import launch_cache
 
 __all__ = [
     "fused_linear_update_", "fused_linear_update_reference", "fused_linear_update_triton",
@@ -887,8 +886,8 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
     grid = (triton_cdiv(N, cfg.BLOCK_N) * triton_cdiv(K, cfg.BLOCK_K),)
     extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and dy.device.type == "cuda" else {}
     g = param if grad is None else grad      # unread unless GRAD_IN
-    return launch_cache.launch(
-        kern, grid, dy, x, g, param, *state, *scal_args, seed,
+    return kern[grid](
+        dy, x, g, param, *state, *scal_args, seed,
         T, N, K,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1),
         param.stride(0), param.stride(1),

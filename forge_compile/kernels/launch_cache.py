@@ -1,11 +1,15 @@
-"""A per-signature cache in front of Triton's kernel dispatch, for the fused kernels' launches.
+"""A per-signature cache in front of Triton's kernel dispatch, for the warp-specialised kernel.
 
 Why it exists: ``JITFunction.run`` binds and specialises every argument on every launch before
-it finds the compiled kernel. For the warp-specialised kernel (22 runtime arguments, five of
-them TensorDescriptors whose specialisation formats their shared layout as a string) that was
-the largest share of its 246 µs host time per launch, against 85-96 µs for the Triton kernel
-(H100 host, torch 2.11, Triton 3.6; ``scripts/profile_launch.py``). At T=512 the GPU time of a
-4096² AdamW update is 0.16 ms, so the host, not the GPU, sets the pace of a chain of launches.
+it finds the compiled kernel. The warp-specialised kernel has 22 runtime arguments, five of
+them TensorDescriptors whose specialisation formats their shared layout as a string. Measured
+on the H100 host (torch 2.11, Triton 3.6, ``scripts/profile_launch.py``, 256×256×64 AdamW, 300
+launches, 2026-11-23 16:36 UTC): 221.6 µs per launch through ``JITFunction.run``, 175.9 µs
+through this cache. The Triton kernel (plain pointer and int arguments) measured 130.7 vs
+131.2 µs, no gain, so it keeps Triton's dispatch. Host time matters where the GPU work per
+launch is small (a small model, or many layers at T=512: 0.16 ms of GPU time per 4096² AdamW
+update); it is not what separates the benchmark's do_bench time from the CUDA-graph time
+(``benchmarks/experiments/timing_modes.py``: the same 0.1647 ms with the GPU never waiting).
 
 ``launch`` keys the compiled kernel by Triton's own specialisation of the scalar and pointer
 arguments (``native_specialize_impl``, the function JITFunction's binder calls, so alignment
@@ -15,8 +19,8 @@ and option keywords, the device and Triton's debug/instrumentation switches. A k
 launches the cached ``CompiledKernel`` directly (``CompiledKernel[grid]``, the call
 ``JITFunction.run`` itself ends in); a new key goes through ``JITFunction.run``, which compiles
 or finds the kernel, launches it and returns it for the cache. Inductor's Triton launchers skip
-``JITFunction.run`` the same way. Not used under ``TRITON_INTERPRET=1`` (no compiled kernels);
-``FORGE_LAUNCH_CACHE=0`` turns it off.
+``JITFunction.run`` the same way. Interpreted functions (``TRITON_INTERPRET=1``) go straight
+to Triton; ``FORGE_LAUNCH_CACHE=0`` turns the cache off.
 """
 from __future__ import annotations
 
