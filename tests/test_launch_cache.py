@@ -65,6 +65,8 @@ def test_launch_cache_option_fails_fast(monkeypatch):
     monkeypatch.setenv(launch_cache.ENV_LAUNCH_CACHE, "yes")
     with pytest.raises(ValueError, match="FORGE_LAUNCH_CACHE must be 0 or 1"):
         launch_cache.launch(None, (1,))
+    with pytest.raises(ValueError, match="FORGE_LAUNCH_CACHE must be 0 or 1"):
+        flu.check_env()         # what the backend calls when it compiles a step
 
 
 # ============================================================================ GPU

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from forge_compile.epilogue import GRAD, PARAM, EpilogueProgram, run_epilogue
+from forge_compile.kernels import launch_cache
 
 __all__ = [
     "fused_linear_update_", "fused_linear_update_reference", "fused_linear_update_triton",
@@ -576,6 +577,7 @@ def check_env() -> None:
     not at the first launch in the middle of a training step."""
     split_gemm_mb()
     _fp32_dot_option()
+    launch_cache.enabled()
 
 
 def split_gemm_mb() -> float:

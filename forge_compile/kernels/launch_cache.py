@@ -28,7 +28,7 @@ import inspect
 import os
 from typing import Optional
 
-__all__ = ["launch", "specialization_key", "ENV_LAUNCH_CACHE", "STATS"]
+__all__ = ["launch", "enabled", "specialization_key", "ENV_LAUNCH_CACHE", "STATS"]
 
 ENV_LAUNCH_CACHE = "FORGE_LAUNCH_CACHE"    # "0": every launch through JITFunction.run
 
@@ -97,7 +97,7 @@ def specialization_key(e: _Entry, args, kwargs) -> tuple:
 
 def launch(jit, grid: tuple, *args, **kwargs):
     """``jit[grid](*args, **kwargs)``, through the cache; returns the compiled kernel."""
-    e = _entry(jit) if _enabled() else None
+    e = _entry(jit) if enabled() else None
     if e is None:
         return jit[grid](*args, **kwargs)
     key = specialization_key(e, args, kwargs)
@@ -119,7 +119,8 @@ def launch(jit, grid: tuple, *args, **kwargs):
     return ck
 
 
-def _enabled() -> bool:
+def enabled() -> bool:
+    """``FORGE_LAUNCH_CACHE``: unset or 1 on, 0 off; anything else fails with the fix."""
     env = os.environ.get(ENV_LAUNCH_CACHE)
     if env is None or env == "1":
         return True
