@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.bench_fused_linear_update import forge_bytes, make_case  # noqa: E402
+from benchmarks.experiments.bench_fused_linear_update_tma import save_rows  # noqa: E402
 from benchmarks.experiments.timing_modes import events_ms  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--ws-config", type=int, default=1)
     a = ap.parse_args()
+    t0 = time.time()
     N, K, T = 4096, 4096, 512
     c = make_case(N, K, T, "adamw")
     base_cfg = flu._GPU_WS_CONFIGS[a.ws_config]
@@ -95,9 +97,7 @@ def main() -> None:
               f"{row['GBps']:.0f} GB/s  equal {same}", flush=True)
         del p0, state, s0, p1, s1, out
     if a.out:
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        save_rows(rows, a.out, t0)
 
 
 if __name__ == "__main__":

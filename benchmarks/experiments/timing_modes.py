@@ -25,12 +25,14 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.bench_fused_linear_update import anchor_fns, forge_bytes, make_case  # noqa: E402
+from benchmarks.experiments.bench_fused_linear_update_tma import save_rows  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 
 
@@ -74,6 +76,7 @@ def main() -> None:
                     help="index into _GPU_WS_CONFIGS (1: the benchmark's pick at T=512, "
                          "2: at T=2048; bench.log, 2026-11-23 16:4x UTC)")
     a = ap.parse_args()
+    t0 = time.time()
     N, K, T = map(int, a.shape.split(","))
     c = make_case(N, K, T, "adamw")
     nbytes = forge_bytes(N, K, T, 2)
@@ -112,9 +115,7 @@ def main() -> None:
             f"{r[k]:.4f}" + (f" ({r[k + '_GBps']:.0f} GB/s)" if r["bytes"] else "")
             for k in cols) + " |")
     if a.out:
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        save_rows(rows, a.out, t0)
 
 
 if __name__ == "__main__":
