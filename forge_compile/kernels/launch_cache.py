@@ -28,7 +28,7 @@ import inspect
 import os
 from typing import Optional
 
-__all__ = ["launch", "enabled", "specialization_key", "ENV_LAUNCH_CACHE", "STATS"]
+__all__ = ["launch", "enabled", "ENV_LAUNCH_CACHE", "STATS"]
 
 ENV_LAUNCH_CACHE = "FORGE_LAUNCH_CACHE"    # "0": every launch through JITFunction.run
 
@@ -64,22 +64,22 @@ def _entry(jit) -> Optional[_Entry]:
 
 
 def _desc_types() -> tuple:
+    # Gluon's host-side descriptor (the warp-specialised kernel's); the key below reads its
+    # layout, which triton.tools' TensorDescriptor does not have
     global _DESC_TYPES
     if _DESC_TYPES is None:
-        types = []
-        for mod in ("triton.experimental.gluon.nvidia.hopper", "triton.tools.tensor_descriptor"):
-            try:
-                types.append(__import__(mod, fromlist=["TensorDescriptor"]).TensorDescriptor)
-            except (ImportError, AttributeError):
-                pass
-        _DESC_TYPES = tuple(types)
+        try:
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+            _DESC_TYPES = (TensorDescriptor,)
+        except ImportError:
+            _DESC_TYPES = ()
     return _DESC_TYPES
 
 
 _DESC_TYPES: Optional[tuple] = None
 
 
-def specialization_key(e: _Entry, args, kwargs) -> tuple:
+def _specialization_key(e: _Entry, args, kwargs) -> tuple:
     """The cache key of one launch (see the module docstring)."""
     from triton import knobs
     from triton._C.libtriton import native_specialize_impl
@@ -100,7 +100,7 @@ def launch(jit, grid: tuple, *args, **kwargs):
     e = _entry(jit) if enabled() else None
     if e is None:
         return jit[grid](*args, **kwargs)
-    key = specialization_key(e, args, kwargs)
+    key = _specialization_key(e, args, kwargs)
     ck = e.compiled.get(key)
     if ck is None:
         STATS["misses"] += 1
