@@ -265,15 +265,23 @@ def main():
     ap.add_argument("--ncu-row", default=None, metavar="OPT,N,K,T",
                     help="launch only forge's kernel for one row, 3 times (for ncu "
                          "--launch-skip 2 --launch-count 1); uses the tuning cache")
+    ap.add_argument("--ncu-config", default=None, metavar="ws:I|triton:I",
+                    help="with --ncu-row: this candidate (_GPU_WS_CONFIGS[I] or "
+                         "_GPU_CONFIGS[I]) instead of the tuned one")
     a = ap.parse_args()
     if a.ncu_row:
         opt, N, K, T = a.ncu_row.split(",")
         c = make_case(int(N), int(K), int(T), opt)
+        cfg = None
+        if a.ncu_config:
+            kind, idx = a.ncu_config.split(":")
+            cfg = {"ws": flu._GPU_WS_CONFIGS, "triton": flu._GPU_CONFIGS}[kind][int(idx)]
         for _ in range(3):
             ck = flu.fused_linear_update_triton(c["dy"], c["x"], c["p"], c["state"],
-                                                c["scalars"], c["prog"])
+                                                c["scalars"], c["prog"], config=cfg)
         torch.cuda.synchronize()
-        cfg = flu.tuned_config(c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
+        cfg = cfg or flu.tuned_config(c["dy"], c["x"], c["p"], c["state"], c["scalars"],
+                                      c["prog"])
         print("ncu row", a.ncu_row, cfg, "regs", getattr(ck, "n_regs", None),
               "spills", getattr(ck, "n_spills", None), "smem", ck.metadata.shared)
         return

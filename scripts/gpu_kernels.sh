@@ -45,16 +45,21 @@ if [[ $WHAT == all || $WHAT == profile ]]; then
   grep "^==" "$OUT/profile_launch.txt"
 fi
 if [[ $WHAT == all || $WHAT == ncu ]]; then
-  # Evidence for the memory-bound rows: DRAM throughput, occupancy, registers of the tuned
-  # kernel (uses the tuning cache the benchmark left behind).
+  # Evidence for the memory-bound rows: DRAM throughput, occupancy, registers, warp stalls of
+  # the tuned kernel (uses the tuning cache the benchmark left behind); every section's full
+  # text in $OUT/ncu_full.log.
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  # NCU_CONFIG (e.g. ws:1): profile that candidate instead of the tuned one (no tuning cache
+  # needed); the regex matches the Triton and the warp-specialised kernel
   for row in ${NCU_ROWS:-adamw,4096,4096,512 adamw,4096,4096,2048}; do
-    echo "== ncu $row"
-    timeout 120 "$NCU" --target-processes all -k regex:_fused_linear_update_kernel \
+    echo "== ncu $row ${NCU_CONFIG:-tuned}"
+    timeout 120 "$NCU" --target-processes all -k 'regex:_fused_linear_update(_ws)?_kernel' \
       --launch-skip 2 --launch-count 1 --clock-control none \
       --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section MemoryWorkloadAnalysis \
-      $PY benchmarks/bench_fused_linear_update.py --precompile 0 --ncu-row "$row" 2>&1 \
+      --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+      --section WarpStateStats --section SchedulerStats \
+      $PY benchmarks/bench_fused_linear_update.py --precompile 0 --ncu-row "$row" \
+      ${NCU_CONFIG:+--ncu-config $NCU_CONFIG} 2>&1 | tee -a "$OUT/ncu_full.log" \
       | grep -E "ncu row|DRAM Throughput|Memory Throughput|Compute \(SM\)|Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Shared Memory Config|L2 Hit|Waves|Mem Busy|Max Bandwidth|==ERR|rror"
   done 2>&1 | tee "$OUT/ncu.log"
 fi
