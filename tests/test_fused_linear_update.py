@@ -394,7 +394,7 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
              "SPLIT": cfg.EPI_SPLIT, "STAGES": cfg.num_stages, "SLOTS": cfg.WS_SLOTS,
              "GROUP_N": cfg.GROUP_N, "EVEN_NK": False, "SAME_STRIDES": True,
              "STOCHASTIC_ROUND": param_dtype == "bf16", "SKIP_GEMM": False,
-             "ACC_LAYOUT": gl.NVMMASharedLayout.get_default_for(ws.acc_block(cfg), gl.float32),
+             "ACC_LAYOUT": ws.acc_layout(cfg),
              "MMA_REGS": ws.MMA_REGS, "num_warps": cfg.num_warps}
     sig.update({k: "constexpr" for k in const})
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS)

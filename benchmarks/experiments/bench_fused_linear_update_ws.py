@@ -44,11 +44,14 @@ def W(bn, bk, bt, split, stages, warps, maxnreg, PIPE=False, SLOTS=0, STATE_ISSU
 
 
 def launch(*args, seed=0, skip_gemm=False, skip_epilogue=False):
-    """The WS launcher; the config is a KernelConfig or a (KernelConfig, hand-off) pair."""
+    """The WS launcher; the config is a KernelConfig, a (KernelConfig, hand-off) pair or a
+    (KernelConfig, hand-off, swizzled accumulator buffer) triple."""
     *a, cfg = args
-    cfg, handoff = cfg if isinstance(cfg, tuple) else (cfg, "chunk")
+    cfg, handoff, swz = (tuple(cfg) + (None,))[:3] if isinstance(cfg, tuple) else (
+        cfg, "chunk", None)
     return fused_linear_update_ws(*a, cfg, seed=seed, skip_gemm=skip_gemm,
-                                  skip_epilogue=skip_epilogue, handoff=handoff)
+                                  skip_epilogue=skip_epilogue, handoff=handoff,
+                                  acc_swizzled=swz)
 
 
 # All spill-free at sm_90 (ptxas of Triton 3.6, local compile). Runs 1-3 (2026-11-23, H100)
@@ -105,6 +108,11 @@ RUN8 = {
     "rows e16 split4 bt64 st2 sl2": KC(128, 128, 64, 16, 2, EPI_SPLIT=4, maxnreg=96,
                                        WS="epi_rows", WS_SLOTS=2),
 }
+# Run 9 (2026-11-23, H100): the row configs' accumulator buffer with the NVMMA 128-byte swizzle
+# (as shipped until then) vs the 32-byte-vector XOR swizzle (acc_layout): ncu had measured
+# 4.6-5.2-way bank conflicts on the MMA warps' accumulator stores.
+RUN9 = {k + " nvmma-acc": (v, "chunk", False)
+        for k, v in CONFIGS.items() if k.startswith("rows")}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -133,7 +141,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
-               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8}.items()
+               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9}.items()
                 if k in a.configs.split(",")})
     t0 = time.time()
     rows, emit, bw = study_setup([] if a.host_only else check_correctness(configs, launch),
