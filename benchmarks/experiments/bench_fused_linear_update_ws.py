@@ -140,9 +140,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
+    known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9}
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
-               {k: v for k, v in {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9}.items()
-                if k in a.configs.split(",")})
+               {k: v for k, v in known.items() if k in a.configs.split(",")})
     t0 = time.time()
     rows, emit, bw = study_setup([] if a.host_only else check_correctness(configs, launch),
                                  t0)
