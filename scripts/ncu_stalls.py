@@ -5,7 +5,11 @@ On the GPU device:
     ncu -k regex:_fused_linear_update_kernel --launch-skip 2 --launch-count 1 \\
         --section SourceCounters -o rep python3 scripts/ncu_stalls.py --launch
     ncu --import rep.ncu-rep --page source --csv --print-source sass > src.csv
-    python3 scripts/ncu_stalls.py --parse src.csv     # samples per opcode, largest first
+    python3 scripts/ncu_stalls.py --parse src.csv     # samples per opcode, largest first;
+                                                      # shared-memory excess per SASS line
+The warp-specialised kernel: launch it with ``benchmarks/bench_fused_linear_update.py
+--precompile 0 --ncu-row adamw,4096,4096,512 --ncu-config ws:1`` under ``ncu -k
+regex:_fused_linear_update_ws_kernel`` instead.
 Defaults: AdamW, 4096×4096, T=512, bf16 operands, the config the autotuner picks there on the
 H100 (128×128×64, 16 warps, epilogue split 2); ``--config`` takes another one as
 BN,BK,BT,warps,stages,split.
@@ -58,6 +62,24 @@ def parse(path: str, top: int) -> None:
     print(f"warp stall samples: {total}")
     for op, n in per_op.most_common(top):
         print(f"  {op:10s} {n:9d}  {100 * n / max(total, 1):5.1f}%")
+    # shared-memory wavefronts beyond the ideal (bank conflicts), per SASS line
+    exc = next((i for i, c in enumerate(head) if "Shared Excessive" in c), None)
+    if exc is None:
+        return
+    ideal = next((i for i, c in enumerate(head) if "Shared Ideal" in c), None)
+    lines = []
+    for r in rows[head_i + 1:]:
+        try:
+            n = int(float(r[exc] or 0))
+        except (ValueError, IndexError):
+            continue
+        if n:
+            ide = r[ideal] if ideal is not None and ideal < len(r) else "?"
+            lines.append((n, ide, r[src].strip()))
+    total_exc = sum(n for n, _, _ in lines)
+    print(f"shared wavefronts beyond ideal ({head[exc]}): {total_exc}")
+    for n, ide, text in sorted(lines, reverse=True)[:top]:
+        print(f"  {n:9d}  ({100 * n / max(total_exc, 1):5.1f}%, ideal {ide})  {text[:90]}")
 
 
 def main():
