@@ -321,6 +321,7 @@ WS_STUDY = {   # the shipped paths and the study's alternatives (docs/kernels.md
     "regs": flu.KernelConfig(128, 128, 64, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="regs"),
     "epi_rows": flu._GPU_WS_CONFIGS[0],
     "epi_rows_bal": dataclasses.replace(flu._GPU_WS_CONFIGS[0], WS="epi_rows_bal"),
+    "epi_rows_half": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_half"),
 }
 
 
@@ -337,7 +338,7 @@ def test_ws_kernel_source_is_python(rule, state_path):
     ws = _ws()
     prog = _all_ops_program() if rule == "all_ops" else _rules()[rule][0]
     for pipe in (False, True):
-        if pipe and state_path == "epi_rows_bal":
+        if pipe and state_path in ("epi_rows_bal", "epi_rows_half"):
             with pytest.raises(ValueError, match="no EPI_PIPE variant"):
                 ws.kernel_source(prog, 8, pipe, state_path)
             continue
@@ -353,6 +354,38 @@ def test_ws_kernel_source_is_python(rule, state_path):
             assert len(re.findall(rf"^\s+c{i} = ", src, re.M)) == 2, (i, src)
         # the balanced walk guards each chunk with this CTA's run of chunks
         assert ("if (seq >= 0) & (seq < n_chunks):" in src) == (state_path == "epi_rows_bal")
+        # the half hand-off: each half stored, awaited and released once per tile, through
+        # its own barrier pair (0: rows 0..63, 1: rows 64..127)
+        halves = state_path == "epi_rows_half"
+        for h in (0, 1):
+            for call in (f"mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)",
+                         f"mbarrier.arrive(acc_ready.index({h}), count=1)",
+                         f"mbarrier.wait(acc_ready.index({h}), i & 1)",
+                         f"mbarrier.arrive(acc_empty.index({h}), count=1)"):
+                if halves or h == 0:
+                    assert src.count(call) == 1, (call, state_path)
+        assert ("acc_lo, acc_hi = gl.split(" in src) == halves
+
+
+def test_ws_half_handoff_waits_in_chunk_order():
+    """epi_rows_half: the epilogue waits for half 1 right before its first chunk (4 of 8) reads
+    the accumulator, and releases half 0 right after chunk 3's read (so the MMA warps store the
+    next tile's first half while chunks 4-7 run)."""
+    ws = _ws()
+    src = ws.kernel_source(_rules()["adamw"][0], 8, False, "epi_rows_half")
+    pos = {k: src.index(k) for k in (
+        "acc_3 = acc_smem.slice(3 * CW", "mbarrier.arrive(acc_empty.index(0), count=1)",
+        "v0_3 = ", "mbarrier.wait(acc_ready.index(1), i & 1)",
+        "acc_4 = acc_smem.slice(4 * CW", "acc_7 = acc_smem.slice(7 * CW",
+        "mbarrier.arrive(acc_empty.index(1), count=1)")}
+    order = sorted(pos, key=pos.get)
+    assert order == ["acc_3 = acc_smem.slice(3 * CW",
+                     "mbarrier.arrive(acc_empty.index(0), count=1)", "v0_3 = ",
+                     "mbarrier.wait(acc_ready.index(1), i & 1)",
+                     "acc_4 = acc_smem.slice(4 * CW", "acc_7 = acc_smem.slice(7 * CW",
+                     "mbarrier.arrive(acc_empty.index(1), count=1)"], order
+    with pytest.raises(ValueError, match="even EPI_SPLIT"):
+        ws.kernel_source(_rules()["adamw"][0], 3, False, "epi_rows_half")
 
 
 def test_ws_not_offered_off_gpu():
@@ -419,6 +452,17 @@ def test_ws_kernel_compiles_for_sm90_without_spills(idx, rule, param_dtype):
     res, smem = _sm90_resources(cfg, _rules()[rule][0], param_dtype)
     assert res["LOCAL"] == "0" and res["STACK"] == "0", res
     assert smem <= 232448, smem
+    assert smem <= _ws().ws_shared_memory_bytes(
+        cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32, 2)
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+def test_ws_half_handoff_compiles_for_sm90(param_dtype):
+    """The study's half hand-off (its accumulator split in registers: reshape, permute, split)
+    compiles for sm_90 without spills and in the row path's shared memory."""
+    cfg = WS_STUDY["epi_rows_half"]
+    res, smem = _sm90_resources(cfg, _rules()["adamw"][0], param_dtype)
+    assert res["LOCAL"] == "0" and res["STACK"] == "0", res
     assert smem <= _ws().ws_shared_memory_bytes(
         cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32, 2)
 

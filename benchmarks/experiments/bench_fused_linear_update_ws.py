@@ -113,6 +113,13 @@ RUN8 = {
 # 4.6-5.2-way bank conflicts on the MMA warps' accumulator stores.
 RUN9 = {k + " nvmma-acc": (v, "chunk", False)
         for k, v in CONFIGS.items() if k.startswith("rows")}
+# Run 10 (prepared 2026-11-23, not run yet): the accumulator handed over in two halves of 64
+# rows ("epi_rows_half"). ncu's warp-state sampling of the T=512 pick (17:25 UTC) had the
+# epilogue warps waiting for the whole-tile hand-off (acc_ready) in ~14% of their samples and
+# the MMA warps for acc_empty in ~22% of theirs: with halves, chunks 4-7 of a tile run while
+# the MMA warps store the next tile's first half.
+RUN10 = {k.replace("rows", "rows-half"): dataclasses.replace(v, WS="epi_rows_half")
+         for k, v in CONFIGS.items() if k.startswith("rows")}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -140,7 +147,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
-    known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9}
+    known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10}
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
                {k: v for k, v in known.items() if k in a.configs.split(",")})
     t0 = time.time()

@@ -23,7 +23,8 @@ at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the Trit
 (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
-``tile_walk``: 3-24% slower fused).
+``tile_walk``: 3-24% slower fused). A fourth, prepared and compiled for sm_90 but not yet run
+on a GPU: the accumulator handed over in two halves of rows ("epi_rows_half").
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
@@ -55,7 +56,7 @@ MMA_REGS = 208
 _SMEM_LIMIT = 232448
 # The W/state paths whose chunks are BLOCK_N/EPI_SPLIT whole rows (the accumulator changes hands
 # a whole tile at a time); "epi_rows_bal" walks the tiles balanced (tile_walk).
-_ROW_PATHS = ("epi_rows", "epi_rows_bal")
+_ROW_PATHS = ("epi_rows", "epi_rows_bal", "epi_rows_half")
 
 
 @functools.lru_cache(maxsize=None)
@@ -213,10 +214,16 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     whole tile at once (the study's earlier variant: the epilogue idles during every hand-off)."""
     rows = state in _ROW_PATHS
     balanced = state == "epi_rows_bal"             # see tile_walk
+    # "epi_rows_half": the tile changes hands in two halves of BLOCK_N/2 rows (see the MMA
+    # partition below), so the epilogue starts a tile without waiting for the whole store
+    halves = state == "epi_rows_half"
+    if (balanced or halves) and pipe:
+        raise ValueError(f"the {state} path has no EPI_PIPE variant")
     state = "epi" if rows else state
-    if balanced and pipe:
-        raise ValueError("the balanced walk (epi_rows_bal) has no EPI_PIPE variant")
+    if halves and split % 2:
+        raise ValueError("epi_rows_half needs an even EPI_SPLIT (chunks of one half each)")
     per_chunk = handoff == "chunk" and not rows
+    half = split // 2
     state_tma = state != "regs"
     warp_fed = state == "warp"
     prog = load_program(program)
@@ -300,8 +307,21 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     lines, chunks = column_split(split, "        ", "gl")
     if rows:     # one store of the whole tile; the epilogue reads row slices of it
         lines, chunks = [], ["acc"]
+    if halves:
+        # rows 0..BLOCK_N/2-1 and the rest: the wgmma layout holds both halves in each
+        # thread's registers (4 warps × 16 rows cover 64), so the split moves no data
+        lines = ["        acc_lo, acc_hi = gl.split(gl.permute(gl.reshape(",
+                 "            acc, [2, BLOCK_N // 2, BLOCK_K]), (1, 2, 0)))"]
+        chunks = ["acc_lo", "acc_hi"]
     L.extend(lines)
-    if not per_chunk:
+    if halves:
+        for h, c in enumerate(chunks):
+            a(f"        mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)")
+            a(f"        acc_smem.slice({h} * (BLOCK_N // 2), BLOCK_N // 2, dim=0).store({c})")
+            a("        gl.thread_barrier()")
+            a(f"        mbarrier.arrive(acc_ready.index({h}), count=1)")
+        chunks = []
+    elif not per_chunk:
         a("        mbarrier.wait(acc_empty.index(0), (i & 1) ^ 1)")
     for h, c in enumerate(chunks):
         if per_chunk:
@@ -333,14 +353,14 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
     a("        rn = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cl))")
     a("        mask_n = rn < N")
-    if not per_chunk:
+    if not per_chunk and not halves:
         a("        mbarrier.wait(acc_ready.index(0), i & 1)")
     st_call = (f"walk_u0, walk_t0, walk_step, {', '.join(descs)}, {', '.join(smems)}, "
                "st_ready, N, K, "
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
     if not epilogue:
-        for h in range(split if per_chunk else 1):
-            if per_chunk:
+        for h in range(split if per_chunk else 2 if halves else 1):
+            if per_chunk or halves:
                 a(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
             L += ["        gl.thread_barrier()",
                   f"        mbarrier.arrive(acc_empty.index({h}), count=1)"]
@@ -392,11 +412,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     "eviction_policy=\"evict_first\").to(gl.float32)"]
         if per_chunk:
             out.append(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
+        elif halves and h % half == 0:       # the half this chunk lies in has been stored
+            out.append(f"        mbarrier.wait(acc_ready.index({h // half}), i & 1)")
         if rows:
             out.append(f"        acc{sfx} = acc_smem.slice({h} * CW, CW, dim=0).load(cl)")
         else:
             out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
-        if state_tma or per_chunk or h == split - 1:
+        if state_tma or per_chunk or h == split - 1 or (halves and h == half - 1):
             out.append("        gl.thread_barrier()")
         if warp_fed:                # the slot is read: the state warp may refill it
             out.append("        mbarrier.arrive(st_empty.index(slot), count=1)")
@@ -406,6 +428,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     f"            _issue_state(seq + SLOTS, {st_call}"]
         if per_chunk:               # chunk h read: the MMA warps may store the next tile's
             out.append(f"        mbarrier.arrive(acc_empty.index({h}), count=1)")
+        elif halves and (h + 1) % half == 0:    # this half read: the MMA may store the next
+            out.append(f"        mbarrier.arrive(acc_empty.index({h // half}), count=1)")
         elif h == split - 1:        # every chunk's gradient read: the MMA warps may refill it
             out.append("        mbarrier.arrive(acc_empty.index(0), count=1)")
         return out
