@@ -55,7 +55,8 @@ MMA_REGS = 208
 # H100/H200: 227 KiB of shared memory per CTA.
 _SMEM_LIMIT = 232448
 # The W/state paths whose chunks are BLOCK_N/EPI_SPLIT whole rows (the accumulator changes hands
-# a whole tile at a time); "epi_rows_bal" walks the tiles balanced (tile_walk).
+# a whole tile at a time, or in two halves: "epi_rows_half"); "epi_rows_bal" walks the tiles
+# balanced (tile_walk).
 _ROW_PATHS = ("epi_rows", "epi_rows_bal", "epi_rows_half")
 
 
@@ -304,32 +305,30 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
                                 STAGES, BLOCK_T)
 """)
-    lines, chunks = column_split(split, "        ", "gl")
-    if rows:     # one store of the whole tile; the epilogue reads row slices of it
-        lines, chunks = [], ["acc"]
     if halves:
         # rows 0..BLOCK_N/2-1 and the rest: the wgmma layout holds both halves in each
         # thread's registers (4 warps × 16 rows cover 64), so the split moves no data
-        lines = ["        acc_lo, acc_hi = gl.split(gl.permute(gl.reshape(",
-                 "            acc, [2, BLOCK_N // 2, BLOCK_K]), (1, 2, 0)))"]
-        chunks = ["acc_lo", "acc_hi"]
-    L.extend(lines)
-    if halves:
-        for h, c in enumerate(chunks):
+        L += ["        acc_lo, acc_hi = gl.split(gl.permute(gl.reshape(",
+              "            acc, [2, BLOCK_N // 2, BLOCK_K]), (1, 2, 0)))"]
+        for h, c in enumerate(("acc_lo", "acc_hi")):
             a(f"        mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)")
             a(f"        acc_smem.slice({h} * (BLOCK_N // 2), BLOCK_N // 2, dim=0).store({c})")
             a("        gl.thread_barrier()")
             a(f"        mbarrier.arrive(acc_ready.index({h}), count=1)")
-        chunks = []
-    elif not per_chunk:
-        a("        mbarrier.wait(acc_empty.index(0), (i & 1) ^ 1)")
-    for h, c in enumerate(chunks):
-        if per_chunk:
-            a(f"        mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)")
-        a(f"        acc_smem.store({c})" if rows else f"        acc_smem.index({h}).store({c})")
-        if per_chunk or h == len(chunks) - 1:
-            a("        gl.thread_barrier()")
-            a(f"        mbarrier.arrive(acc_ready.index({h if per_chunk else 0}), count=1)")
+    else:
+        lines, chunks = column_split(split, "        ", "gl")
+        if rows:     # one store of the whole tile; the epilogue reads row slices of it
+            lines, chunks = [], ["acc"]
+        L.extend(lines)
+        if not per_chunk:
+            a("        mbarrier.wait(acc_empty.index(0), (i & 1) ^ 1)")
+        for h, c in enumerate(chunks):
+            if per_chunk:
+                a(f"        mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)")
+            a(f"        acc_smem.store({c})" if rows else f"        acc_smem.index({h}).store({c})")
+            if per_chunk or h == len(chunks) - 1:
+                a("        gl.thread_barrier()")
+                a(f"        mbarrier.arrive(acc_ready.index({h if per_chunk else 0}), count=1)")
     a("")
     a("")
     # ---- epilogue partition (default: num_warps warps) ----
@@ -601,8 +600,8 @@ def acc_layout(cfg, swizzled: Optional[bool] = None):
     (``SwizzledSharedLayout(8, 1, 8)``): a wgmma-layout store writes 8 rows × 32 B, and with
     the rows' 512 B stride each row's vector lands in its own bank group: by design 2
     wavefronts per 256 B store (the minimum); an epilogue warp reads one whole row, 4
-    wavefronts. The NVMMA
-    128-byte swizzle this replaced repeats every 2 rows of 512 B: ncu measured 4.6-5.2-way
+    wavefronts. The NVMMA 128-byte swizzle this replaced repeats every 2 rows of 512 B: ncu
+    measured 4.6-5.2-way
     conflicts on 57-62% of the shared-store wavefronts (H100, AdamW 4096², T=512 and 2048,
     2026-11-23 17:04 UTC); with this one, 2.7 wavefronts per store request instead of 4.6, the
     GEMM alone 2-6% faster and the fused T=2048 rows 1.5-2% (study run 9, docs/kernels.md).
