@@ -601,10 +601,10 @@ def acc_layout(cfg, swizzled: Optional[bool] = None):
     the rows' 512 B stride each row's vector lands in its own bank group: by design 2
     wavefronts per 256 B store (the minimum); an epilogue warp reads one whole row, 4
     wavefronts. The NVMMA 128-byte swizzle this replaced repeats every 2 rows of 512 B: ncu
-    measured 4.6-5.2-way
-    conflicts on 57-62% of the shared-store wavefronts (H100, AdamW 4096², T=512 and 2048,
-    2026-11-23 17:04 UTC); with this one, 2.7 wavefronts per store request instead of 4.6, the
-    GEMM alone 2-6% faster and the fused T=2048 rows 1.5-2% (study run 9, docs/kernels.md).
+    measured 4.6-5.2-way conflicts on 57-62% of the shared-store wavefronts (H100, AdamW
+    4096², T=512 and 2048, 2026-11-23 17:04 UTC); with this one, 2.7 wavefronts per store
+    request instead of 4.6, the GEMM alone 2-6% faster and the fused T=2048 rows 1.5-2% (study
+    run 9, docs/kernels.md).
     Column paths keep the NVMMA layout. ``swizzled``: force either (the study)."""
     if swizzled is None:
         swizzled = cfg.WS in _ROW_PATHS
