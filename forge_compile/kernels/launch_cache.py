@@ -40,16 +40,22 @@ _ENTRIES: dict = {}
 
 class _Entry:
     """What one jit function's launches need: its parameter order and defaults, the backend
-    its binder specialises with, and the compiled kernels seen so far."""
-    __slots__ = ("names", "defaults", "backend", "compiled")
+    its binder specialises with, the Triton functions the key calls (looked up once, not per
+    launch), and the compiled kernels seen so far."""
+    __slots__ = ("names", "defaults", "backend", "compiled", "specialize", "driver", "knobs",
+                 "descs")
 
     def __init__(self, jit):
+        from triton import knobs
+        from triton._C.libtriton import native_specialize_impl
         from triton.compiler import make_backend
         from triton.runtime.driver import driver
         self.names = list(jit.arg_names)
         self.defaults = {n: p.default for n, p in jit.signature.parameters.items()
                          if p.default is not inspect.Parameter.empty}
         self.backend = make_backend(driver.active.get_current_target())
+        self.specialize, self.driver, self.knobs = native_specialize_impl, driver, knobs
+        self.descs = _desc_types()
         self.compiled: dict = {}
 
 
@@ -66,33 +72,23 @@ def _entry(jit) -> Optional[_Entry]:
 def _desc_types() -> tuple:
     # Gluon's host-side descriptor (the warp-specialised kernel's); the key below reads its
     # layout, which triton.tools' TensorDescriptor does not have
-    global _DESC_TYPES
-    if _DESC_TYPES is None:
-        try:
-            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-            _DESC_TYPES = (TensorDescriptor,)
-        except ImportError:
-            _DESC_TYPES = ()
-    return _DESC_TYPES
-
-
-_DESC_TYPES: Optional[tuple] = None
+    try:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+        return (TensorDescriptor,)
+    except ImportError:
+        return ()
 
 
 def _specialization_key(e: _Entry, args, kwargs) -> tuple:
     """The cache key of one launch (see the module docstring)."""
-    from triton import knobs
-    from triton._C.libtriton import native_specialize_impl
-    from triton.runtime.driver import driver
-    descs = _desc_types()
     spec = []
     for a in args:
-        if isinstance(a, descs):
+        if isinstance(a, e.descs):
             spec.append((a.base.dtype, tuple(a.block_shape), a.layout, a.padding, len(a.shape)))
         else:
-            spec.append(native_specialize_impl(e.backend, a, False, True, True))
-    return (driver.active.get_current_device(), tuple(spec), tuple(kwargs.items()),
-            knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+            spec.append(e.specialize(e.backend, a, False, True, True))
+    return (e.driver.active.get_current_device(), tuple(spec), tuple(kwargs.items()),
+            e.knobs.runtime.debug, e.knobs.compilation.instrumentation_mode)
 
 
 def launch(jit, grid: tuple, *args, **kwargs):
