@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from benchmarks.bench_fused_linear_update import forge_bytes, make_case  # noqa: E402
 from benchmarks.experiments.bench_fused_linear_update_tma import save_rows  # noqa: E402
-from benchmarks.experiments.timing_modes import events_ms  # noqa: E402
+from benchmarks.experiments.timing_modes import events_ms, flushers  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 
 
@@ -53,8 +53,7 @@ def main() -> None:
     c = make_case(N, K, T, "adamw")
     base_cfg = flu._GPU_WS_CONFIGS[a.ws_config]
     nbytes = forge_bytes(N, K, T, 2)
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
-    sink = torch.empty((), dtype=torch.int64, device="cuda")
+    _, read_flush = flushers()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, {date}; AdamW {N}×{K} T={T}; base {base_cfg}", flush=True)
@@ -83,7 +82,7 @@ def main() -> None:
         if ref is None:
             ref = out
         same = all(torch.equal(u, r) for u, r in zip(out, ref))
-        ev = events_ms(run, lambda: torch.sum(flush, 0, dtype=torch.int64, out=sink))
+        ev = events_ms(run, read_flush)
         db = do_bench(run, warmup=25, rep=200, return_mode="median")
         row = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=triton.__version__, date=date, N=N, K=K, T=T, variant=name,

@@ -54,15 +54,22 @@ def events_ms(fn, flush, n: int = 100) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def flushers():
+    """(memset flush, read flush) of a 256 MB buffer, do_bench's size: the memset leaves L2 full
+    of dirty lines, the read (a sum into one element) leaves it cold and clean."""
+    cache = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    sink = torch.empty((), dtype=torch.int64, device="cuda")
+    return cache.zero_, lambda: torch.sum(cache, 0, dtype=torch.int64, out=sink)
+
+
 def modes(fn) -> dict:
     from triton.testing import do_bench, do_bench_cudagraph
-    cache = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")    # do_bench's size
-    sink = torch.empty((), dtype=torch.int64, device="cuda")
+    memset_flush, read_flush = flushers()
     return {
         "do_bench": do_bench(fn, warmup=25, rep=200, return_mode="median"),
         "graph": do_bench_cudagraph(fn, rep=200, return_mode="median"),
-        "ev_memset": events_ms(fn, cache.zero_),
-        "ev_readflush": events_ms(fn, lambda: torch.sum(cache, 0, dtype=torch.int64, out=sink)),
+        "ev_memset": events_ms(fn, memset_flush),
+        "ev_readflush": events_ms(fn, read_flush),
         "ev_warm": events_ms(fn, None),
     }
 
