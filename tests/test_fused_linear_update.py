@@ -420,16 +420,13 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
            "p_desc": desc(param_dtype, ws.state_block(cfg)),
            **{f"s{i}_desc": desc("fp32", ws.state_block(cfg)) for i in range(n)},
            "p_ptr": "*" + param_dtype, **{f"s{i}_ptr": "*fp32" for i in range(n)},
-           "dy_ptr": "*bf16", "x_ptr": "*bf16",
            **{f"sc{i}": "*fp32" for i in range(len(prog.scalars))}, "seed": "i32",
-           **{a: "i32" for a in ["T", "N", "K", "s_p_n"] + [f"s_s{i}_n" for i in range(n)]
-              + ["s_dy", "s_x"]}}
+           **{a: "i32" for a in ["T", "N", "K", "s_p_n"] + [f"s_s{i}_n" for i in range(n)]}}
     const = {**{f"SCALAR_PTR_{i}": True for i in range(len(prog.scalars))},
              "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "BLOCK_T": cfg.BLOCK_T,
              "SPLIT": cfg.EPI_SPLIT, "STAGES": cfg.num_stages, "SLOTS": cfg.WS_SLOTS,
              "GROUP_N": cfg.GROUP_N, "EVEN_NK": False, "SAME_STRIDES": True,
              "STOCHASTIC_ROUND": param_dtype == "bf16", "SKIP_GEMM": False,
-             "L2_PREFETCH": ws.l2_prefetch_level(cfg),
              "ACC_LAYOUT": ws.acc_layout(cfg),
              "MMA_REGS": ws.MMA_REGS, "num_warps": cfg.num_warps}
     sig.update({k: "constexpr" for k in const})

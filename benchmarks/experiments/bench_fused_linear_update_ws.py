@@ -113,7 +113,9 @@ RUN8 = {
 # 4.6-5.2-way bank conflicts on the MMA warps' accumulator stores.
 RUN9 = {k + " nvmma-acc": (v, "chunk", False)
         for k, v in CONFIGS.items() if k.startswith("rows")}
-# Run 10 (prepared 2026-11-23, not run yet): the accumulator handed over in two halves of 64
+# Run 10 (2026-11-23 18:00 UTC, H100): within noise, fused AdamW T=512 0.1558-0.1575 vs
+# 0.1567-0.1576 ms, and behind its twin in the next run (docs/kernels.md, run 10). The
+# accumulator handed over in two halves of 64
 # rows ("epi_rows_half"). ncu's warp-state sampling of the T=512 pick (17:25 UTC) had the
 # epilogue warps waiting for the whole-tile hand-off (acc_ready) in ~14% of their samples and
 # the MMA warps for acc_empty in ~22% of theirs: with halves, chunks 4-7 of a tile run while

@@ -23,8 +23,8 @@ at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the Trit
 (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
-``tile_walk``: 3-24% slower fused). A fourth, prepared and compiled for sm_90 but not yet run
-on a GPU: the accumulator handed over in two halves of rows ("epi_rows_half").
+``tile_walk``: 3-24% slower fused). A fourth, the accumulator handed over in two halves of
+rows ("epi_rows_half"), measured within noise of the whole-tile hand-off (study run 10).
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
@@ -104,13 +104,6 @@ def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP
 
 
 @gluon.jit
-def _prefetch_l2(p):
-    # no result and no ordering: a hint to L2 (l2_prefetch_source)
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\\n\\tmov.u32 $0, 0;", "=r,l", [p],
-                              dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
                 STAGES: gl.constexpr, BLOCK_T: gl.constexpr):
     slot = gstep % STAGES
@@ -174,39 +167,6 @@ def issue_state_source(descs, smems, rows: bool = False) -> list:
     out += [f"    tma.{_tma_load()}({d}, [off_n, off_k], bar, {m}.index(slot))"
             for d, m in zip(descs, smems)]
     return out + ["", ""]
-
-
-def l2_prefetch_source(ptrs, strides) -> list:
-    """Epilogue-partition lines run once, before the tile loop: ``L2_PREFETCH`` bit 1 asks L2
-    for this CTA's first tile's dY and X panels (their first min(T, 512) rows; 2-byte operands,
-    64 per 128-byte line), bit 2 for its W/state rows (BLOCK_N rows of BLOCK_K, 32 fp32 per
-    line; a bf16 W asks each line twice). Why: every CTA starts with a whole GEMM before its
-    first update, so DRAM idles for the first tile's GEMM, whose dY/X ring has only STAGES - 1
-    loads in flight. A prefetch has no ordering or result (``prefetch.global.L2``): it cannot
-    change what the kernel computes, only where its loads find the bytes."""
-    out = ["    if L2_PREFETCH != 0:",
-           "        pf: gl.constexpr = gl.BlockedLayout([1], [32], [EPI_WARPS], [0])",
-           "        PF_N: gl.constexpr = 32 * EPI_WARPS",
-           "        pf_n, pf_k = _tile_coords(walk_t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)"]
-    out += ["        if L2_PREFETCH & 1:",
-            "            pf_rows = gl.minimum(T, 512)"]
-    for ptr, stride, off, width, lim in (("dy_ptr", "s_dy", "pf_n", "BLOCK_N", "N"),
-                                         ("x_ptr", "s_x", "pf_k", "BLOCK_K", "K")):
-        out += [f"            for j in range(0, pf_rows * ({width} // 64), PF_N):",
-                "                q = j + gl.arange(0, PF_N, pf)",
-                f"                r = q // ({width} // 64)",
-                f"                c = {off} + (q % ({width} // 64)) * 64",
-                f"                _prefetch_l2(gl.where((r < pf_rows) & (c < {lim}), "
-                f"{ptr} + r * {stride} + c, {ptr}))"]
-    out += ["        if L2_PREFETCH & 2:",
-            "            for j in gl.static_range(0, BLOCK_N * (BLOCK_K // 32), PF_N):",
-            "                q = j + gl.arange(0, PF_N, pf)",
-            "                r = pf_n + q // (BLOCK_K // 32)",
-            "                c = pf_k + (q % (BLOCK_K // 32)) * 32",
-            "                m = (r < N) & (c < K)"]
-    out += [f"                _prefetch_l2(gl.where(m, {p} + r * {st} + c, {p}))"
-            for p, st in zip(ptrs, strides)]
-    return out
 
 
 def tile_walk(balanced: bool) -> list:
@@ -376,12 +336,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     st_params = {"regs": "", "warp": f"{', '.join(smems)}, st_ready, st_empty, ",
                  "epi": f"{', '.join(descs)}, {', '.join(smems)}, st_ready, "}[state]
     a(f"def _epilogue_partition(acc_smem, acc_ready, acc_empty, {st_params}{', '.join(ptrs)}, "
-      f"dy_ptr, x_ptr, {''.join(c + ', ' for c in cs)}seed, T, N, K, {', '.join(strides)}, "
-      "s_dy, s_x,")
+      f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)},")
     a("                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,")
     a("                        SLOTS: gl.constexpr, GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr,")
     a("                        SAME_STRIDES: gl.constexpr, STOCHASTIC_ROUND: gl.constexpr,")
-    a("                        L2_PREFETCH: gl.constexpr, EPI_WARPS: gl.constexpr):")
+    a("                        EPI_WARPS: gl.constexpr):")
     if rows:
         a("    CW: gl.constexpr = BLOCK_N // SPLIT")
         a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [EPI_WARPS, 1], [1, 0])")
@@ -389,7 +348,6 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("    CW: gl.constexpr = BLOCK_K // SPLIT")
         a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [128 // CW, CW // 4], [EPI_WARPS, 1], [1, 0])")
     L.extend(tile_walk(balanced))
-    L.extend(l2_prefetch_source(ptrs, strides))
     a("    for i in range(my_tiles):")
     a("        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
     a("        rn = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cl))")
@@ -523,13 +481,12 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     scal_flags = "".join(f"SCALAR_PTR_{i}: gl.constexpr, " for i in range(n_scalar))
     a("@gluon.jit(do_not_specialize=['seed'])")
     dparams = f"{', '.join(descs)}, " if state_tma else ""
-    a(f"def _fused_linear_update_ws_kernel(dy_desc, x_desc, {dparams}{', '.join(ptrs)}, dy_ptr, x_ptr, "
-      f"{scal_args}seed,")
-    a(f"                   T, N, K, {', '.join(strides)}, s_dy, s_x, {scal_flags}")
+    a(f"def _fused_linear_update_ws_kernel(dy_desc, x_desc, {dparams}{', '.join(ptrs)}, {scal_args}seed,")
+    a(f"                   T, N, K, {', '.join(strides)}, {scal_flags}")
     a("                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,")
     a("                   SPLIT: gl.constexpr, STAGES: gl.constexpr, SLOTS: gl.constexpr,")
     a("                   GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr, SAME_STRIDES: gl.constexpr,")
-    a("                   STOCHASTIC_ROUND: gl.constexpr, L2_PREFETCH: gl.constexpr,")
+    a("                   STOCHASTIC_ROUND: gl.constexpr,")
     a("                   SKIP_GEMM: gl.constexpr, ACC_LAYOUT: gl.constexpr,")
     a("                   MMA_REGS: gl.constexpr, num_warps: gl.constexpr):")
     a("    CW: gl.constexpr = BLOCK_K // SPLIT")
@@ -560,9 +517,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     L.extend(scalar_loads(n_scalar))
     a("    gl.warp_specialize([")
     a(f"        (_epilogue_partition, (acc_smem, acc_ready, acc_empty, {st_params}{', '.join(ptrs)}, "
-      f"dy_ptr, x_ptr, {''.join(c + ', ' for c in cs)}seed, T, N, K, {', '.join(strides)}, "
-      "s_dy, s_x, BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, EVEN_NK, SAME_STRIDES, "
-      "STOCHASTIC_ROUND, L2_PREFETCH, num_warps)),")
+      f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)}, BLOCK_N, BLOCK_K, SPLIT, "
+      "SLOTS, GROUP_N, EVEN_NK, SAME_STRIDES, STOCHASTIC_ROUND, num_warps)),")
     a(f"        (_mma_partition, ({wsig})),")
     if warp_fed:
         a(f"        (_state_partition, ({wsig})),")
@@ -723,23 +679,15 @@ def ws_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor,
     return None
 
 
-def l2_prefetch_level(cfg) -> int:
-    """``L2_PREFETCH`` of a config (l2_prefetch_source): PREFETCH asks for both the first
-    tile's dY/X panels and its W/state (3)."""
-    return 3 if cfg.PREFETCH else 0
-
-
 def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                            scalars, program, cfg, seed: int = 0,
                            scalar_pointers: Optional[bool] = None, skip_gemm: bool = False,
                            skip_epilogue: bool = False, handoff: str = "chunk",
-                           acc_swizzled: Optional[bool] = None,
-                           l2_prefetch: Optional[int] = None):
+                           acc_swizzled: Optional[bool] = None):
     """W, state ← epilogue(dyᵀ·x, W, state, scalars) in place with the warp-specialised kernel;
     ``cfg`` a KernelConfig with WS set. For the study script: ``skip_gemm`` (grad = 0: the
     epilogue's traffic alone), ``skip_epilogue`` (the GEMM and the hand-off alone; nothing is
-    written), ``handoff`` (see kernel_source), ``acc_swizzled`` (see acc_layout),
-    ``l2_prefetch`` (an L2_PREFETCH level, see l2_prefetch_source; None: the config's). The caller
+    written), ``handoff`` (see kernel_source), ``acc_swizzled`` (see acc_layout). The caller
     checked ``ws_unsupported_reason``."""
     prog = load_program(program)
     T, N = dy.shape
@@ -753,13 +701,11 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     return launch_cache.launch(
         k, (min(work, nsm),),
         desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
-        param, *state, dy, x, *scal, seed, T, N, K, param.stride(0),
-        *[s.stride(0) for s in state], dy.stride(0), x.stride(0),
+        param, *state, *scal, seed, T, N, K, param.stride(0), *[s.stride(0) for s in state],
         **flags, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
         SPLIT=cfg.EPI_SPLIT, STAGES=cfg.num_stages, SLOTS=max(cfg.WS_SLOTS, 1),
         GROUP_N=cfg.GROUP_N, EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
-        L2_PREFETCH=l2_prefetch_level(cfg) if l2_prefetch is None else l2_prefetch,
         ACC_LAYOUT=acc_layout(cfg, acc_swizzled),
         MMA_REGS=MMA_REGS, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
