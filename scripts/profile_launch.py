@@ -21,7 +21,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--layers-only", action="store_true", help="only the per-layer table")
     a = ap.parse_args()
+    layers(a.n)
+    if a.layers_only:
+        return
     for name, cfg in (("triton", flu._GPU_CONFIGS[0]), ("ws", flu._GPU_WS_CONFIGS[0])):
         for cached in ("0", "1") if cfg.WS else ("1",):
             os.environ[ENV_LAUNCH_CACHE] = cached
@@ -37,6 +41,51 @@ def main() -> None:
     prof = cProfile.Profile()
     host_us_per_launch(None, a.n, profile=prof, launch=flu.fused_linear_update_)
     pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
+
+
+def layers(n: int) -> None:
+    """Host µs per call of each layer of the warp-specialised launch, outermost last, on the
+    tiny shape (the GPU waits on the host), beside the anchor's own launches: what each layer
+    adds. Layers: Triton's ``CompiledKernel[grid]`` with prepared arguments (its launcher: the
+    TMA descriptors' encoding and the driver call), the launch cache's key and lookup, building
+    the arguments (ws_launch_args), the entry points with their checks and tuned lookup."""
+    import time
+    import torch
+    from benchmarks.bench_fused_linear_update import anchor_fns, make_case
+    from forge_compile.kernels import fused_linear_update as flu
+    from forge_compile.kernels import launch_cache
+    from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws, ws_launch_args
+    c = make_case(256, 256, 64, "adamw")
+    dy, x, p, st, sc, prog = c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"].dumps()
+    cfg = flu._GPU_WS_CONFIGS[0]
+    k, grid, args, kw = ws_launch_args(dy, x, p, st, sc, prog, cfg)
+    ck = launch_cache.launch(k, grid, *args, **kw)       # compiles, fills the cache
+    e = launch_cache._entry(k)
+    vals = list(args) + [kw[nm] if nm in kw else e.defaults[nm] for nm in e.names[len(args):]]
+    g3 = (tuple(grid) + (1, 1))[:3]
+    steps = {
+        "CompiledKernel[grid](*args)": lambda: ck[g3](*vals),
+        "launch_cache.launch": lambda: launch_cache.launch(k, grid, *args, **kw),
+        "ws_launch_args (no launch)": lambda: ws_launch_args(dy, x, p, st, sc, prog, cfg),
+        "fused_linear_update_ws": lambda: fused_linear_update_ws(dy, x, p, st, sc, prog, cfg),
+        "fused_linear_update_triton(config=ws)": lambda: flu.fused_linear_update_triton(
+            dy, x, p, st, sc, prog, config=cfg, seed=0),
+        "fused_linear_update_triton(config=triton)": lambda: flu.fused_linear_update_triton(
+            dy, x, p, st, sc, prog, config=flu._GPU_CONFIGS[0], seed=0),
+        "anchor: torch.mm": lambda: torch.mm(dy.t(), x),
+        **{f"anchor: {name}": f for name, f in anchor_fns(c, "adamw").items()},
+    }
+    print("== layers (host µs per call, 256×256×64 AdamW, "
+          f"{n} calls after 5 warm-up; WS config {cfg})")
+    for name, f in steps.items():
+        for _ in range(5):
+            f()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            f()
+        torch.cuda.synchronize()
+        print(f"   {name:45s} {(time.perf_counter() - t) / n * 1e6:8.1f}", flush=True)
 
 
 def _args():

@@ -117,3 +117,88 @@ def _sequence_matches_uncached(monkeypatch, config):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_launch_cache_ws_kernel(monkeypatch):
     _sequence_matches_uncached(monkeypatch, flu._GPU_WS_CONFIGS[0])
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_launch_cache_triton_kernel(monkeypatch):
+    # the Triton kernel launches through the cache too (since the launch plans)
+    _sequence_matches_uncached(monkeypatch, flu._GPU_CONFIGS[0])
+
+
+# ============================================================================ launch plans
+def _reset(p, s, p0, s0):
+    # same addresses, same values: what a plan is keyed by (a training step's weights)
+    p.copy_(p0)
+    for t, u in zip(s, s0):
+        t.copy_(u)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["ws", "triton"])
+def test_gpu_launch_plan_repeats_the_checked_launch(monkeypatch, kind):
+    """A repeated call on the same tensors goes through its plan and writes, bit for bit, what
+    the full path (checks, config, launch cache) writes; a learning rate passed by value that
+    changes takes effect; a tensor with other strides gets a plan of its own; with
+    FORGE_LAUNCH_CACHE=0 no plan is made or used."""
+    cfg = flu._GPU_WS_CONFIGS[0] if kind == "ws" else flu._GPU_CONFIGS[0]
+    prog = rules.adamw_program()
+    dy, x, p, s = _case(64, seed=3)
+    if cfg.WS:
+        why = _ws().ws_unsupported_reason(dy, x, p, s)
+        if why:
+            pytest.skip(why)
+    p0, s0 = p.clone(), [t.clone() for t in s]
+    made0, hits0 = flu.PLAN_STATS["made"], flu.PLAN_STATS["hits"]
+    outs = []
+    for lr in (1e-2, 1e-2, 3e-2):       # scalars by value (CPU tensors): the third changes lr
+        sc = rules.adamw_scalars(lr, step=5, device="cpu")
+        _reset(p, s, p0, s0)
+        flu.fused_linear_update_triton(dy, x, p, s, sc, prog, config=cfg, seed=0)
+        outs.append([t.clone() for t in (p, *s)])
+    assert flu.PLAN_STATS["made"] - made0 == 1 and flu.PLAN_STATS["hits"] - hits0 == 2
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.equal(a, b)
+    # the third call's update, through the full path with the cache (and plans) off
+    monkeypatch.setenv(launch_cache.ENV_LAUNCH_CACHE, "0")
+    _reset(p, s, p0, s0)
+    flu.fused_linear_update_triton(dy, x, p, s, rules.adamw_scalars(3e-2, step=5, device="cpu"),
+                                   prog, config=cfg, seed=0)
+    for a, b in zip(outs[2], (p, *s)):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[0][0], outs[2][0])       # the lr change did take effect
+    assert flu.PLAN_STATS["made"] - made0 == 1 and flu.PLAN_STATS["hits"] - hits0 == 2
+    monkeypatch.delenv(launch_cache.ENV_LAUNCH_CACHE)
+    # a weight with other strides (a transposed view's copy): its own plan, its own update
+    pt = torch.empty(p.shape[1], p.shape[0], device="cuda").t()
+    pt.copy_(p0)
+    sc = rules.adamw_scalars(1e-2, step=5, device="cpu")
+    if cfg.WS and _ws().ws_unsupported_reason(dy, x, pt, s) is not None:
+        return          # a column-major weight is not TMA-readable: the WS config refuses it
+    _reset(p, s, p0, s0)
+    flu.fused_linear_update_triton(dy, x, pt, s, sc, prog, config=cfg, seed=0)
+    assert flu.PLAN_STATS["made"] - made0 == 2
+    assert torch.equal(pt, outs[0][0])
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_op_plan_equals_the_first_call(monkeypatch):
+    """The op (what a compiled step calls, scalars as GPU tensors read by pointer): the second
+    call on the same tensors runs its plan and writes what the first wrote."""
+    monkeypatch.setenv(flu.ENV_NO_TUNE, "1")     # the first candidate, no timing in a test
+    prog = rules.adamw_program().dumps()
+    dy, x, p, s = _case(64, seed=4)
+    p0, s0 = p.clone(), [t.clone() for t in s]
+    sc = rules.adamw_scalars(1e-2, step=5, device="cuda")
+    hits0 = flu.PLAN_STATS["hits"]
+    outs = []
+    for _ in range(2):
+        _reset(p, s, p0, s0)
+        torch.ops.forge_compile.fused_linear_update_(dy, x, p, s, sc, prog)
+        outs.append([t.clone() for t in (p, *s)])
+    assert flu.PLAN_STATS["hits"] - hits0 == 1
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[0][0], p0)

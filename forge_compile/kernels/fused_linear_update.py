@@ -31,6 +31,7 @@ with stochastic rounding. div and sqrt are the IEEE-rounded ``div_rn``/``sqrt_rn
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -822,13 +823,22 @@ def triton_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor, state: List[
 
 
 def _run(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, seed: int,
-         scalar_pointers: Optional[bool] = None):
+         scalar_pointers: Optional[bool] = None, plan_key: Optional[tuple] = None):
+    if cfg.SPLIT_GEMM_MB:       # cuBLAS and a launch per block: no plan
+        return _launch_split_gemm(dy, x, param, state, scalars, prog, cfg, precision, seed,
+                                  scalar_pointers)
     if cfg.WS:
-        from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws
-        return fused_linear_update_ws(dy, x, param, state, scalars, prog, cfg, seed,
-                                      scalar_pointers)
-    launch = _launch_split_gemm if cfg.SPLIT_GEMM_MB else _launch
-    return launch(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
+        from forge_compile.kernels.fused_linear_update_ws import ws_launch_args
+        k, grid, args, kwargs = ws_launch_args(dy, x, param, state, scalars, prog, cfg, seed,
+                                               scalar_pointers)
+    else:
+        k, grid, args, kwargs = _launch_args(dy, x, param, state, scalars, prog, cfg,
+                                             precision, seed, scalar_pointers)
+    ck = launch_cache.launch(k, grid, *args, **kwargs)
+    if plan_key is not None:        # the launch a repeated call makes again (_Plan)
+        _remember_plan(plan_key, k, ck, grid, args, kwargs, scalars,
+                       param.dtype == torch.bfloat16)
+    return ck
 
 
 def _split_rows(cfg: KernelConfig, N: int, K: int) -> int:
@@ -878,6 +888,16 @@ def scalar_args(scalars, scalar_pointers: Optional[bool] = None):
 
 def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, seed: int,
             scalar_pointers: Optional[bool] = None, grad: Optional[Tensor] = None):
+    k, grid, args, kwargs = _launch_args(dy, x, param, state, scalars, prog, cfg, precision,
+                                         seed, scalar_pointers, grad)
+    return launch_cache.launch(k, grid, *args, **kwargs)
+
+
+def _launch_args(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str,
+                 seed: int, scalar_pointers: Optional[bool] = None,
+                 grad: Optional[Tensor] = None):
+    """(jit function, grid, positional arguments, keyword arguments) of one Triton-kernel
+    launch."""
     T, N = dy.shape
     K = x.shape[1]
     kern = _kernel(prog)
@@ -888,12 +908,12 @@ def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: st
     grid = (triton_cdiv(N, cfg.BLOCK_N) * triton_cdiv(K, cfg.BLOCK_K),)
     extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and dy.device.type == "cuda" else {}
     g = param if grad is None else grad      # unread unless GRAD_IN
-    return kern[grid](
-        dy, x, g, param, *state, *scal_args, seed,
-        T, N, K,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        param.stride(0), param.stride(1),
-        *strides,
+    args = (dy, x, g, param, *state, *scal_args, seed,
+            T, N, K,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+            param.stride(0), param.stride(1),
+            *strides)
+    return kern, grid, args, dict(
         **flags,
         BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T, GROUP_N=cfg.GROUP_N,
         EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
@@ -932,18 +952,22 @@ def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List
     tests). CPU tensors run under ``TRITON_INTERPRET=1``. Returns Triton's compiled kernel
     (registers, spills, SASS for inspection), or None when there was nothing to do.
     """
+    key = _plan_key(dy, x, param, state, scalars, program, config, scalar_pointers)
+    plan = _plan(key)
+    if plan is not None:
+        return plan.run(scalars, seed)
     prog = load_program(program)
     _check(dy, x, param, state, prog)
     why = triton_unsupported_reason(dy, x, param, state, scalars, prog)
     if why is not None:
         raise ValueError(f"fused_linear_update_triton: {why}")
     return _triton_checked(dy, x, param, state, scalars, program, prog, config, seed,
-                           scalar_pointers)
+                           scalar_pointers, key)
 
 
 def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram,
                     config: Optional[KernelConfig] = None, seed: Optional[int] = None,
-                    scalar_pointers: Optional[bool] = None):
+                    scalar_pointers: Optional[bool] = None, plan_key: Optional[tuple] = None):
     """fused_linear_update_triton once its arguments were checked (the op checks them once: its
     host time is 0.17-0.24 ms per launch on the H100 host, torch 2.11, and adds up over a
     model's weights)."""
@@ -967,7 +991,90 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
         why = ws_unsupported_reason(dy, x, param, state)
         if why is not None:
             raise ValueError(f"fused_linear_update_triton: warp-specialised config: {why}")
-    return _run(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers)
+    return _run(dy, x, param, state, scalars, prog, cfg, precision, seed, scalar_pointers,
+                plan_key)
+
+
+# ============================================================================ launch plans
+# Host time per launch of the warp-specialised kernel, by layer (scripts/profile_launch.py,
+# 256×256×64 AdamW, H100 host, torch 2.11, Triton 3.6, 2026-11-23 18:37 UTC): Triton's own
+# launcher with prepared arguments 33.9 µs; + the launch cache's key 65.8; + building the
+# arguments 107.9; + the checks and the tuned-config lookup of fused_linear_update_triton 163.2.
+# The anchor's mm + cast + fused AdamW takes 44.3. Under do_bench that leaked into the 4096²
+# T=512 row: its GPU work per iteration (256 MB memset + 0.163 ms kernel) barely outlasts the
+# host's, and the median came out 0.1825 ms (q20 0.1644) at 18:25 UTC. A plan remembers, for
+# exactly these arguments, what all of that decided (the checks passed, the tuned config, the
+# descriptors, the compiled kernel and its argument list), so a repeated call only sets the
+# seed and the scalars passed by value and launches.
+_PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
+# One plan per (weight, activation buffers) seen: a model's linear layers, times the
+# activation addresses a step reuses. Least recently used ones go first.
+_PLANS_MAX = 4096
+PLAN_STATS = {"hits": 0, "made": 0}
+
+
+class _Plan:
+    """One launch's compiled kernel, grid and argument values (signature order); per call the
+    seed (position ``seed_at``) and the scalars passed by value (``by_value``: (position, scalar
+    index)) are set."""
+    __slots__ = ("ck", "grid", "vals", "seed_at", "by_value", "bf16")
+
+    def __init__(self, ck, grid, vals, seed_at, by_value, bf16):
+        self.ck, self.grid, self.vals, self.seed_at = ck, grid, vals, seed_at
+        self.by_value, self.bf16 = by_value, bf16
+
+    def run(self, scalars, seed: Optional[int]):
+        vals = list(self.vals)
+        vals[self.seed_at] = (seed if seed is not None else
+                              _SEED.getrandbits(31) if self.bf16 else 0)
+        for at, i in self.by_value:
+            vals[at] = float(scalars[i])
+        PLAN_STATS["hits"] += 1
+        self.ck[self.grid](*vals)
+        return self.ck
+
+
+def _plan_key(dy, x, param, state, scalars, program, config, scalar_pointers) -> Optional[tuple]:
+    """Everything the checks, the tuned-config lookup and the launch arguments read: each
+    tensor's address, shape, strides, dtype and device, each scalar's kind (a tensor's address,
+    dtype, shape and device; a number's type: its value is read per call), the program, the
+    config asked for, and the options read from the environment and torch's TF32 flag. None
+    (no plan) off the GPU."""
+    if not param.is_cuda:
+        return None
+    return (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.get_device())
+                  for t in (dy, x, param, *state)),
+            tuple((s.data_ptr(), s.dtype, s.shape, s.get_device()) if isinstance(s, Tensor)
+                  else type(s) for s in scalars),
+            program, config, scalar_pointers, os.environ.get(ENV_SPLIT_GEMM),
+            os.environ.get(ENV_NO_TUNE), os.environ.get(ENV_FP32_DOT), _mm_tf32())
+
+
+def _plan(key: Optional[tuple]) -> "Optional[_Plan]":
+    if key is None or not launch_cache.enabled():
+        return None
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool) -> None:
+    bound = launch_cache.bound(jit, args, kwargs)
+    if bound is None or ck is None:
+        return
+    names, vals = bound
+    by_value = [(names.index(f"sc{i}"), i) for i in range(len(scalars))
+                if not kwargs[f"SCALAR_PTR_{i}"]]
+    # tensors by address (Triton's launcher takes an int for a pointer): a plan keeps no
+    # weight or state alive, and one for a freed tensor is right for a new tensor the key
+    # describes the same way (the descriptors, _desc_of, work the same way)
+    vals = tuple(v.data_ptr() if isinstance(v, Tensor) else v for v in vals)
+    _PLANS[key] = _Plan(ck, (tuple(grid) + (1, 1))[:3], vals, names.index("seed"), by_value,
+                        bf16)
+    PLAN_STATS["made"] += 1
+    while len(_PLANS) > _PLANS_MAX:
+        _PLANS.popitem(last=False)
 
 
 # ============================================================================ the op
@@ -982,10 +1089,15 @@ def _use_triton(dy, x, param, state, scalars, prog) -> bool:
 def fused_linear_update_(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                          scalars: List[Tensor], program: str) -> None:
     """W, state ← epilogue(dyᵀ·x, W, state, scalars), one gradient tile at a time."""
+    key = _plan_key(dy, x, param, state, scalars, program, None, None)
+    plan = _plan(key)
+    if plan is not None:
+        plan.run(scalars, None)
+        return
     prog = load_program(program)
     _check(dy, x, param, state, prog)
     if _use_triton(dy, x, param, state, scalars, prog):
-        _triton_checked(dy, x, param, state, scalars, program, prog)
+        _triton_checked(dy, x, param, state, scalars, program, prog, plan_key=key)
         return
     _fused_linear_update_tiled(dy, x, param, state, scalars, prog)
 

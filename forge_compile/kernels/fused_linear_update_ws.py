@@ -689,6 +689,18 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     epilogue's traffic alone), ``skip_epilogue`` (the GEMM and the hand-off alone; nothing is
     written), ``handoff`` (see kernel_source), ``acc_swizzled`` (see acc_layout). The caller
     checked ``ws_unsupported_reason``."""
+    k, grid, args, kwargs = ws_launch_args(dy, x, param, state, scalars, program, cfg, seed,
+                                           scalar_pointers, skip_gemm, skip_epilogue, handoff,
+                                           acc_swizzled)
+    return launch_cache.launch(k, grid, *args, **kwargs)
+
+
+def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], scalars, program,
+                   cfg, seed: int = 0, scalar_pointers: Optional[bool] = None,
+                   skip_gemm: bool = False, skip_epilogue: bool = False, handoff: str = "chunk",
+                   acc_swizzled: Optional[bool] = None):
+    """(jit function, grid, positional arguments, keyword arguments) of one launch
+    (fused_linear_update_ws's parameters; scripts/profile_launch.py times the launch alone)."""
     prog = load_program(program)
     T, N = dy.shape
     K = x.shape[1]
@@ -698,10 +710,10 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
-    return launch_cache.launch(
-        k, (min(work, nsm),),
-        desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
-        param, *state, *scal, seed, T, N, K, param.stride(0), *[s.stride(0) for s in state],
+    args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
+            param, *state, *scal, seed, T, N, K, param.stride(0),
+            *[s.stride(0) for s in state])
+    kwargs = dict(
         **flags, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
         SPLIT=cfg.EPI_SPLIT, STAGES=cfg.num_stages, SLOTS=max(cfg.WS_SLOTS, 1),
         GROUP_N=cfg.GROUP_N, EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
@@ -709,3 +721,4 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
         ACC_LAYOUT=acc_layout(cfg, acc_swizzled),
         MMA_REGS=MMA_REGS, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+    return k, (min(work, nsm),), args, kwargs

@@ -1,4 +1,4 @@
-"""A per-signature cache in front of Triton's kernel dispatch, for the warp-specialised kernel.
+"""A per-signature cache in front of Triton's kernel dispatch, for the fused kernels.
 
 Why it exists: ``JITFunction.run`` binds and specialises every argument on every launch before
 it finds the compiled kernel. The warp-specialised kernel has 22 runtime arguments, five of
@@ -6,10 +6,12 @@ them TensorDescriptors whose specialisation formats their shared layout as a str
 on the H100 host (torch 2.11, Triton 3.6, ``scripts/profile_launch.py``, 256×256×64 AdamW, 300
 launches, 2026-11-23 16:36 UTC): 221.6 µs per launch through ``JITFunction.run``, 175.9 µs
 through this cache. The Triton kernel (plain pointer and int arguments) measured 130.7 vs
-131.2 µs, no gain, so it keeps Triton's dispatch. Host time matters where the GPU work per
-launch is small (a small model, or many layers at T=512: 0.16 ms of GPU time per 4096² AdamW
-update); it is not what separates the benchmark's do_bench time from the CUDA-graph time
-(``benchmarks/experiments/timing_modes.py``: the same 0.1647 ms with the GPU never waiting).
+131.2 µs, no gain; it goes through the cache too since the op's launch plans
+(fused_linear_update.py), which repeat a launch from ``bound``. Host time matters where the
+GPU work per launch is small (a small model, or many layers at T=512: 0.16 ms of GPU time per
+4096² AdamW update), and under do_bench once the host falls behind the GPU: at 16:43 UTC it
+did not (``benchmarks/experiments/timing_modes.py``: the same 0.1647 ms with the GPU never
+waiting), at 18:25 UTC it did (the launch plans' comment).
 
 ``launch`` keys the compiled kernel by Triton's own specialisation of the scalar and pointer
 arguments (``native_specialize_impl``, the function JITFunction's binder calls, so alignment
@@ -28,7 +30,7 @@ import inspect
 import os
 from typing import Optional
 
-__all__ = ["launch", "enabled", "ENV_LAUNCH_CACHE", "STATS"]
+__all__ = ["launch", "bound", "enabled", "ENV_LAUNCH_CACHE", "STATS"]
 
 ENV_LAUNCH_CACHE = "FORGE_LAUNCH_CACHE"    # "0": every launch through JITFunction.run
 
@@ -107,12 +109,26 @@ def launch(jit, grid: tuple, *args, **kwargs):
             e.compiled[key] = ck
         return ck
     STATS["hits"] += 1
+    ck[(tuple(grid) + (1, 1))[:3]](*_values(e, args, kwargs))
+    return ck
+
+
+def _values(e: _Entry, args, kwargs) -> list:
     # every parameter in signature order, constexprs included: what JITFunction.run passes
     vals = list(args)
     for name in e.names[len(args):]:
         vals.append(kwargs[name] if name in kwargs else e.defaults[name])
-    ck[(tuple(grid) + (1, 1))[:3]](*vals)
-    return ck
+    return vals
+
+
+def bound(jit, args, kwargs):
+    """(parameter names, values) of a launch in signature order, as a cache hit passes them to
+    the compiled kernel (None where the cache does not apply: interpreted, or turned off). The
+    op's launch plans (fused_linear_update.py) repeat a launch from them."""
+    e = _entry(jit) if enabled() else None
+    if e is None:
+        return None
+    return e.names, _values(e, args, kwargs)
 
 
 def enabled() -> bool:
