@@ -1036,18 +1036,24 @@ class _Plan:
 
 def _plan_key(dy, x, param, state, scalars, program, config, scalar_pointers) -> Optional[tuple]:
     """Everything the checks, the tuned-config lookup and the launch arguments read: each
-    tensor's address, shape, strides, dtype and device, each scalar's kind (a tensor's address,
-    dtype, shape and device; a number's type: its value is read per call), the program, the
-    config asked for, and the options read from the environment and torch's TF32 flag. None
-    (no plan) off the GPU."""
+    tensor's address, shape, strides, dtype and device; each scalar's kind (a GPU tensor's
+    address, dtype, shape and device; a CPU tensor's dtype and shape or a number's type: their
+    values are read per call); the program, the config asked for, the options read from the
+    environment and torch's TF32 flag. None (no plan) off the GPU."""
     if not param.is_cuda:
         return None
     return (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.get_device())
                   for t in (dy, x, param, *state)),
-            tuple((s.data_ptr(), s.dtype, s.shape, s.get_device()) if isinstance(s, Tensor)
-                  else type(s) for s in scalars),
+            tuple(_scalar_key(s) for s in scalars),
             program, config, scalar_pointers, os.environ.get(ENV_SPLIT_GEMM),
             os.environ.get(ENV_NO_TUNE), os.environ.get(ENV_FP32_DOT), _mm_tf32())
+
+
+def _scalar_key(s):
+    # a GPU tensor is read through its address; a CPU tensor or a number by value, per call
+    if isinstance(s, Tensor):
+        return (s.data_ptr() if s.is_cuda else None, s.dtype, s.shape, s.get_device())
+    return type(s)
 
 
 def _plan(key: Optional[tuple]) -> "Optional[_Plan]":
