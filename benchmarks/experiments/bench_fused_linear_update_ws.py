@@ -122,6 +122,23 @@ RUN9 = {k + " nvmma-acc": (v, "chunk", False)
 # the MMA warps store the next tile's first half.
 RUN10 = {k.replace("rows", "rows-half"): dataclasses.replace(v, WS="epi_rows_half")
          for k, v in CONFIGS.items() if k.startswith("rows")}
+# Run 11 (2026-11-23, H100): 64×256 tiles ("wide": one m64n256 wgmma per k-step, W/state
+# rows of 1 KB per tensor instead of 512 B, 10 KB of shared-memory operand reads per 64×256×16
+# step instead of 12 KB for two m64n128). Only 8 epilogue warps fit: ptxas needs ≥ 154
+# registers for the m64n256 wgmma, 96 is the cap at 16 epilogue warps (local sm_90 compile).
+# Beside the 8-warp row config and the T=512 pick.
+RUN11 = {
+    "rows e16 split8 bt32 st4 sl4": CONFIGS["rows e16 split8 bt32 st4 sl4"],
+    "rows e8 split8 bt64 st3 sl2": CONFIGS["rows e8 split8 bt64 st3 sl2"],
+    "wide e8 split8 bt32 st3 sl3": KC(64, 256, 32, 8, 3, EPI_SPLIT=8, maxnreg=168,
+                                      WS="epi_rows", WS_SLOTS=3),
+    "wide e8 split8 bt64 st2 sl3": KC(64, 256, 64, 8, 2, EPI_SPLIT=8, maxnreg=168,
+                                      WS="epi_rows", WS_SLOTS=3),
+    "wide e8 split8 bt32 st4 sl2": KC(64, 256, 32, 8, 4, EPI_SPLIT=8, maxnreg=168,
+                                      WS="epi_rows", WS_SLOTS=2),
+    "wide e8 split4 bt32 st3 sl2": KC(64, 256, 32, 8, 3, EPI_SPLIT=4, maxnreg=168,
+                                      WS="epi_rows", WS_SLOTS=2),
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -149,7 +166,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
-    known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10}
+    known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11}
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
                {k: v for k, v in known.items() if k in a.configs.split(",")})
     t0 = time.time()
