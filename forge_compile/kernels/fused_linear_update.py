@@ -997,7 +997,7 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
 
 # ============================================================================ launch plans
 # Host time per launch of the warp-specialised kernel, by layer (scripts/profile_launch.py,
-# 256×256×64 AdamW, H100 host, torch 2.11, Triton 3.6, 2026-11-23 18:37 UTC): Triton's own
+# 256×256×64 AdamW, H100 host, torch 2.11, Triton 3.6, 2026-11-23 18:28 UTC): Triton's own
 # launcher with prepared arguments 33.9 µs; + the launch cache's key 65.8; + building the
 # arguments 107.9; + the checks and the tuned-config lookup of fused_linear_update_triton 163.2.
 # The anchor's mm + cast + fused AdamW takes 44.3. Under do_bench that leaked into the 4096²
