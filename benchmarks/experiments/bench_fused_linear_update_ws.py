@@ -127,17 +127,14 @@ RUN10 = {k.replace("rows", "rows-half"): dataclasses.replace(v, WS="epi_rows_hal
 # step instead of 12 KB for two m64n128). Only 8 epilogue warps fit: ptxas needs ≥ 154
 # registers for the m64n256 wgmma, 96 is the cap at 16 epilogue warps (local sm_90 compile).
 # Beside the 8-warp row config and the T=512 pick.
+# Measured 18:44 UTC: the AdamW epilogue alone and fused T=512 the same, T=2048 6% slower, the
+# GEMM alone 9-52% slower (docs/kernels.md, run 11). Not shipped.
 RUN11 = {
     "rows e16 split8 bt32 st4 sl4": CONFIGS["rows e16 split8 bt32 st4 sl4"],
     "rows e8 split8 bt64 st3 sl2": CONFIGS["rows e8 split8 bt64 st3 sl2"],
-    "wide e8 split8 bt32 st3 sl3": KC(64, 256, 32, 8, 3, EPI_SPLIT=8, maxnreg=168,
-                                      WS="epi_rows", WS_SLOTS=3),
-    "wide e8 split8 bt64 st2 sl3": KC(64, 256, 64, 8, 2, EPI_SPLIT=8, maxnreg=168,
-                                      WS="epi_rows", WS_SLOTS=3),
-    "wide e8 split8 bt32 st4 sl2": KC(64, 256, 32, 8, 4, EPI_SPLIT=8, maxnreg=168,
-                                      WS="epi_rows", WS_SLOTS=2),
-    "wide e8 split4 bt32 st3 sl2": KC(64, 256, 32, 8, 3, EPI_SPLIT=4, maxnreg=168,
-                                      WS="epi_rows", WS_SLOTS=2),
+    **{f"wide e8 split{sp} bt{bt} st{st} sl{sl}": KC(64, 256, bt, 8, st, EPI_SPLIT=sp,
+                                                     maxnreg=168, WS="epi_rows", WS_SLOTS=sl)
+       for sp, bt, st, sl in [(8, 32, 3, 3), (8, 64, 2, 3), (8, 32, 4, 2), (4, 32, 3, 2)]},
 }
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
