@@ -969,8 +969,8 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
                     config: Optional[KernelConfig] = None, seed: Optional[int] = None,
                     scalar_pointers: Optional[bool] = None, plan_key: Optional[tuple] = None):
     """fused_linear_update_triton once its arguments were checked (the op checks them once: its
-    host time is 0.17-0.24 ms per launch on the H100 host, torch 2.11, and adds up over a
-    model's weights)."""
+    host time was 0.17-0.24 ms per launch on the H100 host, torch 2.11, and adds up over a
+    model's weights). ``plan_key``: remember the launch for repeated calls (_Plan)."""
     if len(scalars) != len(prog.scalars):
         raise ValueError(f"program expects scalars {prog.scalars}, got {len(scalars)}")
     if dy.shape[1] == 0 or x.shape[1] == 0:
