@@ -69,6 +69,16 @@ def test_launch_cache_option_fails_fast(monkeypatch):
         flu.check_env()         # what the backend calls when it compiles a step
 
 
+def test_no_launch_plan_off_the_gpu():
+    """CPU tensors (the tiled torch path, or the interpreter) never get a plan: every call
+    runs its checks."""
+    prog = rules.adamw_program()
+    p = torch.zeros(8, 8)
+    key = flu._plan_key(torch.zeros(4, 8), torch.zeros(4, 8), p, [torch.zeros_like(p)] * 2,
+                        rules.adamw_scalars(1e-3, step=1), prog.dumps(), None, None)
+    assert key is None and flu._plan(key) is None
+
+
 # ============================================================================ GPU
 def _case(T, N=512, K=768, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -1061,7 +1061,10 @@ def _plan(key: Optional[tuple]) -> "Optional[_Plan]":
         return None
     plan = _PLANS.get(key)
     if plan is not None:
-        _PLANS.move_to_end(key)
+        try:
+            _PLANS.move_to_end(key)
+        except KeyError:        # evicted by another thread in between: still a valid plan
+            pass
     return plan
 
 
