@@ -322,6 +322,7 @@ WS_STUDY = {   # the shipped paths and the study's alternatives (docs/kernels.md
     "epi_rows": flu._GPU_WS_CONFIGS[0],
     "epi_rows_bal": dataclasses.replace(flu._GPU_WS_CONFIGS[0], WS="epi_rows_bal"),
     "epi_rows_half": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_half"),
+    "epi_rows_pairs": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_pairs"),
 }
 
 
@@ -338,7 +339,7 @@ def test_ws_kernel_source_is_python(rule, state_path):
     ws = _ws()
     prog = _all_ops_program() if rule == "all_ops" else _rules()[rule][0]
     for pipe in (False, True):
-        if pipe and state_path in ("epi_rows_bal", "epi_rows_half"):
+        if pipe and state_path in ("epi_rows_bal", "epi_rows_half", "epi_rows_pairs"):
             with pytest.raises(ValueError, match="no EPI_PIPE variant"):
                 ws.kernel_source(prog, 8, pipe, state_path)
             continue
@@ -346,7 +347,9 @@ def test_ws_kernel_source_is_python(rule, state_path):
         compile(src, f"<{rule}-{state_path}>", "exec")
         assert "gl.warp_specialize" in src and prog.dumps() in src
         assert ("def _state_partition" in src) == (state_path == "warp")
-        assert ("_issue_state(seq + SLOTS" in src) == state_path.startswith("epi")
+        refill = "_issue_state(seq - 0 + SLOTS" if state_path == "epi_rows_pairs" else (
+            "_issue_state(seq + SLOTS")
+        assert (refill in src) == state_path.startswith("epi")
         assert ("acc_smem.slice(" in src) == state_path.startswith("epi_rows")
         # each per-step scalar is set once, by the prologue's pointer-or-value branch (a
         # kernel-local name that shadowed c0 = lr once left W unchanged on the GPU)
@@ -386,6 +389,30 @@ def test_ws_half_handoff_waits_in_chunk_order():
                      "mbarrier.arrive(acc_empty.index(1), count=1)"], order
     with pytest.raises(ValueError, match="even EPI_SPLIT"):
         ws.kernel_source(_rules()["adamw"][0], 3, False, "epi_rows_half")
+
+
+def test_ws_pairs_barrier_and_refill_every_second_chunk():
+    """epi_rows_pairs: a CTA barrier after every odd chunk only (4 per tile of 8 chunks), each
+    followed by the refill of both of the pair's slots; it needs an even EPI_SPLIT, and the
+    launcher refuses fewer than 3 slots (the next chunk would never be in flight)."""
+    ws = _ws()
+    src = ws.kernel_source(_rules()["adamw"][0], 8, False, "epi_rows_pairs")
+    ep = src[src.index("def _epilogue_partition"):]
+    bar = f"gl.{ws._thread_barrier()}()"
+    assert ep.count(bar) == 4
+    for h in (1, 3, 5, 7):
+        chunk = ep[ep.index(f"seq = i * SPLIT + {h}"):]
+        chunk = chunk[:chunk.index(f"seq = i * SPLIT + {h + 1}")] if h < 7 else chunk
+        assert chunk.count(bar) == 1
+        assert chunk.index(bar) < chunk.index("_issue_state(seq - 1 + SLOTS") < chunk.index(
+            "_issue_state(seq - 0 + SLOTS")
+    with pytest.raises(ValueError, match="even EPI_SPLIT"):
+        ws.kernel_source(_rules()["adamw"][0], 3, False, "epi_rows_pairs")
+    prog, sc = _rules()["adamw"]
+    dy, x, p, st = _inputs(prog, 64, 64, 64, torch.bfloat16, "cpu")
+    cfg = dataclasses.replace(WS_STUDY["epi_rows_pairs"], WS_SLOTS=2)
+    with pytest.raises(ValueError, match="WS_SLOTS >= 3"):
+        ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
 
 
 def test_ws_not_offered_off_gpu():
@@ -447,7 +474,8 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
 _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt in [
     (i, "adamw", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
     (0, "adamw", "bf16"), (2, "sgd_momentum", "fp32"), (3, "adamw", "bf16")]] + [
-    ("epi_rows_half", WS_STUDY["epi_rows_half"], "adamw", dt) for dt in ("fp32", "bf16")]
+    (name, WS_STUDY[name], "adamw", dt) for name in ("epi_rows_half", "epi_rows_pairs")
+    for dt in ("fp32", "bf16")]
 
 
 @pytest.mark.parametrize("name,cfg,rule,param_dtype", _SM90_CASES,

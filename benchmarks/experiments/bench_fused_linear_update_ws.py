@@ -136,6 +136,16 @@ RUN11 = {
                                                      maxnreg=168, WS="epi_rows", WS_SLOTS=sl)
        for sp, bt, st, sl in [(8, 32, 3, 3), (8, 64, 2, 3), (8, 32, 4, 2), (4, 32, 3, 2)]},
 }
+# Run 12 (2026-11-23, H100): the W/state ring refilled every second chunk ("epi_rows_pairs":
+# one CTA barrier per two chunks; ncu had 9.3% of the T=512 pick's stall samples on barriers)
+# beside its per-chunk twin, the T=512 pick.
+RUN12 = {
+    "rows e16 split8 bt32 st4 sl4": CONFIGS["rows e16 split8 bt32 st4 sl4"],
+    **{f"pairs e{w} split8 bt32 st4 sl{sl}": KC(128, 128, 32, w, 4, EPI_SPLIT=8,
+                                                maxnreg={16: 96, 8: 168}[w],
+                                                WS="epi_rows_pairs", WS_SLOTS=sl)
+       for w, sl in [(16, 4), (16, 3), (8, 4)]},
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -163,7 +173,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
-    known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11}
+    known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
+             **RUN12}
     configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
                {k: v for k, v in known.items() if k in a.configs.split(",")})
     t0 = time.time()

@@ -56,8 +56,8 @@ MMA_REGS = 208
 _SMEM_LIMIT = 232448
 # The W/state paths whose chunks are BLOCK_N/EPI_SPLIT whole rows (the accumulator changes hands
 # a whole tile at a time, or in two halves: "epi_rows_half"); "epi_rows_bal" walks the tiles
-# balanced (tile_walk).
-_ROW_PATHS = ("epi_rows", "epi_rows_bal", "epi_rows_half")
+# balanced (tile_walk); "epi_rows_pairs" refills the W/state ring every second chunk.
+_ROW_PATHS = ("epi_rows", "epi_rows_bal", "epi_rows_half", "epi_rows_pairs")
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,11 +218,15 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     # "epi_rows_half": the tile changes hands in two halves of BLOCK_N/2 rows (see the MMA
     # partition below), so the epilogue starts a tile without waiting for the whole store
     halves = state == "epi_rows_half"
-    if (balanced or halves) and pipe:
+    # "epi_rows_pairs": one CTA-wide barrier per two chunks instead of per chunk (ncu: 9.3% of
+    # the T=512 pick's stall samples on barriers, 17:25 UTC); after the second chunk of a pair
+    # both its slots are refilled, so the ring needs SLOTS >= 3 (ws_launch_args checks)
+    pairs = state == "epi_rows_pairs"
+    if (balanced or halves or pairs) and pipe:
         raise ValueError(f"the {state} path has no EPI_PIPE variant")
     state = "epi" if rows else state
-    if halves and split % 2:
-        raise ValueError("epi_rows_half needs an even EPI_SPLIT (chunks of one half each)")
+    if (halves or pairs) and split % 2:
+        raise ValueError(f"{state} needs an even EPI_SPLIT (chunks of one half each, or pairs)")
     per_chunk = handoff == "chunk" and not rows
     half = split // 2
     state_tma = state != "regs"
@@ -417,11 +421,17 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             out.append(f"        acc{sfx} = acc_smem.slice({h} * CW, CW, dim=0).load(cl)")
         else:
             out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
-        if state_tma or per_chunk or h == split - 1 or (halves and h == half - 1):
+        if ((state_tma and not (pairs and h % 2 == 0)) or per_chunk or h == split - 1
+                or (halves and h == half - 1)):
             out.append("        gl.thread_barrier()")
         if warp_fed:                # the slot is read: the state warp may refill it
             out.append("        mbarrier.arrive(st_empty.index(slot), count=1)")
-        elif state == "epi":        # the slot is read: refill it with chunk seq + SLOTS
+        elif pairs and h % 2 == 1:  # both slots of the pair are read: refill them
+            out.append("        fence_async_shared()")
+            for d in (1, 0):
+                out += [f"        if seq - {d} + SLOTS < n_chunks:",
+                        f"            _issue_state(seq - {d} + SLOTS, {st_call}"]
+        elif state == "epi" and not pairs:  # the slot is read: refill it with chunk seq + SLOTS
             out += ["        fence_async_shared()",
                     "        if seq + SLOTS < n_chunks:",
                     f"            _issue_state(seq + SLOTS, {st_call}"]
@@ -701,6 +711,9 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
                    acc_swizzled: Optional[bool] = None):
     """(jit function, grid, positional arguments, keyword arguments) of one launch
     (fused_linear_update_ws's parameters; scripts/profile_launch.py times the launch alone)."""
+    if cfg.WS == "epi_rows_pairs" and cfg.WS_SLOTS < 3:
+        raise ValueError("WS='epi_rows_pairs' needs WS_SLOTS >= 3 (a pair's two slots are "
+                         "refilled together, and the next chunk must already be in flight)")
     prog = load_program(program)
     T, N = dy.shape
     K = x.shape[1]
