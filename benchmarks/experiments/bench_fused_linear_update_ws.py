@@ -138,7 +138,8 @@ RUN11 = {
 }
 # Run 12 (2026-11-23, H100): the W/state ring refilled every second chunk ("epi_rows_pairs":
 # one CTA barrier per two chunks; ncu had 9.3% of the T=512 pick's stall samples on barriers)
-# beside its per-chunk twin, the T=512 pick.
+# beside its per-chunk twin, the T=512 pick. Measured 19:13 UTC: AdamW's epilogue alone 78% vs
+# 75% of copy bandwidth, fused AdamW T=512 0.1614-0.1621 vs 0.1614 ms (docs/kernels.md, run 12).
 RUN12 = {
     "rows e16 split8 bt32 st4 sl4": CONFIGS["rows e16 split8 bt32 st4 sl4"],
     **{f"pairs e{w} split8 bt32 st4 sl{sl}": KC(128, 128, 32, w, 4, EPI_SPLIT=8,

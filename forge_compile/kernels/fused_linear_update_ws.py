@@ -23,8 +23,10 @@ at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the Trit
 (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
-``tile_walk``: 3-24% slower fused). A fourth, the accumulator handed over in two halves of
-rows ("epi_rows_half"), measured within noise of the whole-tile hand-off (study run 10).
+``tile_walk``: 3-24% slower fused). Two more: the accumulator handed over in two halves of
+rows ("epi_rows_half", within noise of the whole-tile hand-off, study run 10) and one CTA
+barrier per two chunks ("epi_rows_pairs": the AdamW epilogue alone 4% faster, the fused
+kernel unchanged, study run 12).
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
