@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
-#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|all]   (default all)
+#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|all]   (default all; stream: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,12 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
     | grep -v -e '^{' -e 'forge autotune' 
   rc=$(( rc | $? ))
   cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
+fi
+if [[ $WHAT == stream ]]; then
+  # is T=512 limited by AdamW's math or the memory system? (benchmarks/experiments/stream_ceiling.py)
+  timeout 400 $PY benchmarks/experiments/stream_ceiling.py --out "$OUT/stream_ceiling.jsonl" 2>&1 \
+    | tee "$OUT/stream_ceiling.log" | grep -v '^{'
+  rc=$(( rc | $? ))
 fi
 if [[ $WHAT == all || $WHAT == profile ]]; then
   # host time per launch, launch cache off/on, and through the op (scripts/profile_launch.py)

@@ -1,0 +1,110 @@
+"""Is the T=512 row limited by AdamW's math or by the memory system? The same warp-specialised
+kernel, the same bytes, a trivial rule.
+
+Why: at AdamW 4096² T=512 the fused kernel streams at 85% of a copy of its own 411 MB, and no
+measured change moved that (docs/kernels.md, study runs 7-12). Two changes sped up AdamW's
+epilogue alone and left the fused row unchanged: half the barriers (75% → 78% of copy) and
+32-row chunks (75% → 81%). So the epilogue's issue rate looks spent as an explanation. This
+script times the rule ``scale3`` beside AdamW. It reads W and two state tensors and writes each
+back times a per-step scalar: the same 3 reads and 3 writes per element, and the same kernel,
+configs, tile order and TMA ring, with three multiplies instead of two IEEE divisions and a
+square root.
+- If fused ``scale3`` runs where fused AdamW does, the memory system (with the GEMM's dY/X
+  traffic beside it) is the ceiling at this access pattern, and the 0.16 ms target needs a
+  different layout of the bytes, not a cheaper epilogue.
+- If it runs near the copy, the AdamW math is what is left.
+Each is also timed with ``skip_gemm`` (the epilogue's stream alone).
+
+Timing: ``do_bench`` (the benchmark's method) and ``do_bench_cudagraph`` medians, beside a
+torch copy of the same bytes. ``scale3``'s result is checked bit for bit against torch (a
+product of fp32 numbers rounds the same everywhere). Prepared 2026-11-23 (eighth session),
+not yet run: the session's device time was spent. On the GPU device:
+  python3 benchmarks/experiments/stream_ceiling.py --out $OUT/stream_ceiling.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.bench_fused_linear_update import forge_bytes, make_case  # noqa: E402
+from benchmarks.experiments.bench_fused_linear_update_tma import save_rows  # noqa: E402
+from forge_compile.epilogue import GRAD, PARAM, EpilogueProgram, Instr  # noqa: E402
+from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
+from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
+
+
+def scale3_program() -> EpilogueProgram:
+    """W, a, b ← c·W, c·a, c·b: AdamW's tensors and bytes, none of its math (the gradient is
+    not read)."""
+    return EpilogueProgram(
+        tensors=(GRAD, PARAM, "a", "b"), scalars=("c",),
+        ops=(Instr("p1", "mul", (PARAM, "c")), Instr("a1", "mul", ("a", "c")),
+             Instr("b1", "mul", ("b", "c"))),
+        outputs=((PARAM, "p1"), ("a", "a1"), ("b", "b1")))
+
+
+def main() -> None:
+    import triton
+    from triton.testing import do_bench, do_bench_cudagraph
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", default="512,2048")
+    a = ap.parse_args()
+    t0 = time.time()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{triton.__version__}, {date}", flush=True)
+    scale3 = scale3_program()
+    c_scale = torch.tensor(0.5, device="cuda")      # by pointer, as the op passes scalars
+    rows = []
+    for T in (int(t) for t in a.tokens.split(",")):
+        c = make_case(4096, 4096, T, "adamw")
+        nbytes = forge_bytes(4096, 4096, T, 2)
+        src = torch.randn(nbytes // 8, device="cuda")
+        dst = torch.empty_like(src)
+        copy = {"do_bench": do_bench(lambda: dst.copy_(src), warmup=25, rep=200,
+                                     return_mode="median"),
+                "graph": do_bench_cudagraph(lambda: dst.copy_(src), rep=100,
+                                            return_mode="median")}
+        print(f"T={T} copy of the same {nbytes / 1e6:.0f} MB: do_bench {copy['do_bench']:.4f} "
+              f"graph {copy['graph']:.4f} ms", flush=True)
+        for name, cfg in (("ws:0", flu._GPU_WS_CONFIGS[0]), ("ws:1", flu._GPU_WS_CONFIGS[1]),
+                          ("ws:2", flu._GPU_WS_CONFIGS[2])):
+            # scale3 is exact: check it once per config against torch
+            p, st = c["p"].clone(), [s.clone() for s in c["state"]]
+            fused_linear_update_ws(c["dy"], c["x"], p, st, [c_scale], scale3, cfg)
+            exact = all(torch.equal(u, v * 0.5) for u, v in zip((p, *st),
+                                                                 (c["p"], *c["state"])))
+            for rule, prog, sc in (("adamw", c["prog"], c["scalars"]),
+                                   ("scale3", scale3, [c_scale])):
+                for skip in (False, True):
+                    def run(prog=prog, sc=sc, skip=skip):
+                        fused_linear_update_ws(c["dy"], c["x"], p, st, sc, prog, cfg,
+                                               skip_gemm=skip)
+                    db = do_bench(run, warmup=25, rep=200, return_mode="median")
+                    gr = do_bench_cudagraph(run, rep=100, return_mode="median")
+                    row = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                               triton=triton.__version__, date=date, N=4096, K=4096, T=T,
+                               config=name, rule=rule, skip_gemm=skip,
+                               do_bench_ms=round(db, 4), graph_ms=round(gr, 4),
+                               of_copy_do_bench=round(copy["do_bench"] / db, 3),
+                               of_copy_graph=round(copy["graph"] / gr, 3),
+                               scale3_exact=exact)
+                    rows.append(row)
+                    print(f"T={T} {name} {rule:6s} {'epilogue alone' if skip else 'fused':14s} "
+                          f"do_bench {db:.4f} ms ({row['of_copy_do_bench']:.0%} of copy)  "
+                          f"graph {gr:.4f} ms ({row['of_copy_graph']:.0%})", flush=True)
+            print(f"   scale3 bit-exact against torch: {exact}", flush=True)
+    if a.out:
+        save_rows(rows, a.out, t0)
+
+
+if __name__ == "__main__":
+    main()
