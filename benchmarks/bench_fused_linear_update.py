@@ -207,20 +207,26 @@ def host_us_per_launch(cfg, n: int = 300, profile=None, launch=None) -> float:
     host), after 5 warm-up launches; ``profile`` (a cProfile.Profile) is enabled around the
     timed loop when given. ``launch``: the entry point (default fused_linear_update_triton
     with ``cfg``; the op itself for instance)."""
-    import time
     c = make_case(256, 256, 64, "adamw")
     args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"].dumps())
     if launch is None:
         def launch(*a):
             flu.fused_linear_update_triton(*a, config=cfg, seed=0)
+    return us_per_call(lambda: launch(*args), n, profile)
+
+
+def us_per_call(fn, n: int = 300, profile=None) -> float:
+    """Wall µs per call of ``fn`` (the GPU's work included up to a final sync), after 5 warm-up
+    calls; ``profile`` (a cProfile.Profile) is enabled around the timed loop when given."""
+    import time
     for _ in range(5):
-        launch(*args)
+        fn()
     torch.cuda.synchronize()
     if profile is not None:
         profile.enable()
     t = time.perf_counter()
     for _ in range(n):
-        launch(*args)
+        fn()
     torch.cuda.synchronize()
     us = (time.perf_counter() - t) / n * 1e6
     if profile is not None:

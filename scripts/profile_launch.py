@@ -49,9 +49,8 @@ def layers(n: int) -> None:
     adds. Layers: Triton's ``CompiledKernel[grid]`` with prepared arguments (its launcher: the
     TMA descriptors' encoding and the driver call), the launch cache's key and lookup, building
     the arguments (ws_launch_args), the entry points with their checks and tuned lookup."""
-    import time
     import torch
-    from benchmarks.bench_fused_linear_update import anchor_fns, make_case
+    from benchmarks.bench_fused_linear_update import anchor_fns, make_case, us_per_call
     from forge_compile.kernels import fused_linear_update as flu
     from forge_compile.kernels import launch_cache
     from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws, ws_launch_args
@@ -60,9 +59,8 @@ def layers(n: int) -> None:
     cfg = flu._GPU_WS_CONFIGS[0]
     k, grid, args, kw = ws_launch_args(dy, x, p, st, sc, prog, cfg)
     ck = launch_cache.launch(k, grid, *args, **kw)       # compiles, fills the cache
-    e = launch_cache._entry(k)
-    vals = list(args) + [kw[nm] if nm in kw else e.defaults[nm] for nm in e.names[len(args):]]
-    g3 = (tuple(grid) + (1, 1))[:3]
+    vals = launch_cache.bound(k, args, kw)[1]
+    g3 = launch_cache.grid3(grid)
     steps = {
         "CompiledKernel[grid](*args)": lambda: ck[g3](*vals),
         "launch_cache.launch": lambda: launch_cache.launch(k, grid, *args, **kw),
@@ -78,14 +76,7 @@ def layers(n: int) -> None:
     print("== layers (host µs per call, 256×256×64 AdamW, "
           f"{n} calls after 5 warm-up; WS config {cfg})")
     for name, f in steps.items():
-        for _ in range(5):
-            f()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        torch.cuda.synchronize()
-        print(f"   {name:45s} {(time.perf_counter() - t) / n * 1e6:8.1f}", flush=True)
+        print(f"   {name:45s} {us_per_call(f, n):8.1f}", flush=True)
 
 
 def _args():

@@ -469,8 +469,8 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
     return dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out)), ck.metadata.shared
 
 
-# every shipped config, plus the study's half hand-off (its accumulator split in registers:
-# reshape, permute, split), whose GPU run is still to come
+# every shipped config, plus two study paths that change the kernel's structure: the half
+# hand-off (its accumulator split in registers: reshape, permute, split) and the paired refills
 _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt in [
     (i, "adamw", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
     (0, "adamw", "bf16"), (2, "sgd_momentum", "fp32"), (3, "adamw", "bf16")]] + [
@@ -481,7 +481,7 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
 @pytest.mark.parametrize("name,cfg,rule,param_dtype", _SM90_CASES,
                          ids=[f"{n}-{r}-{d}" for n, _, r, d in _SM90_CASES])
 def test_ws_kernel_compiles_for_sm90_without_spills(name, cfg, rule, param_dtype):
-    """Every shipped warp-specialised config (and the half hand-off) compiles for sm_90 with
+    """Every shipped warp-specialised config (and the two study paths) compiles for sm_90 with
     this Triton's Gluon API (CI: 3.9, the device: 3.6), without register spills and within
     227 KiB of shared memory."""
     res, smem = _sm90_resources(cfg, _rules()[rule][0], param_dtype)

@@ -6,8 +6,9 @@ and of the warp-specialised kernel's cached TensorDescriptors.
 * GPU (``-m gpu``): every launch through the cache equals, bit for bit, the same launch through
   ``JITFunction.run``, over a sequence whose arguments change Triton's specialisation (T = 1, a
   T that is not a multiple of 16, scalars by value and by pointer) and come back, so a cached
-  kernel is never used for arguments it was not specialised for (the warp-specialised kernel,
-  the one that launches through the cache).
+  kernel is never used for arguments it was not specialised for (both kernels launch through
+  the cache). A launch plan (a repeated call on the same tensors) writes what the full path
+  writes, bit for bit, and takes a new by-value learning rate; CPU tensors get none.
 """
 from __future__ import annotations
 

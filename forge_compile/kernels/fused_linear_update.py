@@ -937,6 +937,11 @@ def triton_cdiv(a: int, b: int) -> int:
 _SEED = random.Random(0x5EED)
 
 
+def _default_seed(bf16_weight: bool) -> int:
+    # a fresh stochastic-rounding stream per call for bf16 weights; fp32 weights never read it
+    return _SEED.getrandbits(31) if bf16_weight else 0
+
+
 def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                                scalars: Sequence[Union[Tensor, float]],
                                program: Union[str, EpilogueProgram], *,
@@ -978,7 +983,7 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
     precision = _input_precision(dy, x)
     cfg = config or tuned_config(dy, x, param, state, scalars, program)
     if seed is None:
-        seed = _SEED.getrandbits(31) if param.dtype == torch.bfloat16 else 0
+        seed = _default_seed(param.dtype == torch.bfloat16)
     if cfg.SPLIT_GEMM_MB:
         why = split_gemm_unsupported_reason(dy, x)
         if why is not None:
@@ -1025,8 +1030,7 @@ class _Plan:
 
     def run(self, scalars, seed: Optional[int]):
         vals = list(self.vals)
-        vals[self.seed_at] = (seed if seed is not None else
-                              _SEED.getrandbits(31) if self.bf16 else 0)
+        vals[self.seed_at] = seed if seed is not None else _default_seed(self.bf16)
         for at, i in self.by_value:
             vals[at] = float(scalars[i])
         PLAN_STATS["hits"] += 1
@@ -1079,7 +1083,7 @@ def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool)
     # weight or state alive, and one for a freed tensor is right for a new tensor the key
     # describes the same way (the descriptors, _desc_of, work the same way)
     vals = tuple(v.data_ptr() if isinstance(v, Tensor) else v for v in vals)
-    _PLANS[key] = _Plan(ck, (tuple(grid) + (1, 1))[:3], vals, names.index("seed"), by_value,
+    _PLANS[key] = _Plan(ck, launch_cache.grid3(grid), vals, names.index("seed"), by_value,
                         bf16)
     PLAN_STATS["made"] += 1
     while len(_PLANS) > _PLANS_MAX:

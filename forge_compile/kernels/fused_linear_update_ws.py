@@ -226,9 +226,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     pairs = state == "epi_rows_pairs"
     if (balanced or halves or pairs) and pipe:
         raise ValueError(f"the {state} path has no EPI_PIPE variant")
-    state = "epi" if rows else state
     if (halves or pairs) and split % 2:
         raise ValueError(f"{state} needs an even EPI_SPLIT (chunks of one half each, or pairs)")
+    state = "epi" if rows else state
     per_chunk = handoff == "chunk" and not rows
     half = split // 2
     state_tma = state != "regs"

@@ -30,7 +30,7 @@ import inspect
 import os
 from typing import Optional
 
-__all__ = ["launch", "bound", "enabled", "ENV_LAUNCH_CACHE", "STATS"]
+__all__ = ["launch", "bound", "grid3", "enabled", "ENV_LAUNCH_CACHE", "STATS"]
 
 ENV_LAUNCH_CACHE = "FORGE_LAUNCH_CACHE"    # "0": every launch through JITFunction.run
 
@@ -109,8 +109,13 @@ def launch(jit, grid: tuple, *args, **kwargs):
             e.compiled[key] = ck
         return ck
     STATS["hits"] += 1
-    ck[(tuple(grid) + (1, 1))[:3]](*_values(e, args, kwargs))
+    ck[grid3(grid)](*_values(e, args, kwargs))
     return ck
+
+
+def grid3(grid) -> tuple:
+    """A launch grid as the three dimensions ``CompiledKernel[grid]`` takes."""
+    return (tuple(grid) + (1, 1))[:3]
 
 
 def _values(e: _Entry, args, kwargs) -> list:
