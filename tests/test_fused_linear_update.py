@@ -603,6 +603,25 @@ def _interpreter_cases():
         dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
         return _errors(prog, dy, x, p, s, sc, flu.fused_linear_update_)
     cases["op-dispatch"] = op_dispatch
+
+    def roles_study():
+        # the study kernel of benchmarks/experiments/fused_linear_update_roles.py (not shipped):
+        # producers hand gradient tiles to consumers through the ring; ragged edges, 20 tiles
+        # of 64×64 over 3 producers and 1 consumer, row chunks of 16
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), "benchmarks", "experiments"))
+        import fused_linear_update_roles as roles
+        cfg = roles.RolesConfig(BLOCK_N=64, BLOCK_K=64, BLOCK_T=32, num_warps=4, CW=16, NS=2,
+                                PRODUCERS=0.75)
+        out = {}
+        for rule in ("adamw", "lion"):
+            prog, sc = _rules()[rule]
+            dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
+            err = _errors(prog, dy, x, p, s, sc, lambda *a: roles.launch(*a, cfg, grid=4))
+            out.update({f"{rule}_{k}": v for k, v in err.items()})
+        out["finite"] = out.pop("adamw_finite") and out.pop("lion_finite")
+        return out
+    cases["roles-study"] = roles_study
     return cases
 
 

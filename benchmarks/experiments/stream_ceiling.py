@@ -37,7 +37,8 @@ from benchmarks.bench_fused_linear_update import forge_bytes, make_case  # noqa:
 from benchmarks.experiments.bench_fused_linear_update_tma import save_rows  # noqa: E402
 from forge_compile.epilogue import GRAD, PARAM, EpilogueProgram, Instr  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
-from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
+from forge_compile.kernels.fused_linear_update_ws import (  # noqa: E402
+    _num_sms as _num_sms_orig, fused_linear_update_ws)
 
 
 def scale3_program() -> EpilogueProgram:
@@ -99,6 +100,59 @@ def subnormal_check(date: str) -> list:
     return rows
 
 
+def grid_scaling(date: str) -> list:
+    """How fast can fewer SMs stream W/state, and run the GEMM? Decides whether giving the
+    GEMM and the update separate SMs (fused_linear_update_roles.py) can pay: the WS kernel's
+    epilogue alone (scale3, and AdamW with beta1 = 0.9999 so m stays normal) and its GEMM alone
+    (skip_epilogue) on a persistent grid of n CTAs, one per SM."""
+    import triton
+    from triton.testing import do_bench
+    from benchmarks.bench_fused_linear_update import EPS, LR, WD
+    from forge_compile import rules
+    from forge_compile.kernels import fused_linear_update_ws as ws
+    nsm = torch.cuda.get_device_properties(0).multi_processor_count
+    scale3 = scale3_program()
+    c_scale = torch.tensor(1.0, device="cuda")      # values unchanged: nothing decays
+    rows = []
+    for T in (512, 2048):
+        c = make_case(4096, 4096, T, "adamw")
+        adamw_sc = rules.adamw_scalars(LR, (0.9999, 0.999), EPS, WD, step=10, device="cuda")
+        cfg = flu._GPU_WS_CONFIGS[0 if T == 512 else 2]
+        for n in (nsm, 116, 99, 88, 66, 44, 33):
+            ws._num_sms = lambda index, n=n: n
+            for what, prog, sc, kw in (("stream scale3", scale3, [c_scale], dict(skip_gemm=True)),
+                                       ("stream adamw", c["prog"], adamw_sc, dict(skip_gemm=True)),
+                                       ("gemm alone", c["prog"], c["scalars"],
+                                        dict(skip_epilogue=True))):
+                if what.startswith("stream") and (T != 512 or n < 44):
+                    continue
+                ms = do_bench(lambda: fused_linear_update_ws(
+                    c["dy"], c["x"], c["p"], c["state"], sc, prog, cfg, **kw),
+                    warmup=25, rep=100, return_mode="median")
+                gbps = forge_bytes(4096, 4096, 0, 2) / ms / 1e6
+                rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                                 triton=triton.__version__, date=date, N=4096, K=4096, T=T,
+                                 what=what, ctas=n, ms=round(ms, 4),
+                                 GBps_per_sm=round(gbps / n, 1) if what.startswith("stream")
+                                 else None))
+                print(f"T={T} {what:14s} {n:3d} CTAs: {ms:.4f} ms"
+                      + (f" ({gbps:.0f} GB/s, {gbps / n:.1f} per SM)"
+                         if what.startswith("stream") else ""), flush=True)
+        # the fused kernel itself on a smaller grid: 1024 tiles on 128 CTAs are exactly 8 each
+        # (132 CTAs: 100 run 8 tiles, 32 run 7)
+        for n in (nsm, 128, 124, 116):
+            ws._num_sms = lambda index, n=n: n
+            ms = do_bench(lambda: fused_linear_update_ws(
+                c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], cfg),
+                warmup=25, rep=200, return_mode="median")
+            rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                             triton=triton.__version__, date=date, N=4096, K=4096, T=T,
+                             what="fused adamw", ctas=n, ms=round(ms, 4)))
+            print(f"T={T} fused adamw    {n:3d} CTAs: {ms:.4f} ms", flush=True)
+        ws._num_sms = _num_sms_orig
+    return rows
+
+
 def main() -> None:
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
@@ -107,11 +161,18 @@ def main() -> None:
     ap.add_argument("--tokens", default="512,2048")
     ap.add_argument("--subnormal", action="store_true",
                     help="only the AdamW epilogue-alone check of section 'Subnormal state'")
+    ap.add_argument("--grid-scaling", action="store_true",
+                    help="only the stream and the GEMM on fewer SMs (section 'Roles')")
     a = ap.parse_args()
     t0 = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, {date}", flush=True)
+    if a.grid_scaling:
+        rows = grid_scaling(date)
+        if a.out:
+            save_rows(rows, a.out, t0)
+        return
     if a.subnormal:
         rows = subnormal_check(date)
         if a.out:
