@@ -14,11 +14,11 @@ warps that a 128×128 fp32 accumulator leaves room for, streaming W/state throug
   from shared memory and W/state from a WS_SLOTS-deep TMA ring that it refills itself, WS_SLOTS
   chunks ahead ("epi"), runs the generated update and stores W/state.
 
-Measured (H100, torch 2.11, Triton 3.6; docs/kernels.md, "Warp-specialised kernel"): with 16
-epilogue warps AdamW's epilogue alone reaches 75% of copy bandwidth (60% with 8, 34% with 4:
-its IEEE div/sqrt need warps) and the fused kernel beats the Triton kernel at T=512 by 4-9%;
-at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the Triton kernel's
-128×256 tiles. The autotuner times it beside the Triton configs where it applies
+Measured (H100, torch 2.11, Triton 3.6; docs/kernels.md, "Warp-specialised kernel" and "Ninth
+session"): the W/state stream alone runs at 90-93% of a copy of its bytes, AdamW's as fast as
+a 3-multiply rule; fused with the GEMM, 85-87%. The fused kernel beats the Triton kernel at
+T=512 by 4-9%; at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the
+Triton kernel's 128×256 tiles. The autotuner times it beside the Triton configs where it applies
 (``ws_unsupported_reason``). Three measured alternatives stay selectable for the study script
 (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
