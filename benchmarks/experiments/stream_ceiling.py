@@ -100,6 +100,55 @@ def subnormal_check(date: str) -> list:
     return rows
 
 
+def size_sweep(date: str) -> list:
+    """Time = fixed cost + bytes / bandwidth? The fused kernel (AdamW), its stream alone
+    (scale3) and a copy of the same bytes over N = 1024..16384 (K=4096, T=512), least-squares
+    fit per kind: the fused kernel's fixed cost beyond the stream's is what its first GEMM
+    (before any update) and its tail cost."""
+    import triton
+    from triton.testing import do_bench
+    scale3 = scale3_program()
+    c_scale = torch.tensor(1.0, device="cuda")
+    rows, fits = [], {}
+    for name, cfg in (("ws:0", flu._GPU_WS_CONFIGS[0]), ("ws:1", flu._GPU_WS_CONFIGS[1])):
+        pts = {"fused adamw": [], "stream scale3": [], "copy": []}
+        for N in (1024, 2048, 4096, 8192, 16384):
+            c = make_case(N, 4096, 512, "adamw")
+            nbytes = forge_bytes(N, 4096, 512, 2)
+            src = torch.randn(nbytes // 8, device="cuda")
+            dst = torch.empty_like(src)
+            for what, fn in (
+                    ("fused adamw", lambda: fused_linear_update_ws(
+                        c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], cfg)),
+                    ("stream scale3", lambda: fused_linear_update_ws(
+                        c["dy"], c["x"], c["p"], c["state"], [c_scale], scale3, cfg,
+                        skip_gemm=True)),
+                    ("copy", lambda: dst.copy_(src))):
+                if what == "copy" and name != "ws:0":
+                    continue
+                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                pts[what].append((nbytes, ms))
+                rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                                 triton=triton.__version__, date=date, N=N, K=4096, T=512,
+                                 config=name, what=what, bytes=nbytes, ms=round(ms, 4)))
+                print(f"{name} N={N:5d} {what:13s} {ms:.4f} ms", flush=True)
+        for what, p in pts.items():
+            if not p:
+                continue
+            b = torch.tensor([x for x, _ in p], dtype=torch.float64)
+            t = torch.tensor([y for _, y in p], dtype=torch.float64)
+            A = torch.stack([torch.ones_like(b), b], 1)
+            fixed, per_byte = torch.linalg.lstsq(A, t[:, None]).solution[:, 0].tolist()
+            fits[(name, what)] = (fixed, per_byte)
+            print(f"{name} {what:13s}: {fixed * 1e3:.1f} us fixed + "
+                  f"{1 / per_byte / 1e6:.0f} GB/s", flush=True)
+            rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                             triton=triton.__version__, date=date, K=4096, T=512, config=name,
+                             what=what + " fit", fixed_us=round(fixed * 1e3, 2),
+                             GBps=round(1 / per_byte / 1e6, 1)))
+    return rows
+
+
 def grid_scaling(date: str) -> list:
     """How fast can fewer SMs stream W/state, and run the GEMM? Decides whether giving the
     GEMM and the update separate SMs (fused_linear_update_roles.py) can pay: the WS kernel's
@@ -163,11 +212,18 @@ def main() -> None:
                     help="only the AdamW epilogue-alone check of section 'Subnormal state'")
     ap.add_argument("--grid-scaling", action="store_true",
                     help="only the stream and the GEMM on fewer SMs (section 'Roles')")
+    ap.add_argument("--size-sweep", action="store_true",
+                    help="only the fixed cost per launch (section 'Ninth session')")
     a = ap.parse_args()
     t0 = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, {date}", flush=True)
+    if a.size_sweep:
+        rows = size_sweep(date)
+        if a.out:
+            save_rows(rows, a.out, t0)
+        return
     if a.grid_scaling:
         rows = grid_scaling(date)
         if a.out:
