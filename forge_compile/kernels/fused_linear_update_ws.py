@@ -25,8 +25,8 @@ Triton kernel's 128×256 tiles. The autotuner times it beside the Triton configs
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
 ``tile_walk``: 3-24% slower fused). Two more: the accumulator handed over in two halves of
 rows ("epi_rows_half", within noise of the whole-tile hand-off, study run 10) and one CTA
-barrier per two chunks ("epi_rows_pairs": the AdamW epilogue alone 4% faster, the fused
-kernel unchanged, study run 12).
+barrier per two chunks ("epi_rows_pairs": the fused kernel unchanged, study run 12; its
+"epilogue alone" gain was timed with m subnormal, docs/kernels.md "Ninth session").
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
@@ -185,7 +185,7 @@ def tile_walk(balanced: bool) -> list:
     most one chunk; a tile cut between two CTAs has its GEMM computed by both, and each updates
     its own rows (only the row-chunk path: a chunk is whole rows, the hand-off the whole tile).
     Measured slower (H100, study run 7): the epilogue alone gains nothing (AdamW 0.175 vs 0.171
-    ms), the GEMM alone loses 19-27% (concurrent CTAs no longer share dY/X panels in L2);
+    ms, both with m subnormal), the GEMM alone loses 19-27% (concurrent CTAs no longer share dY/X panels in L2);
     kept for the study, not a candidate."""
     out = ["    pid = gl.program_id(0)",
            "    nprog = gl.num_programs(0)",
