@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
-#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|all]   (default all; stream: not in all)
+#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|all]
+#   (default all; stream and ncu-stream: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,21 @@ if [[ $WHAT == stream ]]; then
   timeout 400 $PY benchmarks/experiments/stream_ceiling.py --out "$OUT/stream_ceiling.jsonl" 2>&1 \
     | tee "$OUT/stream_ceiling.log" | grep -v '^{'
   rc=$(( rc | $? ))
+fi
+if [[ $WHAT == ncu-stream ]]; then
+  # what the GEMM adds beside the W/state stream (docs/kernels.md, "Ninth session"): the same
+  # kernel fused and with skip_gemm, 4096² T=512 AdamW, ws:1; DRAM and L2 bytes and throughput
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for v in fused stream; do
+    echo "== ncu $v"
+    timeout 150 "$NCU" --target-processes all -k 'regex:_fused_linear_update_ws_kernel' \
+      --launch-skip 2 --launch-count 1 --clock-control none \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,smsp__inst_executed.sum \
+      $PY benchmarks/experiments/stream_ceiling.py --ncu-variant $v 2>&1 \
+      | tee -a "$OUT/ncu_stream_full.log" \
+      | grep -E "Duration|DRAM Throughput|L2 Cache Throughput|Memory Throughput|L1/TEX Cache|L2 Hit|Mem Busy|Max Bandwidth|dram__bytes|lts__t|smsp__inst|==ERR|rror"
+  done 2>&1 | tee "$OUT/ncu_stream.log"
 fi
 if [[ $WHAT == all || $WHAT == profile ]]; then
   # host time per launch, launch cache off/on, and through the op (scripts/profile_launch.py)

@@ -214,11 +214,25 @@ def main() -> None:
                     help="only the stream and the GEMM on fewer SMs (section 'Roles')")
     ap.add_argument("--size-sweep", action="store_true",
                     help="only the fixed cost per launch (section 'Ninth session')")
+    ap.add_argument("--ncu-variant", choices=("fused", "stream"), default=None,
+                    help="three launches of ws:1 at 4096² T=512, AdamW fused or its stream "
+                         "alone (beta1 0.9999), for ncu (scripts/gpu_kernels.sh ncu-stream)")
     a = ap.parse_args()
     t0 = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, {date}", flush=True)
+    if a.ncu_variant:
+        from forge_compile import rules
+        from benchmarks.bench_fused_linear_update import EPS, LR, WD
+        c = make_case(4096, 4096, 512, "adamw")
+        sc = (c["scalars"] if a.ncu_variant == "fused" else
+              rules.adamw_scalars(LR, (0.9999, 0.999), EPS, WD, step=10, device="cuda"))
+        for _ in range(3):
+            fused_linear_update_ws(c["dy"], c["x"], c["p"], c["state"], sc, c["prog"],
+                                   flu._GPU_WS_CONFIGS[1], skip_gemm=a.ncu_variant == "stream")
+        torch.cuda.synchronize()
+        return
     if a.size_sweep:
         rows = size_sweep(date)
         if a.out:
