@@ -78,7 +78,8 @@ def main() -> None:
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}, {date}", flush=True)
-    torch.cuda.init()
+    torch.zeros(1, device="cuda")     # makes the primary context current on this thread
+    torch.cuda.synchronize()
     _check(_cuda.cuCtxSetLimit(_CU_LIMIT_PERSISTING_L2_CACHE_SIZE, ctypes.c_size_t(16 << 20)),
            "cuCtxSetLimit")
     rows = []
