@@ -73,6 +73,8 @@ def main() -> None:
     from triton.testing import do_bench
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--limit-mb", type=int, default=16, help="persisting L2 carve-out")
+    ap.add_argument("--tokens", default="512,2048")
     a = ap.parse_args()
     t0 = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -80,10 +82,10 @@ def main() -> None:
           f"{triton.__version__}, {date}", flush=True)
     torch.zeros(1, device="cuda")     # makes the primary context current on this thread
     torch.cuda.synchronize()
-    _check(_cuda.cuCtxSetLimit(_CU_LIMIT_PERSISTING_L2_CACHE_SIZE, ctypes.c_size_t(16 << 20)),
+    _check(_cuda.cuCtxSetLimit(_CU_LIMIT_PERSISTING_L2_CACHE_SIZE, ctypes.c_size_t(a.limit_mb << 20)),
            "cuCtxSetLimit")
     rows = []
-    for T in (512, 2048):
+    for T in (int(t) for t in a.tokens.split(",")):
         c = make_case(4096, 4096, T, "adamw")
         # dY and X in one buffer, so one window covers both
         buf = torch.empty(T * 8192, device="cuda", dtype=torch.bfloat16)
@@ -114,7 +116,7 @@ def main() -> None:
                           return_mode="median")
             rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                              triton=triton.__version__, date=date, N=4096, K=4096, T=T,
-                             window=window, fused_ms=round(fused, 4), anchor_ms=round(anc, 4),
+                             window=window, persisting_limit_mb=a.limit_mb, fused_ms=round(fused, 4), anchor_ms=round(anc, 4),
                              mm_ms=round(mm, 4), update_equal_to_no_window=same))
             print(f"T={T} window {window:15s} fused {fused:.4f} ms  anchor {anc:.4f}  "
                   f"mm {mm:.4f}  same update: {same}", flush=True)
