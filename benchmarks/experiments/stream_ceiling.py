@@ -233,21 +233,13 @@ def main() -> None:
                                    flu._GPU_WS_CONFIGS[1], skip_gemm=a.ncu_variant == "stream")
         torch.cuda.synchronize()
         return
-    if a.size_sweep:
-        rows = size_sweep(date)
-        if a.out:
-            save_rows(rows, a.out, t0)
-        return
-    if a.grid_scaling:
-        rows = grid_scaling(date)
-        if a.out:
-            save_rows(rows, a.out, t0)
-        return
-    if a.subnormal:
-        rows = subnormal_check(date)
-        if a.out:
-            save_rows(rows, a.out, t0)
-        return
+    for asked, study in ((a.size_sweep, size_sweep), (a.grid_scaling, grid_scaling),
+                         (a.subnormal, subnormal_check)):
+        if asked:
+            rows = study(date)
+            if a.out:
+                save_rows(rows, a.out, t0)
+            return
     scale3 = scale3_program()
     c_scale = torch.tensor(0.5, device="cuda")      # by pointer, as the op passes scalars
     rows = []
