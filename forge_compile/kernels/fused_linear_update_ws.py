@@ -18,8 +18,8 @@ Measured (H100, torch 2.11, Triton 3.6; docs/kernels.md, "Warp-specialised kerne
 session"): the W/state stream alone runs at 90-93% of a copy of its bytes, AdamW's as fast as
 a 3-multiply rule; fused with the GEMM, 85-87%. The fused kernel beats the Triton kernel at
 T=512 by 4-9%; at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the
-Triton kernel's 128×256 tiles. The autotuner times it beside the Triton configs where it applies
-(``ws_unsupported_reason``). Three measured alternatives stay selectable for the study script
+Triton kernel's 128×256 tiles. The autotuner times it beside the Triton configs where it
+applies (``ws_unsupported_reason``). Three measured alternatives stay selectable for the study script
 (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
@@ -185,8 +185,8 @@ def tile_walk(balanced: bool) -> list:
     most one chunk; a tile cut between two CTAs has its GEMM computed by both, and each updates
     its own rows (only the row-chunk path: a chunk is whole rows, the hand-off the whole tile).
     Measured slower (H100, study run 7): the epilogue alone gains nothing (AdamW 0.175 vs 0.171
-    ms, both with m subnormal), the GEMM alone loses 19-27% (concurrent CTAs no longer share dY/X panels in L2);
-    kept for the study, not a candidate."""
+    ms, both with m subnormal), the GEMM alone loses 19-27% (concurrent CTAs no longer share
+    dY/X panels in L2); kept for the study, not a candidate."""
     out = ["    pid = gl.program_id(0)",
            "    nprog = gl.num_programs(0)",
            "    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)"]
