@@ -19,8 +19,8 @@ session"): the W/state stream alone runs at 90-93% of a copy of its bytes, AdamW
 a 3-multiply rule; fused with the GEMM, 85-87%. The fused kernel beats the Triton kernel at
 T=512 by 4-9%; at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the
 Triton kernel's 128×256 tiles. The autotuner times it beside the Triton configs where it
-applies (``ws_unsupported_reason``). Three measured alternatives stay selectable for the study script
-(``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
+applies (``ws_unsupported_reason``). Three measured alternatives stay selectable for the study
+script (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
 ``tile_walk``: 3-24% slower fused). Two more: the accumulator handed over in two halves of
