@@ -14,6 +14,8 @@ Bytes moved by forge: W and each state tensor read and written once (fp32), dy a
 Appends one JSON object per row to benchmarks/results/fused_linear_update.jsonl (``--out``).
     python benchmarks/bench_fused_linear_update.py [--quick] [--out PATH]
     python benchmarks/bench_fused_linear_update.py --operands float32 --tokens 512,4096,16384
+    python benchmarks/bench_fused_linear_update.py --plot docs/fused_linear_update.png
+      (CPU: the jsonl's latest bf16 run as a chart, against the issue's targets)
 """
 from __future__ import annotations
 
@@ -257,6 +259,44 @@ def precompile(optimizers, workers=8):
             print("precompile", r, flush=True)
 
 
+def plot(jsonl: str, png: str) -> None:
+    """The latest bf16 run of ``jsonl`` as two panels, forge/anchor and the fraction of copy
+    bandwidth per row, with the issue's targets (≤ 0.6× and ≥ 80% for T ≤ 2048, ≤ 1.0× at
+    T=8192)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(jsonl) if line.strip()]
+    rows = [r for r in rows if r.get("operands", "bfloat16") == "bfloat16"]
+    last = rows[-1]["date"]
+    rows = [r for r in rows if r["date"] == last]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    labels = [f"{'AdamW' if r['optimizer'] == 'adamw' else 'SGD-m'} {r['N']}×{r['K']}\nT={r['T']}"
+              for r in rows]
+    x = range(len(rows))
+    colors = [{512: "C0", 2048: "C1", 8192: "C2"}.get(r["T"], "C3") for r in rows]
+    for ax, key, ylabel in ((axes[0], "forge_vs_anchor", "forge / anchor (lower is better)"),
+                            (axes[1], "roofline_frac", "fraction of copy bandwidth")):
+        bars = ax.bar(x, [r[key] for r in rows], color=colors)
+        ax.bar_label(bars, fmt="%.3f" if key == "forge_vs_anchor" else "%.2f", fontsize=6,
+                     padding=2)
+        ax.set_xticks(list(x), labels, fontsize=6, rotation=90)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1.2)
+    axes[0].axhline(0.6, color="k", ls="--", lw=0.8, label="target T ≤ 2048: ≤ 0.6")
+    axes[0].axhline(1.0, color="k", ls=":", lw=0.8, label="target T = 8192: ≤ 1.0")
+    axes[1].axhline(0.8, color="k", ls="--", lw=0.8, label="target T ≤ 2048: ≥ 0.8")
+    for ax in axes:
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
+    r0 = rows[0]
+    fig.suptitle(f"fused GEMM + update vs mm then torch fused optimizer; {r0['gpu']}, torch "
+                 f"{r0['torch']}, Triton {r0['triton']}, {last} (blue T=512, orange 2048, "
+                 f"green 8192)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=130)
+    print(f"wrote {png} ({len(rows)} rows of {last})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -274,7 +314,12 @@ def main():
     ap.add_argument("--ncu-config", default=None, metavar="ws:I|triton:I",
                     help="with --ncu-row: this candidate (_GPU_WS_CONFIGS[I] or "
                          "_GPU_CONFIGS[I]) instead of the tuned one")
+    ap.add_argument("--plot", default=None, metavar="PNG",
+                    help="no GPU work: chart the latest bf16 run in --out and write PNG")
     a = ap.parse_args()
+    if a.plot:
+        plot(a.out, a.plot)
+        return
     if a.ncu_row:
         opt, N, K, T = a.ncu_row.split(",")
         c = make_case(int(N), int(K), int(T), opt)
