@@ -214,9 +214,10 @@ def main() -> None:
                     help="only the stream and the GEMM on fewer SMs (section 'Roles')")
     ap.add_argument("--size-sweep", action="store_true",
                     help="only the fixed cost per launch (section 'Ninth session')")
-    ap.add_argument("--ncu-variant", choices=("fused", "stream"), default=None,
-                    help="three launches of ws:1 at 4096² T=512, AdamW fused or its stream "
-                         "alone (beta1 0.9999), for ncu (scripts/gpu_kernels.sh ncu-stream)")
+    ap.add_argument("--ncu-variant", choices=("fused", "stream", "gemm"), default=None,
+                    help="three launches at 4096², T = --tokens (one value; ws:1 at T=512, "
+                         "ws:2 above), AdamW fused, its stream alone (beta1 0.9999) or its GEMM "
+                         "alone, for ncu (scripts/gpu_kernels.sh ncu-stream)")
     a = ap.parse_args()
     t0 = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -225,12 +226,15 @@ def main() -> None:
     if a.ncu_variant:
         from forge_compile import rules
         from benchmarks.bench_fused_linear_update import EPS, LR, WD
-        c = make_case(4096, 4096, 512, "adamw")
-        sc = (c["scalars"] if a.ncu_variant == "fused" else
+        T = int(a.tokens.split(",")[0])
+        c = make_case(4096, 4096, T, "adamw")
+        sc = (c["scalars"] if a.ncu_variant != "stream" else
               rules.adamw_scalars(LR, (0.9999, 0.999), EPS, WD, step=10, device="cuda"))
         for _ in range(3):
             fused_linear_update_ws(c["dy"], c["x"], c["p"], c["state"], sc, c["prog"],
-                                   flu._GPU_WS_CONFIGS[1], skip_gemm=a.ncu_variant == "stream")
+                                   flu._GPU_WS_CONFIGS[1 if T <= 512 else 2],
+                                   skip_gemm=a.ncu_variant == "stream",
+                                   skip_epilogue=a.ncu_variant == "gemm")
         torch.cuda.synchronize()
         return
     for asked, study in ((a.size_sweep, size_sweep), (a.grid_scaling, grid_scaling),
