@@ -452,8 +452,7 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
     const = {**{f"SCALAR_PTR_{i}": True for i in range(len(prog.scalars))},
              "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "BLOCK_T": cfg.BLOCK_T,
              "SPLIT": cfg.EPI_SPLIT, "STAGES": cfg.num_stages, "SLOTS": cfg.WS_SLOTS,
-             "GROUP_N": -cfg.GROUP_N if cfg.WS_SNAKE else cfg.GROUP_N, "EVEN_NK": False,
-             "SAME_STRIDES": True,
+             "GROUP_N": cfg.GROUP_N, "EVEN_NK": False, "SAME_STRIDES": True,
              "STOCHASTIC_ROUND": param_dtype == "bf16", "SKIP_GEMM": False,
              "ACC_LAYOUT": ws.acc_layout(cfg),
              "MMA_REGS": ws.MMA_REGS, "num_warps": cfg.num_warps}
@@ -707,11 +706,8 @@ def test_gpu_every_candidate_config(idx):
     candidate for, on a ragged and an even shape."""
     cfg, dtypes = _ALL_GPU_CONFIGS[idx]
     prog, sc = _rules("cuda")["adamw"]
-    # the snake order reverses every second group of GROUP_N=8 row blocks: 12 row blocks (a
-    # reversed partial group) and 18 × 8 tiles (more tiles than SMs, a forward partial group)
-    snake = ((1500, 640, 96), (2200, 1000, 96)) if cfg.WS_SNAKE else ()
     for dtype in dtypes:
-        for shape in (RAGGED, (512, 512, 128)) + snake:
+        for shape in (RAGGED, (512, 512, 128)):
             dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=idx)
             if cfg.WS:
                 _ws_or_skip(dy, x, p, s)

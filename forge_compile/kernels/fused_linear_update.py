@@ -529,11 +529,6 @@ class KernelConfig:
     # registers / all its warps / 32.
     WS: str = ""
     WS_SLOTS: int = 0
-    # warp-specialised kernel: every second group of GROUP_N row blocks walks its K tiles
-    # backwards, so it starts on the X panels (dY/X reads) the previous group ended on. Beside
-    # the W/state stream, dY/X are evicted from L2 between groups and read again from DRAM:
-    # 2.8× their size at 4096² T=512, 3.2× at T=2048 (ncu, docs/kernels.md "Ninth session").
-    WS_SNAKE: bool = False
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
@@ -578,13 +573,6 @@ _GPU_WS_CONFIGS = (
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=4),
     KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=4),
-    # the three row configs with the snake group order (WS_SNAKE); ninth session
-    KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=2,
-                 WS_SNAKE=True),
-    KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=4,
-                 WS_SNAKE=True),
-    KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2,
-                 WS_SNAKE=True),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).

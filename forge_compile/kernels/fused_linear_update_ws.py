@@ -93,22 +93,15 @@ def gemm_helpers() -> str:
     return f"""
 @gluon.jit
 def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
-    # GROUP_N < 0: the same groups of -GROUP_N row blocks, every second one walking the K tiles
-    # backwards, so a group starts on the X panels the previous one ended on (WS_SNAKE)
-    G: gl.constexpr = GROUP_N if GROUP_N > 0 else -GROUP_N
     num_n = gl.cdiv(N, BLOCK_N)
     num_k = gl.cdiv(K, BLOCK_K)
-    per_group = G * num_k
-    group = tile // per_group
-    first_n = group * G
+    per_group = GROUP_N * num_k
+    first_n = (tile // per_group) * GROUP_N
     group_n = num_n - first_n
-    if group_n > G:
-        group_n = G
+    if group_n > GROUP_N:
+        group_n = GROUP_N
     pid_n = first_n + (tile % per_group) % group_n
     pid_k = (tile % per_group) // group_n
-    if GROUP_N < 0:
-        if group % 2 == 1:
-            pid_k = num_k - 1 - pid_k
     return pid_n * BLOCK_N, pid_k * BLOCK_K
 
 
@@ -738,8 +731,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     kwargs = dict(
         **flags, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
         SPLIT=cfg.EPI_SPLIT, STAGES=cfg.num_stages, SLOTS=max(cfg.WS_SLOTS, 1),
-        GROUP_N=-cfg.GROUP_N if cfg.WS_SNAKE else cfg.GROUP_N,
-        EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
+        GROUP_N=cfg.GROUP_N, EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
         ACC_LAYOUT=acc_layout(cfg, acc_swizzled),
