@@ -39,6 +39,15 @@ QUANTILES = [0.5, 0.2, 0.8]
 LR, BETAS, EPS, WD, MOMENTUM = 1e-4, (0.9, 0.999), 1e-8, 1e-2, 0.9
 
 
+def zero_grad_adamw_scalars(beta1: float = 0.9999, device="cuda"):
+    """make_case's AdamW scalars with another beta1, for timings with a zero gradient
+    (``skip_gemm``). There m <- beta1·m each call: with 0.9 it is subnormal after ~770 calls
+    and stays at ±2^-149 (0.9 × 2^-149 rounds back), where IEEE division takes ptxas's slow
+    path (docs/kernels.md, "Ninth session"); 0.9999 keeps m normal for 7000 calls. beta1 is a
+    by-value kernel argument, so the kernel runs the same instructions."""
+    return rules.adamw_scalars(LR, (beta1, BETAS[1]), EPS, WD, step=10, device=device)
+
+
 def make_case(N: int, K: int, T: int, optimizer: str, device="cuda", seed=0,
               operands=torch.bfloat16):
     """One setup shared by every timed variant: inputs, weight, state, program, scalars."""
