@@ -50,13 +50,16 @@ if [[ $WHAT == ncu-stream ]]; then
   # kernel fused, with skip_gemm and with skip_epilogue, 4096² AdamW at T = NCU_T (default 512;
   # ws:1 at 512, ws:2 above); DRAM and L2 bytes and throughput
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  for v in ${NCU_VARIANTS:-fused stream}; do
-    echo "== ncu $v T=${NCU_T:-512}"
+  # a variant may name the TMA loads' L2 priorities: fused:both (fused_linear_update_ws.L2_MODES)
+  for vl in ${NCU_VARIANTS:-fused stream}; do
+    v=${vl%%:*}; l2=""; [[ $vl == *:* ]] && l2=${vl#*:}
+    echo "== ncu $vl T=${NCU_T:-512}"
     timeout 150 "$NCU" --target-processes all -k 'regex:_fused_linear_update_ws_kernel' \
       --launch-skip 2 --launch-count 1 --clock-control none \
       --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,smsp__inst_executed.sum \
-      $PY benchmarks/experiments/stream_ceiling.py --ncu-variant $v --tokens "${NCU_T:-512}" 2>&1 \
+      $PY benchmarks/experiments/stream_ceiling.py --ncu-variant $v --tokens "${NCU_T:-512}" \
+      ${l2:+--l2 $l2} 2>&1 \
       | tee -a "$OUT/ncu_stream_full.log" \
       | grep -E "Duration|DRAM Throughput|L2 Cache Throughput|Memory Throughput|L1/TEX Cache|L2 Hit|Mem Busy|Max Bandwidth|dram__bytes|lts__t|smsp__inst|==ERR|rror"
   done 2>&1 | tee "$OUT/ncu_stream.log"

@@ -423,19 +423,14 @@ def test_ws_not_offered_off_gpu():
     assert not any(c.WS for c in flu.candidate_configs(dy, x, p, st))
 
 
-def _sm90_resources(cfg, prog, param_dtype="fp32"):
+def _sm90_compile(cfg, prog, param_dtype="fp32"):
     """Compile the warp-specialised kernel for sm_90 on this machine (no GPU needed: Triton's
-    bundled ptxas) and return cuobjdump's resource line and Triton's shared-memory bytes."""
-    import tempfile
+    bundled ptxas); the CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     ws = _ws()
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-    if not os.path.exists(tool):
-        pytest.skip("this Triton has no bundled cuobjdump")
     gdt = {"bf16": gl.bfloat16, "fp32": gl.float32}
 
     def desc(dt, block):
@@ -457,10 +452,25 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
              "ACC_LAYOUT": ws.acc_layout(cfg),
              "MMA_REGS": ws.MMA_REGS, "num_warps": cfg.num_warps}
     sig.update({k: "constexpr" for k in const})
-    fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS)
-    ck = triton.compile(GluonASTSource(fn, sig, constexprs=const),
-                        target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})
+    fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2)
+    return triton.compile(GluonASTSource(fn, sig, constexprs=const),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})
+
+
+def _bundled_tool(name):
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(tool):
+        pytest.skip(f"this Triton has no bundled {name}")
+    return tool
+
+
+def _sm90_resources(cfg, prog, param_dtype="fp32"):
+    """cuobjdump's resource line and Triton's shared-memory bytes of ``_sm90_compile``."""
+    import tempfile
+    tool = _bundled_tool("cuobjdump")
+    ck = _sm90_compile(cfg, prog, param_dtype)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
@@ -489,6 +499,69 @@ def test_ws_kernel_compiles_for_sm90_without_spills(name, cfg, rule, param_dtype
     assert smem <= 232448, smem
     assert smem <= _ws().ws_shared_memory_bytes(
         cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32, 2)
+
+
+def _tma_load_priorities(ptx):
+    """The L2 priority of each TMA load in ``ptx`` (None: no cache hint)."""
+    made = dict((reg, prio) for prio, reg in re.findall(
+        r"createpolicy\.fractional\.L2::(\w+)\.b64\s+(%\w+), 1\.0;", ptx))
+    loads = re.findall(r"cp\.async\.bulk\.tensor\.\S+ \[[^\]]+\], \[%rd\d+, \{[^}]*\}\], "
+                       r"\[[^\]]+\](?:, (%\w+))?;", ptx)
+    return [made[reg] if reg else None for reg in loads]
+
+
+def _check_l2_priorities(mode, prios, n_plain):
+    """``prios`` (a kernel compiled with WS_L2=mode) against the L2_MODES entry: the GEMM's
+    loads come in dY/X pairs, the W/state loads in groups of 3 (AdamW: W, m, v)."""
+    gemm, state = _ws().L2_MODES[mode]
+    assert len(prios) == n_plain
+    n_last, n_first = prios.count("evict_last"), prios.count("evict_first")
+    assert n_last + n_first + prios.count(None) == len(prios)
+    assert (n_last > 0) == (gemm == "evict_last") and (n_first > 0) == (state == "evict_first")
+    assert n_last % 2 == 0 and n_first % 3 == 0
+    if gemm and state:
+        assert None not in prios
+
+
+_L2_CASES = ["state_first", "gemm_last", "both"]
+
+
+@pytest.mark.parametrize("mode", _L2_CASES)
+def test_ws_l2_hints_reach_the_tma_loads(mode):
+    """WS_L2 puts its L2 priorities on the TMA loads in the compiled sm_90 kernel: Gluon's
+    cache_policy on Triton ≥ 3.9 (CI), add_l2_hints' PTX rewrite on 3.6 (the device); spill-free
+    at the shipped register cap. The same loads as without hints, and only the mode's."""
+    cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS_L2="")
+    prog = _rules()["adamw"][0]
+    plain = _tma_load_priorities(_sm90_compile(cfg, prog).asm["ptx"])
+    assert plain and set(plain) == {None}
+    hinted = dataclasses.replace(cfg, WS_L2=mode)
+    _check_l2_priorities(mode, _tma_load_priorities(_sm90_compile(hinted, prog).asm["ptx"]),
+                         len(plain))
+    res, _ = _sm90_resources(hinted, prog)
+    assert res["LOCAL"] == "0" and res["STACK"] == "0", res
+
+
+@pytest.mark.parametrize("mode", _L2_CASES)
+def test_add_l2_hints_rewrites_this_tritons_ptx(mode):
+    """The PTX rewrite (Triton < 3.9's path) on this Triton's PTX of the unhinted kernel, under
+    the entry name that carries ``mode``: the mode's priorities on the right loads, and ptxas
+    assembles it. PTX of any other kernel comes back unchanged."""
+    import tempfile
+    ws = _ws()
+    cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS_L2="")
+    ptx = _sm90_compile(cfg, _rules()["adamw"][0]).asm["ptx"]
+    assert ws.add_l2_hints(ptx) == ptx
+    tagged = ptx.replace(ws._KERNEL_NAME, ws._KERNEL_NAME + ws._L2_TAG + mode)
+    out = ws.add_l2_hints(tagged)
+    _check_l2_priorities(mode, _tma_load_priorities(out), len(_tma_load_priorities(ptx)))
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(out)
+        r = subprocess.run([_bundled_tool("ptxas"), "-arch=sm_90a", "-o",
+                            os.path.join(d, "k.cubin"), os.path.join(d, "k.ptx")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
 
 
 @contextlib.contextmanager

@@ -159,6 +159,14 @@ RUN13 = {
                                                    WS="epi_rows", WS_SLOTS=sl)
     for w, bt, st, sl in [(16, 64, 4, 4), (16, 32, 4, 6), (16, 64, 3, 5), (8, 64, 4, 4)]
 }
+# Run 15 (tenth session): L2 eviction priorities on the TMA loads (fused_linear_update_ws.L2_MODES:
+# evict_last for dY/X, evict_first for W/state, or one of the two) on the T=512 and T=2048
+# picks. ncu (ninth session) had dY/X read 2.8× (T=512) and 3.2× (T=2048) from DRAM beside the
+# W/state stream. Triton 3.6 has no cache_policy on Gluon's TMA load: add_l2_hints rewrites
+# the PTX (the same instruction Triton 3.9 emits).
+RUN15 = {f"ws{i} {name} l2={mode or 'none'}": dataclasses.replace(CONFIGS[name], WS_L2=mode)
+         for i, name in ((1, "rows e16 split8 bt32 st4 sl4"), (2, "rows e8 split8 bt64 st3 sl2"))
+         for mode in ("", "both", "state_first", "gemm_last")}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -182,14 +190,16 @@ def main():
     ap.add_argument("--quick", action="store_true", help="4096² rows only")
     ap.add_argument("--host-only", action="store_true", help="only phase 4 (host time)")
     ap.add_argument("--configs", default="",
-                    help="comma-separated config names (default: CONFIGS)")
+                    help="comma-separated config names, or RUNn for a run's (default: CONFIGS)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
-             **RUN12, **RUN13}
-    configs = (CONFIGS if not a.configs else     # earlier runs' configs by name, too
-               {k: v for k, v in known.items() if k in a.configs.split(",")})
+             **RUN12, **RUN13, **RUN15}
+    names = [n for c in a.configs.split(",") if c
+             for n in (globals()[c] if c.startswith("RUN") else [c])]
+    configs = (CONFIGS if not names else     # earlier runs' configs by name, too
+               {k: v for k, v in known.items() if k in names})
     t0 = time.time()
     rows, emit, bw = study_setup([] if a.host_only else check_correctness(configs, launch),
                                  t0)

@@ -24,6 +24,7 @@ not yet run: the session's device time was spent. On the GPU device:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -215,6 +216,8 @@ def main() -> None:
                     help="three launches at 4096², T = --tokens (one value; ws:1 at T=512, "
                          "ws:2 above), AdamW fused, its stream alone (beta1 0.9999) or its GEMM "
                          "alone, for ncu (scripts/gpu_kernels.sh ncu-stream)")
+    ap.add_argument("--l2", default="", help="with --ncu-variant: the TMA loads' L2 priorities "
+                    "(a key of fused_linear_update_ws.L2_MODES)")
     a = ap.parse_args()
     t0 = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -226,7 +229,8 @@ def main() -> None:
         sc = zero_grad_adamw_scalars() if a.ncu_variant == "stream" else c["scalars"]
         for _ in range(3):
             fused_linear_update_ws(c["dy"], c["x"], c["p"], c["state"], sc, c["prog"],
-                                   flu._GPU_WS_CONFIGS[1 if T <= 512 else 2],
+                                   dataclasses.replace(flu._GPU_WS_CONFIGS[1 if T <= 512 else 2],
+                                                       WS_L2=a.l2),
                                    skip_gemm=a.ncu_variant == "stream",
                                    skip_epilogue=a.ncu_variant == "gemm")
         torch.cuda.synchronize()

@@ -529,6 +529,9 @@ class KernelConfig:
     # registers / all its warps / 32.
     WS: str = ""
     WS_SLOTS: int = 0
+    # The warp-specialised kernel's L2 eviction priorities on its TMA loads (dY/X, W/state): a
+    # key of fused_linear_update_ws.L2_MODES ("" = none, "state_first", ...).
+    WS_L2: str = ""
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
@@ -570,9 +573,12 @@ _GPU_CONFIGS = (
 # 0.220). Final bench (H100): every T=512 row picks one of them (docs/kernels.md).
 _GPU_WS_CONFIGS = (
     KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=2),
-    KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=4),
+    KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=4,
+                 WS_L2="state_first"),
     KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=4),
+    KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=2,
+                 WS_L2="state_first"),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).

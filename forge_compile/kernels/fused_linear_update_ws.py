@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 from typing import List, Optional
 
 import torch
@@ -76,6 +77,98 @@ def _thread_barrier() -> str:
     return "barrier" if hasattr(gl, "barrier") else "thread_barrier"
 
 
+# L2 eviction priorities of the TMA loads: (dY/X, W/state). Beside the W/state stream the GEMM's
+# dY/X are evicted from the 50 MB L2 and read again from DRAM, 2.8× at T=512 (+23 MB) and 3.2×
+# at T=2048 (107 MB, 22% of the kernel's DRAM traffic; ncu, H100, ninth session). W/state are
+# read once: evict_first for them, evict_last for dY/X keeps the operands resident.
+L2_MODES = {"": (None, None), "gemm_last": ("evict_last", None),
+            "state_first": (None, "evict_first"), "both": ("evict_last", "evict_first")}
+# The kernel's entry name carries the mode (and this tag: a change to the PTX rewrite below must
+# not reuse Triton's on-disk cubins, whose key is the source).
+_L2_TAG = "_l2v1_"
+_KERNEL_NAME = "_fused_linear_update_ws_kernel"
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_cache_policy() -> bool:
+    """Whether Gluon's TMA load takes ``cache_policy`` (Triton ≥ 3.9); else the PTX rewrite."""
+    import inspect
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+    return "cache_policy" in inspect.signature(getattr(tma, _tma_load())).parameters
+
+
+_PTX_ENTRY = re.compile(r"\.visible \.entry (\w+)\(")
+_PTX_TMA_LOAD = re.compile(
+    r"^(\s*)(@%p\d+ )?(cp\.async\.bulk\.tensor\.\dd\.shared::(?:cluster|cta)\.global\."
+    r"mbarrier::complete_tx::bytes)( \[[^\]]+\], \[(%rd\d+), \{[^}]*\}\], \[[^\]]+\]);$")
+# the moves that take a tensor-map parameter's address into the register a TMA load names
+# (Triton 3.6: mov.b64 + cvta.param.u64; 3.9: mov.b32 + cvt.u64.u32 + cvta.param.u64)
+_PTX_MOVE = re.compile(r"^\s*(?:mov\.b64|mov\.b32|mov\.u64|cvt\.u64\.u32|cvta\.param\.u64)"
+                       r"\s+(%\w+), (%?\w+);$", re.M)
+
+
+def add_l2_hints(ptx: str) -> str:
+    """PTX rewrite for Triton < 3.9 (no ``cache_policy`` in Gluon): in this module's kernels
+    whose entry name carries an L2 mode, each TMA load of dY/X (the first two tensor-map
+    parameters) or of W/state (the others) gets ``.L2::cache_hint`` with a
+    ``createpolicy.fractional`` policy, as Triton 3.9 emits for ``cache_policy``. Other PTX
+    is returned unchanged."""
+    m = _PTX_ENTRY.search(ptx)
+    if m is None or not m.group(1).startswith(_KERNEL_NAME + _L2_TAG):
+        return ptx
+    name = m.group(1)
+    gemm, state = L2_MODES[name[len(_KERNEL_NAME + _L2_TAG):]]
+    # the i-th 128-byte tensor-map parameter is the i-th descriptor argument: dy, x, W, state
+    maps = re.findall(rf"\.param \.align 64 \.b8 ({name}_param_\d+)\[128\]", ptx)
+    policy = {p: (gemm if i < 2 else state) for i, p in enumerate(maps)}
+    src = dict(_PTX_MOVE.findall(ptx))
+
+    def origin(reg):             # follow the moves back to a parameter (None: not one)
+        for _ in range(8):
+            if reg in policy or reg not in src:
+                return reg
+            reg = src[reg]
+        return None
+    out, n = [], 0
+    for line in ptx.split("\n"):
+        t = _PTX_TMA_LOAD.match(line)
+        if t is None:
+            out.append(line)
+            continue
+        param = origin(t.group(5))
+        if param not in policy:
+            raise RuntimeError(f"add_l2_hints: TMA load from an unknown descriptor: {line}")
+        if policy[param] is None:
+            out.append(line)
+            continue
+        out.append(f"{t.group(1)}createpolicy.fractional.L2::{policy[param]}.b64 %l2pol{n}, 1.0;")
+        out.append(f"{t.group(1)}{t.group(2) or ''}{t.group(3)}.L2::cache_hint{t.group(4)}, "
+                   f"%l2pol{n};")
+        n += 1
+    if n == 0:
+        return ptx
+    body = "\n".join(out)
+    # declare the policy registers first thing in the entry's body
+    i = body.index("{", body.index(f".visible .entry {name}("))
+    return body[:i + 1] + f"\n\t.reg .b64 \t%l2pol<{n}>;" + body[i + 1:]
+
+
+@functools.lru_cache(maxsize=None)
+def _install_l2_hint_hook() -> None:
+    """Wrap Triton's "ptx" stage with ``add_l2_hints`` (Triton 3.6's
+    ``knobs.runtime.add_stages_inspection_hook``; an earlier hook is chained)."""
+    from triton import knobs
+    prev = knobs.runtime.add_stages_inspection_hook
+
+    def hook(backend, stages, options, language, capability):
+        if prev is not None:
+            prev(backend, stages, options, language, capability)
+        make_ptx = stages.get("ptx")
+        if make_ptx is not None:
+            stages["ptx"] = lambda src, metadata: add_l2_hints(make_ptx(src, metadata))
+    knobs.runtime.add_stages_inspection_hook = hook
+
+
 def _gl(expr: str) -> str:
     """A Triton epilogue expression in Gluon's namespace."""
     return (expr.replace("tl.math.div_rn(", "gl.div_rn(").replace("tl.", "gl.")
@@ -88,8 +181,17 @@ def _gl_dtype(t: torch.dtype):
             torch.float32: gl.float32}[t]
 
 
-def gemm_helpers() -> str:
+def _policy_kw(prio: Optional[str]) -> str:
+    """The ``cache_policy=`` argument of a TMA load in generated source (Triton ≥ 3.9; on older
+    Tritons ``add_l2_hints`` rewrites the PTX instead)."""
+    if prio is None or not _tma_cache_policy():
+        return ""
+    return f", cache_policy=L2_{prio.upper()}"
+
+
+def gemm_helpers(l2: str = "") -> str:
     """Gluon source of the grouped tile order and of one GEMM ring step's TMA loads."""
+    kw = _policy_kw(L2_MODES[l2][0])
     return f"""
 @gluon.jit
 def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
@@ -111,8 +213,8 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
     slot = gstep % STAGES
     bar = ld_bar.index(slot)
     mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
-    tma.{_tma_load()}(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot))
-    tma.{_tma_load()}(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot))
+    tma.{_tma_load()}(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot){kw})
+    tma.{_tma_load()}(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot){kw})
 """
 
 
@@ -134,22 +236,29 @@ def scalar_loads(n_scalar: int) -> list:
     return out
 
 
-def module_head(prog, generator: str) -> list:
+def module_head(prog, generator: str, l2: str = "") -> list:
     """The generated Gluon module's imports, its program, the shipped kernel's stochastic
-    rounding (Philox from triton.language) and the GEMM helpers."""
+    rounding (Philox from triton.language), the L2 policies and the GEMM helpers."""
+    policies = []
+    if l2 and _tma_cache_policy():
+        policies = ["from triton.experimental.gluon.language.nvidia.ampere import (",
+                    "    CachePolicy, FractionalEvictionPolicy)"]
+        policies += [f"L2_{p.upper()} = gl.constexpr(CachePolicy(l2=FractionalEvictionPolicy("
+                     f"{p!r}, 1.0)))" for p in sorted({p for p in L2_MODES[l2] if p})]
     return ['"""Generated by ' + generator + '; do not edit."""',
             "import triton", "import triton.language as tl",
             "from triton.experimental import gluon",
             "from triton.experimental.gluon import language as gl",
             "from triton.experimental.gluon.language.nvidia.hopper import (",
-            "    tma, mbarrier, fence_async_shared, warpgroup_mma, warpgroup_mma_wait)", "",
+            "    tma, mbarrier, fence_async_shared, warpgroup_mma, warpgroup_mma_wait)",
+            *policies, "",
             f"PROGRAM = {prog.dumps()!r}", "",
             _gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
             .replace("gl.randint", "tl.randint"),
-            gemm_helpers()]
+            gemm_helpers(l2)]
 
 
-def issue_state_source(descs, smems, rows: bool = False) -> list:
+def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
     """``_issue_state(seq, walk_u0, walk_t0, walk_step, ...)``: TMA loads of this CTA's
     W/state chunk ``seq`` (see ``tile_walk``: global chunk u = walk_u0 + seq, i.e. chunk
     u % SPLIT, CW columns or with ``rows`` CW rows, of the CTA's tile number
@@ -166,7 +275,8 @@ def issue_state_source(descs, smems, rows: bool = False) -> list:
            "    slot = seq % SLOTS",
            "    bar = st_bar.index(slot)",
            "    mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")"]
-    out += [f"    tma.{_tma_load()}({d}, [off_n, off_k], bar, {m}.index(slot))"
+    kw = _policy_kw(L2_MODES[l2][1])
+    out += [f"    tma.{_tma_load()}({d}, [off_n, off_k], bar, {m}.index(slot){kw})"
             for d, m in zip(descs, smems)]
     return out + ["", ""]
 
@@ -207,14 +317,15 @@ def tile_walk(balanced: bool) -> list:
 
 
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
-                  handoff: str = "chunk") -> str:
+                  handoff: str = "chunk", l2: str = "") -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
     GEMM-alone measurement): the epilogue warps only take the accumulator over and drop it.
     ``handoff``: "chunk" = the accumulator changes hands one column chunk at a time (chunk h
     of tile i+1 is stored as soon as the epilogue has read chunk h of tile i); "tile" = the
-    whole tile at once (the study's earlier variant: the epilogue idles during every hand-off)."""
+    whole tile at once (the study's earlier variant: the epilogue idles during every hand-off).
+    ``l2``: a key of L2_MODES, the L2 eviction priorities of the dY/X and W/state TMA loads."""
     rows = state in _ROW_PATHS
     balanced = state == "epi_rows_bal"             # see tile_walk
     # "epi_rows_half": the tile changes hands in two halves of BLOCK_N/2 rows (see the MMA
@@ -241,7 +352,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     cs = [f"c{i}" for i in range(n_scalar)]
     L = []
     a = L.append
-    L.extend(module_head(prog, "forge_compile/kernels/fused_linear_update_ws.py"))
+    L.extend(module_head(prog, "forge_compile/kernels/fused_linear_update_ws.py", l2))
     # ---- MMA partition (worker: 4 warps) ----
     # worker partitions share one signature (Gluon's rule): the GEMM and the state streams
     wsig = (f"dy_desc, x_desc, {''.join(d + ', ' for d in descs) if warp_fed else ''}"
@@ -255,7 +366,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                .replace("GROUP_N,", "GROUP_N: gl.constexpr,")
                .replace("SKIP_GEMM", "SKIP_GEMM: gl.constexpr"))
     if state == "epi":
-        L.extend(issue_state_source(descs, smems, rows))
+        L.extend(issue_state_source(descs, smems, rows, l2))
     if warp_fed:
         a("@gluon.jit")
         a(f"def _state_partition({wparams}):")
@@ -271,7 +382,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("        mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")")
         for d, m in zip(descs, smems):
             a(f"        tma.{_tma_load()}({d}, [off_n, off_k + (seq % SPLIT) * CW], "
-              f"bar, {m}.index(slot))")
+              f"bar, {m}.index(slot){_policy_kw(L2_MODES[l2][1])})")
         a("")
         a("")
     a("@gluon.jit")
@@ -493,7 +604,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     scal_flags = "".join(f"SCALAR_PTR_{i}: gl.constexpr, " for i in range(n_scalar))
     a("@gluon.jit(do_not_specialize=['seed'])")
     dparams = f"{', '.join(descs)}, " if state_tma else ""
-    a(f"def _fused_linear_update_ws_kernel(dy_desc, x_desc, {dparams}{', '.join(ptrs)}, {scal_args}seed,")
+    # the entry name carries the L2 mode for add_l2_hints (Triton < 3.9)
+    name = _KERNEL_NAME + (_L2_TAG + l2 if l2 else "")
+    a(f"def {name}(dy_desc, x_desc, {dparams}{', '.join(ptrs)}, {scal_args}seed,")
     a(f"                   T, N, K, {', '.join(strides)}, {scal_flags}")
     a("                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,")
     a("                   SPLIT: gl.constexpr, STAGES: gl.constexpr, SLOTS: gl.constexpr,")
@@ -538,6 +651,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     else:
         a("    ], [4], [MMA_REGS])")
     a("")
+    if l2:
+        a("")
+        a(f"{_KERNEL_NAME} = {name}")
     return "\n".join(L).replace("gl.thread_barrier()", f"gl.{_thread_barrier()}()")
 
 
@@ -545,11 +661,13 @@ _KERNELS: dict = {}
 
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
-            handoff: str = "chunk"):
-    key = (prog.dumps(), split, pipe, state, epilogue, handoff)
+            handoff: str = "chunk", l2: str = ""):
+    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2)
     k = _KERNELS.get(key)
     if k is None:
-        src = kernel_source(prog, split, pipe, state, epilogue, handoff)
+        if l2 and not _tma_cache_policy():
+            _install_l2_hint_hook()
+        src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -723,7 +841,10 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     sds = [desc(t, state_block(cfg)) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
-    k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff)
+    if cfg.WS_L2 not in L2_MODES:
+        raise ValueError(f"WS_L2={cfg.WS_L2!r}: not one of {sorted(L2_MODES)}")
+    k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
+                cfg.WS_L2)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
             param, *state, *scal, seed, T, N, K, param.stride(0),
