@@ -571,14 +571,19 @@ _GPU_CONFIGS = (
 # chunks ("epi_rows", 512 contiguous bytes per row and tensor) beat column chunks on every
 # T ≤ 2048 row by 2-14% (best of each: AdamW 4096² T=512 0.123 vs 0.134 ms, T=2048 0.210 vs
 # 0.220). Final bench (H100): every T=512 row picks one of them (docs/kernels.md).
+# The two 16-warp row configs load W/state evict_first in L2 (WS_L2, tenth session: beside the
+# stream the GEMM's dY/X were re-read from DRAM; ncu, AdamW 4096² T=512: DRAM reads 224 → 210
+# MB). In the autotuner's do_bench timings (H100, 21:53 UTC) a hinted one was the fastest on
+# every AdamW T=512 row, ahead of the unhinted first config by 0.4% (4096²), 1.7% (11008×4096:
+# 0.4159 vs 0.4229 ms) and 2.3% (4096×11008). The 8-warp one, best on T=2048 and SGD-momentum,
+# ran 0.5-2% slower hinted in the study (run 15) and stays unhinted.
 _GPU_WS_CONFIGS = (
-    KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=2),
+    KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=2,
+                 WS_L2="state_first"),
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=4,
                  WS_L2="state_first"),
     KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=4),
-    KernelConfig(128, 128, 64, 16, 3, EPI_SPLIT=8, maxnreg=96, WS="epi_rows", WS_SLOTS=2,
-                 WS_L2="state_first"),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
