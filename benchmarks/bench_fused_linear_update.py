@@ -198,7 +198,7 @@ def markdown(rows) -> str:
         if c.get("WS"):                   # the warp-specialised Gluon kernel
             cfg = (f"WS {c['BLOCK_N']}×{c['BLOCK_K']}×{c['BLOCK_T']}, {c['num_warps']} epilogue "
                    f"warps, {c['num_stages']} stages, split {c['EPI_SPLIT']}, "
-                   f"{c['WS_SLOTS']} slots")
+                   f"{c['WS_SLOTS']} slots" + (f", L2 {c['WS_L2']}" if c.get("WS_L2") else ""))
         if c.get("SPLIT_GEMM_MB"):        # cuBLAS per row block + the epilogue-only kernel
             cfg = f"split-GEMM ≤{c['SPLIT_GEMM_MB']:g} MiB, epilogue {c['BLOCK_N']}×{c['BLOCK_K']}"
         opt = r["optimizer"] + ("/fp32" if r.get("operands") == "float32" else "")
