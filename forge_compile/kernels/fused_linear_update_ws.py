@@ -28,6 +28,15 @@ rows ("epi_rows_half", within noise of the whole-tile hand-off, study run 10) an
 barrier per two chunks ("epi_rows_pairs": the fused kernel unchanged, study run 12; its
 "epilogue alone" gain was timed with m subnormal, docs/kernels.md "Ninth session").
 
+L2 priorities (``KernelConfig.WS_L2``, ``L2_MODES``; docs/kernels.md "Tenth session"): the TMA
+loads of W/state can be evict_first (and dY/X evict_last) so the stream does not flush the
+GEMM's operands from L2. Triton ≥ 3.9 expresses it as Gluon's ``cache_policy``; on Triton 3.6
+``add_l2_hints`` rewrites the PTX through Triton's ``add_stages_inspection_hook`` (process-wide,
+chained after any earlier hook, touching only this module's kernels that carry an L2 mode in
+their entry name). Measured: dY/X come from DRAM once instead of 2.7 times at T=512, the kernel
+0.4-2.3% faster; the 16-warp row candidates ship with W/state evict_first. If another hook
+replaces this one, the kernels compile without the hint: slower by that much, never different.
+
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
 Needs an sm_90 GPU, Triton with Gluon's Hopper API, bf16/fp16 operands and TMA-compatible
