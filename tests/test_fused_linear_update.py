@@ -558,7 +558,8 @@ def test_add_l2_hints_rewrites_this_tritons_ptx(mode):
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "k.ptx"), "w") as f:
             f.write(out)
-        r = subprocess.run([_bundled_tool("ptxas"), "-arch=sm_90a", "-o",
+        from triton.backends.nvidia.compiler import get_ptxas   # the one Triton uses for sm_90
+        r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-o",
                             os.path.join(d, "k.cubin"), os.path.join(d, "k.ptx")],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
