@@ -415,6 +415,16 @@ def test_ws_pairs_barrier_and_refill_every_second_chunk():
         ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
 
 
+def test_ws_bad_l2_mode_fails_fast():
+    """An unknown WS_L2 is refused before anything compiles, naming the valid modes."""
+    ws = _ws()
+    prog, sc = _rules()["adamw"]
+    dy, x, p, st = _inputs(prog, 64, 64, 64, torch.bfloat16, "cpu")
+    cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[0], WS_L2="evict_first")
+    with pytest.raises(ValueError, match="not one of .*'state_first'"):
+        ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
+
+
 def test_ws_not_offered_off_gpu():
     ws = _ws()
     prog, _ = _rules()["adamw"]

@@ -844,6 +844,8 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     if cfg.WS == "epi_rows_pairs" and cfg.WS_SLOTS < 3:
         raise ValueError("WS='epi_rows_pairs' needs WS_SLOTS >= 3 (a pair's two slots are "
                          "refilled together, and the next chunk must already be in flight)")
+    if cfg.WS_L2 not in L2_MODES:
+        raise ValueError(f"WS_L2={cfg.WS_L2!r}: not one of {sorted(L2_MODES)}")
     prog = load_program(program)
     T, N = dy.shape
     K = x.shape[1]
@@ -851,8 +853,6 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     sds = [desc(t, state_block(cfg)) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
-    if cfg.WS_L2 not in L2_MODES:
-        raise ValueError(f"WS_L2={cfg.WS_L2!r}: not one of {sorted(L2_MODES)}")
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
                 cfg.WS_L2)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
