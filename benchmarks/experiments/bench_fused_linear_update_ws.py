@@ -167,6 +167,19 @@ RUN13 = {
 RUN15 = {f"ws{i} {name} l2={mode or 'none'}": dataclasses.replace(CONFIGS[name], WS_L2=mode)
          for i, name in ((1, "rows e16 split8 bt32 st4 sl4"), (2, "rows e8 split8 bt64 st3 sl2"))
          for mode in ("", "both", "state_first", "gemm_last")}
+# Run 16 (tenth session): two MMA warpgroups on 256×128 tiles (WS_MMA_WARPS=8, 128 accumulator
+# registers per thread, MMA_REGS 160) beside 8 epilogue warps; 16-row chunks, the accumulator
+# handed over in halves of 128 rows (epi_rows_half), 2 W/state slots. Per W element, 25% less
+# dY/X traffic through L2 and shared memory than 128×128; the GEMM on two warpgroups, as
+# cuBLAS runs it. Shared memory 225 KiB (the limit is 227). Beside the shipped ws0 and ws2.
+RUN16 = {
+    **{f"wg2 e8 half16 bt{bt} st{st} sl2{' l2=state_first' if l2 else ''}":
+       KC(256, 128, bt, 8, st, EPI_SPLIT=16, maxnreg=128, WS="epi_rows_half", WS_SLOTS=2,
+          WS_MMA_WARPS=8, WS_L2=l2)
+       for bt, st, l2 in [(32, 2, ""), (16, 4, ""), (32, 2, "state_first")]},
+    "ws0 rows e16 split8 bt64 st3 sl2 l2=state_first": flu._GPU_WS_CONFIGS[0],
+    "ws2 rows e8 split8 bt64 st3 sl2": flu._GPU_WS_CONFIGS[2],
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -195,7 +208,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
-             **RUN12, **RUN13, **RUN15}
+             **RUN12, **RUN13, **RUN15, **RUN16}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

@@ -532,6 +532,8 @@ class KernelConfig:
     # The warp-specialised kernel's L2 eviction priorities on its TMA loads (dY/X, W/state): a
     # key of fused_linear_update_ws.L2_MODES ("" = none, "state_first", ...).
     WS_L2: str = ""
+    # Warps of its MMA partition: 4 (one warpgroup, shipped) or 8 (the study's 256×128 tiles).
+    WS_MMA_WARPS: int = 4
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

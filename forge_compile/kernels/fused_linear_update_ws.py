@@ -64,6 +64,10 @@ __all__ = ["kernel_source", "ws_unsupported_reason", "fused_linear_update_ws",
 # Registers of each MMA thread (setmaxnreg): the 128×128 fp32 accumulator is 128 per thread of
 # the warpgroup. 208 and 168 measured equal within 1% (H100, AdamW 4096², T=512-8192).
 MMA_REGS = 208
+# Two MMA warpgroups (KernelConfig.WS_MMA_WARPS = 8, the study's 256×128 tiles: 128 accumulator
+# registers per thread): 160 compiles spill-free for sm_90 beside 8 epilogue warps at 128;
+# 168 needs 8 bytes of stack, 208 80 bytes (local compile, Triton 3.6's ptxas).
+_MMA_REGS = {4: MMA_REGS, 8: 160}
 # H100/H200: 227 KiB of shared memory per CTA.
 _SMEM_LIMIT = 232448
 # The W/state paths whose chunks are BLOCK_N/EPI_SPLIT whole rows (the accumulator changes hands
@@ -327,7 +331,7 @@ def tile_walk(balanced: bool) -> list:
 
 
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
-                  handoff: str = "chunk", l2: str = "") -> str:
+                  handoff: str = "chunk", l2: str = "", mma_warps: int = 4) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -335,7 +339,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``handoff``: "chunk" = the accumulator changes hands one column chunk at a time (chunk h
     of tile i+1 is stored as soon as the epilogue has read chunk h of tile i); "tile" = the
     whole tile at once (the study's earlier variant: the epilogue idles during every hand-off).
-    ``l2``: a key of L2_MODES, the L2 eviction priorities of the dY/X and W/state TMA loads."""
+    ``l2``: a key of L2_MODES, the L2 eviction priorities of the dY/X and W/state TMA loads.
+    ``mma_warps``: 4 (one MMA warpgroup) or 8 (two, for BLOCK_N = 256 in the study)."""
+    if mma_warps not in _MMA_REGS:
+        raise ValueError(f"mma_warps={mma_warps}: one of {sorted(_MMA_REGS)}")
     rows = state in _ROW_PATHS
     balanced = state == "epi_rows_bal"             # see tile_walk
     # "epi_rows_half": the tile changes hands in two halves of BLOCK_N/2 rows (see the MMA
@@ -397,7 +404,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("")
     a("@gluon.jit")
     a(f"def _mma_partition({wparams}):")
-    a("""    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    a(f"""    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[{mma_warps}, 1],
                                                   instr_shape=[16, BLOCK_K, 16])""")
     L.extend(tile_walk(balanced))
     a("""    num_t = gl.cdiv(T, BLOCK_T)
@@ -657,9 +664,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a(f"        (_mma_partition, ({wsig})),")
     if warp_fed:
         a(f"        (_state_partition, ({wsig})),")
-        a("    ], [4, 1], [MMA_REGS, 40])")
+        a(f"    ], [{mma_warps}, 1], [MMA_REGS, 40])")
     else:
-        a("    ], [4], [MMA_REGS])")
+        a(f"    ], [{mma_warps}], [MMA_REGS])")
     a("")
     if l2:
         a("")
@@ -671,13 +678,13 @@ _KERNELS: dict = {}
 
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
-            handoff: str = "chunk", l2: str = ""):
-    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2)
+            handoff: str = "chunk", l2: str = "", mma_warps: int = 4):
+    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_cache_policy():
             _install_l2_hint_hook()
-        src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2)
+        src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -854,7 +861,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
-                cfg.WS_L2)
+                cfg.WS_L2, cfg.WS_MMA_WARPS)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
             param, *state, *scal, seed, T, N, K, param.stride(0),
@@ -866,5 +873,5 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
         ACC_LAYOUT=acc_layout(cfg, acc_swizzled),
-        MMA_REGS=MMA_REGS, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+        MMA_REGS=_MMA_REGS[cfg.WS_MMA_WARPS], num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
     return k, (min(work, nsm),), args, kwargs
