@@ -332,6 +332,12 @@ WS_TWO_WARPGROUPS = flu.KernelConfig(256, 128, 32, 8, 2, EPI_SPLIT=16, maxnreg=1
                                      WS="epi_rows_half", WS_SLOTS=2, WS_MMA_WARPS=8)
 
 
+def _cpu_adamw_64():
+    """AdamW's program, scalars and 64×64×64 bf16 CPU arguments (the launch checks' tests)."""
+    prog, sc = _rules()["adamw"]
+    return prog, sc, _inputs(prog, 64, 64, 64, torch.bfloat16, "cpu")
+
+
 def _ws():
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from forge_compile.kernels import fused_linear_update_ws
@@ -414,8 +420,7 @@ def test_ws_pairs_barrier_and_refill_every_second_chunk():
             "_issue_state(seq - 0 + SLOTS")
     with pytest.raises(ValueError, match="even EPI_SPLIT"):
         ws.kernel_source(_rules()["adamw"][0], 3, False, "epi_rows_pairs")
-    prog, sc = _rules()["adamw"]
-    dy, x, p, st = _inputs(prog, 64, 64, 64, torch.bfloat16, "cpu")
+    prog, sc, (dy, x, p, st) = _cpu_adamw_64()
     cfg = dataclasses.replace(WS_STUDY["epi_rows_pairs"], WS_SLOTS=2)
     with pytest.raises(ValueError, match="WS_SLOTS >= 3"):
         ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
@@ -424,8 +429,7 @@ def test_ws_pairs_barrier_and_refill_every_second_chunk():
 def test_ws_bad_l2_mode_fails_fast():
     """An unknown WS_L2 is refused before anything compiles, naming the valid modes."""
     ws = _ws()
-    prog, sc = _rules()["adamw"]
-    dy, x, p, st = _inputs(prog, 64, 64, 64, torch.bfloat16, "cpu")
+    prog, sc, (dy, x, p, st) = _cpu_adamw_64()
     cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[0], WS_L2="evict_first")
     with pytest.raises(ValueError, match="not one of .*'state_first'"):
         ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
@@ -433,8 +437,7 @@ def test_ws_bad_l2_mode_fails_fast():
 
 def test_ws_not_offered_off_gpu():
     ws = _ws()
-    prog, _ = _rules()["adamw"]
-    dy, x, p, st = _inputs(prog, 64, 64, 64, torch.bfloat16, "cpu")
+    _, _, (dy, x, p, st) = _cpu_adamw_64()
     assert ws.ws_unsupported_reason(dy, x, p, st) == "not a CUDA tensor"
     assert not any(c.WS for c in flu.candidate_configs(dy, x, p, st))
 
