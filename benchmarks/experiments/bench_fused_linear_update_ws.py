@@ -185,6 +185,38 @@ RUN16 = {
     "ws0 rows e16 split8 bt64 st3 sl2 l2=state_first": flu._GPU_WS_CONFIGS[0],
     "ws2 rows e8 split8 bt64 st3 sl2": flu._GPU_WS_CONFIGS[2],
 }
+# Run 17 (eleventh session): a deeper dY/X ring at T=2048. There the GEMM is the critical path:
+# per tile, 15.5 µs alone (0.120 ms / 7.76 tiles) and ~30 µs fused (0.238 ms), while the ring
+# keeps only STAGES-1 = 2 stages of 32 KiB (ws2) in flight: ~0.8 µs of the GEMM's appetite
+# against DRAM latency under the stream's load, with dY/X re-read from DRAM (ncu, ninth
+# session). 8-row chunks (split 16) halve the W/state ring to free the shared memory: 3-7 stages
+# in flight (96-112 KiB). sm_90 compiles (Triton 3.6 ptxas): spill-free, 221-230 KB.
+RUN17 = {
+    **{f"rows e{w} split{sp} bt{bt} st{st} sl2{' l2=state_first' if l2 else ''}":
+       KC(128, 128, bt, w, st, EPI_SPLIT=sp, maxnreg={16: 96, 8: 168}[w], WS="epi_rows",
+          WS_SLOTS=2, WS_L2=l2)
+       for w, sp, bt, st, l2 in [(8, 16, 64, 4, ""), (8, 16, 32, 8, ""), (8, 8, 32, 7, ""),
+                                 (16, 8, 32, 7, ""), (8, 16, 64, 4, "state_first")]},
+    "ws0 rows e16 split8 bt64 st3 sl2 l2=state_first": flu._GPU_WS_CONFIGS[0],
+    "ws2 rows e8 split8 bt64 st3 sl2": flu._GPU_WS_CONFIGS[2],
+}
+# Run 18 (eleventh session), around run 17's winner (8 warps, 8-row chunks, 4-stage BLOCK_T=64
+# ring): its tile order (GROUP_N 4, 16), 16 epilogue warps on 8-row chunks (2 columns per
+# thread, the rows layout's new case); and for T=512, where the stream is the critical path,
+# the other trade: a 2-stage GEMM ring and 96-120 KiB of W/state in flight.
+RUN18 = {
+    **{f"rows e8 split16 bt64 st4 sl2 g{g}": KC(128, 128, 64, 8, 4, GROUP_N=g, EPI_SPLIT=16,
+                                                maxnreg=168, WS="epi_rows", WS_SLOTS=2)
+       for g in (4, 8, 16)},
+    "rows e16 split16 bt64 st4 sl2": KC(128, 128, 64, 16, 4, EPI_SPLIT=16, maxnreg=96,
+                                        WS="epi_rows", WS_SLOTS=2),
+    **{f"rows e16 split{sp} bt{bt} st2 sl{sl} l2=state_first":
+       KC(128, 128, bt, 16, 2, EPI_SPLIT=sp, maxnreg=96, WS="epi_rows", WS_SLOTS=sl,
+          WS_L2="state_first")
+       for sp, bt, sl in [(8, 64, 4), (8, 32, 5), (16, 64, 8)]},
+    "ws0 rows e16 split8 bt64 st3 sl2 l2=state_first": flu._GPU_WS_CONFIGS[0],
+    "ws1 rows e16 split8 bt32 st4 sl4 l2=state_first": flu._GPU_WS_CONFIGS[1],
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -213,7 +245,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
-             **RUN12, **RUN13, **RUN15, **RUN16}
+             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

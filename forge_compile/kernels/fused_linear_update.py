@@ -586,6 +586,13 @@ _GPU_WS_CONFIGS = (
                  WS_L2="state_first"),
     KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=4),
+    # For T >= 2048 (eleventh session, study runs 17-18): there the GEMM is the critical path,
+    # and with 2 stages of dY/X in flight it waits on loads that, beside the stream, come from
+    # DRAM. A 4-stage ring (96 KiB in flight) needs the shared memory of the W/state ring, so
+    # 8-row chunks, 2 slots (24 KiB). GEMM alone at T=2048 0.104 ms (cuBLAS 0.102; ws2 0.118);
+    # fused AdamW 4096² T=2048 0.215-0.217 vs 0.240-0.242 ms (CUDA-graph medians, H100); at
+    # T=512, where the stream is the critical path, 0.167 vs 0.156 (the smaller W/state ring).
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=16, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).

@@ -477,7 +477,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("                        EPI_WARPS: gl.constexpr):")
     if rows:
         a("    CW: gl.constexpr = BLOCK_N // SPLIT")
-        a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [EPI_WARPS, 1], [1, 0])")
+        # a warp per row; with more warps than a chunk has rows (16 warps, 8-row chunks), the
+        # rest split the row's 128 columns (2 per thread) rather than hold copies of it
+        a("    RW: gl.constexpr = EPI_WARPS if EPI_WARPS <= CW else CW")
+        a("    cl: gl.constexpr = gl.BlockedLayout([1, 4 * RW // EPI_WARPS], [1, 32], "
+          "[RW, EPI_WARPS // RW], [1, 0])")
     else:
         a("    CW: gl.constexpr = BLOCK_K // SPLIT")
         a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [128 // CW, CW // 4], [EPI_WARPS, 1], [1, 0])")
