@@ -249,6 +249,8 @@ def _precompile_one(args):
     optimizer, idx = args
     c = make_case(1024, 1024, 512, optimizer)
     cfg = _PRECOMPILED[idx]
+    if cfg.WS and cfg not in flu.candidate_configs(c["dy"], c["x"], c["p"], c["state"]):
+        return f"{optimizer} {idx} not a candidate here (shared memory)"
     try:
         flu.fused_linear_update_triton(c["dy"], c["x"], c["p"], c["state"], c["scalars"],
                                        c["prog"], config=cfg)

@@ -322,6 +322,8 @@ WS_STUDY = {   # the shipped paths and the study's alternatives (docs/kernels.md
     "epi_rows": flu._GPU_WS_CONFIGS[0],
     "epi_rows_bal": dataclasses.replace(flu._GPU_WS_CONFIGS[0], WS="epi_rows_bal"),
     "epi_rows_half": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_half"),
+    "epi_rows_half1": dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS="epi_rows_half1",
+                                          WS_SLOTS=4),
     "epi_rows_pairs": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_pairs"),
 }
 # The study's two MMA warpgroups on 256×128 tiles (the accumulator handed over in halves of 128
@@ -351,7 +353,8 @@ def test_ws_kernel_source_is_python(rule, state_path):
     ws = _ws()
     prog = _all_ops_program() if rule == "all_ops" else _rules()[rule][0]
     for pipe in (False, True):
-        if pipe and state_path in ("epi_rows_bal", "epi_rows_half", "epi_rows_pairs"):
+        if pipe and state_path in ("epi_rows_bal", "epi_rows_half", "epi_rows_half1",
+                                   "epi_rows_pairs"):
             with pytest.raises(ValueError, match="no EPI_PIPE variant"):
                 ws.kernel_source(prog, 8, pipe, state_path)
             continue
@@ -377,9 +380,46 @@ def test_ws_kernel_source_is_python(rule, state_path):
                          f"mbarrier.arrive(acc_ready.index({h}), count=1)",
                          f"mbarrier.wait(acc_ready.index({h}), i & 1)",
                          f"mbarrier.arrive(acc_empty.index({h}), count=1)"):
-                if halves or h == 0:
+                if (halves or h == 0) and state_path != "epi_rows_half1":
                     assert src.count(call) == 1, (call, state_path)
-        assert ("acc_lo, acc_hi = gl.split(" in src) == halves
+        # one half-size buffer: hand-off h of each tile is phase h of barrier pair 0
+        if state_path == "epi_rows_half1":
+            for h in (0, 1):
+                for call in (f"mbarrier.wait(acc_empty.index(0), {h ^ 1})",
+                             f"mbarrier.wait(acc_ready.index(0), {h})"):
+                    assert src.count(call) == 1, call
+            for call in ("mbarrier.arrive(acc_ready.index(0), count=1)",
+                         "mbarrier.arrive(acc_empty.index(0), count=1)"):
+                assert src.count(call) == 2, call
+            assert "gl.allocate_shared_memory(gl.float32, [BLOCK_N // 2, BLOCK_K]" in src
+        assert ("acc_lo, acc_hi = gl.split(" in src) == state_path.startswith("epi_rows_half")
+
+
+def test_ws_half1_handoff_reuses_one_buffer_in_order():
+    """epi_rows_half1: the MMA warps store the second half only after the epilogue has released
+    the first (its chunks 0-7 of 16 read from buffer rows 0..63), and the epilogue's chunks 8-15
+    read the same buffer rows again, after waiting for the second hand-off."""
+    ws = _ws()
+    src = ws.kernel_source(_rules()["adamw"][0], 16, False, "epi_rows_half1")
+    mma = src[src.index("def _mma_partition"):src.index("def _epilogue_partition")]
+    assert [ln.strip() for ln in mma.splitlines() if "acc_" in ln and (
+        "mbarrier" in ln or ".store(" in ln)] == [
+        "mbarrier.wait(acc_empty.index(0), 1)", "acc_smem.store(acc_lo)",
+        "mbarrier.arrive(acc_ready.index(0), count=1)",
+        "mbarrier.wait(acc_empty.index(0), 0)", "acc_smem.store(acc_hi)",
+        "mbarrier.arrive(acc_ready.index(0), count=1)"]
+    epi = src[src.index("def _epilogue_partition"):]
+    pos = [epi.index(k) for k in (
+        "mbarrier.wait(acc_ready.index(0), 0)", "acc_0 = acc_smem.slice(0 * CW",
+        "acc_7 = acc_smem.slice(7 * CW", "mbarrier.arrive(acc_empty.index(0), count=1)",
+        "mbarrier.wait(acc_ready.index(0), 1)", "acc_8 = acc_smem.slice(0 * CW",
+        "acc_15 = acc_smem.slice(7 * CW")]
+    assert pos == sorted(pos)
+    assert epi.count("mbarrier.arrive(acc_empty.index(0), count=1)") == 2
+    # 32 KiB of hand-off instead of 64: the 4-stage ring, 4 W/state slots fit (AdamW, fp32 W)
+    cfg = WS_STUDY["epi_rows_half1"]
+    assert ws.ws_shared_memory_bytes(cfg, torch.float32, 2) == (
+        4 * 64 * 256 * 2 + 64 * 128 * 4 + 4 * 8 * 128 * 12 + 1024)
 
 
 def test_ws_half_handoff_waits_in_chunk_order():
@@ -433,6 +473,26 @@ def test_ws_bad_l2_mode_fails_fast():
     cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[0], WS_L2="evict_first")
     with pytest.raises(ValueError, match="not one of .*'state_first'"):
         ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
+
+
+def test_ws_config_over_shared_memory_fails_fast():
+    """The SGD-momentum-only candidate (16-row chunks beside a 4-stage ring) does not hold
+    AdamW's two states (nor with a bf16 W: 238592 B): refused with the bytes and the fix
+    before anything compiles; with one state it fits."""
+    ws = _ws()
+    prog, sc, (dy, x, p, st) = _cpu_adamw_64()
+    cfg = flu._GPU_WS_CONFIGS[5]
+    assert (ws.ws_shared_memory_bytes(cfg, torch.float32, 2),
+            ws.ws_shared_memory_bytes(cfg, torch.float32, 1)) == (246784, 230400)
+    with pytest.raises(ValueError, match="needs 246784 B of shared memory with 2 state "
+                                         "tensors.*fewer WS_SLOTS"):
+        ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
+    assert ws.ws_fits(cfg, torch.float32, 1) and not ws.ws_fits(cfg, torch.bfloat16, 2)
+    # every other shipped candidate holds AdamW's state with fp32 W, and three states but
+    # for the 4-slot BLOCK_T=32 ones (the autotuner leaves those out of AMSGrad-like rules)
+    assert [ws.ws_fits(c, torch.float32, 2) for c in flu._GPU_WS_CONFIGS] == [True] * 5 + [False]
+    assert [ws.ws_fits(c, torch.float32, 3) for c in flu._GPU_WS_CONFIGS] == [
+        True, False, True, False, True, False]
 
 
 def test_ws_not_offered_off_gpu():
@@ -501,10 +561,12 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
 
 # every shipped config, plus two study paths that change the kernel's structure: the half
 # hand-off (its accumulator split in registers: reshape, permute, split) and the paired refills
+# (AdamW, or SGD-momentum for the candidate that holds one state tensor only)
 _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt in [
-    (i, "adamw", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
+    (i, "adamw" if i < 5 else "sgd_momentum", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
     (0, "adamw", "bf16"), (2, "sgd_momentum", "fp32"), (3, "adamw", "bf16")]] + [
-    (name, WS_STUDY[name], "adamw", dt) for name in ("epi_rows_half", "epi_rows_pairs")
+    (name, WS_STUDY[name], "adamw", dt) for name in ("epi_rows_half", "epi_rows_half1",
+                                                       "epi_rows_pairs")
     for dt in ("fp32", "bf16")]
 
 
@@ -518,7 +580,8 @@ def test_ws_kernel_compiles_for_sm90_without_spills(name, cfg, rule, param_dtype
     assert res["LOCAL"] == "0" and res["STACK"] == "0", res
     assert smem <= 232448, smem
     assert smem <= _ws().ws_shared_memory_bytes(
-        cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32, 2)
+        cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32,
+        len(_rules()[rule][0].state))
 
 
 def _tma_load_priorities(ptx):
@@ -799,7 +862,9 @@ def test_gpu_every_candidate_config(idx):
     """Whatever the autotuner picks is right: every candidate, with the operand dtypes it is a
     candidate for, on a ragged and an even shape."""
     cfg, dtypes = _ALL_GPU_CONFIGS[idx]
-    prog, sc = _rules("cuda")["adamw"]
+    # AdamW, or SGD-momentum for the candidate whose shared memory holds one state tensor only
+    fits = not cfg.WS or _ws().ws_fits(cfg, torch.float32, 2)
+    prog, sc = _rules("cuda")["adamw" if fits else "sgd_momentum"]
     for dtype in dtypes:
         for shape in (RAGGED, (512, 512, 128)):
             dy, x, p, s = _inputs(prog, *shape, dtype, "cuda", seed=idx)
@@ -809,6 +874,21 @@ def test_gpu_every_candidate_config(idx):
                 *a, config=cfg))
             assert err.pop("finite"), (cfg, err)
             assert max(err.values()) <= 1e-5, (cfg, shape, dtype, err)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_ws_candidates_fit_the_state():
+    """The autotuner is offered only the WS configs whose shared memory holds the rule's state:
+    all but the SGD-momentum-only one for AdamW, all for SGD-momentum."""
+    ws_of = {}
+    for rule in ("adamw", "sgd_momentum"):
+        prog, _ = _rules("cuda")[rule]
+        dy, x, p, s = _inputs(prog, 512, 768, 256, torch.bfloat16, "cuda")
+        _ws_or_skip(dy, x, p, s)
+        ws_of[rule] = [c for c in flu.candidate_configs(dy, x, p, s) if c.WS]
+    assert ws_of["sgd_momentum"] == list(flu._GPU_WS_CONFIGS)
+    assert ws_of["adamw"] == list(flu._GPU_WS_CONFIGS[:5])
 
 
 @gpu

@@ -30,7 +30,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspa
 from benchmarks.bench_fused_linear_update import (  # noqa: E402
     forge_bytes, host_us_per_launch, make_case, zero_grad_adamw_scalars)
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
-from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
+from forge_compile.kernels.fused_linear_update_ws import (  # noqa: E402
+    _SMEM_LIMIT as SMEM_LIMIT, fused_linear_update_ws, ws_shared_memory_bytes)
 from bench_fused_linear_update_tma import (  # noqa: E402
     _ms, check_correctness, fused_rows, save_rows, study_setup)
 
@@ -41,6 +42,13 @@ def W(bn, bk, bt, split, stages, warps, maxnreg, PIPE=False, SLOTS=0, STATE_ISSU
     return flu.KernelConfig(bn, bk, bt, warps, stages, EPI_SPLIT=split, EPI_PIPE=PIPE,
                             maxnreg=maxnreg, WS=STATE_ISSUER if SLOTS else "regs",
                             WS_SLOTS=SLOTS)
+
+
+def fits(cfg, n_state: int) -> bool:
+    """Whether the config's shared memory holds ``n_state`` fp32 state tensors beside fp32 W
+    (run 20's SGD-momentum-only configs do not hold AdamW's two)."""
+    cfg = cfg[0] if isinstance(cfg, tuple) else cfg
+    return ws_shared_memory_bytes(cfg, torch.float32, n_state) <= SMEM_LIMIT
 
 
 def launch(*args, seed=0, skip_gemm=False, skip_epilogue=False):
@@ -217,6 +225,30 @@ RUN18 = {
     "ws0 rows e16 split8 bt64 st3 sl2 l2=state_first": flu._GPU_WS_CONFIGS[0],
     "ws1 rows e16 split8 bt32 st4 sl4 l2=state_first": flu._GPU_WS_CONFIGS[1],
 }
+# Run 19 (eleventh session): the 4-stage ring with the accumulator handed over through one
+# buffer of half a tile ("epi_rows_half1", 32 KiB instead of 64): the freed shared memory goes
+# to the W/state ring (48-60 KiB in flight instead of 24), at the price of the MMA warps waiting
+# for the epilogue's first half before they start the next GEMM. Beside ws4 and ws0.
+RUN19 = {
+    **{f"half1 e{w} split{sp} bt64 st4 sl{sl}": KC(128, 128, 64, w, 4, EPI_SPLIT=sp,
+                                                   maxnreg={16: 96, 8: 168}[w],
+                                                   WS="epi_rows_half1", WS_SLOTS=sl)
+       for w, sp, sl in [(8, 16, 4), (8, 16, 5), (16, 8, 2), (8, 8, 2)]},
+    "ws4 rows e8 split16 bt64 st4 sl2": flu._GPU_WS_CONFIGS[4],
+    "ws0 rows e16 split8 bt64 st3 sl2 l2=state_first": flu._GPU_WS_CONFIGS[0],
+}
+# Run 20 (eleventh session): L2 priorities on ws4 (the T=2048 pick since run 17: its GEMM no
+# longer starves, so evict_last on dY/X may now pay), and for SGD-momentum (8 bytes of state per
+# element, not AdamW's 12: 16-row chunks fit beside the 4-stage ring) 32 KiB of W/state in
+# flight instead of ws4's 16 KiB. The SGD-m-only configs do not hold AdamW's state (fits()).
+RUN20 = {
+    **{f"ws4 l2={m or 'none'}": dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_L2=m)
+       for m in ("", "state_first", "gemm_last", "both")},
+    **{f"sgd rows e{w} split{sp} bt64 st4 sl{sl}": KC(128, 128, 64, w, 4, EPI_SPLIT=sp,
+                                                      maxnreg={16: 96, 8: 168}[w],
+                                                      WS="epi_rows", WS_SLOTS=sl)
+       for w, sp, sl in [(8, 8, 2), (16, 8, 2), (8, 16, 4)]},
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -245,14 +277,14 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
-             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18}
+             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
                {k: v for k, v in known.items() if k in names})
     t0 = time.time()
-    rows, emit, bw = study_setup([] if a.host_only else check_correctness(configs, launch),
-                                 t0)
+    rows, emit, bw = study_setup(
+        [] if a.host_only else check_correctness(configs, launch, fits), t0)
     # the epilogue's traffic alone and the fused kernel, 4096² T=512
     for opt in () if a.host_only else ("adamw", "sgd_momentum"):
         c = make_case(4096, 4096, 512, opt)
@@ -260,6 +292,8 @@ def main():
         # the gradient is 0 here: keep AdamW's m normal (zero_grad_adamw_scalars)
         sc = zero_grad_adamw_scalars() if opt == "adamw" else c["scalars"]
         for name, wc in configs.items():
+            if not fits(wc, len(c["state"])):
+                continue
             args = (c["dy"], c["x"], c["p"].clone(), [s.clone() for s in c["state"]], sc,
                     c["prog"])
             ms = _ms(lambda: launch(*args, wc, skip_gemm=True))
@@ -271,10 +305,11 @@ def main():
         args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
         row = {"cublas_mm": round(_ms(lambda: torch.mm(c["dy"].t(), c["x"])), 4)}
         for name, wc in configs.items():
-            row[name] = round(_ms(lambda: launch(*args, wc, skip_epilogue=True)), 4)
+            if fits(wc, len(c["state"])):
+                row[name] = round(_ms(lambda: launch(*args, wc, skip_epilogue=True)), 4)
         emit(study="gemm only", N=4096, K=4096, T=T, **row)
     shapes = [] if a.host_only else SHAPES[:1] if a.quick else SHAPES
-    fused_rows(emit, shapes, configs, launch, "tuned")
+    fused_rows(emit, shapes, configs, launch, "tuned", fits)
     # host time per launch (a tiny shape: the GPU waits on the host), the Triton kernel vs WS
     for name, cfg in (("triton", flu._GPU_CONFIGS[0]), ("ws", flu._GPU_WS_CONFIGS[0])):
         emit(study="host us per launch", kernel=name, us=round(host_us_per_launch(cfg), 1))

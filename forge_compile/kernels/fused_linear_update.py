@@ -586,13 +586,20 @@ _GPU_WS_CONFIGS = (
                  WS_L2="state_first"),
     KernelConfig(128, 128, 64, 8, 3, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
     KernelConfig(128, 128, 32, 16, 4, EPI_SPLIT=8, maxnreg=96, WS="epi", WS_SLOTS=4),
-    # For T >= 2048 (eleventh session, study runs 17-18): there the GEMM is the critical path,
+    # For T >= 2048 (eleventh session, study runs 17-20): there the GEMM is the critical path,
     # and with 2 stages of dY/X in flight it waits on loads that, beside the stream, come from
     # DRAM. A 4-stage ring (96 KiB in flight) needs the shared memory of the W/state ring, so
-    # 8-row chunks, 2 slots (24 KiB). GEMM alone at T=2048 0.104 ms (cuBLAS 0.102; ws2 0.118);
-    # fused AdamW 4096² T=2048 0.215-0.217 vs 0.240-0.242 ms (CUDA-graph medians, H100); at
-    # T=512, where the stream is the critical path, 0.167 vs 0.156 (the smaller W/state ring).
-    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=16, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
+    # 8-row chunks, 2 slots (24 KiB). GEMM alone at T=2048 0.102-0.104 ms (cuBLAS 0.100-0.102;
+    # ws2 0.118); fused AdamW 4096² T=2048 0.215-0.218 vs 0.240-0.242 ms (CUDA-graph medians,
+    # H100), 0.210 with dY/X evict_last (run 20; T=8192 1.4% slower, still under the anchor);
+    # at T=512, where the stream is the critical path, 0.167 vs 0.156 (the smaller ring).
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=16, maxnreg=168, WS="epi_rows", WS_SLOTS=2,
+                 WS_L2="gemm_last"),
+    # One state tensor (SGD-momentum: 8 bytes per element beside fp32 W, not AdamW's 12): the
+    # 4-stage ring and 16-row chunks fit (230400 B; with AdamW's two states 246784, over the
+    # 227 KiB, so candidate_configs leaves it out there). Run 20: SGD-m 4096² T=512 0.1024 vs
+    # 0.1061 ms (the tuned choice), T=2048 0.1666 vs 0.1700.
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
@@ -652,7 +659,8 @@ def candidate_configs(dy: Tensor, x: Optional[Tensor] = None, param: Optional[Te
         return split + _GPU_F32_CONFIGS
     ws = ()
     if param is not None and _ws_ok(dy, x, param, state or []):
-        ws = _GPU_WS_CONFIGS
+        from forge_compile.kernels.fused_linear_update_ws import ws_fits
+        ws = tuple(c for c in _GPU_WS_CONFIGS if ws_fits(c, param.dtype, len(state or [])))
     return _GPU_CONFIGS + split + ws
 
 

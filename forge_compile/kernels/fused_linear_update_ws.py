@@ -59,7 +59,7 @@ from forge_compile.kernels.fused_linear_update import (
     scalar_args)
 
 __all__ = ["kernel_source", "ws_unsupported_reason", "fused_linear_update_ws",
-           "ws_shared_memory_bytes"]
+           "ws_shared_memory_bytes", "ws_fits"]
 
 # Registers of each MMA thread (setmaxnreg): the 128×128 fp32 accumulator is 128 per thread of
 # the warpgroup. 208 and 168 measured equal within 1% (H100, AdamW 4096², T=512-8192).
@@ -71,9 +71,10 @@ _MMA_REGS = {4: MMA_REGS, 8: 160}
 # H100/H200: 227 KiB of shared memory per CTA.
 _SMEM_LIMIT = 232448
 # The W/state paths whose chunks are BLOCK_N/EPI_SPLIT whole rows (the accumulator changes hands
-# a whole tile at a time, or in two halves: "epi_rows_half"); "epi_rows_bal" walks the tiles
-# balanced (tile_walk); "epi_rows_pairs" refills the W/state ring every second chunk.
-_ROW_PATHS = ("epi_rows", "epi_rows_bal", "epi_rows_half", "epi_rows_pairs")
+# a whole tile at a time, or in two halves: "epi_rows_half"; "epi_rows_half1": both halves
+# through one buffer of half a tile); "epi_rows_bal" walks the tiles balanced (tile_walk);
+# "epi_rows_pairs" refills the W/state ring every second chunk.
+_ROW_PATHS = ("epi_rows", "epi_rows_bal", "epi_rows_half", "epi_rows_half1", "epi_rows_pairs")
 
 
 @functools.lru_cache(maxsize=None)
@@ -347,7 +348,12 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     balanced = state == "epi_rows_bal"             # see tile_walk
     # "epi_rows_half": the tile changes hands in two halves of BLOCK_N/2 rows (see the MMA
     # partition below), so the epilogue starts a tile without waiting for the whole store
-    halves = state == "epi_rows_half"
+    halves = state in ("epi_rows_half", "epi_rows_half1")
+    # "epi_rows_half1": both halves pass through one buffer of BLOCK_N/2 rows (32 KiB instead of
+    # 64 at 128×128), which frees shared memory for the rings; the MMA warps then wait for the
+    # epilogue to finish the first half before they store the second and start the next GEMM.
+    # One barrier pair, two hand-offs per tile: the phase of hand-off h is h (i drops out).
+    one_buf = state == "epi_rows_half1"
     # "epi_rows_pairs": one CTA-wide barrier per two chunks instead of per chunk (ncu: 9.3% of
     # the T=512 pick's stall samples on barriers, 17:25 UTC); after the second chunk of a pair
     # both its slots are refilled, so the ring needs SLOTS >= 3 (ws_launch_args checks)
@@ -445,10 +451,14 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         L += ["        acc_lo, acc_hi = gl.split(gl.permute(gl.reshape(",
               "            acc, [2, BLOCK_N // 2, BLOCK_K]), (1, 2, 0)))"]
         for h, c in enumerate(("acc_lo", "acc_hi")):
-            a(f"        mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)")
-            a(f"        acc_smem.slice({h} * (BLOCK_N // 2), BLOCK_N // 2, dim=0).store({c})")
+            if one_buf:
+                a(f"        mbarrier.wait(acc_empty.index(0), {h ^ 1})")
+                a(f"        acc_smem.store({c})")
+            else:
+                a(f"        mbarrier.wait(acc_empty.index({h}), (i & 1) ^ 1)")
+                a(f"        acc_smem.slice({h} * (BLOCK_N // 2), BLOCK_N // 2, dim=0).store({c})")
             a("        gl.thread_barrier()")
-            a(f"        mbarrier.arrive(acc_ready.index({h}), count=1)")
+            a(f"        mbarrier.arrive(acc_ready.index({0 if one_buf else h}), count=1)")
     else:
         lines, chunks = column_split(split, "        ", "gl")
         if rows:     # one store of the whole tile; the epilogue reads row slices of it
@@ -497,10 +507,12 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
     if not epilogue:
         for h in range(split if per_chunk else 2 if halves else 1):
-            if per_chunk or halves:
+            if one_buf:
+                a(f"        mbarrier.wait(acc_ready.index(0), {h})")
+            elif per_chunk or halves:
                 a(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
             L += ["        gl.thread_barrier()",
-                  f"        mbarrier.arrive(acc_empty.index({h}), count=1)"]
+                  f"        mbarrier.arrive(acc_empty.index({0 if one_buf else h}), count=1)"]
     elif state == "epi":     # the first SLOTS chunks go out before the tile loop
         i_loop = L.index("    for i in range(my_tiles):")
         L[i_loop:i_loop] = ["    for j in gl.static_range(SLOTS):",
@@ -549,10 +561,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     "eviction_policy=\"evict_first\").to(gl.float32)"]
         if per_chunk:
             out.append(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
+        elif one_buf and h % half == 0:
+            out.append(f"        mbarrier.wait(acc_ready.index(0), {h // half})")
         elif halves and h % half == 0:       # the half this chunk lies in has been stored
             out.append(f"        mbarrier.wait(acc_ready.index({h // half}), i & 1)")
         if rows:
-            out.append(f"        acc{sfx} = acc_smem.slice({h} * CW, CW, dim=0).load(cl)")
+            row0 = h % half if one_buf else h
+            out.append(f"        acc{sfx} = acc_smem.slice({row0} * CW, CW, dim=0).load(cl)")
         else:
             out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
         if ((state_tma and not (pairs and h % 2 == 0)) or per_chunk or h == split - 1
@@ -572,7 +587,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         if per_chunk:               # chunk h read: the MMA warps may store the next tile's
             out.append(f"        mbarrier.arrive(acc_empty.index({h}), count=1)")
         elif halves and (h + 1) % half == 0:    # this half read: the MMA may store the next
-            out.append(f"        mbarrier.arrive(acc_empty.index({h // half}), count=1)")
+            out.append(f"        mbarrier.arrive(acc_empty.index({0 if one_buf else h // half}), "
+                       "count=1)")
         elif h == split - 1:        # every chunk's gradient read: the MMA warps may refill it
             out.append("        mbarrier.arrive(acc_empty.index(0), count=1)")
         return out
@@ -638,7 +654,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("    CW: gl.constexpr = BLOCK_K // SPLIT")
     a("    dy_smem = gl.allocate_shared_memory(dy_desc.dtype, [STAGES, BLOCK_T, BLOCK_N], dy_desc.layout)")
     a("    x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_T, BLOCK_K], x_desc.layout)")
-    if rows:
+    if one_buf:
+        a("    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_N // 2, BLOCK_K], ACC_LAYOUT)")
+    elif rows:
         a("    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_N, BLOCK_K], ACC_LAYOUT)")
     else:
         a("    acc_smem = gl.allocate_shared_memory(gl.float32, [SPLIT, BLOCK_N, CW], ACC_LAYOUT)")
@@ -702,7 +720,10 @@ def state_block(cfg) -> list:
 
 
 def acc_block(cfg) -> list:
-    """The accumulator hand-off buffer's block: the whole tile (row paths) or one column chunk."""
+    """The accumulator hand-off buffer's block: the whole tile (row paths; half of it for
+    "epi_rows_half1") or one column chunk."""
+    if cfg.WS == "epi_rows_half1":
+        return [cfg.BLOCK_N // 2, cfg.BLOCK_K]
     if cfg.WS in _ROW_PATHS:
         return [cfg.BLOCK_N, cfg.BLOCK_K]
     return [cfg.BLOCK_N, cfg.BLOCK_K // cfg.EPI_SPLIT]
@@ -712,12 +733,18 @@ def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
                            op_bytes: int = 2) -> int:
     """Shared memory of one CTA (the GEMM ring, the accumulator hand-off, the W/state ring)."""
     ring = cfg.num_stages * cfg.BLOCK_T * (cfg.BLOCK_N + cfg.BLOCK_K) * op_bytes
-    acc = cfg.BLOCK_N * cfg.BLOCK_K * 4
+    acc = cfg.BLOCK_N * cfg.BLOCK_K * 4 // (2 if cfg.WS == "epi_rows_half1" else 1)
     st = 0
     if cfg.WS != "regs":
         rows, cols = state_block(cfg)
         st = cfg.WS_SLOTS * rows * cols * (param_dtype.itemsize + 4 * n_state)
     return ring + acc + st + 1024      # + barriers and alignment
+
+
+def ws_fits(cfg, param_dtype: torch.dtype, n_state: int) -> bool:
+    """Whether the config's shared memory holds this W dtype and number of state tensors (the
+    estimate is 0.5-8 KB above what Triton allocates, measured on the shipped configs)."""
+    return ws_shared_memory_bytes(cfg, param_dtype, n_state) <= _SMEM_LIMIT
 
 
 @functools.lru_cache(maxsize=None)
@@ -857,6 +884,11 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
                          "refilled together, and the next chunk must already be in flight)")
     if cfg.WS_L2 not in L2_MODES:
         raise ValueError(f"WS_L2={cfg.WS_L2!r}: not one of {sorted(L2_MODES)}")
+    if not ws_fits(cfg, param.dtype, len(state)):
+        raise ValueError(
+            f"this WS config needs {ws_shared_memory_bytes(cfg, param.dtype, len(state))} B of "
+            f"shared memory with {len(state)} state tensors, over the {_SMEM_LIMIT} B an "
+            "sm_90 CTA has: use fewer WS_SLOTS, num_stages or a larger EPI_SPLIT")
     prog = load_program(program)
     T, N = dy.shape
     K = x.shape[1]
