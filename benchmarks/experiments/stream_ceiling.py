@@ -218,6 +218,9 @@ def main() -> None:
                          "alone, for ncu (scripts/gpu_kernels.sh ncu-stream)")
     ap.add_argument("--l2", default="", help="with --ncu-variant: the TMA loads' L2 priorities "
                     "(a key of fused_linear_update_ws.L2_MODES)")
+    ap.add_argument("--ws", type=int, default=None, help="with --ncu-variant: this shipped WS "
+                    "config (_GPU_WS_CONFIGS[I], its own L2 priorities unless --l2 names some) "
+                    "instead of ws:1 / ws:2")
     a = ap.parse_args()
     t0 = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -227,10 +230,13 @@ def main() -> None:
         T = int(a.tokens.split(",")[0])
         c = make_case(4096, 4096, T, "adamw")
         sc = zero_grad_adamw_scalars() if a.ncu_variant == "stream" else c["scalars"]
+        if a.ws is None:
+            cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[1 if T <= 512 else 2], WS_L2=a.l2)
+        else:
+            cfg = flu._GPU_WS_CONFIGS[a.ws]
+            cfg = dataclasses.replace(cfg, WS_L2=a.l2) if a.l2 else cfg
         for _ in range(3):
-            fused_linear_update_ws(c["dy"], c["x"], c["p"], c["state"], sc, c["prog"],
-                                   dataclasses.replace(flu._GPU_WS_CONFIGS[1 if T <= 512 else 2],
-                                                       WS_L2=a.l2),
+            fused_linear_update_ws(c["dy"], c["x"], c["p"], c["state"], sc, c["prog"], cfg,
                                    skip_gemm=a.ncu_variant == "stream",
                                    skip_epilogue=a.ncu_variant == "gemm")
         torch.cuda.synchronize()
