@@ -17,14 +17,17 @@ warps that a 128×128 fp32 accumulator leaves room for, streaming W/state throug
 Measured (H100, torch 2.11, Triton 3.6; docs/kernels.md, "Warp-specialised kernel" and "Ninth
 session"): the W/state stream alone runs at 90-93% of a copy of its bytes, AdamW's as fast as
 a 3-multiply rule; fused with the GEMM, 85-87%. The fused kernel beats the Triton kernel at
-T=512 by 4-9%; at T ≥ 2048 its single MMA warpgroup on 128×128 tiles is slower than the
-Triton kernel's 128×256 tiles. The autotuner times it beside the Triton configs where it
+T=512 by 4-9%. At T ≥ 2048 its single MMA warpgroup on 128×128 tiles was slower than the
+Triton kernel's 128×256 tiles until the eleventh session: with a 4-stage dY/X ring (8-row
+W/state chunks to make room) its GEMM alone runs at cuBLAS speed and it wins those rows too
+(AdamW 4096² T=2048 0.205 ms, docs/kernels.md "Eleventh session"). The autotuner times it beside the Triton configs where it
 applies (``ws_unsupported_reason``). Three measured alternatives stay selectable for the study
 script (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
 ``tile_walk``: 3-24% slower fused). Two more: the accumulator handed over in two halves of
-rows ("epi_rows_half", within noise of the whole-tile hand-off, study run 10) and one CTA
+rows ("epi_rows_half", within noise of the whole-tile hand-off, study run 10; through one
+half-size buffer, "epi_rows_half1", 4% slower at T=2048, run 19) and one CTA
 barrier per two chunks ("epi_rows_pairs": the fused kernel unchanged, study run 12; its
 "epilogue alone" gain was timed with m subnormal, docs/kernels.md "Ninth session").
 
