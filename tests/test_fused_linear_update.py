@@ -395,6 +395,22 @@ def test_ws_kernel_source_is_python(rule, state_path):
         assert ("acc_lo, acc_hi = gl.split(" in src) == state_path.startswith("epi_rows_half")
 
 
+def test_ws_mma_pending_refills_the_slot_two_groups_back():
+    """WS_MMA_PENDING=2 (study run 21): the MMA warps leave two wgmma groups in flight, so the
+    slot refilled at step t is that of step t-2, with stage t + STAGES - 2; the prologues issue
+    STAGES - 2 stages. 1 (shipped) gives the source as before; anything else is refused."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    one, two = (ws.kernel_source(prog, 16, False, "epi_rows", mma_pending=p) for p in (1, 2))
+    for src, p in ((one, 1), (two, 2)):
+        assert src.count(f"warpgroup_mma_wait(num_outstanding={p}, deps=(acc,))") == 1
+        assert src.count(f"_issue_gemm(t + STAGES - {p}, gs + STAGES - {p},") == 1
+        assert src.count(f"for s in gl.static_range(STAGES - {p}):") == 2
+    assert one == ws.kernel_source(prog, 16, False, "epi_rows")
+    with pytest.raises(ValueError, match="WS_MMA_PENDING=3: 1 or 2"):
+        ws.kernel_source(prog, 16, False, "epi_rows", mma_pending=3)
+
+
 def test_ws_half1_handoff_reuses_one_buffer_in_order():
     """epi_rows_half1: the MMA warps store the second half only after the epilogue has released
     the first (its chunks 0-7 of 16 read from buffer rows 0..63), and the epilogue's chunks 8-15
@@ -532,7 +548,7 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
              "MMA_REGS": ws._MMA_REGS[cfg.WS_MMA_WARPS], "num_warps": cfg.num_warps}
     sig.update({k: "constexpr" for k in const})
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
-                    mma_warps=cfg.WS_MMA_WARPS)
+                    mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING)
     return triton.compile(GluonASTSource(fn, sig, constexprs=const),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})

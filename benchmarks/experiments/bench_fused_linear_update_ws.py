@@ -249,6 +249,21 @@ RUN20 = {
                                                       WS="epi_rows", WS_SLOTS=sl)
        for w, sp, sl in [(8, 8, 2), (16, 8, 2), (8, 16, 4)]},
 }
+# Run 21 (eleventh session): BLOCK_T=32 stages lost in run 17 (0.129-0.133 ms GEMM alone at
+# T=2048 vs 0.101 for BLOCK_T=64) while holding as many bytes in flight: the MMA warps wait for
+# the previous wgmma group after issuing each one, so with half-size steps the tensor cores may
+# idle between them. Two groups in flight (WS_MMA_PENDING=2; the ring then holds STAGES - 2
+# loads in flight). At BLOCK_T=32 the ring takes less shared memory per stage in flight, which
+# leaves the W/state ring 36-48 KiB instead of ws4's 24. Beside ws4 and ws0.
+RUN21 = {
+    **{f"p2 e{w} split{sp} bt{bt} st{st} sl{sl}":
+       KC(128, 128, bt, w, st, EPI_SPLIT=sp, maxnreg={16: 96, 8: 168}[w], WS="epi_rows",
+          WS_SLOTS=sl, WS_MMA_PENDING=2)
+       for w, sp, bt, st, sl in [(8, 16, 32, 7, 3), (8, 16, 32, 8, 2), (8, 8, 32, 6, 2),
+                                 (16, 8, 32, 6, 2)]},
+    "ws4 rows e8 split16 bt64 st4 sl2 l2=gemm_last": flu._GPU_WS_CONFIGS[4],
+    "ws0 rows e16 split8 bt64 st3 sl2 l2=state_first": flu._GPU_WS_CONFIGS[0],
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -277,7 +292,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
-             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20}
+             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

@@ -534,6 +534,8 @@ class KernelConfig:
     WS_L2: str = ""
     # Warps of its MMA partition: 4 (one warpgroup, shipped) or 8 (the study's 256×128 tiles).
     WS_MMA_WARPS: int = 4
+    # wgmma groups it leaves in flight before refilling a ring slot: 1 (shipped) or 2 (study).
+    WS_MMA_PENDING: int = 1
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

@@ -335,7 +335,8 @@ def tile_walk(balanced: bool) -> list:
 
 
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
-                  handoff: str = "chunk", l2: str = "", mma_warps: int = 4) -> str:
+                  handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
+                  mma_pending: int = 1) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -344,9 +345,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     of tile i+1 is stored as soon as the epilogue has read chunk h of tile i); "tile" = the
     whole tile at once (the study's earlier variant: the epilogue idles during every hand-off).
     ``l2``: a key of L2_MODES, the L2 eviction priorities of the dY/X and W/state TMA loads.
-    ``mma_warps``: 4 (one MMA warpgroup) or 8 (two, for BLOCK_N = 256 in the study)."""
+    ``mma_warps``: 4 (one MMA warpgroup) or 8 (two, for BLOCK_N = 256 in the study).
+    ``mma_pending``: wgmma groups left in flight before a ring slot is refilled (1 shipped; the
+    ring then holds STAGES - mma_pending loads in flight)."""
     if mma_warps not in _MMA_REGS:
         raise ValueError(f"mma_warps={mma_warps}: one of {sorted(_MMA_REGS)}")
+    if mma_pending not in (1, 2):
+        raise ValueError(f"WS_MMA_PENDING={mma_pending}: 1 or 2")
     rows = state in _ROW_PATHS
     balanced = state == "epi_rows_bal"             # see tile_walk
     # "epi_rows_half": the tile changes hands in two halves of BLOCK_N/2 rows (see the MMA
@@ -421,7 +426,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         num_t = 0
     gbase = 0
     off_n, off_k = _tile_coords(walk_t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)
-    for s in gl.static_range(STAGES - 1):
+    for s in gl.static_range(STAGES - {P}):
         if s < num_t:
             _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
     for i in range(my_tiles):
@@ -433,21 +438,21 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
             acc = warpgroup_mma(dy_smem.index(slot).permute((1, 0)), x_smem.index(slot), acc,
                                 is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            acc = warpgroup_mma_wait(num_outstanding={P}, deps=(acc,))
             gl.thread_barrier()
-            if t + STAGES - 1 < num_t:
-                _issue_gemm(t + STAGES - 1, gs + STAGES - 1, off_n, off_k, dy_desc, x_desc,
+            if t + STAGES - {P} < num_t:
+                _issue_gemm(t + STAGES - {P}, gs + STAGES - {P}, off_n, off_k, dy_desc, x_desc,
                             dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         gbase += num_t
         gl.thread_barrier()
         if i + 1 < my_tiles:
             nn, nk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
-            for s in gl.static_range(STAGES - 1):
+            for s in gl.static_range(STAGES - {P}):
                 if s < num_t:
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
                                 STAGES, BLOCK_T)
-""")
+""".replace("{P}", str(mma_pending)))
     if halves:
         # rows 0..BLOCK_N/2-1 and the rest: the wgmma layout holds both halves in each
         # thread's registers (4 warps × 16 rows cover 64), so the split moves no data
@@ -703,13 +708,14 @@ _KERNELS: dict = {}
 
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
-            handoff: str = "chunk", l2: str = "", mma_warps: int = 4):
-    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps)
+            handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1):
+    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_cache_policy():
             _install_l2_hint_hook()
-        src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps)
+        src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
+                            mma_pending)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -900,7 +906,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
-                cfg.WS_L2, cfg.WS_MMA_WARPS)
+                cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
             param, *state, *scal, seed, T, N, K, param.stride(0),
