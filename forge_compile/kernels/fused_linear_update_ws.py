@@ -20,8 +20,9 @@ a 3-multiply rule; fused with the GEMM, 85-87%. The fused kernel beats the Trito
 T=512 by 4-9%. At T ≥ 2048 its single MMA warpgroup on 128×128 tiles was slower than the
 Triton kernel's 128×256 tiles until the eleventh session: with a 4-stage dY/X ring (8-row
 W/state chunks to make room) its GEMM alone runs at cuBLAS speed and it wins those rows too
-(AdamW 4096² T=2048 0.205 ms, docs/kernels.md "Eleventh session"). The autotuner times it beside the Triton configs where it
-applies (``ws_unsupported_reason``). Three measured alternatives stay selectable for the study
+(AdamW 4096² T=2048 0.205 ms, docs/kernels.md "Eleventh session"). The autotuner times it
+beside the Triton configs where it applies (``ws_unsupported_reason``) and its shared memory
+holds the rule's state (``ws_fits``). Three measured alternatives stay selectable for the study
 script (``benchmarks/experiments/bench_fused_linear_update_ws.py``): W/state through registers
 ("regs", 31-58%), the ring fed by a separate 1-warp partition ("warp", which leaves no
 room for 16 epilogue warps), and the row chunks with a balanced tile walk ("epi_rows_bal",
