@@ -264,6 +264,16 @@ RUN21 = {
     "ws4 rows e8 split16 bt64 st4 sl2 l2=gemm_last": flu._GPU_WS_CONFIGS[4],
     "ws0 rows e16 split8 bt64 st3 sl2 l2=state_first": flu._GPU_WS_CONFIGS[0],
 }
+# Run 22 (eleventh session): the shipped row configs with EPI_PIPE (chunk h+1 read from its
+# W/state slot into registers, and the slot refilled, before chunk h's math): one more chunk of
+# W/state in flight without more shared memory, 16 more registers per thread (sm_90 compiles,
+# Triton 3.6 ptxas: spill-free at 96 and 168 registers). For ws4, whose ring holds 2 chunks of
+# 8 rows, the register copy is a third. Beside the plain ws0, ws4 and ws5.
+RUN22 = {
+    **{f"ws{i} pipe": dataclasses.replace(flu._GPU_WS_CONFIGS[i], EPI_PIPE=True)
+       for i in (0, 1, 2, 4, 5)},
+    **{f"ws{i}": flu._GPU_WS_CONFIGS[i] for i in (0, 4, 5)},
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -292,7 +302,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
-             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21}
+             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21, **RUN22}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
