@@ -548,8 +548,7 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
              "MMA_REGS": ws._MMA_REGS[cfg.WS_MMA_WARPS], "num_warps": cfg.num_warps}
     sig.update({k: "constexpr" for k in const})
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
-                    mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING,
-                    ldg=cfg.WS_LDG)
+                    mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING)
     return triton.compile(GluonASTSource(fn, sig, constexprs=const),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})

@@ -274,21 +274,12 @@ RUN22 = {
        for i in (0, 1, 2, 4, 5)},
     **{f"ws{i}": flu._GPU_WS_CONFIGS[i] for i in (0, 4, 5)},
 }
-# Run 23 (eleventh session): ws4's 4-stage GEMM ring leaves the W/state ring 24 KiB, and its
-# stream alone runs at 84% of copy (ncu: 169 µs against 152 with 48 KiB). WS_LDG takes AdamW's
-# m and v (or only v) off the ring: gl.load into registers, a chunk ahead with EPI_PIPE, so the
-# ring holds W alone. sm_90 compiles (Triton 3.6 ptxas, AdamW, 168 registers): 16-row chunks
-# with EPI_PIPE spill (344 B of stack; 272 B at 16 warps), 8-row chunks with it and 16-row
-# chunks without it do not.
-RUN23 = {
-    **{f"ldg{ldg} e{w} split{sp} bt64 st4 sl{sl}{' pipe' if pipe else ''}":
-       KC(128, 128, 64, w, 4, EPI_SPLIT=sp, EPI_PIPE=pipe, maxnreg={16: 96, 8: 168}[w],
-          WS="epi_rows", WS_SLOTS=sl, WS_LDG=ldg)
-       for ldg, w, sp, sl, pipe in [(2, 8, 16, 4, True), (2, 8, 16, 6, True), (1, 8, 16, 3, True),
-                                    (2, 8, 8, 2, False), (2, 8, 8, 4, False)]},
-    "ws4": flu._GPU_WS_CONFIGS[4],
-    "ws0": flu._GPU_WS_CONFIGS[0],
-}
+# Run 23 (eleventh session, measured at commit 870f981, the knob reverted after): WS_LDG took
+# AdamW's m and v (or only v) off the W/state ring beside ws4's 4-stage GEMM ring: gl.load into
+# registers, a chunk ahead with EPI_PIPE (16-row chunks with EPI_PIPE spill 344 B; 8-row ones do
+# not). H100 00:10 UTC: the epilogue alone fell to 65-70% of copy (ws4 84%), fused AdamW T=2048
+# 0.230-0.246 vs 0.212 ms, T=512 0.195-0.213 vs 0.156: register loads cannot hold the bytes in
+# flight that the TMA ring does (the seventh session's finding, again).
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -317,7 +308,7 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
-             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21, **RUN22, **RUN23}
+             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21, **RUN22}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

@@ -536,8 +536,6 @@ class KernelConfig:
     WS_MMA_WARPS: int = 4
     # wgmma groups it leaves in flight before refilling a ring slot: 1 (shipped) or 2 (study).
     WS_MMA_PENDING: int = 1
-    # Row paths: the last WS_LDG state tensors bypass the W/state ring (gl.load; study).
-    WS_LDG: int = 0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

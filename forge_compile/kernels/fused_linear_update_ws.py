@@ -337,7 +337,7 @@ def tile_walk(balanced: bool) -> list:
 
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
-                  mma_pending: int = 1, ldg: int = 0) -> str:
+                  mma_pending: int = 1) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -348,10 +348,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``l2``: a key of L2_MODES, the L2 eviction priorities of the dY/X and W/state TMA loads.
     ``mma_warps``: 4 (one MMA warpgroup) or 8 (two, for BLOCK_N = 256 in the study).
     ``mma_pending``: wgmma groups left in flight before a ring slot is refilled (1 shipped; the
-    ring then holds STAGES - mma_pending loads in flight).
-    ``ldg`` (row paths): the last ``ldg`` (at most all) state tensors are read with ``gl.load`` into
-    registers, issued before the chunk waits for its ring slot (with ``pipe``: a chunk ahead),
-    instead of through the TMA ring, which then holds the other tensors only."""
+    ring then holds STAGES - mma_pending loads in flight)."""
     if mma_warps not in _MMA_REGS:
         raise ValueError(f"mma_warps={mma_warps}: one of {sorted(_MMA_REGS)}")
     if mma_pending not in (1, 2):
@@ -374,8 +371,6 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         raise ValueError(f"the {state} path has no EPI_PIPE variant")
     if (halves or pairs) and split % 2:
         raise ValueError(f"{state} needs an even EPI_SPLIT (chunks of one half each, or pairs)")
-    if ldg and not rows:
-        raise ValueError("WS_LDG needs a row path (WS='epi_rows...')")
     state = "epi" if rows else state
     per_chunk = handoff == "chunk" and not rows
     half = split // 2
@@ -385,10 +380,6 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ep = _Epilogue(prog)
     n_state = len(prog.state)
     descs, smems, ptrs, strides = arg_names(n_state)
-    if ldg < 0:
-        raise ValueError(f"WS_LDG={ldg}: 0 or more")
-    ldg = min(ldg, n_state)        # at most every state tensor (one config serves every rule)
-    n_tma = n_state + 1 - ldg      # W and the first state tensors come through the TMA ring
     n_scalar = len(prog.scalars)
     cs = [f"c{i}" for i in range(n_scalar)]
     L = []
@@ -407,7 +398,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                .replace("GROUP_N,", "GROUP_N: gl.constexpr,")
                .replace("SKIP_GEMM", "SKIP_GEMM: gl.constexpr"))
     if state == "epi":
-        L.extend(issue_state_source(descs[:n_tma], smems[:n_tma], rows, l2))
+        L.extend(issue_state_source(descs, smems, rows, l2))
     if warp_fed:
         a("@gluon.jit")
         a(f"def _state_partition({wparams}):")
@@ -496,8 +487,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     # ---- epilogue partition (default: num_warps warps) ----
     a("@gluon.jit")
     st_params = {"regs": "", "warp": f"{', '.join(smems)}, st_ready, st_empty, ",
-                 "epi": f"{', '.join(descs[:n_tma])}, {', '.join(smems[:n_tma])}, "
-                        "st_ready, "}[state]
+                 "epi": f"{', '.join(descs)}, {', '.join(smems)}, st_ready, "}[state]
     a(f"def _epilogue_partition(acc_smem, acc_ready, acc_empty, {st_params}{', '.join(ptrs)}, "
       f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)},")
     a("                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, SPLIT: gl.constexpr,")
@@ -521,8 +511,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("        mask_n = rn < N")
     if not per_chunk and not halves:
         a("        mbarrier.wait(acc_ready.index(0), i & 1)")
-    st_call = (f"walk_u0, walk_t0, walk_step, {', '.join(descs[:n_tma])}, "
-               f"{', '.join(smems[:n_tma])}, "
+    st_call = (f"walk_u0, walk_t0, walk_step, {', '.join(descs)}, {', '.join(smems)}, "
                "st_ready, N, K, "
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
     if not epilogue:
@@ -559,18 +548,6 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     f"            off_{v} = off{sfx}",
                     "        else:",
                     f"            off_{v} = {rn(sfx)}[:, None] * {strides[idx]} + rk{sfx}[None, :]"]
-        def ldg_lines(idx, v, offe):
-            return ["        if EVEN_NK:",
-                    f"            {v} = gl.load({ptrs[idx]} + {offe}, "
-                    "eviction_policy=\"evict_first\").to(gl.float32)",
-                    "        else:",
-                    f"            {v} = gl.load({ptrs[idx]} + {offe}, mask=mask{sfx}, other=0.0, "
-                    "eviction_policy=\"evict_first\").to(gl.float32)"]
-        # WS_LDG: these tensors' loads go out before the wait for the ring slot
-        for idx, n in enumerate(ep.tensor_names):
-            if state_tma and idx >= n_tma and n in ep.used:
-                v = f"{ep.var[n]}{sfx}"
-                out += ldg_lines(idx, v, f"off_{v}")
         if state_tma:
             # the chunk's W/state are in ring slot `seq % SLOTS` (TMA zero-fills the edges)
             if not balanced:     # (balanced: set by the chunk's guard)
@@ -582,12 +559,15 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                 continue
             v = f"{ep.var[n]}{sfx}"
             offe = f"off{sfx}" if idx == 0 else f"off_{v}"
-            if state_tma and idx >= n_tma:     # loaded above
-                continue
             if state_tma:
                 out.append(f"        {v} = {smems[idx]}.index(slot).load(cl).to(gl.float32)")
                 continue
-            out += ldg_lines(idx, v, offe)
+            out += ["        if EVEN_NK:",
+                    f"            {v} = gl.load({ptrs[idx]} + {offe}, "
+                    "eviction_policy=\"evict_first\").to(gl.float32)",
+                    "        else:",
+                    f"            {v} = gl.load({ptrs[idx]} + {offe}, mask=mask{sfx}, other=0.0, "
+                    "eviction_policy=\"evict_first\").to(gl.float32)"]
         if per_chunk:
             out.append(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
         elif one_buf and h % half == 0:
@@ -698,7 +678,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("        mbarrier.init(acc_ready.index(h), count=1)")
     a("        mbarrier.init(acc_empty.index(h), count=1)")
     if state_tma:
-        for d, m in zip(descs[:n_tma], smems[:n_tma]):
+        for d, m in zip(descs, smems):
             shape = "[SLOTS, BLOCK_N // SPLIT, BLOCK_K]" if rows else "[SLOTS, BLOCK_N, CW]"
             a(f"    {m} = gl.allocate_shared_memory({d}.dtype, {shape}, {d}.layout)")
         a("    st_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())")
@@ -729,15 +709,14 @@ _KERNELS: dict = {}
 
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
-            handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
-            ldg: int = 0):
-    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending, ldg)
+            handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1):
+    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_cache_policy():
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
-                            mma_pending, ldg)
+                            mma_pending)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -768,8 +747,7 @@ def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
     st = 0
     if cfg.WS != "regs":
         rows, cols = state_block(cfg)
-        n_ring = max(n_state - cfg.WS_LDG, 0)      # WS_LDG tensors skip the ring
-        st = cfg.WS_SLOTS * rows * cols * (param_dtype.itemsize + 4 * n_ring)
+        st = cfg.WS_SLOTS * rows * cols * (param_dtype.itemsize + 4 * n_state)
     return ring + acc + st + 1024      # + barriers and alignment
 
 
@@ -929,7 +907,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
-                cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_LDG)
+                cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
             param, *state, *scal, seed, T, N, K, param.stride(0),
