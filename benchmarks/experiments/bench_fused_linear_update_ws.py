@@ -31,7 +31,7 @@ from benchmarks.bench_fused_linear_update import (  # noqa: E402
     forge_bytes, host_us_per_launch, make_case, zero_grad_adamw_scalars)
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from forge_compile.kernels.fused_linear_update_ws import (  # noqa: E402
-    _SMEM_LIMIT as SMEM_LIMIT, fused_linear_update_ws, ws_shared_memory_bytes)
+    fused_linear_update_ws, ws_fits)
 from bench_fused_linear_update_tma import (  # noqa: E402
     _ms, check_correctness, fused_rows, save_rows, study_setup)
 
@@ -48,7 +48,7 @@ def fits(cfg, n_state: int) -> bool:
     """Whether the config's shared memory holds ``n_state`` fp32 state tensors beside fp32 W
     (run 20's SGD-momentum-only configs do not hold AdamW's two)."""
     cfg = cfg[0] if isinstance(cfg, tuple) else cfg
-    return ws_shared_memory_bytes(cfg, torch.float32, n_state) <= SMEM_LIMIT
+    return ws_fits(cfg, torch.float32, n_state)
 
 
 def launch(*args, seed=0, skip_gemm=False, skip_epilogue=False):

@@ -422,12 +422,12 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a(f"""    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[{mma_warps}, 1],
                                                   instr_shape=[16, BLOCK_K, 16])""")
     L.extend(tile_walk(balanced))
-    a("""    num_t = gl.cdiv(T, BLOCK_T)
+    a(f"""    num_t = gl.cdiv(T, BLOCK_T)
     if SKIP_GEMM:
         num_t = 0
     gbase = 0
     off_n, off_k = _tile_coords(walk_t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)
-    for s in gl.static_range(STAGES - {P}):
+    for s in gl.static_range(STAGES - {mma_pending}):
         if s < num_t:
             _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
     for i in range(my_tiles):
@@ -439,21 +439,21 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
             acc = warpgroup_mma(dy_smem.index(slot).permute((1, 0)), x_smem.index(slot), acc,
                                 is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding={P}, deps=(acc,))
+            acc = warpgroup_mma_wait(num_outstanding={mma_pending}, deps=(acc,))
             gl.thread_barrier()
-            if t + STAGES - {P} < num_t:
-                _issue_gemm(t + STAGES - {P}, gs + STAGES - {P}, off_n, off_k, dy_desc, x_desc,
+            if t + STAGES - {mma_pending} < num_t:
+                _issue_gemm(t + STAGES - {mma_pending}, gs + STAGES - {mma_pending}, off_n, off_k, dy_desc, x_desc,
                             dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         gbase += num_t
         gl.thread_barrier()
         if i + 1 < my_tiles:
             nn, nk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
-            for s in gl.static_range(STAGES - {P}):
+            for s in gl.static_range(STAGES - {mma_pending}):
                 if s < num_t:
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
                                 STAGES, BLOCK_T)
-""".replace("{P}", str(mma_pending)))
+""")
     if halves:
         # rows 0..BLOCK_N/2-1 and the rest: the wgmma layout holds both halves in each
         # thread's registers (4 warps × 16 rows cover 64), so the split moves no data
@@ -743,7 +743,10 @@ def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
                            op_bytes: int = 2) -> int:
     """Shared memory of one CTA (the GEMM ring, the accumulator hand-off, the W/state ring)."""
     ring = cfg.num_stages * cfg.BLOCK_T * (cfg.BLOCK_N + cfg.BLOCK_K) * op_bytes
-    acc = cfg.BLOCK_N * cfg.BLOCK_K * 4 // (2 if cfg.WS == "epi_rows_half1" else 1)
+    # the hand-off buffer: acc_block for the row paths, every column chunk at once otherwise
+    acc = cfg.BLOCK_N * cfg.BLOCK_K * 4
+    if cfg.WS in _ROW_PATHS:
+        acc = acc_block(cfg)[0] * acc_block(cfg)[1] * 4
     st = 0
     if cfg.WS != "regs":
         rows, cols = state_block(cfg)
