@@ -326,6 +326,10 @@ WS_STUDY = {   # the shipped paths and the study's alternatives (docs/kernels.md
                                           WS_SLOTS=4),
     "epi_rows_pairs": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_pairs"),
 }
+# The study's L2 prefetch of W/state chunks beyond the ring (WS_PREFETCH, twelfth session): the
+# T=2048 pick, whose ring holds 24 KiB, and a 16-warp T=512 one
+WS_PREFETCH_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH=2),
+                     dataclasses.replace(flu._GPU_WS_CONFIGS[0], WS_PREFETCH=1))
 # The study's two MMA warpgroups on 256×128 tiles (the accumulator handed over in halves of 128
 # rows; 225 KiB of shared memory at BLOCK_T 32 with 2 stages and 2 slots). Not in the sm_90
 # spill test: with edge masks (EVEN_NK false) its epilogue needs 8 bytes of stack at 96
@@ -482,6 +486,33 @@ def test_ws_pairs_barrier_and_refill_every_second_chunk():
         ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
 
 
+def test_ws_prefetch_source():
+    """WS_PREFETCH=d: chunks SLOTS..SLOTS+d-1 are prefetched before the tile loop, and each
+    refill of chunk seq + SLOTS is followed by the prefetch of chunk seq + SLOTS + d, guarded by
+    the CTA's chunk count; one bulk prefetch per tensor, predicated per element. At 0 the
+    source has no prefetch; paths other than "epi_rows" are refused."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    plain = ws.kernel_source(prog, 16, False, "epi_rows")
+    src = ws.kernel_source(prog, 16, False, "epi_rows", prefetch=3)
+    assert "_prefetch_state" not in plain and "cp.async.bulk.prefetch" not in plain
+    compile(src, "<prefetch>", "exec")
+    assert "for j in gl.static_range(SLOTS, SLOTS + 3):" in src
+    assert src.count("if seq + SLOTS + 3 < n_chunks:") == 16
+    assert src.count("_prefetch_state(seq + SLOTS + 3, ") == 16
+    # W, m and v: one predicated bulk prefetch each, of BLOCK_K elements of its own dtype
+    helper = src[src.index("def _prefetch_state"):src.index("def _mma_partition")]
+    assert helper.count("@p cp.async.bulk.prefetch.L2.global [$3], $2;") == 3
+    for ptr in ("p_ptr", "s0_ptr", "s1_ptr"):
+        assert f"BLOCK_K * ({ptr}.dtype.element_ty.primitive_bitwidth // 8)" in helper
+    # each refill comes before its prefetch (the ring's chunk is the more urgent)
+    i = src.index("_issue_state(seq + SLOTS, ")
+    assert i < src.index("_prefetch_state(seq + SLOTS + 3, ", i)
+    for path in ("epi", "epi_rows_pairs"):
+        with pytest.raises(ValueError, match="only with WS='epi_rows'"):
+            ws.kernel_source(prog, 8, False, path, prefetch=1)
+
+
 def test_ws_bad_l2_mode_fails_fast():
     """An unknown WS_L2 is refused before anything compiles, naming the valid modes."""
     ws = _ws()
@@ -548,7 +579,8 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
              "MMA_REGS": ws._MMA_REGS[cfg.WS_MMA_WARPS], "num_warps": cfg.num_warps}
     sig.update({k: "constexpr" for k in const})
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
-                    mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING)
+                    mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING,
+                    prefetch=cfg.WS_PREFETCH)
     return triton.compile(GluonASTSource(fn, sig, constexprs=const),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})
@@ -583,6 +615,8 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
     (0, "adamw", "bf16"), (2, "sgd_momentum", "fp32"), (3, "adamw", "bf16")]] + [
     (name, WS_STUDY[name], "adamw", dt) for name in ("epi_rows_half", "epi_rows_half1",
                                                        "epi_rows_pairs")
+    for dt in ("fp32", "bf16")] + [
+    (f"prefetch{i}", c, "adamw", dt) for i, c in enumerate(WS_PREFETCH_STUDY)
     for dt in ("fp32", "bf16")]
 
 
@@ -1114,9 +1148,39 @@ def test_gpu_ws_two_mma_warpgroups(rule):
         assert max(err.values()) <= 1e-5, (shape, err)
 
 
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("idx", range(len(WS_PREFETCH_STUDY)))
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16w"])
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adamw", "lion"])
+def test_gpu_ws_prefetch(rule, param_dtype, idx):
+    """The L2 prefetch changes no result: every rule against the fp64 reference (1e-5; bf16
+    weights within 1 ulp, stochastically rounded), on the ragged shape too, where rows past N
+    and tiles cut by K are not prefetched."""
+    prog, sc = _rules("cuda")[rule]
+    cfg = WS_PREFETCH_STUDY[idx]
+    for shape in GPU_SHAPES:
+        dy, x, p, s = _inputs(prog, *shape, torch.bfloat16, "cuda", param_dtype=param_dtype,
+                              seed=_seed(rule, shape))
+        _ws_or_skip(dy, x, p, s)
+        if param_dtype == torch.float32:
+            err = _rule_errors(rule, prog, dy, x, p, s, sc,
+                               lambda *a: flu.fused_linear_update_triton(*a, config=cfg))
+            assert err.pop("finite"), err
+            assert max(err.values()) <= 1e-5, (shape, err)
+            continue
+        ref = [t.clone() for t in (p, *s)]
+        flu.fused_linear_update_triton(dy, x, ref[0], ref[1:], sc, prog,
+                                       config=dataclasses.replace(cfg, WS_PREFETCH=0), seed=7)
+        flu.fused_linear_update_triton(dy, x, p, s, sc, prog, config=cfg, seed=7)
+        # the same kernel but for the prefetch, the same seed: the same bits
+        for a, b in zip((p, *s), ref):
+            assert torch.equal(a, b), shape
+
+
 _WS_POISON_CONFIGS = flu._GPU_WS_CONFIGS + tuple(
     c for c in WS_STUDY.values() if c not in flu._GPU_WS_CONFIGS and c.WS.startswith("epi")) + (
-    WS_TWO_WARPGROUPS,)
+    WS_TWO_WARPGROUPS,) + WS_PREFETCH_STUDY
 
 
 @gpu

@@ -536,6 +536,8 @@ class KernelConfig:
     WS_MMA_WARPS: int = 4
     # wgmma groups it leaves in flight before refilling a ring slot: 1 (shipped) or 2 (study).
     WS_MMA_PENDING: int = 1
+    # W/state chunks it prefetches into L2 beyond its shared-memory ring (0: none; study).
+    WS_PREFETCH: int = 0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

@@ -300,6 +300,42 @@ def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
     return out + ["", ""]
 
 
+def prefetch_state_source(ptrs, strides) -> list:
+    """``_prefetch_state(seq, ...)``: an L2 prefetch of this CTA's W/state row chunk ``seq``
+    (the chunk ``_issue_state`` would load), one ``cp.async.bulk.prefetch.L2`` of BLOCK_K
+    elements per row and tensor. Why: the W/state ring in shared memory is what bounds the
+    stream's bytes in flight (ws4's 24 KiB beside the 4-stage GEMM ring: the stream alone
+    169 µs instead of 152 with 48 KiB, ncu, eleventh session); a prefetch puts more bytes in
+    flight without shared memory, and the ring's later TMA load then hits L2. One element per
+    epilogue thread (no replicated layout, so no duplicate prefetches); rows past N and tiles
+    cut by K's edge are not prefetched (a hint only: the TMA load still zero-fills them)."""
+    out = ["@gluon.jit",
+           f"def _prefetch_state(seq, walk_u0, walk_t0, walk_step, {', '.join(ptrs)}, "
+           f"{', '.join(strides)}, N, K,",
+           "                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, "
+           "SPLIT: gl.constexpr, GROUP_N: gl.constexpr,",
+           "                    CW: gl.constexpr, EPI_WARPS: gl.constexpr):",
+           "    u = walk_u0 + seq",
+           "    off_n, off_k = _tile_coords(walk_t0 + (u // SPLIT - walk_u0 // SPLIT) * walk_step,",
+           "                                N, K, BLOCK_N, BLOCK_K, GROUP_N)",
+           "    off_n += (u % SPLIT) * CW",
+           "    pl: gl.constexpr = gl.BlockedLayout([1], [32], [EPI_WARPS], [0])",
+           "    e = gl.arange(0, 32 * EPI_WARPS, pl)",
+           "    full = off_k + BLOCK_K <= K"]
+    for d, (ptr, stride) in enumerate(zip(ptrs, strides)):
+        out += [f"    r = e - {d} * CW",
+                "    ok = ((r >= 0) & (r < CW) & (off_n + r < N) & full).to(gl.int32)",
+                f"    nb = gl.full([32 * EPI_WARPS], BLOCK_K * ({ptr}.dtype.element_ty"
+                ".primitive_bitwidth // 8), gl.int32, pl)",
+                f"    gl.inline_asm_elementwise(\"{{ .reg .pred p; setp.ne.b32 p, $1, 0; \"",
+                "                              \"@p cp.async.bulk.prefetch.L2.global [$3], $2; "
+                "mov.u32 $0, 0; }\",",
+                f"                              \"=r,r,r,l\", [ok, nb, {ptr} + (off_n + r) "
+                f"* {stride} + off_k],",
+                "                              dtype=gl.int32, is_pure=False, pack=1)"]
+    return out + ["", ""]
+
+
 def tile_walk(balanced: bool) -> list:
     """Kernel lines (both partitions) naming this CTA's share of the work: ``my_tiles`` tiles
     walk_t0, walk_t0 + walk_step, ... (in ``_tile_coords`` order), and within them
@@ -337,7 +373,7 @@ def tile_walk(balanced: bool) -> list:
 
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
-                  mma_pending: int = 1) -> str:
+                  mma_pending: int = 1, prefetch: int = 0) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -348,7 +384,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``l2``: a key of L2_MODES, the L2 eviction priorities of the dY/X and W/state TMA loads.
     ``mma_warps``: 4 (one MMA warpgroup) or 8 (two, for BLOCK_N = 256 in the study).
     ``mma_pending``: wgmma groups left in flight before a ring slot is refilled (1 shipped; the
-    ring then holds STAGES - mma_pending loads in flight)."""
+    ring then holds STAGES - mma_pending loads in flight).
+    ``prefetch``: W/state chunks prefetched into L2 beyond the ring (``prefetch_state_source``;
+    0: none, the source is then as before the knob; only the "epi_rows" path)."""
+    if prefetch and state != "epi_rows":
+        raise ValueError(f"WS_PREFETCH={prefetch}: only with WS='epi_rows'")
     if mma_warps not in _MMA_REGS:
         raise ValueError(f"mma_warps={mma_warps}: one of {sorted(_MMA_REGS)}")
     if mma_pending not in (1, 2):
@@ -399,6 +439,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                .replace("SKIP_GEMM", "SKIP_GEMM: gl.constexpr"))
     if state == "epi":
         L.extend(issue_state_source(descs, smems, rows, l2))
+    if prefetch:
+        L.extend(prefetch_state_source(ptrs, strides))
     if warp_fed:
         a("@gluon.jit")
         a(f"def _state_partition({wparams}):")
@@ -514,6 +556,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     st_call = (f"walk_u0, walk_t0, walk_step, {', '.join(descs)}, {', '.join(smems)}, "
                "st_ready, N, K, "
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
+    pf_call = (f"walk_u0, walk_t0, walk_step, {', '.join(ptrs)}, {', '.join(strides)}, N, K, "
+               "BLOCK_N, BLOCK_K, SPLIT, GROUP_N, CW, EPI_WARPS)")
     if not epilogue:
         for h in range(split if per_chunk else 2 if halves else 1):
             if one_buf:
@@ -527,6 +571,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         L[i_loop:i_loop] = ["    for j in gl.static_range(SLOTS):",
                             "        if j < n_chunks:",
                             f"            _issue_state(j, {st_call}"]
+        if prefetch:         # and the next `prefetch` chunks into L2
+            L[i_loop + 3:i_loop + 3] = [
+                f"    for j in gl.static_range(SLOTS, SLOTS + {prefetch}):",
+                "        if j < n_chunks:",
+                f"            _prefetch_state(j, {pf_call}"]
 
     def rn(sfx):
         return f"rn{sfx}" if rows else "rn"
@@ -593,6 +642,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             out += ["        fence_async_shared()",
                     "        if seq + SLOTS < n_chunks:",
                     f"            _issue_state(seq + SLOTS, {st_call}"]
+            if prefetch:
+                out += [f"        if seq + SLOTS + {prefetch} < n_chunks:",
+                        f"            _prefetch_state(seq + SLOTS + {prefetch}, {pf_call}"]
         if per_chunk:               # chunk h read: the MMA warps may store the next tile's
             out.append(f"        mbarrier.arrive(acc_empty.index({h}), count=1)")
         elif halves and (h + 1) % half == 0:    # this half read: the MMA may store the next
@@ -709,14 +761,16 @@ _KERNELS: dict = {}
 
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
-            handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1):
-    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending)
+            handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
+            prefetch: int = 0):
+    key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
+           prefetch)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_cache_policy():
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
-                            mma_pending)
+                            mma_pending, prefetch)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -910,7 +964,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
-                cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING)
+                cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_PREFETCH)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
             param, *state, *scal, seed, T, N, K, param.stride(0),
