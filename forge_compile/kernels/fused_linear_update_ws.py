@@ -327,7 +327,7 @@ def prefetch_state_source(ptrs, strides) -> list:
                 "    ok = ((r >= 0) & (r < CW) & (off_n + r < N) & full).to(gl.int32)",
                 f"    nb = gl.full([32 * EPI_WARPS], BLOCK_K * ({ptr}.dtype.element_ty"
                 ".primitive_bitwidth // 8), gl.int32, pl)",
-                f"    gl.inline_asm_elementwise(\"{{ .reg .pred p; setp.ne.b32 p, $1, 0; \"",
+                "    gl.inline_asm_elementwise(\"{ .reg .pred p; setp.ne.b32 p, $1, 0; \"",
                 "                              \"@p cp.async.bulk.prefetch.L2.global [$3], $2; "
                 "mov.u32 $0, 0; }\",",
                 f"                              \"=r,r,r,l\", [ok, nb, {ptr} + (off_n + r) "
