@@ -495,16 +495,16 @@ def test_ws_prefetch_source():
     prog = _rules()["adamw"][0]
     plain = ws.kernel_source(prog, 16, False, "epi_rows")
     src = ws.kernel_source(prog, 16, False, "epi_rows", prefetch=3)
-    assert "_prefetch_state" not in plain and "cp.async.bulk.prefetch" not in plain
+    assert "_prefetch_state" not in plain and "prefetch.global" not in plain
     compile(src, "<prefetch>", "exec")
     assert "for j in gl.static_range(SLOTS, SLOTS + 3):" in src
     assert src.count("if seq + SLOTS + 3 < n_chunks:") == 16
     assert src.count("_prefetch_state(seq + SLOTS + 3, ") == 16
-    # W, m and v: one predicated bulk prefetch each, of BLOCK_K elements of its own dtype
+    # W, m and v: a predicated prefetch per 128-byte line of each (its own dtype's width)
     helper = src[src.index("def _prefetch_state"):src.index("def _mma_partition")]
-    assert helper.count("@p cp.async.bulk.prefetch.L2.global [$3], $2;") == 3
-    for ptr in ("p_ptr", "s0_ptr", "s1_ptr"):
-        assert f"BLOCK_K * ({ptr}.dtype.element_ty.primitive_bitwidth // 8)" in helper
+    assert helper.count("@p prefetch.global.L2 [$2];") == 3
+    for d, ptr in enumerate(("p_ptr", "s0_ptr", "s1_ptr")):
+        assert f"LE{d}: gl.constexpr = 1024 // {ptr}.dtype.element_ty.primitive_bitwidth" in helper
     # each refill comes before its prefetch (the ring's chunk is the more urgent)
     i = src.index("_issue_state(seq + SLOTS, ")
     assert i < src.index("_prefetch_state(seq + SLOTS + 3, ", i)
@@ -632,6 +632,18 @@ def test_ws_kernel_compiles_for_sm90_without_spills(name, cfg, rule, param_dtype
     assert smem <= _ws().ws_shared_memory_bytes(
         cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32,
         len(_rules()[rule][0].state))
+
+
+def test_ws_prefetch_reaches_the_ptx():
+    """WS_PREFETCH's per-line L2 prefetches survive compilation (impure inline asm: not dead
+    code), predicated, and only in the prefetching kernel."""
+    cfg = WS_PREFETCH_STUDY[0]
+    prog = _rules()["adamw"][0]
+    ptx = _sm90_compile(cfg, prog, "bf16").asm["ptx"]
+    plain = _sm90_compile(dataclasses.replace(cfg, WS_PREFETCH=0), prog, "bf16").asm["ptx"]
+    # 3 tensors × (16 refill sites + 2 before the tile loop), each one instruction per thread
+    assert ptx.count("@p prefetch.global.L2 [%rd") >= 3 * 16, ptx.count("prefetch")
+    assert "prefetch.global.L2" not in plain
 
 
 def _tma_load_priorities(ptx):

@@ -280,7 +280,7 @@ RUN22 = {
 # not). H100 00:10 UTC: the epilogue alone fell to 65-70% of copy (ws4 84%), fused AdamW T=2048
 # 0.230-0.246 vs 0.212 ms, T=512 0.195-0.213 vs 0.156: register loads cannot hold the bytes in
 # flight that the TMA ring does (the seventh session's finding, again).
-# Run 24 (twelfth session): an L2 prefetch of W/state chunks beyond the shared-memory ring
+# Run 24 (twelfth session; 24a: by cp.async.bulk.prefetch.L2, at f55a5b1; 24b: per line): an L2 prefetch of W/state chunks beyond the shared-memory ring
 # (WS_PREFETCH = chunks ahead of the ring; cp.async.bulk.prefetch.L2, one per row and tensor).
 # ws4's ring holds 24 KiB beside its 4-stage GEMM ring, and its stream alone takes 169 µs
 # against ws2's 152 with 48 KiB (ncu, eleventh session): more bytes in flight without shared

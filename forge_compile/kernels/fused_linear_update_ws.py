@@ -302,13 +302,14 @@ def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
 
 def prefetch_state_source(ptrs, strides) -> list:
     """``_prefetch_state(seq, ...)``: an L2 prefetch of this CTA's W/state row chunk ``seq``
-    (the chunk ``_issue_state`` would load), one ``cp.async.bulk.prefetch.L2`` of BLOCK_K
-    elements per row and tensor. Why: the W/state ring in shared memory is what bounds the
-    stream's bytes in flight (ws4's 24 KiB beside the 4-stage GEMM ring: the stream alone
-    169 µs instead of 152 with 48 KiB, ncu, eleventh session); a prefetch puts more bytes in
-    flight without shared memory, and the ring's later TMA load then hits L2. One element per
-    epilogue thread (no replicated layout, so no duplicate prefetches); rows past N and tiles
-    cut by K's edge are not prefetched (a hint only: the TMA load still zero-fills them)."""
+    (the chunk ``_issue_state`` would load), one ``prefetch.global.L2`` per 128-byte line, one
+    line per epilogue thread. Why: the W/state ring in shared memory is what bounds the stream's
+    bytes in flight (ws4's 24 KiB beside the 4-stage GEMM ring: the stream alone 169 µs instead
+    of 152 with 48 KiB, ncu, eleventh session); a prefetch puts more bytes in flight without
+    shared memory, and the ring's later TMA load then hits L2. Per line, through the load/store
+    unit, not ``cp.async.bulk.prefetch.L2`` (study run 24: those 512-byte bulk prefetches share
+    the TMA unit with the rings' loads, and fused AdamW T=2048 took 0.436 ms instead of 0.217).
+    Rows past N and lines past K are not prefetched (a hint only: the TMA load zero-fills)."""
     out = ["@gluon.jit",
            f"def _prefetch_state(seq, walk_u0, walk_t0, walk_step, {', '.join(ptrs)}, "
            f"{', '.join(strides)}, N, K,",
@@ -320,19 +321,20 @@ def prefetch_state_source(ptrs, strides) -> list:
            "                                N, K, BLOCK_N, BLOCK_K, GROUP_N)",
            "    off_n += (u % SPLIT) * CW",
            "    pl: gl.constexpr = gl.BlockedLayout([1], [32], [EPI_WARPS], [0])",
-           "    e = gl.arange(0, 32 * EPI_WARPS, pl)",
-           "    full = off_k + BLOCK_K <= K"]
+           "    e = gl.arange(0, 32 * EPI_WARPS, pl)"]
     for d, (ptr, stride) in enumerate(zip(ptrs, strides)):
-        out += [f"    r = e - {d} * CW",
-                "    ok = ((r >= 0) & (r < CW) & (off_n + r < N) & full).to(gl.int32)",
-                f"    nb = gl.full([32 * EPI_WARPS], BLOCK_K * ({ptr}.dtype.element_ty"
-                ".primitive_bitwidth // 8), gl.int32, pl)",
-                "    gl.inline_asm_elementwise(\"{ .reg .pred p; setp.ne.b32 p, $1, 0; \"",
-                "                              \"@p cp.async.bulk.prefetch.L2.global [$3], $2; "
+        le, lr = f"LE{d}", f"LR{d}"     # elements per line, lines per row (constexprs: one each)
+        out += [f"    {le}: gl.constexpr = 1024 // {ptr}.dtype.element_ty.primitive_bitwidth",
+                f"    {lr}: gl.constexpr = BLOCK_K // {le}",
+                f"    for e0 in gl.static_range(0, CW * {lr}, 32 * EPI_WARPS):",
+                f"        r = (e0 + e) // {lr}",
+                f"        c = off_k + (e0 + e) % {lr} * {le}",
+                f"        ok = ((e0 + e < CW * {lr}) & (off_n + r < N) & (c < K)).to(gl.int32)",
+                "        gl.inline_asm_elementwise(",
+                "            \"{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; "
                 "mov.u32 $0, 0; }\",",
-                f"                              \"=r,r,r,l\", [ok, nb, {ptr} + (off_n + r) "
-                f"* {stride} + off_k],",
-                "                              dtype=gl.int32, is_pure=False, pack=1)"]
+                f"            \"=r,r,l\", [ok, {ptr} + (off_n + r) * {stride} + c],",
+                "            dtype=gl.int32, is_pure=False, pack=1)"]
     return out + ["", ""]
 
 
