@@ -280,14 +280,15 @@ RUN22 = {
 # not). H100 00:10 UTC: the epilogue alone fell to 65-70% of copy (ws4 84%), fused AdamW T=2048
 # 0.230-0.246 vs 0.212 ms, T=512 0.195-0.213 vs 0.156: register loads cannot hold the bytes in
 # flight that the TMA ring does (the seventh session's finding, again).
-# Run 24 (twelfth session; 24a: by cp.async.bulk.prefetch.L2, at f55a5b1; 24b: per line): an L2 prefetch of W/state chunks beyond the shared-memory ring
+# Run 24 (twelfth session; 24a: by cp.async.bulk.prefetch.L2, at f55a5b1; 24b: per line, at 5db860f;
+# 24c: per line, no _tile_coords per chunk): an L2 prefetch of W/state chunks beyond the shared-memory ring
 # (WS_PREFETCH = chunks ahead of the ring; cp.async.bulk.prefetch.L2, one per row and tensor).
 # ws4's ring holds 24 KiB beside its 4-stage GEMM ring, and its stream alone takes 169 µs
 # against ws2's 152 with 48 KiB (ncu, eleventh session): more bytes in flight without shared
 # memory, the ring's TMA loads then hitting L2. Beside the plain ws0, ws4 and ws5.
 RUN24 = {
     **{f"ws{i} pf{d}": dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_PREFETCH=d)
-       for i, ds in ((4, (0, 1, 2, 4)), (0, (0, 1, 2)), (5, (0, 2))) for d in ds},
+       for i, ds in ((4, (0, 1, 2, 4)), (0, (0, 1)), (2, (0, 1)), (5, (0, 2))) for d in ds},
 }
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),

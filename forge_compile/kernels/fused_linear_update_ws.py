@@ -301,41 +301,44 @@ def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
 
 
 def prefetch_state_source(ptrs, strides) -> list:
-    """``_prefetch_state(seq, ...)``: an L2 prefetch of this CTA's W/state row chunk ``seq``
-    (the chunk ``_issue_state`` would load), one ``prefetch.global.L2`` per 128-byte line, one
-    line per epilogue thread. Why: the W/state ring in shared memory is what bounds the stream's
+    """``_prefetch_state(row0, col0, ...)``: an L2 prefetch of the W/state row chunk at
+    (row0, col0), one ``prefetch.global.L2`` per 128-byte line, at most one line per epilogue
+    thread and tensor (``prefetch_lanes``). Why: the W/state ring in shared memory is what bounds the stream's
     bytes in flight (ws4's 24 KiB beside the 4-stage GEMM ring: the stream alone 169 µs instead
     of 152 with 48 KiB, ncu, eleventh session); a prefetch puts more bytes in flight without
     shared memory, and the ring's later TMA load then hits L2. Per line, through the load/store
-    unit, not ``cp.async.bulk.prefetch.L2`` (study run 24: those 512-byte bulk prefetches share
-    the TMA unit with the rings' loads, and fused AdamW T=2048 took 0.436 ms instead of 0.217).
-    Rows past N and lines past K are not prefetched (a hint only: the TMA load zero-fills)."""
+    unit, not ``cp.async.bulk.prefetch.L2``: study run 24a, those 512-byte bulk prefetches share
+    the TMA unit with the rings' loads, and fused AdamW T=2048 took 0.436 ms instead of 0.217.
+    The caller names the chunk's tile and row, so that no chunk pays ``_tile_coords``' integer
+    divisions (run 24b did, per chunk: +100 SASS instructions per chunk and thread, fused AdamW
+    on 8 epilogue warps 1.7× slower). Rows past N and lines past K are not prefetched (a hint
+    only: the TMA load zero-fills them)."""
     out = ["@gluon.jit",
-           f"def _prefetch_state(seq, walk_u0, walk_t0, walk_step, {', '.join(ptrs)}, "
-           f"{', '.join(strides)}, N, K,",
-           "                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, "
-           "SPLIT: gl.constexpr, GROUP_N: gl.constexpr,",
-           "                    CW: gl.constexpr, EPI_WARPS: gl.constexpr):",
-           "    u = walk_u0 + seq",
-           "    off_n, off_k = _tile_coords(walk_t0 + (u // SPLIT - walk_u0 // SPLIT) * walk_step,",
-           "                                N, K, BLOCK_N, BLOCK_K, GROUP_N)",
-           "    off_n += (u % SPLIT) * CW",
-           "    pl: gl.constexpr = gl.BlockedLayout([1], [32], [EPI_WARPS], [0])",
-           "    e = gl.arange(0, 32 * EPI_WARPS, pl)"]
+           f"def _prefetch_state(row0, col0, {', '.join(ptrs)}, {', '.join(strides)}, N, K, pfe,",
+           "                    BLOCK_K: gl.constexpr, CW: gl.constexpr, EVEN_NK: gl.constexpr):"]
     for d, (ptr, stride) in enumerate(zip(ptrs, strides)):
-        le, lr = f"LE{d}", f"LR{d}"     # elements per line, lines per row (constexprs: one each)
+        le = f"LE{d}"          # elements per 128-byte line (constexprs cannot be reassigned)
         out += [f"    {le}: gl.constexpr = 1024 // {ptr}.dtype.element_ty.primitive_bitwidth",
-                f"    {lr}: gl.constexpr = BLOCK_K // {le}",
-                f"    for e0 in gl.static_range(0, CW * {lr}, 32 * EPI_WARPS):",
-                f"        r = (e0 + e) // {lr}",
-                f"        c = off_k + (e0 + e) % {lr} * {le}",
-                f"        ok = ((e0 + e < CW * {lr}) & (off_n + r < N) & (c < K)).to(gl.int32)",
-                "        gl.inline_asm_elementwise(",
-                "            \"{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; "
+                f"    r = pfe // (BLOCK_K // {le})",
+                f"    c = pfe % (BLOCK_K // {le}) * {le}",
+                f"    ok = pfe < CW * (BLOCK_K // {le})",
+                "    if not EVEN_NK:",
+                "        ok = ok & (row0 + r < N) & (col0 + c < K)",
+                "    gl.inline_asm_elementwise(",
+                "        \"{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; "
                 "mov.u32 $0, 0; }\",",
-                f"            \"=r,r,l\", [ok, {ptr} + (off_n + r) * {stride} + c],",
-                "            dtype=gl.int32, is_pure=False, pack=1)"]
+                f"        \"=r,r,l\", [ok.to(gl.int32), {ptr} + (row0 + r) * {stride} + col0 + c],",
+                "        dtype=gl.int32, is_pure=False, pack=1)"]
     return out + ["", ""]
+
+
+def prefetch_lanes() -> list:
+    """Epilogue-prologue lines: each thread's index among the lines of a W/state row chunk (CW
+    rows of BLOCK_K elements: CW·BLOCK_K·bytes/128 lines, at most one per thread; row and
+    column are shifts of it, so no more registers stay live across the tile loop: with three
+    per tensor, ws0's 96 registers spilled 16 bytes)."""
+    return ["    pl: gl.constexpr = gl.BlockedLayout([1], [32], [EPI_WARPS], [0])",
+            "    pfe = gl.arange(0, 32 * EPI_WARPS, pl)"]
 
 
 def tile_walk(balanced: bool) -> list:
@@ -558,8 +561,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     st_call = (f"walk_u0, walk_t0, walk_step, {', '.join(descs)}, {', '.join(smems)}, "
                "st_ready, N, K, "
                "BLOCK_N, BLOCK_K, SPLIT, SLOTS, GROUP_N, CW)")
-    pf_call = (f"walk_u0, walk_t0, walk_step, {', '.join(ptrs)}, {', '.join(strides)}, N, K, "
-               "BLOCK_N, BLOCK_K, SPLIT, GROUP_N, CW, EPI_WARPS)")
+    pf_args = f"{', '.join(ptrs)}, {', '.join(strides)}, N, K, pfe, BLOCK_K, CW, EVEN_NK)"
     if not epilogue:
         for h in range(split if per_chunk else 2 if halves else 1):
             if one_buf:
@@ -573,11 +575,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         L[i_loop:i_loop] = ["    for j in gl.static_range(SLOTS):",
                             "        if j < n_chunks:",
                             f"            _issue_state(j, {st_call}"]
-        if prefetch:         # and the next `prefetch` chunks into L2
-            L[i_loop + 3:i_loop + 3] = [
+        if prefetch:         # and the next `prefetch` chunks into L2 (all in the first tile)
+            L[i_loop + 3:i_loop + 3] = prefetch_lanes() + [
+                "    pf_n, pf_k = _tile_coords(walk_t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)",
                 f"    for j in gl.static_range(SLOTS, SLOTS + {prefetch}):",
                 "        if j < n_chunks:",
-                f"            _prefetch_state(j, {pf_call}"]
+                f"            _prefetch_state(pf_n + j * CW, pf_k, {pf_args}"]
+
 
     def rn(sfx):
         return f"rn{sfx}" if rows else "rn"
@@ -644,9 +648,19 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             out += ["        fence_async_shared()",
                     "        if seq + SLOTS < n_chunks:",
                     f"            _issue_state(seq + SLOTS, {st_call}"]
-            if prefetch:
-                out += [f"        if seq + SLOTS + {prefetch} < n_chunks:",
-                        f"            _prefetch_state(seq + SLOTS + {prefetch}, {pf_call}"]
+            if prefetch:    # chunk h + SLOTS + prefetch: this tile's or the next (constexpr)
+                q = f"{h} + SLOTS + {prefetch}"
+                # the next tile's corner, from the first chunk that prefetches into it on (so
+                # that it is not live across the whole tile: ws0's 96 registers spill otherwise)
+                out += [f"        if {q} == SPLIT:",
+                        "            nx_n, nx_k = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, "
+                        "BLOCK_N, BLOCK_K, GROUP_N)",
+                        f"        if seq + SLOTS + {prefetch} < n_chunks:",
+                        f"            if {q} < SPLIT:",
+                        f"                _prefetch_state(off_n + ({q}) * CW, off_k, {pf_args}",
+                        "            else:",
+                        f"                _prefetch_state(nx_n + ({q} - SPLIT) * CW, nx_k, "
+                        f"{pf_args}"]
         if per_chunk:               # chunk h read: the MMA warps may store the next tile's
             out.append(f"        mbarrier.arrive(acc_empty.index({h}), count=1)")
         elif halves and (h + 1) % half == 0:    # this half read: the MMA may store the next
@@ -953,6 +967,12 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
                          "refilled together, and the next chunk must already be in flight)")
     if cfg.WS_L2 not in L2_MODES:
         raise ValueError(f"WS_L2={cfg.WS_L2!r}: not one of {sorted(L2_MODES)}")
+    if cfg.WS_PREFETCH and cfg.WS_SLOTS + cfg.WS_PREFETCH > cfg.EPI_SPLIT:
+        raise ValueError(f"WS_PREFETCH={cfg.WS_PREFETCH} with WS_SLOTS={cfg.WS_SLOTS} reaches past "
+                         f"the next tile's first chunks: keep WS_SLOTS + WS_PREFETCH <= EPI_SPLIT")
+    if cfg.WS_PREFETCH and cfg.BLOCK_N // cfg.EPI_SPLIT * cfg.BLOCK_K * 4 > 128 * 32 * cfg.num_warps:
+        raise ValueError(f"WS_PREFETCH: a chunk of fp32 rows has more 128-byte lines than the "
+                         f"{32 * cfg.num_warps} epilogue threads: use a larger EPI_SPLIT")
     if not ws_fits(cfg, param.dtype, len(state)):
         raise ValueError(
             f"this WS config needs {ws_shared_memory_bytes(cfg, param.dtype, len(state))} B of "
