@@ -221,6 +221,8 @@ def main() -> None:
     ap.add_argument("--ws", type=int, default=None, help="with --ncu-variant: this shipped WS "
                     "config (_GPU_WS_CONFIGS[I], its own L2 priorities unless --l2 names some) "
                     "instead of ws:1 / ws:2")
+    ap.add_argument("--prefetch", type=int, default=0, help="with --ncu-variant: WS_PREFETCH "
+                    "(W/state chunks prefetched into L2 beyond the ring; study run 24)")
     a = ap.parse_args()
     t0 = time.time()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -235,6 +237,7 @@ def main() -> None:
         else:
             cfg = flu._GPU_WS_CONFIGS[a.ws]
             cfg = dataclasses.replace(cfg, WS_L2=a.l2) if a.l2 else cfg
+        cfg = dataclasses.replace(cfg, WS_PREFETCH=a.prefetch)
         for _ in range(3):
             fused_linear_update_ws(c["dy"], c["x"], c["p"], c["state"], sc, c["prog"], cfg,
                                    skip_gemm=a.ncu_variant == "stream",
