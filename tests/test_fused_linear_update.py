@@ -668,28 +668,36 @@ def test_ws_prefetch_reaches_the_ptx():
 
 
 def _tma_load_priorities(ptx):
-    """The L2 priority of each TMA load in ``ptx`` (None: no cache hint)."""
+    """(operand, L2 priority) of each TMA load in ``ptx``: operand 0 = dY, 1 = X, 2 = W/state
+    (the load's tensor map followed back through the moves to the entry's parameters, the
+    i-th 128-byte one being the i-th descriptor argument); priority None: no cache hint."""
+    ws = _ws()
     made = dict((reg, prio) for prio, reg in re.findall(
         r"createpolicy\.fractional\.L2::(\w+)\.b64\s+(%\w+), 1\.0;", ptx))
-    loads = re.findall(r"cp\.async\.bulk\.tensor\.\S+ \[[^\]]+\], \[%rd\d+, \{[^}]*\}\], "
-                       r"\[[^\]]+\](?:, (%\w+))?;", ptx)
-    return [made[reg] if reg else None for reg in loads]
+    maps = re.findall(r"\.param \.align 64 \.b8 (\w+_param_\d+)\[128\]", ptx)
+    src = dict(ws._PTX_MOVE.findall(ptx))
+    out = []
+    for desc, pol in re.findall(r"cp\.async\.bulk\.tensor\.\S+ \[[^\]]+\], \[(%rd\d+), "
+                                r"\{[^}]*\}\], \[[^\]]+\](?:, (%\w+))?;", ptx):
+        for _ in range(8):
+            desc = src.get(desc, desc)
+        out.append((min(maps.index(desc), 2), made[pol] if pol else None))
+    return out
 
 
-def _check_l2_priorities(mode, prios, n_plain):
-    """``prios`` (a kernel compiled with WS_L2=mode) against the L2_MODES entry: the GEMM's
-    loads come in dY/X pairs, the W/state loads in groups of 3 (AdamW: W, m, v)."""
-    gemm, state = _ws().L2_MODES[mode]
-    assert len(prios) == n_plain
-    n_last, n_first = prios.count("evict_last"), prios.count("evict_first")
-    assert n_last + n_first + prios.count(None) == len(prios)
-    assert (n_last > 0) == (gemm == "evict_last") and (n_first > 0) == (state == "evict_first")
-    assert n_last % 2 == 0 and n_first % 3 == 0
-    if gemm and state:
-        assert None not in prios
+def _check_l2_priorities(mode, loads, n_plain):
+    """``loads`` (a kernel compiled with WS_L2=mode) against the L2_MODES entry: the same
+    number of TMA loads as without hints, each operand's with its priority; the GEMM's loads
+    come in dY/X pairs, the W/state loads in groups of 3 (AdamW: W, m, v)."""
+    prios = _ws().L2_MODES[mode]
+    assert len(loads) == n_plain
+    for op, prio in loads:
+        assert prio == prios[op], (mode, op, prio)
+    ops = [op for op, _ in loads]
+    assert ops.count(0) == ops.count(1) > 0 and ops.count(2) % 3 == 0 and ops.count(2) > 0
 
 
-_L2_CASES = ["state_first", "gemm_last", "both"]
+_L2_CASES = ["state_first", "gemm_last", "both", "dy_last", "x_last"]
 
 
 @pytest.mark.parametrize("mode", _L2_CASES)
@@ -700,7 +708,7 @@ def test_ws_l2_hints_reach_the_tma_loads(mode):
     cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS_L2="")
     prog = _rules()["adamw"][0]
     plain = _tma_load_priorities(_sm90_compile(cfg, prog).asm["ptx"])
-    assert plain and set(plain) == {None}
+    assert plain and {prio for _, prio in plain} == {None}
     hinted = dataclasses.replace(cfg, WS_L2=mode)
     _check_l2_priorities(mode, _tma_load_priorities(_sm90_compile(hinted, prog).asm["ptx"]),
                          len(plain))

@@ -290,6 +290,21 @@ RUN24 = {
     **{f"ws{i} pf{d}": dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_PREFETCH=d)
        for i, ds in ((4, (0, 1, 2, 4)), (0, (0, 1)), (2, (0, 1)), (5, (0, 2))) for d in ds},
 }
+# Run 25 (twelfth session): ncu (01:08 UTC, 4096² T=2048 AdamW, ws4) has the fused kernel at
+# 217 µs = the stream alone (169 µs) + the time its dY/X re-reads take at the same DRAM rate
+# (300 MB read vs the stream's 201; 65.8% DRAM throughput in both), and the prefetch (run 24)
+# speeding the stream alone without moving the fused kernel. GROUP_N=8 reads all 32 X panels
+# once per group of 8 dY rows (4 groups: 67 MB at least), and evict_last on both (33.5 MB)
+# does not keep them. A walk that reuses one operand in every round of 132 tiles, that operand
+# alone evict_last (16.8 MB): GROUP_N=1024 (all N rows in one group: each round reads every dY
+# panel and ~4 X panels, each X panel by 32 CTAs at once) with "dy_last", GROUP_N=1 with
+# "x_last"; the walk alone for comparison.
+RUN25 = {
+    **{f"ws{i} g{g} {m or 'none'}": dataclasses.replace(flu._GPU_WS_CONFIGS[i], GROUP_N=g, WS_L2=m)
+       for i, g, m in [(4, 8, "gemm_last"), (4, 1024, "dy_last"), (4, 1024, ""), (4, 1, "x_last"),
+                       (4, 1024, "gemm_last"), (5, 8, ""), (5, 1024, "dy_last"),
+                       (0, 8, "state_first"), (0, 1024, "dy_last")]},
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -319,7 +334,7 @@ def main():
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21, **RUN22,
-             **RUN24}
+             **RUN24, **RUN25}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

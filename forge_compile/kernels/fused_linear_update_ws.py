@@ -95,13 +95,20 @@ def _thread_barrier() -> str:
     return "barrier" if hasattr(gl, "barrier") else "thread_barrier"
 
 
-# L2 eviction priorities of the TMA loads: (dY/X, W/state). Beside the W/state stream the GEMM's
+# L2 eviction priorities of the TMA loads: (dY, X, W/state). Beside the W/state stream the GEMM's
 # dY/X are evicted from the 50 MB L2 and read again from DRAM, 2.8× at T=512 (+23 MB) and 3.2×
 # at T=2048 (107 MB, 22% of the kernel's DRAM traffic; ncu, H100, ninth session). W/state are
 # read once: evict_first for them, evict_last for dY/X keeps the operands resident. Measured
 # (H100, study run 15): "state_first" ships; evict_last on dY/X cost 2-6% at T ≥ 2048.
-L2_MODES = {"": (None, None), "gemm_last": ("evict_last", None),
-            "state_first": (None, "evict_first"), "both": ("evict_last", "evict_first")}
+# "dy_last"/"x_last" (twelfth session, study run 25): one operand resident, for a tile walk that
+# reuses it in every round (GROUP_N ≥ the N tiles: every round reads all dY panels and a few X
+# panels once; GROUP_N = 1: the other way round) — 16.8 MB of dY at 4096×T=2048 fits the L2
+# where both operands' 33.5 MB did not.
+L2_MODES = {"": (None, None, None), "gemm_last": ("evict_last", "evict_last", None),
+            "state_first": (None, None, "evict_first"),
+            "both": ("evict_last", "evict_last", "evict_first"),
+            "dy_last": ("evict_last", None, "evict_first"),
+            "x_last": (None, "evict_last", "evict_first")}
 # The kernel's entry name carries the mode (and this tag: a change to the PTX rewrite below must
 # not reuse Triton's on-disk cubins, whose key is the source).
 _L2_TAG = "_l2v1_"
@@ -136,10 +143,10 @@ def add_l2_hints(ptx: str) -> str:
     if m is None or not m.group(1).startswith(_KERNEL_NAME + _L2_TAG):
         return ptx
     name = m.group(1)
-    gemm, state = L2_MODES[name[len(_KERNEL_NAME + _L2_TAG):]]
+    prios = L2_MODES[name[len(_KERNEL_NAME + _L2_TAG):]]
     # the i-th 128-byte tensor-map parameter is the i-th descriptor argument: dy, x, W, state
     maps = re.findall(rf"\.param \.align 64 \.b8 ({name}_param_\d+)\[128\]", ptx)
-    policy = {p: (gemm if i < 2 else state) for i, p in enumerate(maps)}
+    policy = {p: prios[min(i, 2)] for i, p in enumerate(maps)}
     src = dict(_PTX_MOVE.findall(ptx))
 
     def origin(reg):             # follow the moves back to a parameter (None: not one)
@@ -210,7 +217,7 @@ def _policy_kw(prio: Optional[str]) -> str:
 
 def gemm_helpers(l2: str = "") -> str:
     """Gluon source of the grouped tile order and of one GEMM ring step's TMA loads."""
-    kw = _policy_kw(L2_MODES[l2][0])
+    kw_dy, kw_x = (_policy_kw(p) for p in L2_MODES[l2][:2])
     return f"""
 @gluon.jit
 def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
@@ -232,8 +239,8 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
     slot = gstep % STAGES
     bar = ld_bar.index(slot)
     mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
-    tma.{_tma_load()}(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot){kw})
-    tma.{_tma_load()}(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot){kw})
+    tma.{_tma_load()}(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot){kw_dy})
+    tma.{_tma_load()}(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot){kw_x})
 """
 
 
@@ -294,7 +301,7 @@ def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
            "    slot = seq % SLOTS",
            "    bar = st_bar.index(slot)",
            "    mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")"]
-    kw = _policy_kw(L2_MODES[l2][1])
+    kw = _policy_kw(L2_MODES[l2][2])
     out += [f"    tma.{_tma_load()}({d}, [off_n, off_k], bar, {m}.index(slot){kw})"
             for d, m in zip(descs, smems)]
     return out + ["", ""]
@@ -386,7 +393,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``handoff``: "chunk" = the accumulator changes hands one column chunk at a time (chunk h
     of tile i+1 is stored as soon as the epilogue has read chunk h of tile i); "tile" = the
     whole tile at once (the study's earlier variant: the epilogue idles during every hand-off).
-    ``l2``: a key of L2_MODES, the L2 eviction priorities of the dY/X and W/state TMA loads.
+    ``l2``: a key of L2_MODES, the L2 eviction priorities of the dY, X and W/state TMA loads.
     ``mma_warps``: 4 (one MMA warpgroup) or 8 (two, for BLOCK_N = 256 in the study).
     ``mma_pending``: wgmma groups left in flight before a ring slot is refilled (1 shipped; the
     ring then holds STAGES - mma_pending loads in flight).
@@ -461,7 +468,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("        mbarrier.expect(bar, " + " + ".join(f"{d}.block_type.nbytes" for d in descs) + ")")
         for d, m in zip(descs, smems):
             a(f"        tma.{_tma_load()}({d}, [off_n, off_k + (seq % SPLIT) * CW], "
-              f"bar, {m}.index(slot){_policy_kw(L2_MODES[l2][1])})")
+              f"bar, {m}.index(slot){_policy_kw(L2_MODES[l2][2])})")
         a("")
         a("")
     a("@gluon.jit")
