@@ -330,7 +330,9 @@ WS_STUDY = {   # the shipped paths and the study's alternatives (docs/kernels.md
 # T=2048 pick, whose ring holds 24 KiB of 8-row chunks, and the 8-warp 16-row one. (The 16-warp
 # ws0 at 96 registers needs 16 bytes of stack with bf16 weights on Triton 3.9, none on 3.6.)
 WS_PREFETCH_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH=2),
-                     dataclasses.replace(flu._GPU_WS_CONFIGS[2], WS_PREFETCH=1))
+                     dataclasses.replace(flu._GPU_WS_CONFIGS[2], WS_PREFETCH=1),
+                     # and the GEMM's dY/X, steps ahead of the ring (WS_PREFETCH_GEMM)
+                     dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH_GEMM=2))
 # The study's two MMA warpgroups on 256×128 tiles (the accumulator handed over in halves of 128
 # rows; 225 KiB of shared memory at BLOCK_T 32 with 2 stages and 2 slots). Not in the sm_90
 # spill test: with edge masks (EVEN_NK false) its epilogue needs 8 bytes of stack at 96
@@ -521,6 +523,27 @@ def test_ws_prefetch_source():
             ws.kernel_source(prog, 8, False, path, prefetch=1)
 
 
+def test_ws_prefetch_gemm_source():
+    """WS_PREFETCH_GEMM=d: the MMA warps prefetch ring step t + STAGES - 1 + d of this tile
+    (steps STAGES-1.. before the first tile) and, near a tile's end, the next tile's first
+    steps, at coordinates computed once per tile; the kernel takes dY/X's pointers and strides
+    only then."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    plain = ws.kernel_source(prog, 16, False, "epi_rows")
+    src = ws.kernel_source(prog, 16, False, "epi_rows", prefetch_gemm=2)
+    compile(src, "<prefetch_gemm>", "exec")
+    assert "_prefetch_gemm" not in plain and "dy_ptr" not in plain and "{PF_" not in plain
+    assert "{PF_" not in src
+    mma = src[src.index("def _mma_partition"):src.index("def _epilogue_partition")]
+    assert "for s in gl.static_range(STAGES - 1, STAGES - 1 + 2):" in mma
+    assert "pq = t + STAGES - 1 + 2" in mma
+    assert "_prefetch_gemm(pq * BLOCK_T, off_n, off_k, " in mma
+    assert "_prefetch_gemm((pq - num_t) * BLOCK_T, pn, pk, " in mma
+    assert mma.count("_tile_coords(walk_t0 + (i + 1) * walk_step") == 2   # pn/pk and nn/nk
+    assert src.count("dy_ptr, x_ptr, s_dy_t, s_x_t") >= 3     # kernel, partition, launch
+
+
 def test_ws_prefetch_bad_options_fail_fast():
     """WS_PREFETCH that would reach past the next tile, or a chunk with more lines than the
     epilogue has threads, is refused before anything compiles, naming the fix."""
@@ -591,6 +614,8 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
            "p_ptr": "*" + param_dtype, **{f"s{i}_ptr": "*fp32" for i in range(n)},
            **{f"sc{i}": "*fp32" for i in range(len(prog.scalars))}, "seed": "i32",
            **{a: "i32" for a in ["T", "N", "K", "s_p_n"] + [f"s_s{i}_n" for i in range(n)]}}
+    if cfg.WS_PREFETCH_GEMM:
+        sig.update({"dy_ptr": "*bf16", "x_ptr": "*bf16", "s_dy_t": "i32", "s_x_t": "i32"})
     const = {**{f"SCALAR_PTR_{i}": True for i in range(len(prog.scalars))},
              "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "BLOCK_T": cfg.BLOCK_T,
              "SPLIT": cfg.EPI_SPLIT, "STAGES": cfg.num_stages, "SLOTS": cfg.WS_SLOTS,
@@ -601,7 +626,7 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
     sig.update({k: "constexpr" for k in const})
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
                     mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING,
-                    prefetch=cfg.WS_PREFETCH)
+                    prefetch=cfg.WS_PREFETCH, prefetch_gemm=cfg.WS_PREFETCH_GEMM)
     return triton.compile(GluonASTSource(fn, sig, constexprs=const),
                           target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})
@@ -653,6 +678,14 @@ def test_ws_kernel_compiles_for_sm90_without_spills(name, cfg, rule, param_dtype
     assert smem <= _ws().ws_shared_memory_bytes(
         cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32,
         len(_rules()[rule][0].state))
+
+
+def test_ws_prefetch_gemm_reaches_the_ptx():
+    """WS_PREFETCH_GEMM's prefetches survive compilation, in the MMA partition, predicated."""
+    cfg = WS_PREFETCH_STUDY[2]
+    ptx = _sm90_compile(cfg, _rules()["adamw"][0]).asm["ptx"]
+    # dY and X: per ring step, before the first tile and in the loop (two sites)
+    assert ptx.count("@p prefetch.global.L2 [%rd") >= 2 * 3, ptx.count("prefetch")
 
 
 def test_ws_prefetch_reaches_the_ptx():
@@ -1212,7 +1245,8 @@ def test_gpu_ws_prefetch(rule, param_dtype, idx):
             continue
         ref = [t.clone() for t in (p, *s)]
         flu.fused_linear_update_triton(dy, x, ref[0], ref[1:], sc, prog,
-                                       config=dataclasses.replace(cfg, WS_PREFETCH=0), seed=7)
+                                       config=dataclasses.replace(
+                                           cfg, WS_PREFETCH=0, WS_PREFETCH_GEMM=0), seed=7)
         flu.fused_linear_update_triton(dy, x, p, s, sc, prog, config=cfg, seed=7)
         # the same kernel but for the prefetch, the same seed: the same bits
         for a, b in zip((p, *s), ref):

@@ -305,6 +305,17 @@ RUN25 = {
                        (4, 1024, "gemm_last"), (5, 8, ""), (5, 1024, "dy_last"),
                        (0, 8, "state_first"), (0, 1024, "dy_last")]},
 }
+# Run 26 (twelfth session): run 25's ncu had GROUP_N=1024 with dY evict_last read more from DRAM
+# (330 MB) than the shipped walk (295-300 MB, whatever the L2 mode): L2 priorities do not keep
+# dY/X beside the stream at T=2048. What the 4-stage ring showed (run 17: 3 → 4 stages, 12%)
+# is that the GEMM waits on those loads; a 5th stage has no shared memory left. So an L2
+# prefetch of the GEMM's dY/X, WS_PREFETCH_GEMM steps past the ring, by the MMA warps.
+RUN26 = {
+    **{f"ws{i} pfg{g}{' pf' + str(p) if p else ''}":
+       dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_PREFETCH_GEMM=g, WS_PREFETCH=p)
+       for i, g, p in [(4, 0, 0), (4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 2, 1), (5, 0, 0),
+                       (5, 2, 0), (0, 0, 0), (0, 2, 0)]},
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -334,7 +345,7 @@ def main():
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21, **RUN22,
-             **RUN24, **RUN25}
+             **RUN24, **RUN25, **RUN26}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

@@ -538,6 +538,8 @@ class KernelConfig:
     WS_MMA_PENDING: int = 1
     # W/state chunks it prefetches into L2 beyond its shared-memory ring (0: none; study).
     WS_PREFETCH: int = 0
+    # GEMM ring steps whose dY/X it prefetches into L2 beyond the ring (0: none; study).
+    WS_PREFETCH_GEMM: int = 0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

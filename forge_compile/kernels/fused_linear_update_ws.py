@@ -339,6 +339,37 @@ def prefetch_state_source(ptrs, strides) -> list:
     return out + ["", ""]
 
 
+def prefetch_gemm_source(mma_warps: int) -> str:
+    """``_prefetch_gemm(t0, off_n, off_k, ...)``: an L2 prefetch of one GEMM ring step's dY/X
+    slabs (rows t0..t0+BLOCK_T of dY's BLOCK_N columns at off_n and of X's BLOCK_K at off_k),
+    one ``prefetch.global.L2`` per 128-byte line, spread over the MMA warps. Why: at T=2048
+    the GEMM's loads come from DRAM beside the stream (dY/X re-read ~3×, ncu) and a deeper ring
+    was worth 12% (3 → 4 stages, study run 17), but a 5th stage has no shared memory left; a
+    prefetch a few steps ahead makes the ring's TMA loads hit L2 without one."""
+    return f"""
+@gluon.jit
+def _prefetch_gemm_one(ptr, stride, t0, off, T, W, BLOCK_T: gl.constexpr, BLOCK: gl.constexpr):
+    pl: gl.constexpr = gl.BlockedLayout([1], [32], [{mma_warps}], [0])
+    e = gl.arange(0, 32 * {mma_warps}, pl)
+    LE: gl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth
+    for e0 in gl.static_range(0, BLOCK_T * (BLOCK // LE), 32 * {mma_warps}):
+        r = t0 + (e0 + e) // (BLOCK // LE)
+        c = off + (e0 + e) % (BLOCK // LE) * LE
+        ok = (r < T) & (c < W)
+        gl.inline_asm_elementwise(
+            "{{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; mov.u32 $0, 0; }}",
+            "=r,r,l", [ok.to(gl.int32), ptr + r.to(gl.int64) * stride + c],
+            dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _prefetch_gemm(t0, off_n, off_k, dy_ptr, x_ptr, s_dy_t, s_x_t, T, N, K,
+                   BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    _prefetch_gemm_one(dy_ptr, s_dy_t, t0, off_n, T, N, BLOCK_T, BLOCK_N)
+    _prefetch_gemm_one(x_ptr, s_x_t, t0, off_k, T, K, BLOCK_T, BLOCK_K)
+"""
+
+
 def prefetch_lanes() -> list:
     """Epilogue-prologue lines: each thread's index among the lines of a W/state row chunk (CW
     rows of BLOCK_K elements: CW·BLOCK_K·bytes/128 lines, at most one per thread; row and
@@ -385,7 +416,7 @@ def tile_walk(balanced: bool) -> list:
 
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
-                  mma_pending: int = 1, prefetch: int = 0) -> str:
+                  mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -398,7 +429,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``mma_pending``: wgmma groups left in flight before a ring slot is refilled (1 shipped; the
     ring then holds STAGES - mma_pending loads in flight).
     ``prefetch``: W/state chunks prefetched into L2 beyond the ring (``prefetch_state_source``;
-    0: none, the source is then as before the knob; only the "epi_rows" path)."""
+    0: none, the source is then as before the knob; only the "epi_rows" path).
+    ``prefetch_gemm``: GEMM ring steps whose dY/X the MMA warps prefetch into L2 beyond the ring
+    (``prefetch_gemm_source``; 0: none; the kernel then also takes dY/X's pointers and
+    strides)."""
     if prefetch and state != "epi_rows":
         raise ValueError(f"WS_PREFETCH={prefetch}: only with WS='epi_rows'")
     if mma_warps not in _MMA_REGS:
@@ -437,12 +471,15 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     L = []
     a = L.append
     L.extend(module_head(prog, "forge_compile/kernels/fused_linear_update_ws.py", l2))
+    if prefetch_gemm:
+        L.append(prefetch_gemm_source(mma_warps))
     # ---- MMA partition (worker: 4 warps) ----
     # worker partitions share one signature (Gluon's rule): the GEMM and the state streams
     wsig = (f"dy_desc, x_desc, {''.join(d + ', ' for d in descs) if warp_fed else ''}"
             f"dy_smem, x_smem, {''.join(m + ', ' for m in smems) if warp_fed else ''}"
             f"ld_bar, {'st_ready, st_empty, ' if warp_fed else ''}acc_smem, acc_ready, acc_empty, "
-            "T, N, K, BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, SLOTS, GROUP_N, SKIP_GEMM")
+            f"T, N, K, {'dy_ptr, x_ptr, s_dy_t, s_x_t, ' if prefetch_gemm else ''}"
+            "BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, SLOTS, GROUP_N, SKIP_GEMM")
     wparams = (wsig.replace("BLOCK_N,", "BLOCK_N: gl.constexpr,")
                .replace("BLOCK_K,", "BLOCK_K: gl.constexpr,")
                .replace("BLOCK_T,", "BLOCK_T: gl.constexpr,").replace("SPLIT,", "SPLIT: gl.constexpr,")
@@ -484,9 +521,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     for s in gl.static_range(STAGES - {mma_pending}):
         if s < num_t:
             _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
-    for i in range(my_tiles):
+{{PF_START}}    for i in range(my_tiles):
         off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
-        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
+{{PF_TILE}}        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
         for t in range(num_t):
             gs = gbase + t
             slot = gs % STAGES
@@ -498,7 +535,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             if t + STAGES - {mma_pending} < num_t:
                 _issue_gemm(t + STAGES - {mma_pending}, gs + STAGES - {mma_pending}, off_n, off_k, dy_desc, x_desc,
                             dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+{{PF_LOOP}}        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         gbase += num_t
         gl.thread_barrier()
         if i + 1 < my_tiles:
@@ -508,6 +545,26 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
                                 STAGES, BLOCK_T)
 """)
+    # the GEMM's L2 prefetch (prefetch_gemm_source): before the first tile, its steps past the
+    # ring; in the loop, step t + ahead, and near a tile's end the next tile's first steps
+    pf_gemm = {"PF_START": "", "PF_TILE": "", "PF_LOOP": ""}
+    if prefetch_gemm:
+        ahead = f"STAGES - {mma_pending} + {prefetch_gemm}"
+        pfa = "dy_ptr, x_ptr, s_dy_t, s_x_t, T, N, K, BLOCK_T, BLOCK_N, BLOCK_K)"
+        pf_gemm = {
+            "PF_START": (f"    for s in gl.static_range(STAGES - {mma_pending}, {ahead}):\n"
+                         "        if s < num_t:\n"
+                         f"            _prefetch_gemm(s * BLOCK_T, off_n, off_k, {pfa}\n"),
+            "PF_TILE": ("        pn, pk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, BLOCK_N, "
+                        "BLOCK_K, GROUP_N)\n"),
+            "PF_LOOP": (f"            pq = t + {ahead}\n"
+                        "            if pq < num_t:\n"
+                        f"                _prefetch_gemm(pq * BLOCK_T, off_n, off_k, {pfa}\n"
+                        "            elif i + 1 < my_tiles:\n"
+                        f"                _prefetch_gemm((pq - num_t) * BLOCK_T, pn, pk, {pfa}\n")}
+    i_mma = next(j for j in range(len(L) - 1, -1, -1) if "{PF_LOOP}" in L[j])
+    for k, v in pf_gemm.items():       # (the f-string above left {PF_...} as markers)
+        L[i_mma] = L[i_mma].replace("{" + k + "}", v)
     if halves:
         # rows 0..BLOCK_N/2-1 and the rest: the wgmma layout holds both halves in each
         # thread's registers (4 warps × 16 rows cover 64), so the split moves no data
@@ -728,7 +785,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     # the entry name carries the L2 mode for add_l2_hints (Triton < 3.9)
     name = _KERNEL_NAME + (_L2_TAG + l2 if l2 else "")
     a(f"def {name}(dy_desc, x_desc, {dparams}{', '.join(ptrs)}, {scal_args}seed,")
-    a(f"                   T, N, K, {', '.join(strides)}, {scal_flags}")
+    a(f"                   T, N, K, {', '.join(strides)}, "
+      f"{'dy_ptr, x_ptr, s_dy_t, s_x_t, ' if prefetch_gemm else ''}{scal_flags}")
     a("                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,")
     a("                   SPLIT: gl.constexpr, STAGES: gl.constexpr, SLOTS: gl.constexpr,")
     a("                   GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr, SAME_STRIDES: gl.constexpr,")
@@ -785,15 +843,15 @@ _KERNELS: dict = {}
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
             handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
-            prefetch: int = 0):
+            prefetch: int = 0, prefetch_gemm: int = 0):
     key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
-           prefetch)
+           prefetch, prefetch_gemm)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_cache_policy():
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
-                            mma_pending, prefetch)
+                            mma_pending, prefetch, prefetch_gemm)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -993,11 +1051,13 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
-                cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_PREFETCH)
+                cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_PREFETCH,
+                cfg.WS_PREFETCH_GEMM)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
             param, *state, *scal, seed, T, N, K, param.stride(0),
-            *[s.stride(0) for s in state])
+            *[s.stride(0) for s in state],
+            *((dy, x, dy.stride(0), x.stride(0)) if cfg.WS_PREFETCH_GEMM else ()))
     kwargs = dict(
         **flags, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
         SPLIT=cfg.EPI_SPLIT, STAGES=cfg.num_stages, SLOTS=max(cfg.WS_SLOTS, 1),
