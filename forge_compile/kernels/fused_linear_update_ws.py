@@ -41,6 +41,12 @@ their entry name). Measured: dY/X come from DRAM once instead of 2.7 times at T=
 0.4-2.3% faster; the 16-warp row candidates ship with W/state evict_first. If another hook
 replaces this one, the kernels compile without the hint: slower by that much, never different.
 
+Study knobs of the twelfth session (docs/kernels.md "Twelfth session"; off by default, which
+leaves the generated source unchanged): ``WS_PREFETCH`` (an L2 prefetch of W/state chunks a few
+chunks past the ring: the stream alone 4-14% faster, the fused kernel not), ``WS_PREFETCH_GEMM``
+(the MMA warps prefetch dY/X steps past the GEMM ring: the GEMM 37% slower) and the per-operand
+L2 modes ``dy_last``/``x_last`` for tile walks that reuse one operand (no fewer DRAM reads).
+
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
 Needs an sm_90 GPU, Triton with Gluon's Hopper API, bf16/fp16 operands and TMA-compatible
