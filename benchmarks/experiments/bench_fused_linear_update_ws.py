@@ -316,6 +316,18 @@ RUN26 = {
        for i, g, p in [(4, 0, 0), (4, 1, 0), (4, 2, 0), (4, 4, 0), (4, 2, 1), (5, 0, 0),
                        (5, 2, 0), (0, 0, 0), (0, 2, 0)]},
 }
+# Run 27 (twelfth session): what the walk sets is a floor on the dY/X DRAM reads: with GROUP_N=8
+# the 4 groups of 8 dY row panels each read all 32 X panels, 4 × 16.8 + 16.8 = 84 MB at 4096²
+# T=2048, and ncu measured 98 (run 24c). Evict_last kept 8.4 MB of dY/X at T=512 (tenth
+# session) but not 16.8 MB of dY at T=2048 (run 25). So a middle: groups of 12-24 dY row
+# panels (6-12 MB, only dY evict_last), each group reading the X panels once: 16 rows → 2 × 16.8
+# + 16.8 = 50 MB if the group's dY panels stay.
+RUN27 = {
+    **{f"ws{i} g{g} {m or 'none'}": dataclasses.replace(flu._GPU_WS_CONFIGS[i], GROUP_N=g, WS_L2=m)
+       for i, g, m in [(4, 8, "gemm_last"), (4, 8, "dy_last"), (4, 12, "dy_last"),
+                       (4, 16, "dy_last"), (4, 24, "dy_last"), (4, 16, "gemm_last"),
+                       (5, 8, ""), (5, 16, "dy_last"), (0, 16, "dy_last")]},
+}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -345,7 +357,7 @@ def main():
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21, **RUN22,
-             **RUN24, **RUN25, **RUN26}
+             **RUN24, **RUN25, **RUN26, **RUN27}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
