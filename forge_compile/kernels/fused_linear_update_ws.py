@@ -45,7 +45,8 @@ Study knobs of the twelfth session (docs/kernels.md "Twelfth session"; off by de
 leaves the generated source unchanged): ``WS_PREFETCH`` (an L2 prefetch of W/state chunks a few
 chunks past the ring: the stream alone 4-14% faster, the fused kernel not), ``WS_PREFETCH_GEMM``
 (the MMA warps prefetch dY/X steps past the GEMM ring: the GEMM 37% slower) and the per-operand
-L2 modes ``dy_last``/``x_last`` for tile walks that reuse one operand (no fewer DRAM reads).
+L2 modes ``dy_last``/``x_last`` for tile walks that reuse one operand (with groups of 12-16 dY
+rows, 24-28 MB fewer DRAM reads at T=2048, in the same time).
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
@@ -106,10 +107,11 @@ def _thread_barrier() -> str:
 # at T=2048 (107 MB, 22% of the kernel's DRAM traffic; ncu, H100, ninth session). W/state are
 # read once: evict_first for them, evict_last for dY/X keeps the operands resident. Measured
 # (H100, study run 15): "state_first" ships; evict_last on dY/X cost 2-6% at T ≥ 2048.
-# "dy_last"/"x_last" (twelfth session, study run 25): one operand resident, for a tile walk that
-# reuses it in every round (GROUP_N ≥ the N tiles: every round reads all dY panels and a few X
-# panels once; GROUP_N = 1: the other way round) — 16.8 MB of dY at 4096×T=2048 fits the L2
-# where both operands' 33.5 MB did not.
+# "dy_last"/"x_last" (twelfth session, study runs 25 and 27): one operand resident, for a tile
+# walk that reuses it (GROUP_N ≥ the N tiles: every round reads all dY panels; GROUP_N = 1: all
+# X panels). Measured at 4096² T=2048 (ncu): 16.8 MB of dY evict_last is not kept beside the
+# stream (330 MB read, the shipped walk 300); groups of 12-16 dY rows (6-8 MB) read 272-276 MB,
+# in the same time. Study modes.
 L2_MODES = {"": (None, None, None), "gemm_last": ("evict_last", "evict_last", None),
             "state_first": (None, None, "evict_first"),
             "both": ("evict_last", "evict_last", "evict_first"),
