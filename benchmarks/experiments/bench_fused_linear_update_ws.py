@@ -280,12 +280,15 @@ RUN22 = {
 # not). H100 00:10 UTC: the epilogue alone fell to 65-70% of copy (ws4 84%), fused AdamW T=2048
 # 0.230-0.246 vs 0.212 ms, T=512 0.195-0.213 vs 0.156: register loads cannot hold the bytes in
 # flight that the TMA ring does (the seventh session's finding, again).
-# Run 24 (twelfth session; 24a: by cp.async.bulk.prefetch.L2, at f55a5b1; 24b: per line, at 5db860f;
-# 24c: per line, no _tile_coords per chunk): an L2 prefetch of W/state chunks beyond the shared-memory ring
-# (WS_PREFETCH = chunks ahead of the ring; cp.async.bulk.prefetch.L2, one per row and tensor).
+# Run 24 (twelfth session): an L2 prefetch of W/state chunks beyond the shared-memory ring
+# (WS_PREFETCH = chunks ahead of the ring). 24a (at f55a5b1): cp.async.bulk.prefetch.L2, one per
+# row and tensor; 24b (at 5db860f): prefetch.global.L2 per 128-byte line, the tile recomputed per
+# chunk; 24c (at b0fa709): per line, the tile named by the caller.
 # ws4's ring holds 24 KiB beside its 4-stage GEMM ring, and its stream alone takes 169 µs
 # against ws2's 152 with 48 KiB (ncu, eleventh session): more bytes in flight without shared
 # memory, the ring's TMA loads then hitting L2. Beside the plain ws0, ws4 and ws5.
+# H100 (24c, 01:02-01:06 UTC): ws4's stream alone 4-14% faster (SGD-m 78% → 91% of copy); fused
+# unchanged or slower (AdamW T=2048 0.2126 → 0.2171-0.2287 ms). Not shipped.
 RUN24 = {
     **{f"ws{i} pf{d}": dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_PREFETCH=d)
        for i, ds in ((4, (0, 1, 2, 4)), (0, (0, 1)), (2, (0, 1)), (5, (0, 2))) for d in ds},
@@ -298,7 +301,9 @@ RUN24 = {
 # does not keep them. A walk that reuses one operand in every round of 132 tiles, that operand
 # alone evict_last (16.8 MB): GROUP_N=1024 (all N rows in one group: each round reads every dY
 # panel and ~4 X panels, each X panel by 32 CTAs at once) with "dy_last", GROUP_N=1 with
-# "x_last"; the walk alone for comparison.
+# "x_last"; the walk alone for comparison. H100 (01:11-01:15 UTC): fused AdamW T=2048
+# 0.2169-0.2238 against 0.2182; ncu: 330 MB read with dy_last (the shipped walk 300): the hint
+# does not keep 16.8 MB. (Run 27: fewer reads do not make it faster either.)
 RUN25 = {
     **{f"ws{i} g{g} {m or 'none'}": dataclasses.replace(flu._GPU_WS_CONFIGS[i], GROUP_N=g, WS_L2=m)
        for i, g, m in [(4, 8, "gemm_last"), (4, 1024, "dy_last"), (4, 1024, ""), (4, 1, "x_last"),
@@ -310,6 +315,8 @@ RUN25 = {
 # dY/X beside the stream at T=2048. What the 4-stage ring showed (run 17: 3 → 4 stages, 12%)
 # is that the GEMM waits on those loads; a 5th stage has no shared memory left. So an L2
 # prefetch of the GEMM's dY/X, WS_PREFETCH_GEMM steps past the ring, by the MMA warps.
+# H100 (01:21-01:25 UTC): the GEMM alone 0.1009 → 0.138-0.140 ms at T=2048 (the MMA warps are
+# its critical path); fused slower everywhere. Not shipped.
 RUN26 = {
     **{f"ws{i} pfg{g}{' pf' + str(p) if p else ''}":
        dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_PREFETCH_GEMM=g, WS_PREFETCH=p)
@@ -321,7 +328,9 @@ RUN26 = {
 # T=2048, and ncu measured 98 (run 24c). Evict_last kept 8.4 MB of dY/X at T=512 (tenth
 # session) but not 16.8 MB of dY at T=2048 (run 25). So a middle: groups of 12-24 dY row
 # panels (6-12 MB, only dY evict_last), each group reading the X panels once: 16 rows → 2 × 16.8
-# + 16.8 = 50 MB if the group's dY panels stay.
+# + 16.8 = 50 MB if the group's dY panels stay. H100 (01:32-01:37 UTC): ncu 272-276 MB read
+# (300 shipped) in 217-219 µs (217): DRAM less busy, the time the same; fused AdamW T=2048
+# 0.2094-0.2153 against 0.2104. Not shipped.
 RUN27 = {
     **{f"ws{i} g{g} {m or 'none'}": dataclasses.replace(flu._GPU_WS_CONFIGS[i], GROUP_N=g, WS_L2=m)
        for i, g, m in [(4, 8, "gemm_last"), (4, 8, "dy_last"), (4, 12, "dy_last"),
@@ -356,8 +365,8 @@ def main():
                                                   "fused_linear_update_ws.jsonl"))
     a = ap.parse_args()
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
-             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21, **RUN22,
-             **RUN24, **RUN25, **RUN26, **RUN27}
+             **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
+             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

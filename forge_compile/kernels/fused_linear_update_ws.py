@@ -318,10 +318,10 @@ def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
 def prefetch_state_source(ptrs, strides) -> list:
     """``_prefetch_state(row0, col0, ...)``: an L2 prefetch of the W/state row chunk at
     (row0, col0), one ``prefetch.global.L2`` per 128-byte line, at most one line per epilogue
-    thread and tensor (``prefetch_lanes``). Why: the W/state ring in shared memory is what bounds the stream's
-    bytes in flight (ws4's 24 KiB beside the 4-stage GEMM ring: the stream alone 169 µs instead
-    of 152 with 48 KiB, ncu, eleventh session); a prefetch puts more bytes in flight without
-    shared memory, and the ring's later TMA load then hits L2. Per line, through the load/store
+    thread and tensor (``prefetch_lanes``). Why: the W/state ring in shared memory is what
+    bounds the stream's bytes in flight (ws4's 24 KiB beside the 4-stage GEMM ring: the stream
+    alone 169 µs instead of 152 with 48 KiB, ncu, eleventh session); a prefetch puts more bytes
+    in flight without shared memory, and the ring's later TMA load then hits L2. Per line, through the load/store
     unit, not ``cp.async.bulk.prefetch.L2``: study run 24a, those 512-byte bulk prefetches share
     the TMA unit with the rings' loads, and fused AdamW T=2048 took 0.436 ms instead of 0.217.
     The caller names the chunk's tile and row, so that no chunk pays ``_tile_coords``' integer
@@ -563,8 +563,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             "PF_START": (f"    for s in gl.static_range(STAGES - {mma_pending}, {ahead}):\n"
                          "        if s < num_t:\n"
                          f"            _prefetch_gemm(s * BLOCK_T, off_n, off_k, {pfa}\n"),
-            "PF_TILE": ("        pn, pk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, BLOCK_N, "
-                        "BLOCK_K, GROUP_N)\n"),
+            "PF_TILE": ("        pn, pk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, "
+                        "BLOCK_N, BLOCK_K, GROUP_N)\n"),
             "PF_LOOP": (f"            pq = t + {ahead}\n"
                         "            if pq < num_t:\n"
                         f"                _prefetch_gemm(pq * BLOCK_T, off_n, off_k, {pfa}\n"
@@ -654,7 +654,6 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                 "        if j < n_chunks:",
                 f"            _prefetch_state(pf_n + j * CW, pf_k, {pf_args}"]
 
-
     def rn(sfx):
         return f"rn{sfx}" if rows else "rn"
 
@@ -725,8 +724,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                 # the next tile's corner, from the first chunk that prefetches into it on (so
                 # that it is not live across the whole tile: ws0's 96 registers spill otherwise)
                 out += [f"        if {q} == SPLIT:",
-                        "            nx_n, nx_k = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, "
-                        "BLOCK_N, BLOCK_K, GROUP_N)",
+                        "            nx_n, nx_k = _tile_coords(walk_t0 + (i + 1) * walk_step, "
+                        "N, K, BLOCK_N, BLOCK_K, GROUP_N)",
                         f"        if seq + SLOTS + {prefetch} < n_chunks:",
                         f"            if {q} < SPLIT:",
                         f"                _prefetch_state(off_n + ({q}) * CW, off_k, {pf_args}",
@@ -1042,9 +1041,10 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
         raise ValueError(f"WS_L2={cfg.WS_L2!r}: not one of {sorted(L2_MODES)}")
     if cfg.WS_PREFETCH and cfg.WS_SLOTS + cfg.WS_PREFETCH > cfg.EPI_SPLIT:
         raise ValueError(f"WS_PREFETCH={cfg.WS_PREFETCH} with WS_SLOTS={cfg.WS_SLOTS} reaches past "
-                         f"the next tile's first chunks: keep WS_SLOTS + WS_PREFETCH <= EPI_SPLIT")
-    if cfg.WS_PREFETCH and cfg.BLOCK_N // cfg.EPI_SPLIT * cfg.BLOCK_K * 4 > 128 * 32 * cfg.num_warps:
-        raise ValueError(f"WS_PREFETCH: a chunk of fp32 rows has more 128-byte lines than the "
+                         "the next tile's first chunks: keep WS_SLOTS + WS_PREFETCH <= EPI_SPLIT")
+    lines = cfg.BLOCK_N // cfg.EPI_SPLIT * cfg.BLOCK_K * 4 // 128    # of a chunk, fp32 rows
+    if cfg.WS_PREFETCH and lines > 32 * cfg.num_warps:
+        raise ValueError(f"WS_PREFETCH: a chunk has {lines} 128-byte lines, more than the "
                          f"{32 * cfg.num_warps} epilogue threads: use a larger EPI_SPLIT")
     if not ws_fits(cfg, param.dtype, len(state)):
         raise ValueError(
