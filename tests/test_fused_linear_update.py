@@ -333,6 +333,10 @@ WS_PREFETCH_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH=2),
                      dataclasses.replace(flu._GPU_WS_CONFIGS[2], WS_PREFETCH=1),
                      # and the GEMM's dY/X, steps ahead of the ring (WS_PREFETCH_GEMM)
                      dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH_GEMM=2))
+# The study's tile walks that reuse one operand, that operand alone evict_last (runs 25, 27)
+WS_WALK_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=16, WS_L2="dy_last"),
+                 dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1024, WS_L2="dy_last"),
+                 dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1, WS_L2="x_last"))
 # The study's two MMA warpgroups on 256×128 tiles (the accumulator handed over in halves of 128
 # rows; 225 KiB of shared memory at BLOCK_T 32 with 2 stages and 2 slots). Not in the sm_90
 # spill test: with edge masks (EVEN_NK false) its epilogue needs 8 bytes of stack at 96
@@ -1228,9 +1232,9 @@ def test_gpu_ws_two_mma_warpgroups(rule):
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16w"])
 @pytest.mark.parametrize("rule", ["sgd_momentum", "adamw", "lion"])
 def test_gpu_ws_prefetch(rule, param_dtype, idx):
-    """The L2 prefetch changes no result: every rule against the fp64 reference (1e-5; bf16
-    weights within 1 ulp, stochastically rounded), on the ragged shape too, where rows past N
-    and tiles cut by K are not prefetched."""
+    """The L2 prefetch changes no result: every rule against the fp64 reference (1e-5), on the
+    ragged shape too, where rows past N and tiles cut by K are not prefetched; bf16 weights
+    bit-identical to the same config without the prefetch (the same seed)."""
     prog, sc = _rules("cuda")[rule]
     cfg = WS_PREFETCH_STUDY[idx]
     for shape in GPU_SHAPES:
@@ -1253,9 +1257,26 @@ def test_gpu_ws_prefetch(rule, param_dtype, idx):
             assert torch.equal(a, b), shape
 
 
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("idx", range(len(WS_WALK_STUDY)))
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adamw", "lion"])
+def test_gpu_ws_walks(rule, idx):
+    """The one-operand tile walks (GROUP_N 16, all N rows, 1) with their L2 modes: every rule
+    against the fp64 reference, 1e-5, ragged and even shapes."""
+    prog, sc = _rules("cuda")[rule]
+    for shape in GPU_SHAPES:
+        dy, x, p, s = _inputs(prog, *shape, torch.bfloat16, "cuda", seed=_seed(rule, shape))
+        _ws_or_skip(dy, x, p, s)
+        err = _rule_errors(rule, prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+            *a, config=WS_WALK_STUDY[idx]))
+        assert err.pop("finite"), err
+        assert max(err.values()) <= 1e-5, (shape, err)
+
+
 _WS_POISON_CONFIGS = flu._GPU_WS_CONFIGS + tuple(
     c for c in WS_STUDY.values() if c not in flu._GPU_WS_CONFIGS and c.WS.startswith("epi")) + (
-    WS_TWO_WARPGROUPS,) + WS_PREFETCH_STUDY
+    WS_TWO_WARPGROUPS,) + WS_PREFETCH_STUDY + WS_WALK_STUDY
 
 
 @gpu
