@@ -548,6 +548,25 @@ def test_ws_prefetch_gemm_source():
     assert src.count("dy_ptr, x_ptr, s_dy_t, s_x_t") >= 3     # kernel, partition, launch
 
 
+def test_ws_ring_without_mma_source():
+    """The study's ring without the tensor cores (mma=False, run 28): the MMA warps still wait
+    for every step's loads and refill the ring, but issue no wgmma; everything else, the
+    epilogue included, is the shipped source."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    plain = ws.kernel_source(prog, 16, False, "epi_rows")
+    src = ws.kernel_source(prog, 16, False, "epi_rows", mma=False)
+    compile(src, "<no-mma>", "exec")
+    mma, mma_plain = (x[x.index("def _mma_partition"):x.index("def _epilogue_partition")]
+                      for x in (src, plain))
+    assert "warpgroup_mma(" in mma_plain and "warpgroup_mma(" not in mma
+    assert "warpgroup_mma_wait" not in mma
+    for line in ("mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)",
+                 "_issue_gemm(t + STAGES - 1, gs + STAGES - 1, ", "acc_smem.store(acc)"):
+        assert line in mma and line in mma_plain
+    assert src.replace(mma, "") == plain.replace(mma_plain, "")
+
+
 def test_ws_prefetch_bad_options_fail_fast():
     """WS_PREFETCH that would reach past the next tile, or a chunk with more lines than the
     epilogue has threads, is refused before anything compiles, naming the fix."""

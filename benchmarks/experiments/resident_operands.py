@@ -6,7 +6,9 @@ loads: beside the W/state stream ~10% of its dY/X reads miss L2, and the ring ha
 flight. This times the shipped T=2048 config (ws4) and the T=512 one (ws0) with dY and X as
 overlapping views (row stride 64 elements) of a 0.5 MB buffer: every TMA load of the GEMM then
 hits L2, and the kernel runs the same instructions on the same shapes. If the fused time drops
-towards the stream alone, the dY/X loads are what it waits on.
+towards the stream alone, the dY/X loads are what it waits on. Run 29 adds the fused kernel
+without the wgmma (``skip_mma``: the MMA warps still wait for every ring step's loads and refill
+the ring): what the GEMM's loads alone cost the stream, against what the tensor cores add.
 
 The results with overlapping operands are not an update anyone wants (only timed, never
 checked); the plain rows are checked elsewhere (the study script's correctness pass).
@@ -57,10 +59,15 @@ def main():
                             ("resident", resident(c["dy"]), resident(c["x"]))):
             args = (dy, x, c["p"].clone(), [s.clone() for s in c["state"]], c["scalars"],
                     c["prog"], cfg)
+            # the ring without the wgmma (grad 0: AdamW's m kept normal, as for the stream)
+            zsc = zero_grad_adamw_scalars() if opt == "adamw" else c["scalars"]
+            zargs = args[:4] + (zsc,) + args[5:]
             try:     # (the driver may refuse a tensor map whose rows overlap: say so, go on)
                 row[f"fused {name}"] = round(_ms(lambda: fused_linear_update_ws(*args)), 4)
                 row[f"gemm alone {name}"] = round(_ms(
                     lambda: fused_linear_update_ws(*args, skip_epilogue=True)), 4)
+                row[f"fused without wgmma {name}"] = round(_ms(
+                    lambda: fused_linear_update_ws(*zargs, skip_mma=True)), 4)
             except Exception as e:      # noqa: BLE001 (a study: record why and continue)
                 row[f"error {name}"] = f"{type(e).__name__}: {e}"[:300]
         sc = zero_grad_adamw_scalars() if opt == "adamw" else c["scalars"]

@@ -424,7 +424,8 @@ def tile_walk(balanced: bool) -> list:
 
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
-                  mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0) -> str:
+                  mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0,
+                  mma: bool = True) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -440,7 +441,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     0: none, the source is then as before the knob; only the "epi_rows" path).
     ``prefetch_gemm``: GEMM ring steps whose dY/X the MMA warps prefetch into L2 beyond the ring
     (``prefetch_gemm_source``; 0: none; the kernel then also takes dY/X's pointers and
-    strides)."""
+    strides). ``mma=False`` (study run 28): the MMA warps run the ring (wait for each step's
+    loads, refill the slot) without the wgmma, so the accumulator handed over is 0."""
     if prefetch and state != "epi_rows":
         raise ValueError(f"WS_PREFETCH={prefetch}: only with WS='epi_rows'")
     if mma_warps not in _MMA_REGS:
@@ -573,6 +575,16 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     i_mma = next(j for j in range(len(L) - 1, -1, -1) if "{PF_LOOP}" in L[j])
     for k, v in pf_gemm.items():       # (the f-string above left {PF_...} as markers)
         L[i_mma] = L[i_mma].replace("{" + k + "}", v)
+    if not mma:      # the ring without the tensor cores (study): drop the wgmma and its waits
+        block = L[i_mma]
+        for line in (f"""            acc = warpgroup_mma(dy_smem.index(slot).permute((1, 0)), x_smem.index(slot), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding={mma_pending}, deps=(acc,))
+""", """        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+"""):
+            assert line in block, line
+            block = block.replace(line, "")
+        L[i_mma] = block
     if halves:
         # rows 0..BLOCK_N/2-1 and the rest: the wgmma layout holds both halves in each
         # thread's registers (4 warps × 16 rows cover 64), so the split moves no data
@@ -850,15 +862,15 @@ _KERNELS: dict = {}
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
             handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
-            prefetch: int = 0, prefetch_gemm: int = 0):
+            prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True):
     key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
-           prefetch, prefetch_gemm)
+           prefetch, prefetch_gemm, mma)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_cache_policy():
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
-                            mma_pending, prefetch, prefetch_gemm)
+                            mma_pending, prefetch, prefetch_gemm, mma)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -1016,22 +1028,23 @@ def fused_linear_update_ws(dy: Tensor, x: Tensor, param: Tensor, state: List[Ten
                            scalars, program, cfg, seed: int = 0,
                            scalar_pointers: Optional[bool] = None, skip_gemm: bool = False,
                            skip_epilogue: bool = False, handoff: str = "chunk",
-                           acc_swizzled: Optional[bool] = None):
+                           acc_swizzled: Optional[bool] = None, skip_mma: bool = False):
     """W, state ← epilogue(dyᵀ·x, W, state, scalars) in place with the warp-specialised kernel;
     ``cfg`` a KernelConfig with WS set. For the study script: ``skip_gemm`` (grad = 0: the
     epilogue's traffic alone), ``skip_epilogue`` (the GEMM and the hand-off alone; nothing is
-    written), ``handoff`` (see kernel_source), ``acc_swizzled`` (see acc_layout). The caller
+    written), ``handoff`` (see kernel_source), ``acc_swizzled`` (see acc_layout), ``skip_mma``
+    (the dY/X ring runs without the wgmma: grad = 0, the GEMM's loads kept). The caller
     checked ``ws_unsupported_reason``."""
     k, grid, args, kwargs = ws_launch_args(dy, x, param, state, scalars, program, cfg, seed,
                                            scalar_pointers, skip_gemm, skip_epilogue, handoff,
-                                           acc_swizzled)
+                                           acc_swizzled, skip_mma)
     return launch_cache.launch(k, grid, *args, **kwargs)
 
 
 def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], scalars, program,
                    cfg, seed: int = 0, scalar_pointers: Optional[bool] = None,
                    skip_gemm: bool = False, skip_epilogue: bool = False, handoff: str = "chunk",
-                   acc_swizzled: Optional[bool] = None):
+                   acc_swizzled: Optional[bool] = None, skip_mma: bool = False):
     """(jit function, grid, positional arguments, keyword arguments) of one launch
     (fused_linear_update_ws's parameters; scripts/profile_launch.py times the launch alone)."""
     if cfg.WS == "epi_rows_pairs" and cfg.WS_SLOTS < 3:
@@ -1060,7 +1073,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     nsm = _num_sms(dy.device.index or 0)
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
                 cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_PREFETCH,
-                cfg.WS_PREFETCH_GEMM)
+                cfg.WS_PREFETCH_GEMM, not skip_mma)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
             param, *state, *scal, seed, T, N, K, param.stride(0),
