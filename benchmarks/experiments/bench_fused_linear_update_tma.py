@@ -156,6 +156,13 @@ def save_rows(rows, out, t0):
     print(f"total {time.time() - t0:.0f} s; {len(rows)} rows -> {out}")
 
 
+def study_args(doc: str, default_out: str) -> argparse.Namespace:
+    """A study script's command line: ``--out`` (default: ``benchmarks/results/<default_out>``)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", default_out))
+    return ap.parse_args()
+
+
 def _ms(fn) -> float:
     from triton.testing import do_bench_cudagraph
     fn()
@@ -163,10 +170,7 @@ def _ms(fn) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
-                                                  "fused_linear_update_tma.jsonl"))
-    a = ap.parse_args()
+    a = study_args(__doc__, "fused_linear_update_tma.jsonl")
     t0 = time.time()
     rows, emit, bw = study_setup(check_correctness(), t0)
 

@@ -17,7 +17,6 @@ Timings: medians of ``triton.testing.do_bench_cudagraph`` (4096², AdamW and SGD
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 from benchmarks.bench_fused_linear_update import make_case, zero_grad_adamw_scalars  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
-from bench_fused_linear_update_tma import _ms, save_rows, study_setup  # noqa: E402
+from bench_fused_linear_update_tma import _ms, save_rows, study_args, study_setup  # noqa: E402
 
 # a row stride of 64 bf16 elements (128 B: TMA's 16-byte rule holds) makes every row of the
 # [T, 4096] view start 64 elements after the previous one: the whole view spans T·64 + 4096
@@ -45,10 +44,7 @@ def resident(t: torch.Tensor) -> torch.Tensor:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
-                                                  "resident_operands.jsonl"))
-    a = ap.parse_args()
+    a = study_args(__doc__, "resident_operands.jsonl")
     t0 = time.time()
     rows, emit, _ = study_setup([], t0)
     for opt, T, ws in (("adamw", 2048, 4), ("sgd_momentum", 2048, 5), ("adamw", 512, 0)):
