@@ -49,8 +49,7 @@ if [[ $WHAT == ncu-stream ]]; then
   # what the GEMM adds beside the W/state stream (docs/kernels.md, "Ninth session"): the same
   # kernel fused, with skip_gemm and with skip_epilogue, 4096² AdamW at T = NCU_T (default 512;
   # ws:1 at 512, ws:2 above; NCU_WS=I: _GPU_WS_CONFIGS[I]; NCU_PF=d: WS_PREFETCH=d;
-  # NCU_GROUP_N: the tile walk's GROUP_N); DRAM and L2
-  # bytes and throughput
+  # NCU_GROUP_N: the tile walk's GROUP_N); DRAM and L2 bytes and throughput
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   # a variant may name the TMA loads' L2 priorities: fused:both (fused_linear_update_ws.L2_MODES)
   for vl in ${NCU_VARIANTS:-fused stream}; do

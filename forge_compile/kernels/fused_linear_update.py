@@ -529,7 +529,7 @@ class KernelConfig:
     # registers / all its warps / 32.
     WS: str = ""
     WS_SLOTS: int = 0
-    # The warp-specialised kernel's L2 eviction priorities on its TMA loads (dY/X, W/state): a
+    # The warp-specialised kernel's L2 eviction priorities on its TMA loads (dY, X, W/state): a
     # key of fused_linear_update_ws.L2_MODES ("" = none, "state_first", ...).
     WS_L2: str = ""
     # Warps of its MMA partition: 4 (one warpgroup, shipped) or 8 (the study's 256×128 tiles).

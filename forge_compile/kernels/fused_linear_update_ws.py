@@ -315,6 +315,12 @@ def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
     return out + ["", ""]
 
 
+# One L2 prefetch of the line at address $2 where the predicate $1 is non-zero ($0: a dummy
+# result; the asm is impure, so it is kept). Inline PTX: Gluon has no L2 prefetch on sm_90.
+_L2_PREFETCH_ASM = ("{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; "
+                    "mov.u32 $0, 0; }")
+
+
 def prefetch_state_source(ptrs, strides) -> list:
     """``_prefetch_state(row0, col0, ...)``: an L2 prefetch of the W/state row chunk at
     (row0, col0), one ``prefetch.global.L2`` per 128-byte line, at most one line per epilogue
@@ -340,8 +346,7 @@ def prefetch_state_source(ptrs, strides) -> list:
                 "    if not EVEN_NK:",
                 "        ok = ok & (row0 + r < N) & (col0 + c < K)",
                 "    gl.inline_asm_elementwise(",
-                "        \"{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; "
-                "mov.u32 $0, 0; }\",",
+                f'        "{_L2_PREFETCH_ASM}",',
                 f"        \"=r,r,l\", [ok.to(gl.int32), {ptr} + (row0 + r) * {stride} + col0 + c],",
                 "        dtype=gl.int32, is_pure=False, pack=1)"]
     return out + ["", ""]
@@ -365,7 +370,7 @@ def _prefetch_gemm_one(ptr, stride, t0, off, T, W, BLOCK_T: gl.constexpr, BLOCK:
         c = off + (e0 + e) % (BLOCK // LE) * LE
         ok = (r < T) & (c < W)
         gl.inline_asm_elementwise(
-            "{{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; mov.u32 $0, 0; }}",
+            "{_L2_PREFETCH_ASM}",
             "=r,r,l", [ok.to(gl.int32), ptr + r.to(gl.int64) * stride + c],
             dtype=gl.int32, is_pure=False, pack=1)
 
@@ -523,6 +528,31 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a(f"""    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[{mma_warps}, 1],
                                                   instr_shape=[16, BLOCK_K, 16])""")
     L.extend(tile_walk(balanced))
+    # the GEMM's L2 prefetch (prefetch_gemm_source): before the first tile, its steps past the
+    # ring; in the loop, step t + ahead, and near a tile's end the next tile's first steps
+    pf_start = pf_tile = pf_loop = ""
+    if prefetch_gemm:
+        ahead = f"STAGES - {mma_pending} + {prefetch_gemm}"
+        pfa = "dy_ptr, x_ptr, s_dy_t, s_x_t, T, N, K, BLOCK_T, BLOCK_N, BLOCK_K)"
+        pf_start = (f"    for s in gl.static_range(STAGES - {mma_pending}, {ahead}):\n"
+                    "        if s < num_t:\n"
+                    f"            _prefetch_gemm(s * BLOCK_T, off_n, off_k, {pfa}\n")
+        pf_tile = ("        pn, pk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, "
+                   "BLOCK_N, BLOCK_K, GROUP_N)\n")
+        pf_loop = (f"            pq = t + {ahead}\n"
+                   "            if pq < num_t:\n"
+                   f"                _prefetch_gemm(pq * BLOCK_T, off_n, off_k, {pfa}\n"
+                   "            elif i + 1 < my_tiles:\n"
+                   f"                _prefetch_gemm((pq - num_t) * BLOCK_T, pn, pk, {pfa}\n")
+    # the wgmma of each ring step and the drain after the T loop; mma=False (study): the ring
+    # runs without them
+    mma_step = mma_drain = ""
+    if mma:
+        mma_step = f"""            acc = warpgroup_mma(dy_smem.index(slot).permute((1, 0)), x_smem.index(slot), acc,
+                                is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding={mma_pending}, deps=(acc,))
+"""
+        mma_drain = "        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))\n"
     a(f"""    num_t = gl.cdiv(T, BLOCK_T)
     if SKIP_GEMM:
         num_t = 0
@@ -531,22 +561,18 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     for s in gl.static_range(STAGES - {mma_pending}):
         if s < num_t:
             _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
-{{PF_START}}    for i in range(my_tiles):
+{pf_start}    for i in range(my_tiles):
         off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
-{{PF_TILE}}        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
+{pf_tile}        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
         for t in range(num_t):
             gs = gbase + t
             slot = gs % STAGES
             mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
-            acc = warpgroup_mma(dy_smem.index(slot).permute((1, 0)), x_smem.index(slot), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding={mma_pending}, deps=(acc,))
-            gl.thread_barrier()
+{mma_step}            gl.thread_barrier()
             if t + STAGES - {mma_pending} < num_t:
                 _issue_gemm(t + STAGES - {mma_pending}, gs + STAGES - {mma_pending}, off_n, off_k, dy_desc, x_desc,
                             dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
-{{PF_LOOP}}        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        gbase += num_t
+{pf_loop}{mma_drain}        gbase += num_t
         gl.thread_barrier()
         if i + 1 < my_tiles:
             nn, nk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
@@ -555,36 +581,6 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
                                 STAGES, BLOCK_T)
 """)
-    # the GEMM's L2 prefetch (prefetch_gemm_source): before the first tile, its steps past the
-    # ring; in the loop, step t + ahead, and near a tile's end the next tile's first steps
-    pf_gemm = {"PF_START": "", "PF_TILE": "", "PF_LOOP": ""}
-    if prefetch_gemm:
-        ahead = f"STAGES - {mma_pending} + {prefetch_gemm}"
-        pfa = "dy_ptr, x_ptr, s_dy_t, s_x_t, T, N, K, BLOCK_T, BLOCK_N, BLOCK_K)"
-        pf_gemm = {
-            "PF_START": (f"    for s in gl.static_range(STAGES - {mma_pending}, {ahead}):\n"
-                         "        if s < num_t:\n"
-                         f"            _prefetch_gemm(s * BLOCK_T, off_n, off_k, {pfa}\n"),
-            "PF_TILE": ("        pn, pk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, "
-                        "BLOCK_N, BLOCK_K, GROUP_N)\n"),
-            "PF_LOOP": (f"            pq = t + {ahead}\n"
-                        "            if pq < num_t:\n"
-                        f"                _prefetch_gemm(pq * BLOCK_T, off_n, off_k, {pfa}\n"
-                        "            elif i + 1 < my_tiles:\n"
-                        f"                _prefetch_gemm((pq - num_t) * BLOCK_T, pn, pk, {pfa}\n")}
-    i_mma = next(j for j in range(len(L) - 1, -1, -1) if "{PF_LOOP}" in L[j])
-    for k, v in pf_gemm.items():       # (the f-string above left {PF_...} as markers)
-        L[i_mma] = L[i_mma].replace("{" + k + "}", v)
-    if not mma:      # the ring without the tensor cores (study): drop the wgmma and its waits
-        block = L[i_mma]
-        for line in (f"""            acc = warpgroup_mma(dy_smem.index(slot).permute((1, 0)), x_smem.index(slot), acc,
-                                is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding={mma_pending}, deps=(acc,))
-""", """        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-"""):
-            assert line in block, line
-            block = block.replace(line, "")
-        L[i_mma] = block
     if halves:
         # rows 0..BLOCK_N/2-1 and the rest: the wgmma layout holds both halves in each
         # thread's registers (4 warps × 16 rows cover 64), so the split moves no data
