@@ -11,10 +11,22 @@ draw and the clock-event reasons every 20 ms, and once more under ``triton.testi
 the anchor (mm, cast, torch's fused optimizer), the shipped WS kernel's W/state stream alone
 (grad 0), its GEMM alone, and the fused kernel. Nothing on the card is changed (read-only
 queries). Samples from the first 0.3 s of each phase are dropped (the clock ramps).
+
+Run 31 adds energy: NVML's energy counter (``nvmlDeviceGetTotalEnergyConsumption``, mJ, read
+through ctypes: the driver's own library, no package) over the last 2 s of each sustained
+phase gives joules per call and the mean power. References for the stream's energy per byte:
+a device copy of the same DRAM bytes and torch's fused optimizer alone. And a control that
+changes power but nothing else: the GEMM alone and the fused kernel with dY = X = 0 run the
+same instructions on the same bytes (AdamW with the zero-gradient scalars that keep m normal),
+but the tensor cores' operands do not toggle. If the fused kernel is bound by the board's
+power limit, zero operands make it faster; if it is bound by a unit's throughput, they do not.
+Run 32 repeats it with run 29's attribution (stream alone; the fused kernel without its wgmma,
+``skip_mma``; fused) under ``do_bench`` too, whose memset between calls keeps the clock up.
     python benchmarks/experiments/clocks_power.py [--out PATH]
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import subprocess
@@ -27,14 +39,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from benchmarks.bench_fused_linear_update import (anchor_fns, make_case,  # noqa: E402
+from benchmarks.bench_fused_linear_update import (BETAS, EPS, LR, MOMENTUM, WD,  # noqa: E402
+                                                  anchor_fns, make_case,
                                                   zero_grad_adamw_scalars)
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
 from bench_fused_linear_update_tma import save_rows, study_args, study_setup  # noqa: E402
 
-SUSTAIN_S = 2.0
-RAMP_S = 0.3
+SUSTAIN_S = 2.5
+RAMP_S = 0.5        # clock samples and the energy window start this long into a phase
 CALLS_PER_GRAPH = 10
 # nvidia-smi's clock-event reason bits (nvml.h, nvmlClocksEventReason*)
 REASONS = {0x1: "idle", 0x2: "app_clocks", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
@@ -51,6 +64,24 @@ def _reason_field() -> str:
             return f
     raise RuntimeError("nvidia-smi knows neither clocks_event_reasons nor "
                        "clocks_throttle_reasons")
+
+
+class Energy:
+    """NVML's total-energy counter of GPU 0 (mJ since the driver loaded), through ctypes."""
+
+    def __init__(self):
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if self.lib.nvmlInit_v2() != 0:
+            raise RuntimeError("nvmlInit_v2 failed")
+        self.handle = ctypes.c_void_p()
+        if self.lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(0), ctypes.byref(self.handle)):
+            raise RuntimeError("nvmlDeviceGetHandleByIndex_v2(0) failed")
+
+    def mJ(self) -> int:
+        e = ctypes.c_ulonglong()
+        if self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(e)):
+            raise RuntimeError("nvmlDeviceGetTotalEnergyConsumption failed")
+        return e.value
 
 
 class Sampler:
@@ -98,8 +129,9 @@ class Sampler:
         self.proc.wait()
 
 
-def sustained(fn, sampler: Sampler) -> dict:
-    """fn back to back for SUSTAIN_S seconds (graph replays); ms per call and the clocks."""
+def sustained(fn, sampler: Sampler, energy: Energy) -> dict:
+    """fn back to back for SUSTAIN_S seconds (graph replays): ms and mJ per call over the phase
+    after its first RAMP_S seconds, the mean power there, and the sampled clocks."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -115,18 +147,24 @@ def sustained(fn, sampler: Sampler) -> dict:
     torch.cuda.synchronize()
     ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0 = time.monotonic()
-    ev0.record()
-    n = 0
+    n = e0 = 0
     while time.monotonic() - t0 < SUSTAIN_S:
+        if not e0 and time.monotonic() - t0 >= RAMP_S:
+            e0 = energy.mJ()          # the GPU is synchronised here: the window starts now
+            ev0.record()
+            n = 0
         for _ in range(20):
             g.replay()
         n += 20
         torch.cuda.synchronize()     # the host stays within 20 replays of the GPU
     ev1.record()
     torch.cuda.synchronize()
+    e1 = energy.mJ()
     t1 = time.monotonic()
-    return {"ms": round(ev0.elapsed_time(ev1) / (n * CALLS_PER_GRAPH), 4),
-            **sampler.window(t0, t1)}
+    ms_total = ev0.elapsed_time(ev1)
+    calls = n * CALLS_PER_GRAPH
+    return {"ms": round(ms_total / calls, 4), "mJ_per_call": round((e1 - e0) / calls, 4),
+            "mean_W": round((e1 - e0) / ms_total, 1), **sampler.window(t0, t1)}
 
 
 def under_do_bench(fn, sampler: Sampler) -> dict:
@@ -140,37 +178,61 @@ def main():
     a = study_args(__doc__, "clocks_power.jsonl")
     t0 = time.time()
     rows, emit, _ = study_setup([], t0)
-    sampler = Sampler()
+    sampler, energy = Sampler(), Energy()
     limits = subprocess.run(["nvidia-smi", "--query-gpu=power.limit,clocks.max.sm,clocks.max.mem",
                              "--format=csv,noheader"], capture_output=True, text=True).stdout
     print("power limit, max SM clock, max memory clock:", limits.strip(), flush=True)
-    time.sleep(1.5)
+    torch.cuda.synchronize()
+    ti, ei = time.monotonic(), energy.mJ()
+    time.sleep(2.0)
     emit(study="clocks and power", variant="idle", limits=limits.strip(),
-         **sampler.window(time.monotonic() - 1.2 - RAMP_S, time.monotonic()))
+         mean_W=round((energy.mJ() - ei) / (time.monotonic() - ti) / 1e3, 1),
+         **sampler.window(ti - RAMP_S, time.monotonic()))
     for opt, T, ws in (("adamw", 512, 0), ("adamw", 2048, 4), ("sgd_momentum", 2048, 5)):
         cfg = flu._GPU_WS_CONFIGS[ws]
         c = make_case(4096, 4096, T, opt)
         args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], cfg)
         zsc = zero_grad_adamw_scalars() if opt == "adamw" else c["scalars"]
         zargs = args[:4] + (zsc,) + args[5:]
-        dy, x = c["dy"], c["x"]
-        anchor = anchor_fns(c, opt)["mm_bf16+cast"]
+        dy, x, p, st, grad = c["dy"], c["x"], c["p"], c["state"], c["grad"]
+        grad.copy_(torch.mm(dy.t(), x))
+        # dY = X = 0: the same launch, instructions and bytes; the tensor cores see zeros
+        zero_args = (torch.zeros_like(dy), torch.zeros_like(x)) + zargs[2:]
+        # the stream's DRAM bytes (W/state read and written once) as one copy
+        src = torch.randn(4096 * 4096 * (1 + len(st)), device="cuda")
+        dst = torch.empty_like(src)
+
+        def torch_opt():
+            if opt == "adamw":
+                torch._fused_adamw_([p], [grad], [st[0]], [st[1]], [], [c["step"]], lr=LR,
+                                    beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, eps=EPS,
+                                    amsgrad=False, maximize=False)
+            else:
+                torch._fused_sgd_([p], [grad], [st[0]], weight_decay=0.0, momentum=MOMENTUM,
+                                  lr=LR, dampening=0.0, nesterov=False, maximize=False,
+                                  is_first_step=False)
         variants = {
             "mm alone": lambda: torch.mm(dy.t(), x),
-            "anchor": anchor,
+            "anchor": anchor_fns(c, opt)["mm_bf16+cast"],
+            "copy same bytes": lambda: dst.copy_(src),
+            "torch optimizer alone": torch_opt,
             "stream alone": lambda: fused_linear_update_ws(*zargs, skip_gemm=True),
             "gemm alone": lambda: fused_linear_update_ws(*args, skip_epilogue=True),
+            "gemm alone, zero operands": lambda: fused_linear_update_ws(*zero_args,
+                                                                        skip_epilogue=True),
+            "fused without wgmma": lambda: fused_linear_update_ws(*zargs, skip_mma=True),
             "fused": lambda: fused_linear_update_ws(*args),
+            "fused, zero operands": lambda: fused_linear_update_ws(*zero_args),
         }
         for name, fn in variants.items():
             emit(study="clocks and power", mode="sustained", optimizer=opt, N=4096, K=4096,
-                 T=T, config=f"ws{ws}", variant=name, **sustained(fn, sampler))
+                 T=T, config=f"ws{ws}", variant=name, **sustained(fn, sampler, energy))
             time.sleep(0.5)
-        for name in ("anchor", "fused"):
+        for name in ("anchor", "stream alone", "gemm alone", "fused without wgmma", "fused",
+                     "fused, zero operands"):
             emit(study="clocks and power", mode="do_bench", optimizer=opt, N=4096, K=4096,
                  T=T, config=f"ws{ws}", variant=name, **under_do_bench(variants[name], sampler))
             time.sleep(0.5)
-        del c, variants
         torch.cuda.empty_cache()
     sampler.close()
     save_rows(rows, a.out, t0)
