@@ -49,21 +49,29 @@ if [[ $WHAT == ncu-stream ]]; then
   # what the GEMM adds beside the W/state stream (docs/kernels.md, "Ninth session"): the same
   # kernel fused, with skip_gemm and with skip_epilogue, 4096² AdamW at T = NCU_T (default 512;
   # ws:1 at 512, ws:2 above; NCU_WS=I: _GPU_WS_CONFIGS[I]; NCU_PF=d: WS_PREFETCH=d;
-  # NCU_GROUP_N: the tile walk's GROUP_N); DRAM and L2 bytes and throughput
+  # NCU_GROUP_N: the tile walk's GROUP_N); DRAM and L2 bytes and throughput. NCU_DETAILS=1:
+  # every unit's share of its peak (SpeedOfLight's breakdown) and the SM and L2 clocks, unfiltered
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  METRICS=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,smsp__inst_executed.sum
+  FILTER="Duration|DRAM Throughput|L2 Cache Throughput|Memory Throughput|L1/TEX Cache|L2 Hit|Mem Busy|Max Bandwidth|dram__bytes|lts__t|smsp__inst|==ERR|rror"
+  DETAILS=""
+  if [[ ${NCU_DETAILS:-0} == 1 ]]; then
+    DETAILS="--print-details all --section MemoryWorkloadAnalysis_Tables"
+    METRICS=$METRICS,sm__cycles_elapsed.avg.per_second,lts__cycles_elapsed.avg.per_second
+    FILTER="."
+  fi
   # a variant may name the TMA loads' L2 priorities: fused:both (fused_linear_update_ws.L2_MODES)
   for vl in ${NCU_VARIANTS:-fused stream}; do
     v=${vl%%:*}; l2=""; [[ $vl == *:* ]] && l2=${vl#*:}
     echo "== ncu $vl T=${NCU_T:-512}"
     timeout 150 "$NCU" --target-processes all -k 'regex:_fused_linear_update_ws_kernel' \
       --launch-skip 2 --launch-count 1 --clock-control none \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,smsp__inst_executed.sum \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis $DETAILS --metrics $METRICS \
       $PY benchmarks/experiments/stream_ceiling.py --ncu-variant $v --tokens "${NCU_T:-512}" \
       ${l2:+--l2 $l2} ${NCU_WS:+--ws $NCU_WS} ${NCU_PF:+--prefetch $NCU_PF} \
       ${NCU_GROUP_N:+--group-n $NCU_GROUP_N} 2>&1 \
       | tee -a "$OUT/ncu_stream_full.log" \
-      | grep -E "Duration|DRAM Throughput|L2 Cache Throughput|Memory Throughput|L1/TEX Cache|L2 Hit|Mem Busy|Max Bandwidth|dram__bytes|lts__t|smsp__inst|==ERR|rror"
+      | grep -E "$FILTER"
   done 2>&1 | tee "$OUT/ncu_stream.log"
 fi
 if [[ $WHAT == all || $WHAT == profile ]]; then

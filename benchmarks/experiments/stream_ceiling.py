@@ -212,10 +212,11 @@ def main() -> None:
                     help="only the stream and the GEMM on fewer SMs (section 'Roles')")
     ap.add_argument("--size-sweep", action="store_true",
                     help="only the fixed cost per launch (section 'Ninth session')")
-    ap.add_argument("--ncu-variant", choices=("fused", "stream", "gemm"), default=None,
+    ap.add_argument("--ncu-variant", choices=("fused", "stream", "gemm", "nowgmma"), default=None,
                     help="three launches at 4096², T = --tokens (one value; ws:1 at T=512, "
-                         "ws:2 above), AdamW fused, its stream alone (beta1 0.9999) or its GEMM "
-                         "alone, for ncu (scripts/gpu_kernels.sh ncu-stream)")
+                         "ws:2 above), AdamW fused, its stream alone (beta1 0.9999), its GEMM "
+                         "alone, or fused without the wgmma (skip_mma: the GEMM's loads kept), "
+                         "for ncu (scripts/gpu_kernels.sh ncu-stream)")
     ap.add_argument("--l2", default="", help="with --ncu-variant: the TMA loads' L2 priorities "
                     "(a key of fused_linear_update_ws.L2_MODES)")
     ap.add_argument("--ws", type=int, default=None, help="with --ncu-variant: this shipped WS "
@@ -233,7 +234,8 @@ def main() -> None:
     if a.ncu_variant:
         T = int(a.tokens.split(",")[0])
         c = make_case(4096, 4096, T, "adamw")
-        sc = zero_grad_adamw_scalars() if a.ncu_variant == "stream" else c["scalars"]
+        sc = (zero_grad_adamw_scalars() if a.ncu_variant in ("stream", "nowgmma")
+              else c["scalars"])
         if a.ws is None:
             cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[1 if T <= 512 else 2], WS_L2=a.l2)
         else:
@@ -243,7 +245,8 @@ def main() -> None:
         for _ in range(3):
             fused_linear_update_ws(c["dy"], c["x"], c["p"], c["state"], sc, c["prog"], cfg,
                                    skip_gemm=a.ncu_variant == "stream",
-                                   skip_epilogue=a.ncu_variant == "gemm")
+                                   skip_epilogue=a.ncu_variant == "gemm",
+                                   skip_mma=a.ncu_variant == "nowgmma")
         torch.cuda.synchronize()
         return
     for asked, study in ((a.size_sweep, size_sweep), (a.grid_scaling, grid_scaling),
