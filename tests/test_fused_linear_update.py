@@ -333,9 +333,9 @@ WS_PREFETCH_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH=2),
                      dataclasses.replace(flu._GPU_WS_CONFIGS[2], WS_PREFETCH=1),
                      # and the GEMM's dY/X, steps ahead of the ring (WS_PREFETCH_GEMM)
                      dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH_GEMM=2))
-# The study's tile walks that reuse one operand, that operand alone evict_last (runs 25, 27;
-# groups of 16 dY row panels with dY evict_last ship since run 33: _GPU_WS_CONFIGS[6])
-WS_WALK_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1024, WS_L2="dy_last"),
+# The study's tile walks that reuse one operand, that operand alone evict_last (runs 25, 27)
+WS_WALK_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=16, WS_L2="dy_last"),
+                 dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1024, WS_L2="dy_last"),
                  dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1, WS_L2="x_last"))
 # The study's two MMA warpgroups on 256×128 tiles (the accumulator handed over in halves of 128
 # rows; 225 KiB of shared memory at BLOCK_T 32 with 2 stages and 2 slots). Not in the sm_90
@@ -604,10 +604,9 @@ def test_ws_config_over_shared_memory_fails_fast():
     assert ws.ws_fits(cfg, torch.float32, 1) and not ws.ws_fits(cfg, torch.bfloat16, 2)
     # every other shipped candidate holds AdamW's state with fp32 W, and three states but
     # for the 4-slot BLOCK_T=32 ones (the autotuner leaves those out of AMSGrad-like rules)
-    assert [ws.ws_fits(c, torch.float32, 2) for c in flu._GPU_WS_CONFIGS] == [
-        True, True, True, True, True, False, True]
+    assert [ws.ws_fits(c, torch.float32, 2) for c in flu._GPU_WS_CONFIGS] == [True] * 5 + [False]
     assert [ws.ws_fits(c, torch.float32, 3) for c in flu._GPU_WS_CONFIGS] == [
-        True, False, True, False, True, False, True]
+        True, False, True, False, True, False]
 
 
 def test_ws_not_offered_off_gpu():
@@ -681,7 +680,7 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
 # hand-off (its accumulator split in registers: reshape, permute, split) and the paired refills
 # (AdamW, or SGD-momentum for the candidate that holds one state tensor only)
 _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt in [
-    (i, "adamw" if i != 5 else "sgd_momentum", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
+    (i, "adamw" if i < 5 else "sgd_momentum", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
     (0, "adamw", "bf16"), (2, "sgd_momentum", "fp32"), (3, "adamw", "bf16")]] + [
     (name, WS_STUDY[name], "adamw", dt) for name in ("epi_rows_half", "epi_rows_half1",
                                                        "epi_rows_pairs")
@@ -1028,7 +1027,7 @@ def test_gpu_every_candidate_config(idx):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_ws_candidates_fit_the_state():
     """The autotuner is offered only the WS configs whose shared memory holds the rule's state:
-    all but the SGD-momentum-only one (index 5) for AdamW, all for SGD-momentum."""
+    all but the SGD-momentum-only one for AdamW, all for SGD-momentum."""
     ws_of = {}
     for rule in ("adamw", "sgd_momentum"):
         prog, _ = _rules("cuda")[rule]
@@ -1036,7 +1035,7 @@ def test_gpu_ws_candidates_fit_the_state():
         _ws_or_skip(dy, x, p, s)
         ws_of[rule] = [c for c in flu.candidate_configs(dy, x, p, s) if c.WS]
     assert ws_of["sgd_momentum"] == list(flu._GPU_WS_CONFIGS)
-    assert ws_of["adamw"] == [c for i, c in enumerate(flu._GPU_WS_CONFIGS) if i != 5]
+    assert ws_of["adamw"] == list(flu._GPU_WS_CONFIGS[:5])
 
 
 @gpu

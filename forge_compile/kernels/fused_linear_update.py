@@ -606,14 +606,6 @@ _GPU_WS_CONFIGS = (
     # 227 KiB, so candidate_configs leaves it out there). Run 20: SGD-m 4096² T=512 0.1024 vs
     # 0.1061 ms (the tuned choice), T=2048 0.1666 vs 0.1700.
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
-    # The 4-stage one (index 4) walking groups of 16 dY row panels, dY alone evict_last (study
-    # run 27): at 4096² T=2048 GROUP_N=8 reads every X panel once per group of 8 rows, ~3x dY/X
-    # from DRAM in all; 16-row groups read 28 MB less (ncu). Run 33 (thirteenth session, the
-    # benchmark's do_bench protocol, graph-replayed): AdamW T=2048 0.2058 vs 0.2090 ms, T=8192
-    # 0.5049 vs 0.5095; SGD-m T=2048 0.1648 vs 0.1669 (index 5); slower at T=512 (0.175 vs
-    # 0.1615 for index 1), where the autotuner keeps the others.
-    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=16, maxnreg=168, WS="epi_rows", WS_SLOTS=2,
-                 GROUP_N=16, WS_L2="dy_last"),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
