@@ -308,12 +308,13 @@ def test_tuning_key_follows_the_candidate_list():
     assert k1 != k2
 
 
-
 def test_tuning_final_round_interleaves_the_finalists():
     """The final round times the three finalists round by round, so a timing drift (the H100's
     power limiter lowering the clock within a tuning) reaches each of them alike; the pick is
-    the lowest median. Here every call is 0.01 ms slower than the one before: timed one after
-    another, the first finalist would win; interleaved, the truly fastest one does."""
+    the lowest median. Here the timer drifts by 0.01 ms per call. Timed one finalist after
+    another for four calls each (the final round before), the medians would be a 1.015,
+    b 1.035, c 1.145, and a would win; interleaved they are a 1.045, b 1.035, c 1.115, and b,
+    the truly fastest (0.02 ms ahead of a), wins."""
     a, b, c = flu._GPU_WS_CONFIGS[:3]
     base = {a: 1.00, b: 0.98, c: 1.05}
     calls, logged = [], []
@@ -326,6 +327,7 @@ def test_tuning_final_round_interleaves_the_finalists():
     assert len(logged) == 3 and "median of" in logged[1] and "1.0350" in logged[1]
     # ties go to the earlier finalist
     assert flu._final_pick([c, a], lambda cfg: 1.0) == c
+
 
 def test_kernel_config_round_trips_through_tuning_json():
     for cfg in flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS + flu._GPU_SPLIT_CONFIGS:

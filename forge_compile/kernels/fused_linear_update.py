@@ -741,7 +741,8 @@ def _mm_tf32() -> bool:
 # 1980 to 1500-1700 MHz), so timings taken one candidate after another drift with the power
 # limiter: before, the final round timed each finalist for 100 ms in turn, and an AdamW
 # 11008x4096 T=8192 finalist read 1.278 ms in the first pass and 1.433 in the final one.
-# Interleaved, every finalist sees the same mix of limiter states.
+# Interleaved, the finalists' timings lie one 25 ms slot apart instead of one 100 ms block, and
+# a change of the limiter's state mid-round reaches all of them.
 _FINAL_ROUNDS = 4
 
 
