@@ -79,34 +79,37 @@ def _has_mm_out_dtype(dy, x) -> bool:
         return False
 
 
+def optimizer_step(c, optimizer: str, g) -> None:
+    """torch's fused optimizer (``torch._fused_adamw_`` / ``torch._fused_sgd_``) on make_case's
+    weight and state with the fp32 gradient ``g``: the anchor's second half."""
+    p, st = c["p"], c["state"]
+    if optimizer == "adamw":
+        torch._fused_adamw_([p], [g], [st[0]], [st[1]], [], [c["step"]], lr=LR,
+                            beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, eps=EPS,
+                            amsgrad=False, maximize=False)
+    else:
+        torch._fused_sgd_([p], [g], [st[0]], weight_decay=0.0, momentum=MOMENTUM, lr=LR,
+                          dampening=0.0, nesterov=False, maximize=False,
+                          is_first_step=False)
+
+
 def anchor_fns(c, optimizer):
     """name -> callable for the unfused baselines (mm into an fp32 grad, then torch's fused opt)."""
-    dy, x, p, st, grad = c["dy"], c["x"], c["p"], c["state"], c["grad"]
-
-    def opt_step(g):
-        if optimizer == "adamw":
-            torch._fused_adamw_([p], [g], [st[0]], [st[1]], [], [c["step"]], lr=LR,
-                                beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, eps=EPS,
-                                amsgrad=False, maximize=False)
-        else:
-            torch._fused_sgd_([p], [g], [st[0]], weight_decay=0.0, momentum=MOMENTUM, lr=LR,
-                              dampening=0.0, nesterov=False, maximize=False,
-                              is_first_step=False)
-
+    dy, x, grad = c["dy"], c["x"], c["grad"]
     fns = {}
     if dy.dtype == torch.float32:       # an fp32 model: cuBLAS SGEMM straight into the grad
         def mm_fp32():
-            opt_step(torch.mm(dy.t(), x, out=grad))
+            optimizer_step(c, optimizer, torch.mm(dy.t(), x, out=grad))
         fns["mm_fp32"] = mm_fp32
         return fns
 
     def cast():
         grad.copy_(torch.mm(dy.t(), x))
-        opt_step(grad)
+        optimizer_step(c, optimizer, grad)
     fns["mm_bf16+cast"] = cast
     if _has_mm_out_dtype(dy, x):
         def fp32_out():
-            opt_step(torch.mm(dy.t(), x, out_dtype=torch.float32))
+            optimizer_step(c, optimizer, torch.mm(dy.t(), x, out_dtype=torch.float32))
         fns["mm_out_fp32"] = fp32_out
     return fns
 
@@ -185,6 +188,18 @@ def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16):
     return rows
 
 
+def config_label(c: dict) -> str:
+    """A KernelConfig in words for tables (``dataclasses.asdict`` of it, or a row's "config")."""
+    if c.get("SPLIT_GEMM_MB"):        # cuBLAS per row block + the epilogue-only kernel
+        return f"split-GEMM ≤{c['SPLIT_GEMM_MB']:g} MiB, epilogue {c['BLOCK_N']}×{c['BLOCK_K']}"
+    if c.get("WS"):                   # the warp-specialised Gluon kernel
+        return (f"WS {c['BLOCK_N']}×{c['BLOCK_K']}×{c['BLOCK_T']}, {c['num_warps']} epilogue "
+                f"warps, {c['num_stages']} stages, split {c['EPI_SPLIT']}, "
+                f"{c['WS_SLOTS']} slots" + (f", L2 {c['WS_L2']}" if c.get("WS_L2") else ""))
+    return (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"
+            f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']},{int(c['EPI_PIPE'])}")
+
+
 def markdown(rows) -> str:
     head = ("| opt | N×K | T | mm ms | anchor ms | best anchor ms | forge ms | forge/anchor | "
             "forge/best | forge GB/s | of copy BW | forge TFLOP/s | "
@@ -192,15 +207,7 @@ def markdown(rows) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        c = r["config"]
-        cfg = (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"
-               f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']},{int(c['EPI_PIPE'])}")
-        if c.get("WS"):                   # the warp-specialised Gluon kernel
-            cfg = (f"WS {c['BLOCK_N']}×{c['BLOCK_K']}×{c['BLOCK_T']}, {c['num_warps']} epilogue "
-                   f"warps, {c['num_stages']} stages, split {c['EPI_SPLIT']}, "
-                   f"{c['WS_SLOTS']} slots" + (f", L2 {c['WS_L2']}" if c.get("WS_L2") else ""))
-        if c.get("SPLIT_GEMM_MB"):        # cuBLAS per row block + the epilogue-only kernel
-            cfg = f"split-GEMM ≤{c['SPLIT_GEMM_MB']:g} MiB, epilogue {c['BLOCK_N']}×{c['BLOCK_K']}"
+        cfg = config_label(r["config"])
         opt = r["optimizer"] + ("/fp32" if r.get("operands") == "float32" else "")
         lines.append(f"| {opt} | {r['N']}×{r['K']} | {r['T']} | {r['mm_ms']:.3f} | "
                      f"{r['anchor_ms']:.3f} | {r['anchor_best_ms']:.3f} | {r['forge_ms']:.3f} | "

@@ -184,20 +184,28 @@ def set_timer(a: argparse.Namespace) -> argparse.Namespace:
 TIMER = "cudagraph"
 
 
+def graphed(fn, calls: int = 1, warmup: int = 1):
+    """The replay of a CUDA graph of ``calls`` calls of ``fn``, captured after ``warmup`` calls
+    on a side stream (off the default stream, as capture wants)."""
+    g = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return g.replay
+
+
 def _ms(fn) -> float:
     from triton.testing import do_bench, do_bench_cudagraph
     fn()
     if TIMER == "cudagraph":
         return do_bench_cudagraph(fn, rep=40, quantiles=[0.5])
-    g = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):         # warm-up off the default stream, as capture wants
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=25, rep=200, quantiles=[0.5])
+    return do_bench(graphed(fn), warmup=25, rep=200, quantiles=[0.5])
 
 
 def main():

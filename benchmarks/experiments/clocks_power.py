@@ -39,12 +39,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from benchmarks.bench_fused_linear_update import (BETAS, EPS, LR, MOMENTUM, WD,  # noqa: E402
-                                                  anchor_fns, make_case,
-                                                  zero_grad_adamw_scalars)
+from benchmarks.bench_fused_linear_update import (  # noqa: E402
+    anchor_fns, make_case, optimizer_step, zero_grad_adamw_scalars)
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from forge_compile.kernels.fused_linear_update_ws import fused_linear_update_ws  # noqa: E402
-from bench_fused_linear_update_tma import save_rows, study_args, study_setup  # noqa: E402
+from bench_fused_linear_update_tma import (  # noqa: E402
+    graphed, save_rows, study_args, study_setup)
 
 SUSTAIN_S = 2.5
 RAMP_S = 0.5        # clock samples and the energy window start this long into a phase
@@ -134,16 +134,8 @@ def sustained(fn, sampler: Sampler, energy: Energy) -> dict:
     after its first RAMP_S seconds, the mean power there, and the sampled clocks."""
     fn()
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        for _ in range(2):                      # warm-up on a side stream, as graphs want
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        for _ in range(CALLS_PER_GRAPH):
-            fn()
-    g.replay()
+    replay = graphed(fn, CALLS_PER_GRAPH, warmup=2)
+    replay()
     torch.cuda.synchronize()
     ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0 = time.monotonic()
@@ -154,7 +146,7 @@ def sustained(fn, sampler: Sampler, energy: Energy) -> dict:
             ev0.record()
             n = 0
         for _ in range(20):
-            g.replay()
+            replay()
         n += 20
         torch.cuda.synchronize()     # the host stays within 20 replays of the GPU
     ev1.record()
@@ -194,28 +186,18 @@ def main():
         args = (c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], cfg)
         zsc = zero_grad_adamw_scalars() if opt == "adamw" else c["scalars"]
         zargs = args[:4] + (zsc,) + args[5:]
-        dy, x, p, st, grad = c["dy"], c["x"], c["p"], c["state"], c["grad"]
+        dy, x, st, grad = c["dy"], c["x"], c["state"], c["grad"]
         grad.copy_(torch.mm(dy.t(), x))
         # dY = X = 0: the same launch, instructions and bytes; the tensor cores see zeros
         zero_args = (torch.zeros_like(dy), torch.zeros_like(x)) + zargs[2:]
         # the stream's DRAM bytes (W/state read and written once) as one copy
         src = torch.randn(4096 * 4096 * (1 + len(st)), device="cuda")
         dst = torch.empty_like(src)
-
-        def torch_opt():
-            if opt == "adamw":
-                torch._fused_adamw_([p], [grad], [st[0]], [st[1]], [], [c["step"]], lr=LR,
-                                    beta1=BETAS[0], beta2=BETAS[1], weight_decay=WD, eps=EPS,
-                                    amsgrad=False, maximize=False)
-            else:
-                torch._fused_sgd_([p], [grad], [st[0]], weight_decay=0.0, momentum=MOMENTUM,
-                                  lr=LR, dampening=0.0, nesterov=False, maximize=False,
-                                  is_first_step=False)
         variants = {
             "mm alone": lambda: torch.mm(dy.t(), x),
             "anchor": anchor_fns(c, opt)["mm_bf16+cast"],
             "copy same bytes": lambda: dst.copy_(src),
-            "torch optimizer alone": torch_opt,
+            "torch optimizer alone": lambda: optimizer_step(c, opt, grad),
             "stream alone": lambda: fused_linear_update_ws(*zargs, skip_gemm=True),
             "gemm alone": lambda: fused_linear_update_ws(*args, skip_epilogue=True),
             "gemm alone, zero operands": lambda: fused_linear_update_ws(*zero_args,

@@ -26,19 +26,8 @@ sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 from benchmarks.bench_fused_linear_update import anchor_fns, make_case  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
-from bench_fused_linear_update_tma import save_rows, study_args, study_setup  # noqa: E402
-
-
-def graphed(fn):
-    g = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+from bench_fused_linear_update_tma import (  # noqa: E402
+    graphed, save_rows, study_args, study_setup)
 
 
 def main():

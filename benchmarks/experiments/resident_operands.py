@@ -12,8 +12,9 @@ the ring): what the GEMM's loads alone cost the stream, against what the tensor 
 
 The results with overlapping operands are not an update anyone wants (only timed, never
 checked); the plain rows are checked elsewhere (the study script's correctness pass).
-Timings: medians of ``triton.testing.do_bench_cudagraph`` (4096², AdamW and SGD-momentum).
-    python benchmarks/experiments/resident_operands.py [--out PATH]
+Timings: medians of ``triton.testing.do_bench_cudagraph``, or with ``--do-bench`` of the
+benchmark's ``do_bench`` (run 28b, thirteenth session) (4096², AdamW and SGD-momentum).
+    python benchmarks/experiments/resident_operands.py [--out PATH] [--do-bench]
 """
 from __future__ import annotations
 

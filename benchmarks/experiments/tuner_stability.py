@@ -15,6 +15,7 @@ bench runs (AdamW T=2048 and T=8192, SGD-m 4096x11008 T=2048) and AdamW 4096² T
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -25,7 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
-from benchmarks.bench_fused_linear_update import make_case  # noqa: E402
+from benchmarks.bench_fused_linear_update import config_label, make_case  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from bench_fused_linear_update_tma import save_rows, study_args, study_setup  # noqa: E402
 
@@ -35,10 +36,7 @@ KEYS = [("adamw", 4096, 4096, 2048), ("adamw", 4096, 11008, 2048),
 
 
 def short(c: flu.KernelConfig) -> str:
-    if c.WS:
-        return (f"WS bt{c.BLOCK_T} w{c.num_warps} s{c.num_stages} split{c.EPI_SPLIT} "
-                f"slots{c.WS_SLOTS} g{c.GROUP_N} {c.WS_L2 or '-'}")
-    return f"triton {c.BLOCK_N}x{c.BLOCK_K}x{c.BLOCK_T} w{c.num_warps} s{c.num_stages}"
+    return config_label(dataclasses.asdict(c))
 
 
 def main():
