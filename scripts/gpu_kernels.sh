@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
-#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|all]
-#   (default all; stream and ncu-stream: not in all)
+#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|all]
+#   (default all; stream, ncu-stream and ws-study: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,16 @@ PY=${PY:-python3}
 WHAT=${1:-all}
 export PYTHONUNBUFFERED=1
 export FORGE_COMPILE_CACHE_DIR=${FORGE_COMPILE_CACHE_DIR:-/tmp/forge_compile_cache}
+# TRITON_TARBALL=.whl/triton39.tar.xz (carried: the device has Triton 3.6 and no network): a
+# stripped Triton wheel's package, unpacked to /tmp/triton_alt and put first on PYTHONPATH, e.g.
+# Triton 3.9 for Gluon's TMA multicast (docs/kernels.md, "Fourteenth session"). Its own cache dir,
+# so cubins of the two Tritons never mix.
+if [[ -n ${TRITON_TARBALL:-} ]]; then
+  mkdir -p /tmp/triton_alt && tar -C /tmp/triton_alt -xJf "$TRITON_TARBALL" || exit 1
+  export PYTHONPATH=/tmp/triton_alt${PYTHONPATH:+:$PYTHONPATH}
+  export TRITON_CACHE_DIR=/tmp/triton_alt_cache
+  export FORGE_COMPILE_CACHE_DIR=/tmp/forge_compile_cache_alt
+fi
 
 {
   date -u
@@ -38,6 +48,14 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
     | grep -v -e '^{' -e 'forge autotune' 
   rc=$(( rc | $? ))
   cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
+fi
+if [[ $WHAT == ws-study ]]; then
+  # the warp-specialised kernel's study (benchmarks/experiments/bench_fused_linear_update_ws.py),
+  # e.g. STUDY_ARGS="--quick --do-bench --configs RUN36"
+  timeout "${STUDY_TIMEOUT:-400}" $PY benchmarks/experiments/bench_fused_linear_update_ws.py \
+    --out "$OUT/fused_linear_update_ws.jsonl" ${STUDY_ARGS:-} 2>&1 | tee "$OUT/ws_study.log" \
+    | grep -v -e 'forge autotune'
+  rc=$(( rc | $? ))
 fi
 if [[ $WHAT == stream ]]; then
   # is T=512 limited by AdamW's math or the memory system? (benchmarks/experiments/stream_ceiling.py)

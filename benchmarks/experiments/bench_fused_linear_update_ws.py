@@ -355,6 +355,14 @@ RUN33 = {
         flu._GPU_WS_CONFIGS[i], GROUP_N=16, WS_L2="dy_last", WS_PREFETCH=d)
        for i, d in ((4, 1), (4, 2), (5, 2))},
 }
+# Run 36 (fourteenth session): what thirteen sessions left is the GEMM's dY/X traffic beside the
+# stream, 1 MiB per tile from L2 at T=2048 (runs 28-29, 32). Clusters of 2 CTAs on row-adjacent
+# tiles share X's tile, which TMA multicast reads from L2 once for both (WS_CLUSTER=2, Triton
+# >= 3.9: carried to the device as a stripped wheel, scripts/gpu_kernels.sh TRITON_TARBALL):
+# a quarter less dY/X traffic per W element. Each shipped row config and its cluster twin.
+RUN36 = {f"ws{i}{' cl2' if c == 2 else ''}": dataclasses.replace(flu._GPU_WS_CONFIGS[i],
+                                                                 WS_CLUSTER=c)
+         for i in (0, 1, 2, 4, 5) for c in (1, 2)}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -385,7 +393,7 @@ def main():
     a = set_timer(ap.parse_args())
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
-             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33}
+             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

@@ -541,6 +541,10 @@ class KernelConfig:
     WS_PREFETCH: int = 0
     # GEMM ring steps whose dY/X it prefetches into L2 beyond the ring (0: none; study).
     WS_PREFETCH_GEMM: int = 0
+    # CTAs per cluster: 1, or 2 (Triton >= 3.9, study): two CTAs update the row-adjacent tiles
+    # (n, k) and (n + BLOCK_N, k), and X's tile, which both need, is read from L2 once per step
+    # and multicast into both CTAs' shared memory by TMA.
+    WS_CLUSTER: int = 1
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

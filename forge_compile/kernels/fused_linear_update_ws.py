@@ -223,9 +223,13 @@ def _policy_kw(prio: Optional[str]) -> str:
     return f", cache_policy=L2_{prio.upper()}"
 
 
-def gemm_helpers(l2: str = "") -> str:
-    """Gluon source of the grouped tile order and of one GEMM ring step's TMA loads."""
+def gemm_helpers(l2: str = "", cluster: int = 1) -> str:
+    """Gluon source of the grouped tile order and of one GEMM ring step's TMA loads.
+    ``cluster`` = 2 (``cluster_helpers``): a tile is a pair of row-adjacent tiles, one per CTA
+    of the cluster, and X's tile is multicast."""
     kw_dy, kw_x = (_policy_kw(p) for p in L2_MODES[l2][:2])
+    if cluster == 2:
+        return cluster_helpers(kw_dy, kw_x)
     return f"""
 @gluon.jit
 def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
@@ -252,6 +256,74 @@ def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_
 """
 
 
+# A store of 4 contiguous fp32 elements (16 bytes) with evict-first priorities in L1 and L2, as
+# gl.store(..., eviction_policy="evict_first") emits: $0-$3 dummy results, $4-$7 the elements'
+# addresses (the first is used), $8-$11 their bits, $12 the first element's mask (the 4 share a
+# row, and K is a multiple of 4 for TMA-compatible fp32 rows, so they share the mask too).
+_ST4_EF_ASM = ("{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $12, 0; "
+               "createpolicy.fractional.L2::evict_first.b64 pol, 1.0; "
+               "@p st.global.L1::evict_first.L2::cache_hint.v4.b32 [$4], {$8, $9, $10, $11}, pol; "
+               "mov.u32 $0, 0; mov.u32 $1, 0; mov.u32 $2, 0; mov.u32 $3, 0; }")
+
+
+def cluster_helpers(kw_dy: str, kw_x: str) -> str:
+    """Gluon source for clusters of 2 CTAs (Triton >= 3.9's multi-CTA Gluon; study). The
+    kernel is written per CTA, as without a cluster: every layout is replicated over the cluster
+    (``cga_layout`` [[0, ...]]), and each CTA offsets its rows by its rank (``_cta_rank``).
+    Three things follow from Gluon's cluster model:
+    * X's tile is the same for both CTAs (their tiles share K columns), so its TMA load into a
+      replicated buffer with ``multicast=True`` is issued by CTA 0 alone and lands in both CTAs'
+      shared memory: X is read from L2 once per pair. dY's load (multicast off) is issued by
+      each CTA for its own rows.
+    * CTA 0 must not refill a ring slot of X before both CTAs' wgmma have read it: ``x_empty``
+      is one barrier per slot in CTA 0 (``MBarrierLayout([[0]])``, arrival count 2), both CTAs
+      arrive on it, and only CTA 0's wait is real (Gluon predicates it on the rank).
+    * a gl.store of a replicated tensor is issued by CTA 0 alone; the W/state stores go through
+      ``_st4_ef`` (inline PTX, issued by every CTA) instead."""
+    return f"""
+@gluon.jit
+def _cta_rank(x):
+    return gl.inline_asm_elementwise("mov.u32 $0, %cluster_ctarank;", "=r,r", [x], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
+    # tiles of pairs: rows [2 BLOCK_N p, 2 BLOCK_N (p + 1)), this CTA's half by its rank
+    num_n = gl.cdiv(N, 2 * BLOCK_N)
+    num_k = gl.cdiv(K, BLOCK_K)
+    per_group = GROUP_N * num_k
+    first_n = (tile // per_group) * GROUP_N
+    group_n = num_n - first_n
+    if group_n > GROUP_N:
+        group_n = GROUP_N
+    pid_n = first_n + (tile % per_group) % group_n
+    pid_k = (tile % per_group) // group_n
+    return (2 * pid_n + _cta_rank(tile)) * BLOCK_N, pid_k * BLOCK_K
+
+
+@gluon.jit
+def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, x_empty,
+                STAGES: gl.constexpr, BLOCK_T: gl.constexpr):
+    slot = gstep % STAGES
+    # CTA 0 (the only CTA whose wait is real) waits until both CTAs read the slot's last X
+    mbarrier.wait(x_empty.index(slot), ((gstep // STAGES) & 1) ^ 1, pred=gstep >= STAGES)
+    bar = ld_bar.index(slot)
+    mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)
+    tma.async_load(dy_desc, [step * BLOCK_T, off_n], bar, dy_smem.index(slot){kw_dy})
+    tma.async_load(x_desc, [step * BLOCK_T, off_k], bar, x_smem.index(slot), multicast=True{kw_x})
+
+
+@gluon.jit
+def _st4_ef(ptr, val, mask):
+    return gl.inline_asm_elementwise(
+        "{_ST4_EF_ASM}",
+        "=r,=r,=r,=r,l,l,l,l,r,r,r,r,r,r,r,r",
+        [ptr, val.to(gl.int32, bitcast=True), mask.to(gl.int32)], dtype=gl.int32,
+        is_pure=False, pack=4)
+"""
+
+
 def arg_names(n_state: int):
     """Names of the W/state TMA descriptors, ring buffers, pointers and row strides."""
     idx = [""] + [str(i) for i in range(n_state)]
@@ -270,7 +342,7 @@ def scalar_loads(n_scalar: int) -> list:
     return out
 
 
-def module_head(prog, generator: str, l2: str = "") -> list:
+def module_head(prog, generator: str, l2: str = "", cluster: int = 1) -> list:
     """The generated Gluon module's imports, its program, the shipped kernel's stochastic
     rounding (Philox from triton.language), the L2 policies and the GEMM helpers."""
     policies = []
@@ -289,7 +361,7 @@ def module_head(prog, generator: str, l2: str = "") -> list:
             f"PROGRAM = {prog.dumps()!r}", "",
             _gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
             .replace("gl.randint", "tl.randint"),
-            gemm_helpers(l2)]
+            gemm_helpers(l2, cluster)]
 
 
 def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
@@ -392,7 +464,7 @@ def prefetch_lanes() -> list:
             "    pfe = gl.arange(0, 32 * EPI_WARPS, pl)"]
 
 
-def tile_walk(balanced: bool) -> list:
+def tile_walk(balanced: bool, cluster: int = 1) -> list:
     """Kernel lines (both partitions) naming this CTA's share of the work: ``my_tiles`` tiles
     walk_t0, walk_t0 + walk_step, ... (in ``_tile_coords`` order), and within them
     ``n_chunks`` chunks of SPLIT per tile, the first being chunk walk_c0 of tile walk_t0
@@ -408,9 +480,10 @@ def tile_walk(balanced: bool) -> list:
     Measured slower (H100, study run 7): the epilogue alone gains nothing (AdamW 0.175 vs 0.171
     ms, both with m subnormal), the GEMM alone loses 19-27% (concurrent CTAs no longer share
     dY/X panels in L2); kept for the study, not a candidate."""
+    # with a cluster, program_id is the cluster's and a tile is a pair (cluster_helpers)
     out = ["    pid = gl.program_id(0)",
            "    nprog = gl.num_programs(0)",
-           "    num_tiles = gl.cdiv(N, BLOCK_N) * gl.cdiv(K, BLOCK_K)"]
+           f"    num_tiles = gl.cdiv(N, {'2 * ' if cluster == 2 else ''}BLOCK_N) * gl.cdiv(K, BLOCK_K)"]
     if balanced:
         return out + ["    walk_units = num_tiles * SPLIT",
                       "    walk_u0 = pid * walk_units // nprog",
@@ -430,7 +503,7 @@ def tile_walk(balanced: bool) -> list:
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
                   mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0,
-                  mma: bool = True) -> str:
+                  mma: bool = True, cluster: int = 1) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -447,7 +520,15 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``prefetch_gemm``: GEMM ring steps whose dY/X the MMA warps prefetch into L2 beyond the ring
     (``prefetch_gemm_source``; 0: none; the kernel then also takes dY/X's pointers and
     strides). ``mma=False`` (study run 28): the MMA warps run the ring (wait for each step's
-    loads, refill the slot) without the wgmma, so the accumulator handed over is 0."""
+    loads, refill the slot) without the wgmma, so the accumulator handed over is 0.
+    ``cluster``: CTAs per cluster, 1 or 2 (``cluster_helpers``; only "epi_rows" with one MMA
+    warpgroup and none of the study knobs)."""
+    if cluster not in (1, 2):
+        raise ValueError(f"WS_CLUSTER={cluster}: 1 or 2")
+    if cluster == 2 and (state != "epi_rows" or prefetch or prefetch_gemm or mma_warps != 4
+                         or mma_pending != 1 or pipe or not mma):
+        raise ValueError("WS_CLUSTER=2: only WS='epi_rows' with one MMA warpgroup, "
+                         "WS_MMA_PENDING=1 and no prefetch")
     if prefetch and state != "epi_rows":
         raise ValueError(f"WS_PREFETCH={prefetch}: only with WS='epi_rows'")
     if mma_warps not in _MMA_REGS:
@@ -485,14 +566,15 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     cs = [f"c{i}" for i in range(n_scalar)]
     L = []
     a = L.append
-    L.extend(module_head(prog, "forge_compile/kernels/fused_linear_update_ws.py", l2))
+    L.extend(module_head(prog, "forge_compile/kernels/fused_linear_update_ws.py", l2, cluster))
     if prefetch_gemm:
         L.append(prefetch_gemm_source(mma_warps))
     # ---- MMA partition (worker: 4 warps) ----
     # worker partitions share one signature (Gluon's rule): the GEMM and the state streams
     wsig = (f"dy_desc, x_desc, {''.join(d + ', ' for d in descs) if warp_fed else ''}"
             f"dy_smem, x_smem, {''.join(m + ', ' for m in smems) if warp_fed else ''}"
-            f"ld_bar, {'st_ready, st_empty, ' if warp_fed else ''}acc_smem, acc_ready, acc_empty, "
+            f"ld_bar, {'x_empty, ' if cluster == 2 else ''}"
+            f"{'st_ready, st_empty, ' if warp_fed else ''}acc_smem, acc_ready, acc_empty, "
             f"T, N, K, {'dy_ptr, x_ptr, s_dy_t, s_x_t, ' if prefetch_gemm else ''}"
             "BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, SLOTS, GROUP_N, SKIP_GEMM")
     wparams = (wsig.replace("BLOCK_N,", "BLOCK_N: gl.constexpr,")
@@ -525,9 +607,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("")
     a("@gluon.jit")
     a(f"def _mma_partition({wparams}):")
+    # with a cluster every layout is replicated over its CTAs (cluster_helpers)
+    cga = lambda rank: f", cga_layout=[[{', '.join(['0'] * rank)}]]" if cluster == 2 else ""  # noqa: E731
     a(f"""    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[{mma_warps}, 1],
-                                                  instr_shape=[16, BLOCK_K, 16])""")
-    L.extend(tile_walk(balanced))
+                                                  instr_shape=[16, BLOCK_K, 16]{cga(2)})""")
+    L.extend(tile_walk(balanced, cluster))
     # the GEMM's L2 prefetch (prefetch_gemm_source): before the first tile, its steps past the
     # ring; in the loop, step t + ahead, and near a tile's end the next tile's first steps
     pf_start = pf_tile = pf_loop = ""
@@ -553,6 +637,12 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             acc = warpgroup_mma_wait(num_outstanding={mma_pending}, deps=(acc,))
 """
         mma_drain = "        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))\n"
+    # cluster: step gs - 1's wgmma is done (one group left in flight): both CTAs release its
+    # slot of X to CTA 0, which multicasts into it (cluster_helpers)
+    x_release = ("            if gs > 0:\n"
+                 "                mbarrier.arrive(x_empty.index((gs - 1) % STAGES), count=1)\n"
+                 if cluster == 2 else "")
+    ldb = "ld_bar, x_empty" if cluster == 2 else "ld_bar"
     a(f"""    num_t = gl.cdiv(T, BLOCK_T)
     if SKIP_GEMM:
         num_t = 0
@@ -560,7 +650,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     off_n, off_k = _tile_coords(walk_t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)
     for s in gl.static_range(STAGES - {mma_pending}):
         if s < num_t:
-            _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
+            _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, {ldb}, STAGES, BLOCK_T)
 {pf_start}    for i in range(my_tiles):
         off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
 {pf_tile}        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
@@ -569,16 +659,16 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             slot = gs % STAGES
             mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
 {mma_step}            gl.thread_barrier()
-            if t + STAGES - {mma_pending} < num_t:
+{x_release}            if t + STAGES - {mma_pending} < num_t:
                 _issue_gemm(t + STAGES - {mma_pending}, gs + STAGES - {mma_pending}, off_n, off_k, dy_desc, x_desc,
-                            dy_smem, x_smem, ld_bar, STAGES, BLOCK_T)
+                            dy_smem, x_smem, {ldb}, STAGES, BLOCK_T)
 {pf_loop}{mma_drain}        gbase += num_t
         gl.thread_barrier()
         if i + 1 < my_tiles:
             nn, nk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
             for s in gl.static_range(STAGES - {mma_pending}):
                 if s < num_t:
-                    _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
+                    _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, {ldb},
                                 STAGES, BLOCK_T)
 """)
     if halves:
@@ -627,11 +717,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         # rest split the row's 128 columns (2 per thread) rather than hold copies of it
         a("    RW: gl.constexpr = EPI_WARPS if EPI_WARPS <= CW else CW")
         a("    cl: gl.constexpr = gl.BlockedLayout([1, 4 * RW // EPI_WARPS], [1, 32], "
-          "[RW, EPI_WARPS // RW], [1, 0])")
+          f"[RW, EPI_WARPS // RW], [1, 0]{cga(2)})")
     else:
         a("    CW: gl.constexpr = BLOCK_K // SPLIT")
         a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [128 // CW, CW // 4], [EPI_WARPS, 1], [1, 0])")
-    L.extend(tile_walk(balanced))
+    L.extend(tile_walk(balanced, cluster))
     a("    for i in range(my_tiles):")
     a("        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
     a("        rn = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, cl))")
@@ -767,6 +857,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                 out += ["        if STOCHASTIC_ROUND:",
                         f"            o{sfx} = _round_bf16_stochastic(o{sfx}, seed, "
                         f"{rn(sfx)}[:, None] * K + rk{sfx}[None, :])"]
+            if cluster == 2:     # every CTA stores its own rows (cluster_helpers)
+                out.append(f"        _st4_ef({ptr} + {offe}, o{sfx}, mask{sfx})")
+                continue
             out += ["        if EVEN_NK:",
                     f"            gl.store({ptr} + {offe}, o{sfx}.to({ptr}.dtype.element_ty), "
                     "eviction_policy=\"evict_first\")",
@@ -817,11 +910,19 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         a("    acc_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_N, BLOCK_K], ACC_LAYOUT)")
     else:
         a("    acc_smem = gl.allocate_shared_memory(gl.float32, [SPLIT, BLOCK_N, CW], ACC_LAYOUT)")
-    a("    ld_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())")
-    a("    acc_ready = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())")
-    a("    acc_empty = gl.allocate_shared_memory(gl.int64, [SPLIT, 1], mbarrier.MBarrierLayout())")
+    # a barrier per CTA: with a cluster, [.., 2] barriers of which CTA r holds the r-th
+    bar = ("2], mbarrier.MBarrierLayout([[1]]))" if cluster == 2
+           else "1], mbarrier.MBarrierLayout())")
+    a(f"    ld_bar = gl.allocate_shared_memory(gl.int64, [STAGES, {bar}")
+    a(f"    acc_ready = gl.allocate_shared_memory(gl.int64, [SPLIT, {bar}")
+    a(f"    acc_empty = gl.allocate_shared_memory(gl.int64, [SPLIT, {bar}")
+    if cluster == 2:     # one per slot, in CTA 0 (cluster_helpers)
+        a("    x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], "
+          "mbarrier.MBarrierLayout([[0]]))")
     a("    for s in gl.static_range(STAGES):")
     a("        mbarrier.init(ld_bar.index(s), count=1)")
+    if cluster == 2:     # count 1 per CTA: Gluon makes it 2 on the pair's barrier
+        a("        mbarrier.init(x_empty.index(s), count=1)")
     a("    for h in gl.static_range(SPLIT):")
     a("        mbarrier.init(acc_ready.index(h), count=1)")
     a("        mbarrier.init(acc_empty.index(h), count=1)")
@@ -829,8 +930,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         for d, m in zip(descs, smems):
             shape = "[SLOTS, BLOCK_N // SPLIT, BLOCK_K]" if rows else "[SLOTS, BLOCK_N, CW]"
             a(f"    {m} = gl.allocate_shared_memory({d}.dtype, {shape}, {d}.layout)")
-        a("    st_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())")
-        a("    st_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())")
+        a(f"    st_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, {bar}")
+        a(f"    st_empty = gl.allocate_shared_memory(gl.int64, [SLOTS, {bar}")
         a("    for s in gl.static_range(SLOTS):")
         a("        mbarrier.init(st_ready.index(s), count=1)")
         a("        mbarrier.init(st_empty.index(s), count=1)")
@@ -858,15 +959,15 @@ _KERNELS: dict = {}
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
             handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
-            prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True):
+            prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True, cluster: int = 1):
     key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
-           prefetch, prefetch_gemm, mma)
+           prefetch, prefetch_gemm, mma, cluster)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_cache_policy():
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
-                            mma_pending, prefetch, prefetch_gemm, mma)
+                            mma_pending, prefetch, prefetch_gemm, mma, cluster)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -931,9 +1032,13 @@ def _capability(index: int):
 
 # host work per launch is cached: the layouts and the SM count do not change
 @functools.lru_cache(maxsize=None)
-def _nvmma_layout(block: tuple, dtype: torch.dtype):
+def _nvmma_layout(block: tuple, dtype: torch.dtype, cluster: int = 1):
     from triton.experimental.gluon import language as gl
-    return gl.NVMMASharedLayout.get_default_for(list(block), _gl_dtype(dtype))
+    if cluster == 1:
+        return gl.NVMMASharedLayout.get_default_for(list(block), _gl_dtype(dtype))
+    # replicated over the cluster's CTAs (fused_linear_update_ws.cluster_helpers)
+    return gl.NVMMASharedLayout.get_default_for(list(block), _gl_dtype(dtype),
+                                                cga_layout=[[0] * len(block)])
 
 
 def acc_layout(cfg, swizzled: Optional[bool] = None):
@@ -950,14 +1055,16 @@ def acc_layout(cfg, swizzled: Optional[bool] = None):
     if swizzled is None:
         swizzled = cfg.WS in _ROW_PATHS
     if swizzled:
-        return _swizzled_layout()
-    return _nvmma_layout(tuple(acc_block(cfg)), torch.float32)
+        return _swizzled_layout(cfg.WS_CLUSTER)
+    return _nvmma_layout(tuple(acc_block(cfg)), torch.float32, cfg.WS_CLUSTER)
 
 
 @functools.lru_cache(maxsize=None)
-def _swizzled_layout():
+def _swizzled_layout(cluster: int = 1):
     from triton.experimental.gluon import language as gl
-    return gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    if cluster == 1:
+        return gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    return gl.SwizzledSharedLayout(8, 1, 8, [1, 0], cga_layout=[[0, 0]])
 
 
 @functools.lru_cache(maxsize=None)
@@ -990,15 +1097,17 @@ class _DescBase:
 # 11% of the WS launch's profile, H100 host, 2026-11-23 14:45 UTC) is paid once per weight.
 # 4096 entries: 5 per linear layer, ~800 layers.
 @functools.lru_cache(maxsize=4096)
-def _desc_of(ptr: int, shape: tuple, strides: tuple, dtype: torch.dtype, block: tuple):
+def _desc_of(ptr: int, shape: tuple, strides: tuple, dtype: torch.dtype, block: tuple,
+             cluster: int = 1):
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     return TensorDescriptor(_DescBase(ptr, dtype), list(shape), list(strides), list(block),
-                            _nvmma_layout(block, dtype))
+                            _nvmma_layout(block, dtype, cluster))
 
 
-def desc(t: Tensor, block) -> object:
-    """The (cached) Gluon TensorDescriptor of ``t`` in ``block`` tiles."""
-    return _desc_of(t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, tuple(block))
+def desc(t: Tensor, block, cluster: int = 1) -> object:
+    """The (cached) Gluon TensorDescriptor of ``t`` in ``block`` tiles (its layout replicated
+    over a cluster of ``cluster`` CTAs)."""
+    return _desc_of(t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, tuple(block), cluster)
 
 
 def ws_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor,
@@ -1060,27 +1169,54 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
             f"this WS config needs {ws_shared_memory_bytes(cfg, param.dtype, len(state))} B of "
             f"shared memory with {len(state)} state tensors, over the {_SMEM_LIMIT} B an "
             "sm_90 CTA has: use fewer WS_SLOTS, num_stages or a larger EPI_SPLIT")
+    cl = cfg.WS_CLUSTER
+    if cl == 2:
+        why = cluster_unsupported_reason(param, state, cfg)
+        if why:
+            raise ValueError(f"WS_CLUSTER=2: {why}")
     prog = load_program(program)
     T, N = dy.shape
     K = x.shape[1]
     scal, flags = scalar_args(scalars, scalar_pointers)
-    sds = [desc(t, state_block(cfg)) for t in [param, *state]] if cfg.WS != "regs" else []
-    tiles = -(-N // cfg.BLOCK_N) * -(-K // cfg.BLOCK_K)
-    nsm = _num_sms(dy.device.index or 0)
+    sds = [desc(t, state_block(cfg), cl) for t in [param, *state]] if cfg.WS != "regs" else []
+    tiles = -(-N // (cl * cfg.BLOCK_N)) * -(-K // cfg.BLOCK_K)     # pairs with a cluster
+    nsm = _num_sms(dy.device.index or 0) // cl
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
                 cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_PREFETCH,
-                cfg.WS_PREFETCH_GEMM, not skip_mma)
+                cfg.WS_PREFETCH_GEMM, not skip_mma, cl)
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
-    args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N]), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K]), *sds,
+    args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N], cl), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K], cl),
+            *sds,
             param, *state, *scal, seed, T, N, K, param.stride(0),
             *[s.stride(0) for s in state],
             *((dy, x, dy.stride(0), x.stride(0)) if cfg.WS_PREFETCH_GEMM else ()))
     kwargs = dict(
         **flags, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_T=cfg.BLOCK_T,
         SPLIT=cfg.EPI_SPLIT, STAGES=cfg.num_stages, SLOTS=max(cfg.WS_SLOTS, 1),
-        GROUP_N=cfg.GROUP_N, EVEN_NK=(N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0),
+        GROUP_N=cfg.GROUP_N, EVEN_NK=(N % (cl * cfg.BLOCK_N) == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
         STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
         ACC_LAYOUT=acc_layout(cfg, acc_swizzled),
-        MMA_REGS=_MMA_REGS[cfg.WS_MMA_WARPS], num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+        MMA_REGS=_MMA_REGS[cfg.WS_MMA_WARPS], num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
+        **({"num_ctas": 2} if cl == 2 else {}))
     return k, (min(work, nsm),), args, kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_multicast() -> bool:
+    """Whether Gluon's TMA load takes ``multicast`` (Triton >= 3.9)."""
+    import inspect
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+    return "multicast" in inspect.signature(getattr(tma, _tma_load())).parameters
+
+
+def cluster_unsupported_reason(param: Tensor, state: List[Tensor], cfg) -> Optional[str]:
+    """Why a WS_CLUSTER=2 config cannot run these tensors (None: it can)."""
+    if not _tma_multicast():
+        return "this Triton's Gluon has no TMA multicast (Triton >= 3.9)"
+    if param.dtype != torch.float32 or any(s.dtype != torch.float32 for s in state):
+        return "W and the state must be fp32 (the cluster's stores are 16-byte fp32 vectors)"
+    if cfg.num_warps > cfg.BLOCK_N // cfg.EPI_SPLIT:
+        return ("more epilogue warps than rows per chunk (a thread must hold 4 contiguous "
+                "elements for the 16-byte stores): use a smaller EPI_SPLIT")
+    return None
