@@ -408,7 +408,8 @@ def main():
         # the gradient is 0 here: keep AdamW's m normal (zero_grad_adamw_scalars)
         sc = zero_grad_adamw_scalars() if opt == "adamw" else c["scalars"]
         for name, wc in configs.items():
-            if not fits(wc, len(c["state"])):
+            # (a cluster's stream alone is its WS_CLUSTER=1 twin's)
+            if not fits(wc, len(c["state"])) or getattr(wc, "WS_CLUSTER", 1) == 2:
                 continue
             args = (c["dy"], c["x"], c["p"].clone(), [s.clone() for s in c["state"]], sc,
                     c["prog"])

@@ -1170,6 +1170,10 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
             f"shared memory with {len(state)} state tensors, over the {_SMEM_LIMIT} B an "
             "sm_90 CTA has: use fewer WS_SLOTS, num_stages or a larger EPI_SPLIT")
     cl = cfg.WS_CLUSTER
+    if cl == 2 and skip_gemm:
+        # without the T loop x_empty has no use, and Triton refuses an mbarrier that is
+        # initialised but never used; the stream alone is the WS_CLUSTER=1 twin's
+        raise ValueError("WS_CLUSTER=2 with skip_gemm: time the config's WS_CLUSTER=1 twin")
     if cl == 2:
         why = cluster_unsupported_reason(param, state, cfg)
         if why:
