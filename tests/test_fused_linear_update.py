@@ -358,6 +358,10 @@ WS_PREFETCH_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH=2),
 WS_WALK_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=16, WS_L2="dy_last"),
                  dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1024, WS_L2="dy_last"),
                  dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1, WS_L2="x_last"))
+# The study's CTA pairs (WS_CLUSTER=2, run 36, Triton >= 3.9): X's tile multicast to both CTAs
+# of a cluster; the 3-stage T=512 config and the 4-stage T >= 2048 one
+WS_CLUSTER_STUDY = tuple(dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_CLUSTER=2)
+                         for i in (0, 4))
 # The study's two MMA warpgroups on 256×128 tiles (the accumulator handed over in halves of 128
 # rows; 225 KiB of shared memory at BLOCK_T 32 with 2 stages and 2 slots). Not in the sm_90
 # spill test: with edge masks (EVEN_NK false) its epilogue needs 8 bytes of stack at 96
@@ -588,6 +592,58 @@ def test_ws_ring_without_mma_source():
     assert src.replace(mma, "") == plain.replace(mma_plain, "")
 
 
+def test_ws_cluster_source():
+    """WS_CLUSTER=2 (study run 36): pair tiles, X's TMA load multicast and released to CTA 0
+    through one x_empty barrier per slot after each wgmma step, per-CTA barriers, and every
+    W/state store through the inline-PTX store that each CTA issues (a gl.store of a
+    replicated tensor is issued by CTA 0 alone). WS_CLUSTER=1 leaves the source unchanged;
+    other W/state paths and the study knobs are refused."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    src = ws.kernel_source(prog, 8, False, "epi_rows", cluster=2)
+    compile(src, "<cluster>", "exec")
+    assert ws.kernel_source(prog, 8, False, "epi_rows", cluster=1) == ws.kernel_source(
+        prog, 8, False, "epi_rows")
+    assert src.count("multicast=True") == 1 and "%cluster_ctarank" in src
+    assert src.count("num_n = gl.cdiv(N, 2 * BLOCK_N)") == 1
+    assert src.count("gl.cdiv(N, 2 * BLOCK_N) * gl.cdiv(K, BLOCK_K)") == 2     # both walks
+    assert src.count("mbarrier.arrive(x_empty.index((gs - 1) % STAGES), count=1)") == 1
+    assert "mbarrier.wait(x_empty.index(slot), ((gstep // STAGES) & 1) ^ 1" in src
+    assert "x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], " \
+           "mbarrier.MBarrierLayout([[0]]))" in src
+    for bar in ("ld_bar", "acc_ready", "acc_empty", "st_ready", "st_empty"):
+        assert f"{bar} = gl.allocate_shared_memory(gl.int64, [" in src
+        assert re.search(rf"{bar} = .*, 2\], mbarrier\.MBarrierLayout\(\[\[1\]\]\)\)", src), bar
+    assert "gl.store(" not in src
+    assert src.count("_st4_ef(") == 1 + 3 * 8            # the helper; W, m, v × 8 chunks
+    assert src.count("cga_layout=[[0, 0]]") == 2          # the MMA and epilogue layouts
+    for bad in (dict(state="epi"), dict(prefetch=1), dict(mma_pending=2)):
+        kw = {"state": "epi_rows", **bad}
+        with pytest.raises(ValueError, match="WS_CLUSTER=2: only WS='epi_rows'"):
+            ws.kernel_source(prog, 8, False, cluster=2, **kw)
+    with pytest.raises(ValueError, match="WS_CLUSTER=3: 1 or 2"):
+        ws.kernel_source(prog, 8, False, "epi_rows", cluster=3)
+
+
+def test_ws_cluster_bad_options_fail_fast():
+    """WS_CLUSTER=2 is refused before anything compiles, naming the fix: without Gluon's TMA
+    multicast (Triton < 3.9), with a bf16 W (its stores are 16-byte fp32 vectors), with more
+    epilogue warps than rows per chunk, and with skip_gemm (nothing to multicast)."""
+    ws = _ws()
+    prog, sc, (dy, x, p, st) = _cpu_adamw_64()
+    cfg = WS_CLUSTER_STUDY[0]
+    if not ws._tma_multicast():
+        with pytest.raises(ValueError, match="no TMA multicast \\(Triton >= 3.9\\)"):
+            ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
+        return
+    with pytest.raises(ValueError, match="W and the state must be fp32"):
+        ws.ws_launch_args(dy, x, p.bfloat16(), st, sc, prog, cfg)
+    with pytest.raises(ValueError, match="use a smaller EPI_SPLIT"):
+        ws.ws_launch_args(dy, x, p, st, sc, prog, dataclasses.replace(cfg, EPI_SPLIT=16))
+    with pytest.raises(ValueError, match="time the config's WS_CLUSTER=1 twin"):
+        ws.ws_launch_args(dy, x, p, st, sc, prog, cfg, skip_gemm=True)
+
+
 def test_ws_prefetch_bad_options_fail_fast():
     """WS_PREFETCH that would reach past the next tile, or a chunk with more lines than the
     epilogue has threads, is refused before anything compiles, naming the fix."""
@@ -642,13 +698,13 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
     bundled ptxas); the CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
     ws = _ws()
-    gdt = {"bf16": gl.bfloat16, "fp32": gl.float32}
 
-    def desc(dt, block):
-        lay = gl.NVMMASharedLayout.get_default_for(block, gdt[dt])
+    tdt = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+    def desc(dt, block):     # (replicated over a cluster's CTAs with WS_CLUSTER=2)
+        lay = ws._nvmma_layout(tuple(block), tdt[dt], cfg.WS_CLUSTER)
         return f"tensordesc<{dt}[{', '.join(map(str, block))}],{lay!r}>"
     n = len(prog.state)
     sig = {"dy_desc": desc("bf16", [cfg.BLOCK_T, cfg.BLOCK_N]),
@@ -670,10 +726,13 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
     sig.update({k: "constexpr" for k in const})
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
                     mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING,
-                    prefetch=cfg.WS_PREFETCH, prefetch_gemm=cfg.WS_PREFETCH_GEMM)
+                    prefetch=cfg.WS_PREFETCH, prefetch_gemm=cfg.WS_PREFETCH_GEMM,
+                    cluster=cfg.WS_CLUSTER)
+    opts = {"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg}
+    if cfg.WS_CLUSTER > 1:
+        opts["num_ctas"] = cfg.WS_CLUSTER
     return triton.compile(GluonASTSource(fn, sig, constexprs=const),
-                          target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg})
+                          target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def _bundled_tool(name):
@@ -722,6 +781,35 @@ def test_ws_kernel_compiles_for_sm90_without_spills(name, cfg, rule, param_dtype
     assert smem <= _ws().ws_shared_memory_bytes(
         cfg, torch.bfloat16 if param_dtype == "bf16" else torch.float32,
         len(_rules()[rule][0].state))
+
+
+@pytest.mark.parametrize("idx", range(len(WS_CLUSTER_STUDY)))
+def test_ws_cluster_compiles_for_sm90(idx):
+    """The CTA-pair study kernels compile for sm_90 (Triton >= 3.9) as clusters of 2, without
+    spills and within 227 KiB: X's TMA loads multicast to both CTAs (mask 3), dY's and
+    W/state's per CTA, and every global store is the inline-PTX vector store, issued by each
+    CTA (none predicated on the CTA's rank, as a replicated gl.store would be)."""
+    ws = _ws()
+    if not ws._tma_multicast():
+        pytest.skip("this Triton's Gluon has no TMA multicast (Triton >= 3.9)")
+    cfg = WS_CLUSTER_STUDY[idx]
+    prog = _rules()["adamw"][0]
+    ck = _sm90_compile(cfg, prog)
+    ptx = ck.asm["ptx"]
+    assert ".reqnctapercluster 2" in ptx
+    loads = re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::(\w+)\.global\S*"
+                       r"( \[[^\]]+\], \[[^\]]+\], \[[^\]]+\])(, %rs\d+)?(?:, %rd\d+)?;", ptx)
+    mc = [m for m in loads if m[2]]      # (an L2 policy operand may follow the mask)
+    assert mc and all(m[0] == "cluster" for m in mc)
+    assert len(loads) == ptx.count("cp.async.bulk.tensor.2d.")
+    assert set(re.findall(r"mov\.b16\s+(%rs\d+), (\d+);", ptx)) >= {(m[2][2:], "3") for m in mc}
+    stores = re.findall(r"^.*st\.global.*$", ptx, re.M)
+    assert len(stores) == 3 * cfg.EPI_SPLIT, len(stores)      # W, m, v per chunk
+    assert all("st.global.L1::evict_first.L2::cache_hint.v4.b32" in x and "@p " in x
+               for x in stores)
+    res, smem = _sm90_resources(cfg, prog)
+    assert res["LOCAL"] == "0" and res["STACK"] == "0", res
+    assert smem <= 232448, smem
 
 
 def test_ws_prefetch_gemm_reaches_the_ptx():
@@ -1297,6 +1385,27 @@ def test_gpu_ws_prefetch(rule, param_dtype, idx):
         # the same kernel but for the prefetch, the same seed: the same bits
         for a, b in zip((p, *s), ref):
             assert torch.equal(a, b), shape
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("idx", range(len(WS_CLUSTER_STUDY)))
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adamw", "lion"])
+def test_gpu_ws_cluster(rule, idx):
+    """The CTA-pair study kernels (X multicast) against the fp64 reference, 1e-5, on the
+    ragged shape too (N=1000: the last pair's second tile is mostly past N); the poisoned
+    weight shows every element written. Needs Triton >= 3.9 (the device's 3.6 skips)."""
+    if not _ws()._tma_multicast():
+        pytest.skip("this Triton's Gluon has no TMA multicast (Triton >= 3.9)")
+    cfg = WS_CLUSTER_STUDY[idx]
+    _assert_ws_matches_fp64(rule, cfg)
+    prog = EpilogueProgram(("grad", "param"), (), (Instr("g", "mul", ("grad", 1.0)),),
+                           (("param", "g"),))
+    dy, x, p, _ = _inputs(prog, *RAGGED, torch.bfloat16, "cuda")
+    p.fill_(float("nan"))
+    flu.fused_linear_update_triton(dy, x, p, [], [], prog, config=cfg)
+    assert bool(torch.isfinite(p).all())
+    assert _rel(p, dy.double().t() @ x.double()) <= 1e-5
 
 
 _WS_POISON_CONFIGS = flu._GPU_WS_CONFIGS + tuple(
