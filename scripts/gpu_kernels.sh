@@ -12,10 +12,11 @@ PY=${PY:-python3}
 WHAT=${1:-all}
 export PYTHONUNBUFFERED=1
 export FORGE_COMPILE_CACHE_DIR=${FORGE_COMPILE_CACHE_DIR:-/tmp/forge_compile_cache}
-# TRITON_TARBALL=.whl/triton39.tar.xz (carried: the device has Triton 3.6 and no network): a
-# stripped Triton wheel's package, unpacked to /tmp/triton_alt and put first on PYTHONPATH, e.g.
-# Triton 3.9 for Gluon's TMA multicast (docs/kernels.md, "Fourteenth session"). Its own cache dir,
-# so cubins of the two Tritons never mix.
+# TRITON_TARBALL=.whl/triton39.tar.xz (carried: the device has Triton 3.6 and no network; made by
+# scripts/pack_triton.sh on the development machine): a stripped Triton wheel's package,
+# unpacked to /tmp/triton_alt and put first on PYTHONPATH, e.g. Triton 3.9 for Gluon's TMA
+# multicast (docs/kernels.md, "Fourteenth session"). Its own cache dirs, so cubins of the two
+# Tritons never mix.
 if [[ -n ${TRITON_TARBALL:-} ]]; then
   mkdir -p /tmp/triton_alt && tar -C /tmp/triton_alt -xJf "$TRITON_TARBALL" || exit 1
   export PYTHONPATH=/tmp/triton_alt${PYTHONPATH:+:$PYTHONPATH}
