@@ -363,6 +363,13 @@ RUN33 = {
 RUN36 = {f"ws{i}{' cl2' if c == 2 else ''}": dataclasses.replace(flu._GPU_WS_CONFIGS[i],
                                                                  WS_CLUSTER=c)
          for i in (0, 1, 2, 4, 5) for c in (1, 2)}
+# Run 37 (fourteenth session): run 36's pairs lost most where the ring runs fewest tokens ahead
+# of the wgmma (ws1, 4 × 32: GEMM alone +22% at T=2048; ws4, 4 × 64: +8%), as if each X refill's
+# wait for both CTAs were exposed latency. The same 128 KiB ring as ws4 cut into 8 stages of 32
+# tokens runs 7 steps (224 tokens) ahead instead of 3 (192): a little more slack, in finer steps.
+RUN37 = {f"ws{i}{' bt32 st8' if bt else ''}{' cl2' if c == 2 else ''}": dataclasses.replace(
+    flu._GPU_WS_CONFIGS[i], WS_CLUSTER=c, **({"BLOCK_T": 32, "num_stages": 8} if bt else {}))
+    for i in (4, 5) for bt in (False, True) for c in (1, 2)}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -393,7 +400,7 @@ def main():
     a = set_timer(ap.parse_args())
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
-             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36}
+             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
