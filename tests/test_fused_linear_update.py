@@ -727,7 +727,7 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
                     mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING,
                     prefetch=cfg.WS_PREFETCH, prefetch_gemm=cfg.WS_PREFETCH_GEMM,
-                    cluster=cfg.WS_CLUSTER)
+                    cluster=cfg.WS_CLUSTER, load_warp=bool(cfg.WS_LOAD_WARP))
     opts = {"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg}
     if cfg.WS_CLUSTER > 1:
         opts["num_ctas"] = cfg.WS_CLUSTER

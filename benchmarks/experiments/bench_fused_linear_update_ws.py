@@ -370,6 +370,15 @@ RUN36 = {f"ws{i}{' cl2' if c == 2 else ''}": dataclasses.replace(flu._GPU_WS_CON
 RUN37 = {f"ws{i}{' bt32 st8' if bt else ''}{' cl2' if c == 2 else ''}": dataclasses.replace(
     flu._GPU_WS_CONFIGS[i], WS_CLUSTER=c, **({"BLOCK_T": 32, "num_stages": 8} if bt else {}))
     for i in (4, 5) for bt in (False, True) for c in (1, 2)}
+# Run 38 (fourteenth session): run 37 refuted the slack reading of run 36 (finer steps with more
+# slack lost more: the pair's GEMM alone +31% instead of +8%), which points at a cost per
+# refill. In this kernel the MMA warps issue the ring's loads themselves, so in a pair CTA 0's
+# wait for both releases stalls its next wgmma. A 1-warp load partition (WS_LOAD_WARP) takes
+# the loads and the waits off the MMA warps; it costs the epilogue registers (8 epilogue warps
+# at maxnreg 128 beside 4 + 1 worker warps, instead of 168).
+RUN38 = {f"ws{i}{' lw' if lw else ''}{' cl2' if c == 2 else ''}": dataclasses.replace(
+    flu._GPU_WS_CONFIGS[i], WS_CLUSTER=c, WS_LOAD_WARP=lw, **({"maxnreg": 128} if lw else {}))
+    for i in (4, 5) for lw in (0, 1) for c in (1, 2)}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -400,7 +409,7 @@ def main():
     a = set_timer(ap.parse_args())
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
-             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37}
+             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37, **RUN38}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

@@ -545,6 +545,8 @@ class KernelConfig:
     # (n, k) and (n + BLOCK_N, k), and X's tile, which both need, is read from L2 once per step
     # and multicast into both CTAs' shared memory by TMA. Measured slower (H100, study run 36).
     WS_CLUSTER: int = 1
+    # 1: a 1-warp partition issues the GEMM ring's TMA loads instead of the MMA warps (study).
+    WS_LOAD_WARP: int = 0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

@@ -508,7 +508,7 @@ def tile_walk(balanced: bool, cluster: int = 1) -> list:
 def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = True,
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
                   mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0,
-                  mma: bool = True, cluster: int = 1) -> str:
+                  mma: bool = True, cluster: int = 1, load_warp: bool = False) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -527,7 +527,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     strides). ``mma=False`` (study run 28): the MMA warps run the ring (wait for each step's
     loads, refill the slot) without the wgmma, so the accumulator handed over is 0.
     ``cluster``: CTAs per cluster, 1 or 2 (``cluster_helpers``; only "epi_rows" with one MMA
-    warpgroup and none of the study knobs)."""
+    warpgroup and none of the study knobs). ``load_warp`` (study run 38): a 1-warp partition
+    issues the GEMM ring's TMA loads, STAGES steps ahead, and the MMA warps only wait for them
+    and release each slot (``ld_empty``) once its wgmma is done; so a refill that waits (in a
+    cluster: for both CTAs) no longer holds up the MMA warps' next wgmma."""
+    if load_warp and (state == "warp" or prefetch_gemm or mma_pending != 1 or not mma):
+        raise ValueError("WS_LOAD_WARP=1: not with WS='warp', WS_PREFETCH_GEMM, "
+                         "WS_MMA_PENDING=2 or the ring without wgmma")
     if cluster not in (1, 2):
         raise ValueError(f"WS_CLUSTER={cluster}: 1 or 2")
     if cluster == 2 and (state != "epi_rows" or prefetch or prefetch_gemm or mma_warps != 4
@@ -578,7 +584,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     # worker partitions share one signature (Gluon's rule): the GEMM and the state streams
     wsig = (f"dy_desc, x_desc, {''.join(d + ', ' for d in descs) if warp_fed else ''}"
             f"dy_smem, x_smem, {''.join(m + ', ' for m in smems) if warp_fed else ''}"
-            f"ld_bar, {'x_empty, ' if cluster == 2 else ''}"
+            f"ld_bar, {'x_empty, ' if cluster == 2 else ''}{'ld_empty, ' if load_warp else ''}"
             f"{'st_ready, st_empty, ' if warp_fed else ''}acc_smem, acc_ready, acc_empty, "
             f"T, N, K, {'dy_ptr, x_ptr, s_dy_t, s_x_t, ' if prefetch_gemm else ''}"
             "BLOCK_N, BLOCK_K, BLOCK_T, SPLIT, STAGES, SLOTS, GROUP_N, SKIP_GEMM")
@@ -609,6 +615,26 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             a(f"        tma.{_tma_load()}({d}, [off_n, off_k + (seq % SPLIT) * CW], "
               f"bar, {m}.index(slot){_policy_kw(L2_MODES[l2][2])})")
         a("")
+        a("")
+    ldb = "ld_bar, x_empty" if cluster == 2 else "ld_bar"
+    if load_warp:
+        a("@gluon.jit")
+        a(f"def _load_partition({wparams}):")
+        a("    # one warp: the GEMM ring's TMA loads, each slot refilled once the MMA warps release it")
+        L.extend(tile_walk(balanced, cluster))
+        a(f"""    num_t = gl.cdiv(T, BLOCK_T)
+    if SKIP_GEMM:
+        num_t = 0
+    gbase = 0
+    for i in range(my_tiles):
+        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
+        for t in range(num_t):
+            gs = gbase + t
+            if gs >= STAGES:
+                mbarrier.wait(ld_empty.index(gs % STAGES), ((gs // STAGES) & 1) ^ 1)
+            _issue_gemm(t, gs, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, {ldb}, STAGES, BLOCK_T)
+        gbase += num_t
+""")
         a("")
     a("@gluon.jit")
     a(f"def _mma_partition({wparams}):")
@@ -647,8 +673,27 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     x_release = ("            if gs > 0:\n"
                  "                mbarrier.arrive(x_empty.index((gs - 1) % STAGES), count=1)\n"
                  if cluster == 2 else "")
-    ldb = "ld_bar, x_empty" if cluster == 2 else "ld_bar"
-    a(f"""    num_t = gl.cdiv(T, BLOCK_T)
+    if load_warp:    # the loads are the load partition's; each slot is released after its wgmma
+        x_rel = ("                mbarrier.arrive(x_empty.index((gs - 1) % STAGES), count=1)\n"
+                 if cluster == 2 else "")
+        a(f"""    num_t = gl.cdiv(T, BLOCK_T)
+    if SKIP_GEMM:
+        num_t = 0
+    gbase = 0
+    for i in range(my_tiles):
+        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
+        for t in range(num_t):
+            gs = gbase + t
+            slot = gs % STAGES
+            mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
+{mma_step}            gl.thread_barrier()
+            if gs > 0:
+                mbarrier.arrive(ld_empty.index((gs - 1) % STAGES), count=1)
+{x_rel}{mma_drain}        gbase += num_t
+        gl.thread_barrier()
+""")
+    else:
+        a(f"""    num_t = gl.cdiv(T, BLOCK_T)
     if SKIP_GEMM:
         num_t = 0
     gbase = 0
@@ -924,10 +969,14 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     if cluster == 2:     # one per slot, in CTA 0 (cluster_helpers)
         a("    x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], "
           "mbarrier.MBarrierLayout([[0]]))")
+    if load_warp:
+        a(f"    ld_empty = gl.allocate_shared_memory(gl.int64, [STAGES, {bar}")
     a("    for s in gl.static_range(STAGES):")
     a("        mbarrier.init(ld_bar.index(s), count=1)")
     if cluster == 2:     # count 1 per CTA: Gluon makes it 2 on the pair's barrier
         a("        mbarrier.init(x_empty.index(s), count=1)")
+    if load_warp:
+        a("        mbarrier.init(ld_empty.index(s), count=1)")
     a("    for h in gl.static_range(SPLIT):")
     a("        mbarrier.init(acc_ready.index(h), count=1)")
     a("        mbarrier.init(acc_empty.index(h), count=1)")
@@ -947,8 +996,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
       f"{''.join(c + ', ' for c in cs)}seed, N, K, {', '.join(strides)}, BLOCK_N, BLOCK_K, SPLIT, "
       "SLOTS, GROUP_N, EVEN_NK, SAME_STRIDES, STOCHASTIC_ROUND, num_warps)),")
     a(f"        (_mma_partition, ({wsig})),")
-    if warp_fed:
-        a(f"        (_state_partition, ({wsig})),")
+    if warp_fed or load_warp:
+        a(f"        ({'_state_partition' if warp_fed else '_load_partition'}, ({wsig})),")
         a(f"    ], [{mma_warps}, 1], [MMA_REGS, 40])")
     else:
         a(f"    ], [{mma_warps}], [MMA_REGS])")
@@ -964,15 +1013,16 @@ _KERNELS: dict = {}
 
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
             handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
-            prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True, cluster: int = 1):
+            prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True, cluster: int = 1,
+            load_warp: bool = False):
     key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
-           prefetch, prefetch_gemm, mma, cluster)
+           prefetch, prefetch_gemm, mma, cluster, load_warp)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_cache_policy():
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
-                            mma_pending, prefetch, prefetch_gemm, mma, cluster)
+                            mma_pending, prefetch, prefetch_gemm, mma, cluster, load_warp)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -1192,7 +1242,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     nsm = _num_sms(dy.device.index or 0) // cl
     k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
                 cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_PREFETCH,
-                cfg.WS_PREFETCH_GEMM, not skip_mma, cl)
+                cfg.WS_PREFETCH_GEMM, not skip_mma, cl, bool(cfg.WS_LOAD_WARP))
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N], cl), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K], cl),
             *sds,
