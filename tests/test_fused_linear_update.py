@@ -625,6 +625,32 @@ def test_ws_cluster_source():
         ws.kernel_source(prog, 8, False, "epi_rows", cluster=3)
 
 
+def test_ws_load_warp_source():
+    """WS_LOAD_WARP (the seventh candidate, study run 38): a 1-warp partition issues every GEMM
+    ring load, refilling a slot once the MMA warps release it (ld_empty, after the step's
+    wgmma is done); the MMA warps issue none. With a cluster the MMA warps release X to CTA 0
+    too. The knobs it cannot combine with are refused."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    for cluster in (1, 2):
+        src = ws.kernel_source(prog, 16, False, "epi_rows", cluster=cluster, load_warp=True)
+        compile(src, "<load-warp>", "exec")
+        mma = src[src.index("def _mma_partition"):src.index("def _epilogue_partition")]
+        load = src[src.index("def _load_partition"):src.index("def _mma_partition")]
+        assert "_issue_gemm(" not in mma and load.count("_issue_gemm(") == 1
+        assert "mbarrier.wait(ld_empty.index(gs % STAGES), ((gs // STAGES) & 1) ^ 1)" in load
+        assert mma.count("mbarrier.arrive(ld_empty.index((gs - 1) % STAGES), count=1)") == 1
+        assert mma.count("mbarrier.arrive(x_empty.index((gs - 1) % STAGES), count=1)") == (
+            cluster == 2)
+        assert "mbarrier.init(ld_empty.index(s), count=1)" in src
+        assert "(_load_partition, (" in src and "], [4, 1], [MMA_REGS, 40])" in src
+    for bad in (dict(state="warp"), dict(prefetch_gemm=2), dict(mma_pending=2),
+                dict(mma=False)):
+        kw = {"state": "epi_rows", **bad}
+        with pytest.raises(ValueError, match="WS_LOAD_WARP=1: not with"):
+            ws.kernel_source(prog, 16, False, load_warp=True, **kw)
+
+
 def test_ws_cluster_bad_options_fail_fast():
     """WS_CLUSTER=2 is refused before anything compiles, naming the fix: without Gluon's TMA
     multicast (Triton < 3.9), with a bf16 W (its stores are 16-byte fp32 vectors), with more
@@ -681,9 +707,10 @@ def test_ws_config_over_shared_memory_fails_fast():
     assert ws.ws_fits(cfg, torch.float32, 1) and not ws.ws_fits(cfg, torch.bfloat16, 2)
     # every other shipped candidate holds AdamW's state with fp32 W, and three states but
     # for the 4-slot BLOCK_T=32 ones (the autotuner leaves those out of AMSGrad-like rules)
-    assert [ws.ws_fits(c, torch.float32, 2) for c in flu._GPU_WS_CONFIGS] == [True] * 5 + [False]
+    assert [ws.ws_fits(c, torch.float32, 2) for c in flu._GPU_WS_CONFIGS] == (
+        [True] * 5 + [False, True])
     assert [ws.ws_fits(c, torch.float32, 3) for c in flu._GPU_WS_CONFIGS] == [
-        True, False, True, False, True, False]
+        True, False, True, False, True, False, True]
 
 
 def test_ws_not_offered_off_gpu():
@@ -760,7 +787,7 @@ def _sm90_resources(cfg, prog, param_dtype="fp32"):
 # hand-off (its accumulator split in registers: reshape, permute, split) and the paired refills
 # (AdamW, or SGD-momentum for the candidate that holds one state tensor only)
 _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt in [
-    (i, "adamw" if i < 5 else "sgd_momentum", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
+    (i, "adamw" if i != 5 else "sgd_momentum", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
     (0, "adamw", "bf16"), (2, "sgd_momentum", "fp32"), (3, "adamw", "bf16")]] + [
     (name, WS_STUDY[name], "adamw", dt) for name in ("epi_rows_half", "epi_rows_half1",
                                                        "epi_rows_pairs")
@@ -1136,7 +1163,7 @@ def test_gpu_every_candidate_config(idx):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_ws_candidates_fit_the_state():
     """The autotuner is offered only the WS configs whose shared memory holds the rule's state:
-    all but the SGD-momentum-only one for AdamW, all for SGD-momentum."""
+    all but the SGD-momentum-only one (the sixth) for AdamW, all for SGD-momentum."""
     ws_of = {}
     for rule in ("adamw", "sgd_momentum"):
         prog, _ = _rules("cuda")[rule]
@@ -1144,7 +1171,7 @@ def test_gpu_ws_candidates_fit_the_state():
         _ws_or_skip(dy, x, p, s)
         ws_of[rule] = [c for c in flu.candidate_configs(dy, x, p, s) if c.WS]
     assert ws_of["sgd_momentum"] == list(flu._GPU_WS_CONFIGS)
-    assert ws_of["adamw"] == list(flu._GPU_WS_CONFIGS[:5])
+    assert ws_of["adamw"] == [c for i, c in enumerate(flu._GPU_WS_CONFIGS) if i != 5]
 
 
 @gpu

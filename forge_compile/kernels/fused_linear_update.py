@@ -613,6 +613,13 @@ _GPU_WS_CONFIGS = (
     # 227 KiB, so candidate_configs leaves it out there). Run 20: SGD-m 4096² T=512 0.1024 vs
     # 0.1061 ms (the tuned choice), T=2048 0.1666 vs 0.1700.
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=8, maxnreg=168, WS="epi_rows", WS_SLOTS=2),
+    # The fifth with a 1-warp partition that issues the GEMM ring's loads (fourteenth session,
+    # study run 38; the epilogue then has 128 registers, not 168, and stays spill-free): the MMA
+    # warps no longer stop to refill the ring. 4096², Triton 3.9, do_bench: the GEMM alone
+    # 0.1068 → 0.1031 ms at T=2048 and 0.0356 → 0.0316 at T=512 (cuBLAS 0.0337); fused AdamW
+    # T=2048 0.2060 → 0.2036, T=8192 0.5099 → 0.4975; SGD-m T=2048 0.1674 → 0.1635.
+    KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=16, maxnreg=128, WS="epi_rows", WS_SLOTS=2,
+                 WS_L2="gemm_last", WS_LOAD_WARP=1),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
