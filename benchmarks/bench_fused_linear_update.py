@@ -195,7 +195,9 @@ def config_label(c: dict) -> str:
     if c.get("WS"):                   # the warp-specialised Gluon kernel
         return (f"WS {c['BLOCK_N']}×{c['BLOCK_K']}×{c['BLOCK_T']}, {c['num_warps']} epilogue "
                 f"warps, {c['num_stages']} stages, split {c['EPI_SPLIT']}, "
-                f"{c['WS_SLOTS']} slots" + (f", L2 {c['WS_L2']}" if c.get("WS_L2") else ""))
+                f"{c['WS_SLOTS']} slots" + (f", L2 {c['WS_L2']}" if c.get("WS_L2") else "")
+                + (", load warp" if c.get("WS_LOAD_WARP") else "")
+                + (f", clusters of {c['WS_CLUSTER']}" if c.get("WS_CLUSTER", 1) > 1 else ""))
     return (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"
             f"{c['num_stages']},{int(c['PREFETCH'])},{c['EPI_SPLIT']},{int(c['EPI_PIPE'])}")
 
