@@ -48,10 +48,13 @@ chunks past the ring: the stream alone 4-14% faster, the fused kernel not), ``WS
 L2 modes ``dy_last``/``x_last`` for tile walks that reuse one operand (with groups of 12-16 dY
 rows, 24-28 MB fewer DRAM reads at T=2048, in the same time).
 
-Study knob of the fourteenth session: ``WS_CLUSTER=2`` (Triton >= 3.9; ``cluster_helpers``)
-launches clusters of 2 CTAs on row-adjacent tiles and multicasts X's tile, read from L2 once
-per pair, into both. Exact, and slower on every row measured (H100, run 36: the GEMM alone
-3-22%, fused AdamW 4096² T=2048 0.2086 → 0.2168 ms): each X refill waits for both CTAs.
+Fourteenth session: ``WS_LOAD_WARP=1`` gives the GEMM ring's TMA loads to a 1-warp partition,
+so the MMA warps never stop to refill it (H100, study run 38: the GEMM alone 3-11% faster,
+fused AdamW T=2048/8192 1-2%); it ships on one autotune candidate. ``WS_CLUSTER=2`` (Triton >=
+3.9; ``cluster_helpers``, a study knob) launches clusters of 2 CTAs on row-adjacent tiles and
+multicasts X's tile, read from L2 once per pair, into both. Exact, and slower on every fused
+row measured (runs 36-38: without the load warp the GEMM alone 3-22%, with it 0-3%): each X
+refill waits for both CTAs.
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
 accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
