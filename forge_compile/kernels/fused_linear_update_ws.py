@@ -238,20 +238,7 @@ def gemm_helpers(l2: str = "", cluster: int = 1) -> str:
     kw_dy, kw_x = (_policy_kw(p) for p in L2_MODES[l2][:2])
     if cluster == 2:
         return cluster_helpers(kw_dy, kw_x)
-    return f"""
-@gluon.jit
-def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
-    num_n = gl.cdiv(N, BLOCK_N)
-    num_k = gl.cdiv(K, BLOCK_K)
-    per_group = GROUP_N * num_k
-    first_n = (tile // per_group) * GROUP_N
-    group_n = num_n - first_n
-    if group_n > GROUP_N:
-        group_n = GROUP_N
-    pid_n = first_n + (tile % per_group) % group_n
-    pid_k = (tile % per_group) // group_n
-    return pid_n * BLOCK_N, pid_k * BLOCK_K
-
+    return tile_coords_source() + f"""
 
 @gluon.jit
 def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar,
@@ -274,6 +261,29 @@ _ST4_EF_ASM = ("{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $12, 0; "
                "mov.u32 $0, 0; mov.u32 $1, 0; mov.u32 $2, 0; mov.u32 $3, 0; }")
 
 
+def tile_coords_source(cluster: int = 1) -> str:
+    """``_tile_coords(tile, ...)``: the (row, column) corner of the tile-walk's tile ``tile`` in
+    GROUP_N-row grouped order; with a cluster of 2 a tile is a pair of row-adjacent tiles, and
+    this CTA's corner is offset by its rank (``cluster_helpers``)."""
+    pair = cluster == 2
+    note = ("    # tiles of pairs: rows [2 BLOCK_N p, 2 BLOCK_N (p + 1)), this CTA's half by its "
+            "rank\n" if pair else "")
+    return f"""
+@gluon.jit
+def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
+{note}    num_n = gl.cdiv(N, {'2 * ' if pair else ''}BLOCK_N)
+    num_k = gl.cdiv(K, BLOCK_K)
+    per_group = GROUP_N * num_k
+    first_n = (tile // per_group) * GROUP_N
+    group_n = num_n - first_n
+    if group_n > GROUP_N:
+        group_n = GROUP_N
+    pid_n = first_n + (tile % per_group) % group_n
+    pid_k = (tile % per_group) // group_n
+    return {'(2 * pid_n + _cta_rank(tile))' if pair else 'pid_n'} * BLOCK_N, pid_k * BLOCK_K
+"""
+
+
 def cluster_helpers(kw_dy: str, kw_x: str) -> str:
     """Gluon source for clusters of 2 CTAs (Triton >= 3.9's multi-CTA Gluon; study). The
     kernel is written per CTA, as without a cluster: every layout is replicated over the cluster
@@ -288,27 +298,13 @@ def cluster_helpers(kw_dy: str, kw_x: str) -> str:
       arrive on it, and only CTA 0's wait is real (Gluon predicates it on the rank).
     * a gl.store of a replicated tensor is issued by CTA 0 alone; the W/state stores go through
       ``_st4_ef`` (inline PTX, issued by every CTA) instead."""
-    return f"""
+    return """
 @gluon.jit
 def _cta_rank(x):
     return gl.inline_asm_elementwise("mov.u32 $0, %cluster_ctarank;", "=r,r", [x], dtype=gl.int32,
                                      is_pure=True, pack=1)
 
-
-@gluon.jit
-def _tile_coords(tile, N, K, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_N: gl.constexpr):
-    # tiles of pairs: rows [2 BLOCK_N p, 2 BLOCK_N (p + 1)), this CTA's half by its rank
-    num_n = gl.cdiv(N, 2 * BLOCK_N)
-    num_k = gl.cdiv(K, BLOCK_K)
-    per_group = GROUP_N * num_k
-    first_n = (tile // per_group) * GROUP_N
-    group_n = num_n - first_n
-    if group_n > GROUP_N:
-        group_n = GROUP_N
-    pid_n = first_n + (tile % per_group) % group_n
-    pid_k = (tile % per_group) // group_n
-    return (2 * pid_n + _cta_rank(tile)) * BLOCK_N, pid_k * BLOCK_K
-
+""" + tile_coords_source(2) + f"""
 
 @gluon.jit
 def _issue_gemm(step, gstep, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, ld_bar, x_empty,
