@@ -649,6 +649,10 @@ def test_ws_load_warp_source():
         kw = {"state": "epi_rows", **bad}
         with pytest.raises(ValueError, match="WS_LOAD_WARP=1: not with"):
             ws.kernel_source(prog, 16, False, load_warp=True, **kw)
+    prog, sc, (dy, x, p, st) = _cpu_adamw_64()
+    with pytest.raises(ValueError, match="WS_LOAD_WARP=2: 0 or 1"):
+        ws.ws_launch_args(dy, x, p, st, sc, prog,
+                          dataclasses.replace(flu._GPU_WS_CONFIGS[6], WS_LOAD_WARP=2))
 
 
 def test_ws_cluster_bad_options_fail_fast():

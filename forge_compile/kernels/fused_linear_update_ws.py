@@ -1223,6 +1223,8 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
             f"this WS config needs {ws_shared_memory_bytes(cfg, param.dtype, len(state))} B of "
             f"shared memory with {len(state)} state tensors, over the {_SMEM_LIMIT} B an "
             "sm_90 CTA has: use fewer WS_SLOTS, num_stages or a larger EPI_SPLIT")
+    if cfg.WS_LOAD_WARP not in (0, 1):
+        raise ValueError(f"WS_LOAD_WARP={cfg.WS_LOAD_WARP}: 0 or 1")
     cl = cfg.WS_CLUSTER
     if cl == 2 and skip_gemm:
         # without the T loop x_empty has no use, and Triton refuses an mbarrier that is
