@@ -653,6 +653,11 @@ def test_ws_load_warp_source():
     with pytest.raises(ValueError, match="WS_LOAD_WARP=2: 0 or 1"):
         ws.ws_launch_args(dy, x, p, st, sc, prog,
                           dataclasses.replace(flu._GPU_WS_CONFIGS[6], WS_LOAD_WARP=2))
+    # 16 epilogue warps + 4 MMA + a load warp launch as 24 warps: 96 registers do not fit
+    with pytest.raises(ValueError, match="24 warps at maxnreg 96 need 73728 registers of 65536: "
+                                         "use maxnreg <= 80"):
+        ws.ws_launch_args(dy, x, p, st, sc, prog,
+                          dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS_LOAD_WARP=1))
 
 
 def test_ws_cluster_bad_options_fail_fast():

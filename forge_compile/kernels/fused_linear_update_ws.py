@@ -1225,6 +1225,16 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
             "sm_90 CTA has: use fewer WS_SLOTS, num_stages or a larger EPI_SPLIT")
     if cfg.WS_LOAD_WARP not in (0, 1):
         raise ValueError(f"WS_LOAD_WARP={cfg.WS_LOAD_WARP}: 0 or 1")
+    if (cfg.WS_LOAD_WARP or cfg.WS == "warp") and cfg.maxnreg:
+        # Triton launches a 1-warp partition as a whole warpgroup: 16 epilogue warps at 96
+        # registers with a load warp are 24 warps, 73728 registers of the SM's 65536 (H100,
+        # Triton 3.6: "out of resource: threads, Required: 768, Hardware limit: 640")
+        warps = cfg.num_warps + cfg.WS_MMA_WARPS + 4
+        if warps * 32 * cfg.maxnreg > 65536:
+            raise ValueError(
+                f"a 1-warp partition beside {cfg.num_warps} epilogue warps: {warps} warps at "
+                f"maxnreg {cfg.maxnreg} need {warps * 32 * cfg.maxnreg} registers of 65536: use "
+                f"maxnreg <= {65536 // (warps * 32) // 8 * 8} or fewer epilogue warps")
     cl = cfg.WS_CLUSTER
     if cl == 2 and skip_gemm:
         # without the T loop x_empty has no use, and Triton refuses an mbarrier that is
