@@ -667,7 +667,7 @@ def test_ws_cluster_bad_options_fail_fast():
     ws = _ws()
     prog, sc, (dy, x, p, st) = _cpu_adamw_64()
     cfg = WS_CLUSTER_STUDY[0]
-    if not ws._tma_multicast():
+    if not ws._tma_load_takes("multicast"):
         with pytest.raises(ValueError, match="no TMA multicast \\(Triton >= 3.9\\)"):
             ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
         return
@@ -826,7 +826,7 @@ def test_ws_cluster_compiles_for_sm90(idx):
     W/state's per CTA, and every global store is the inline-PTX vector store, issued by each
     CTA (none predicated on the CTA's rank, as a replicated gl.store would be)."""
     ws = _ws()
-    if not ws._tma_multicast():
+    if not ws._tma_load_takes("multicast"):
         pytest.skip("this Triton's Gluon has no TMA multicast (Triton >= 3.9)")
     cfg = WS_CLUSTER_STUDY[idx]
     prog = _rules()["adamw"][0]
@@ -1431,13 +1431,20 @@ def test_gpu_ws_cluster(rule, idx):
     """The CTA-pair study kernels (X multicast) against the fp64 reference, 1e-5, on the
     ragged shape too (N=1000: the last pair's second tile is mostly past N); the poisoned
     weight shows every element written. Needs Triton >= 3.9 (the device's 3.6 skips)."""
-    if not _ws()._tma_multicast():
+    if not _ws()._tma_load_takes("multicast"):
         pytest.skip("this Triton's Gluon has no TMA multicast (Triton >= 3.9)")
     cfg = WS_CLUSTER_STUDY[idx]
     _assert_ws_matches_fp64(rule, cfg)
+    _assert_poisoned_weight_written(cfg)
+
+
+def _assert_poisoned_weight_written(cfg):
+    """param ← grad with ``cfg`` over a NaN-poisoned weight (RAGGED, bf16 operands): any element
+    the kernel does not write stays NaN; the written ones match fp64 to 1e-5."""
     prog = EpilogueProgram(("grad", "param"), (), (Instr("g", "mul", ("grad", 1.0)),),
                            (("param", "g"),))
     dy, x, p, _ = _inputs(prog, *RAGGED, torch.bfloat16, "cuda")
+    _ws_or_skip(dy, x, p, [])
     p.fill_(float("nan"))
     flu.fused_linear_update_triton(dy, x, p, [], [], prog, config=cfg)
     assert bool(torch.isfinite(p).all())
@@ -1456,14 +1463,7 @@ def test_gpu_ws_poison(idx):
     """param ← grad over a NaN-poisoned weight: any element the kernel does not write stays NaN
     (the balanced walk: RAGGED's 192 tiles are 1536 chunks, cut into 132 runs that start and
     end inside tiles)."""
-    prog = EpilogueProgram(("grad", "param"), (), (Instr("g", "mul", ("grad", 1.0)),),
-                           (("param", "g"),))
-    dy, x, p, _ = _inputs(prog, *RAGGED, torch.bfloat16, "cuda")
-    _ws_or_skip(dy, x, p, [])
-    p.fill_(float("nan"))
-    flu.fused_linear_update_triton(dy, x, p, [], [], prog, config=_WS_POISON_CONFIGS[idx])
-    assert bool(torch.isfinite(p).all())
-    assert _rel(p, dy.double().t() @ x.double()) <= 1e-5
+    _assert_poisoned_weight_written(_WS_POISON_CONFIGS[idx])
 
 
 @gpu

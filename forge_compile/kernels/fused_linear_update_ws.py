@@ -132,11 +132,12 @@ _KERNEL_NAME = "_fused_linear_update_ws_kernel"
 
 
 @functools.lru_cache(maxsize=None)
-def _tma_cache_policy() -> bool:
-    """Whether Gluon's TMA load takes ``cache_policy`` (Triton ≥ 3.9); else the PTX rewrite."""
+def _tma_load_takes(param: str) -> bool:
+    """Whether Gluon's TMA load takes ``param``: "cache_policy" (Triton ≥ 3.9; else the PTX
+    rewrite below) or "multicast" (Triton ≥ 3.9; the CTA pairs of ``cluster_helpers``)."""
     import inspect
     from triton.experimental.gluon.language.nvidia.hopper import tma
-    return "cache_policy" in inspect.signature(getattr(tma, _tma_load())).parameters
+    return param in inspect.signature(getattr(tma, _tma_load())).parameters
 
 
 _PTX_ENTRY = re.compile(r"\.visible \.entry (\w+)\(")
@@ -226,7 +227,7 @@ def _gl_dtype(t: torch.dtype):
 def _policy_kw(prio: Optional[str]) -> str:
     """The ``cache_policy=`` argument of a TMA load in generated source (Triton ≥ 3.9; on older
     Tritons ``add_l2_hints`` rewrites the PTX instead)."""
-    if prio is None or not _tma_cache_policy():
+    if prio is None or not _tma_load_takes("cache_policy"):
         return ""
     return f", cache_policy=L2_{prio.upper()}"
 
@@ -350,7 +351,7 @@ def module_head(prog, generator: str, l2: str = "", cluster: int = 1) -> list:
     """The generated Gluon module's imports, its program, the shipped kernel's stochastic
     rounding (Philox from triton.language), the L2 policies and the GEMM helpers."""
     policies = []
-    if l2 and _tma_cache_policy():
+    if l2 and _tma_load_takes("cache_policy"):
         policies = ["from triton.experimental.gluon.language.nvidia.ampere import (",
                     "    CachePolicy, FractionalEvictionPolicy)"]
         policies += [f"L2_{p.upper()} = gl.constexpr(CachePolicy(l2=FractionalEvictionPolicy("
@@ -667,14 +668,14 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             acc = warpgroup_mma_wait(num_outstanding={mma_pending}, deps=(acc,))
 """
         mma_drain = "        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))\n"
-    # cluster: step gs - 1's wgmma is done (one group left in flight): both CTAs release its
-    # slot of X to CTA 0, which multicasts into it (cluster_helpers)
-    x_release = ("            if gs > 0:\n"
-                 "                mbarrier.arrive(x_empty.index((gs - 1) % STAGES), count=1)\n"
-                 if cluster == 2 else "")
-    if load_warp:    # the loads are the load partition's; each slot is released after its wgmma
-        x_rel = ("                mbarrier.arrive(x_empty.index((gs - 1) % STAGES), count=1)\n"
-                 if cluster == 2 else "")
+    # step gs - 1's wgmma is done (one group left in flight): its slot is released to the load
+    # warp (ld_empty) and, with a cluster, its X to CTA 0, which multicasts into it
+    # (cluster_helpers)
+    released = [b for b, on in (("ld_empty", load_warp), ("x_empty", cluster == 2)) if on]
+    release = ("            if gs > 0:\n" + "".join(
+        f"                mbarrier.arrive({b}.index((gs - 1) % STAGES), count=1)\n"
+        for b in released) if released else "")
+    if load_warp:    # the loads are the load partition's
         a(f"""    num_t = gl.cdiv(T, BLOCK_T)
     if SKIP_GEMM:
         num_t = 0
@@ -686,9 +687,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             slot = gs % STAGES
             mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
 {mma_step}            gl.thread_barrier()
-            if gs > 0:
-                mbarrier.arrive(ld_empty.index((gs - 1) % STAGES), count=1)
-{x_rel}{mma_drain}        gbase += num_t
+{release}{mma_drain}        gbase += num_t
         gl.thread_barrier()
 """)
     else:
@@ -708,7 +707,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             slot = gs % STAGES
             mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
 {mma_step}            gl.thread_barrier()
-{x_release}            if t + STAGES - {mma_pending} < num_t:
+{release}            if t + STAGES - {mma_pending} < num_t:
                 _issue_gemm(t + STAGES - {mma_pending}, gs + STAGES - {mma_pending}, off_n, off_k, dy_desc, x_desc,
                             dy_smem, x_smem, {ldb}, STAGES, BLOCK_T)
 {pf_loop}{mma_drain}        gbase += num_t
@@ -1018,7 +1017,7 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
            prefetch, prefetch_gemm, mma, cluster, load_warp)
     k = _KERNELS.get(key)
     if k is None:
-        if l2 and not _tma_cache_policy():
+        if l2 and not _tma_load_takes("cache_policy"):
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
                             mma_pending, prefetch, prefetch_gemm, mma, cluster, load_warp)
@@ -1236,11 +1235,11 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
                 f"maxnreg {cfg.maxnreg} need {warps * 32 * cfg.maxnreg} registers of 65536: use "
                 f"maxnreg <= {65536 // (warps * 32) // 8 * 8} or fewer epilogue warps")
     cl = cfg.WS_CLUSTER
-    if cl == 2 and skip_gemm:
-        # without the T loop x_empty has no use, and Triton refuses an mbarrier that is
-        # initialised but never used; the stream alone is the WS_CLUSTER=1 twin's
-        raise ValueError("WS_CLUSTER=2 with skip_gemm: time the config's WS_CLUSTER=1 twin")
     if cl == 2:
+        if skip_gemm:
+            # without the T loop x_empty has no use, and Triton refuses an mbarrier that is
+            # initialised but never used; the stream alone is the WS_CLUSTER=1 twin's
+            raise ValueError("WS_CLUSTER=2 with skip_gemm: time the config's WS_CLUSTER=1 twin")
         why = cluster_unsupported_reason(param, state, cfg)
         if why:
             raise ValueError(f"WS_CLUSTER=2: {why}")
@@ -1272,17 +1271,9 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     return k, (min(work, nsm),), args, kwargs
 
 
-@functools.lru_cache(maxsize=None)
-def _tma_multicast() -> bool:
-    """Whether Gluon's TMA load takes ``multicast`` (Triton >= 3.9)."""
-    import inspect
-    from triton.experimental.gluon.language.nvidia.hopper import tma
-    return "multicast" in inspect.signature(getattr(tma, _tma_load())).parameters
-
-
 def cluster_unsupported_reason(param: Tensor, state: List[Tensor], cfg) -> Optional[str]:
     """Why a WS_CLUSTER=2 config cannot run these tensors (None: it can)."""
-    if not _tma_multicast():
+    if not _tma_load_takes("multicast"):
         return "this Triton's Gluon has no TMA multicast (Triton >= 3.9)"
     if param.dtype != torch.float32 or any(s.dtype != torch.float32 for s in state):
         return "W and the state must be fp32 (the cluster's stores are 16-byte fp32 vectors)"
