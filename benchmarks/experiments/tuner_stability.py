@@ -12,6 +12,16 @@ Then every finalist is timed for the truth: 6 interleaved rounds of do_bench(rep
 A pick's loss = truth(pick) / truth(best) - 1. Rows where the tuner's choice moved between
 bench runs (AdamW T=2048 and T=8192, SGD-m 4096x11008 T=2048) and AdamW 4096² T=512.
     TUNER_REPS=4 python benchmarks/experiments/tuner_stability.py [--out PATH]
+
+Run 40 (fifteenth session, ``TUNER_MODE=first-pass``): the final round only chooses among the
+first pass's three fastest, and the first pass times every candidate once for 25 ms, in list
+order (the warp-specialised configs, the winners at T >= 2048, last). In the bench at 05:26 UTC
+the tuner left the load-warp candidate out on SGD-m 4096x11008 T=2048 (0.447-0.450 ms against
+0.429-0.432 with it, 4%). Per key: the truth for every candidate (6 interleaved rounds of
+do_bench(rep=100)), then TUNER_REPS tunings, each with the first pass's timings of every
+candidate and the picks of final rounds on the first pass's 3 and 5 fastest. The question: how
+often the truly fastest misses the finalists, and what more finalists cost.
+    TUNER_MODE=first-pass TUNER_REPS=4 python benchmarks/experiments/tuner_stability.py
 """
 from __future__ import annotations
 
@@ -33,6 +43,10 @@ from bench_fused_linear_update_tma import save_rows, study_args, study_setup  # 
 KEYS = [("adamw", 4096, 4096, 2048), ("adamw", 4096, 11008, 2048),
         ("adamw", 11008, 4096, 8192), ("sgd_momentum", 4096, 11008, 2048),
         ("adamw", 4096, 4096, 512)]
+# run 40: every T=2048 row of the bench and the T=512 target row
+FIRST_PASS_KEYS = [(o, N, K, 2048) for o in ("adamw", "sgd_momentum")
+                   for N, K in ((4096, 4096), (11008, 4096), (4096, 11008))] + [
+                  ("adamw", 4096, 4096, 512)]
 
 
 def short(c: flu.KernelConfig) -> str:
@@ -43,9 +57,10 @@ def main():
     from triton.testing import do_bench
     a = study_args(__doc__, "tuner_stability.jsonl")
     reps = int(os.environ.get("TUNER_REPS", "4"))
+    first_pass = os.environ.get("TUNER_MODE", "") == "first-pass"
     t0 = time.time()
     rows, emit, _ = study_setup([], t0)
-    for opt, N, K, T in KEYS:
+    for opt, N, K, T in FIRST_PASS_KEYS if first_pass else KEYS:
         c = make_case(N, K, T, opt)
         dy, x = c["dy"], c["x"]
         prog = flu.load_program(c["prog"])
@@ -60,6 +75,10 @@ def main():
         for cfg in cands:                      # compile everything before any timing
             flu._run(dy, x, p2, s2, c["scalars"], prog, cfg, precision, 0)
         torch.cuda.synchronize()
+        if first_pass:
+            study_first_pass(emit, (opt, N, K, T), cands, time_ms, reps)
+            torch.cuda.empty_cache()
+            continue
         picks = {"sequential": [], "interleaved": []}
         finalists = set()
         for r in range(reps):
@@ -90,6 +109,30 @@ def main():
              truth_ms={short(cfg): round(ms, 4) for cfg, ms in truth.items()})
         torch.cuda.empty_cache()
     save_rows(rows, a.out, t0)
+
+
+def study_first_pass(emit, key, cands, time_ms, reps):
+    """Run 40: the truth for every candidate, then ``reps`` tunings as the tuner runs them
+    (first pass in list order, final round on the fastest 3 or 5)."""
+    opt, N, K, T = key
+    truth = [[] for _ in cands]
+    for _ in range(6):
+        for t, cfg in zip(truth, cands):
+            t.append(time_ms(cfg, rep=100))
+    truth = [statistics.median(t) for t in truth]
+    best = min(truth)
+    emit(study="tuner truth, all candidates", optimizer=opt, N=N, K=K, T=T,
+         configs=[short(c) for c in cands], truth_ms=[round(v, 4) for v in truth])
+    for r in range(reps):
+        first = [time_ms(cfg) for cfg in cands]
+        order = sorted(range(len(cands)), key=first.__getitem__)
+        row = {"first_pass_ms": [round(v, 4) for v in first],
+               "truth_best_rank": order.index(truth.index(best)) + 1}
+        for k in (3, 5):
+            pick = flu._final_pick([cands[i] for i in order[:k]], time_ms)
+            row[f"pick_top{k}"] = short(pick)
+            row[f"loss_top{k}_pct"] = round(100 * (truth[cands.index(pick)] / best - 1), 2)
+        emit(study="tuner first pass", optimizer=opt, N=N, K=K, T=T, rep=r, **row)
 
 
 if __name__ == "__main__":
