@@ -1,6 +1,5 @@
 """Shared test set-up: every test starts from a clean Dynamo cache and counters."""
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
