@@ -675,50 +675,43 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     release = ("            if gs > 0:\n" + "".join(
         f"                mbarrier.arrive({b}.index((gs - 1) % STAGES), count=1)\n"
         for b in released) if released else "")
-    if load_warp:    # the loads are the load partition's
-        a(f"""    num_t = gl.cdiv(T, BLOCK_T)
-    if SKIP_GEMM:
-        num_t = 0
-    gbase = 0
-    for i in range(my_tiles):
-        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
-        for t in range(num_t):
-            gs = gbase + t
-            slot = gs % STAGES
-            mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
-{mma_step}            gl.thread_barrier()
-{release}{mma_drain}        gbase += num_t
-        gl.thread_barrier()
-""")
-    else:
-        a(f"""    num_t = gl.cdiv(T, BLOCK_T)
-    if SKIP_GEMM:
-        num_t = 0
-    gbase = 0
-    off_n, off_k = _tile_coords(walk_t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)
+    # the MMA warps' own ring loads: the first tile's first steps before the loop, each step's
+    # refill STAGES - mma_pending ahead, the next tile's first steps after a tile; with a load
+    # warp all of them are the load partition's and the MMA warps only wait and release
+    first = each_tile = refill = next_tile = ""
+    if not load_warp:
+        first = f"""    off_n, off_k = _tile_coords(walk_t0, N, K, BLOCK_N, BLOCK_K, GROUP_N)
     for s in gl.static_range(STAGES - {mma_pending}):
         if s < num_t:
             _issue_gemm(s, s, off_n, off_k, dy_desc, x_desc, dy_smem, x_smem, {ldb}, STAGES, BLOCK_T)
-{pf_start}    for i in range(my_tiles):
-        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
-{pf_tile}        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
-        for t in range(num_t):
-            gs = gbase + t
-            slot = gs % STAGES
-            mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
-{mma_step}            gl.thread_barrier()
-{release}            if t + STAGES - {mma_pending} < num_t:
+{pf_start}"""
+        each_tile = ("        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, "
+                     f"BLOCK_K, GROUP_N)\n{pf_tile}")
+        refill = f"""            if t + STAGES - {mma_pending} < num_t:
                 _issue_gemm(t + STAGES - {mma_pending}, gs + STAGES - {mma_pending}, off_n, off_k, dy_desc, x_desc,
                             dy_smem, x_smem, {ldb}, STAGES, BLOCK_T)
-{pf_loop}{mma_drain}        gbase += num_t
-        gl.thread_barrier()
-        if i + 1 < my_tiles:
+{pf_loop}"""
+        next_tile = f"""        if i + 1 < my_tiles:
             nn, nk = _tile_coords(walk_t0 + (i + 1) * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)
             for s in gl.static_range(STAGES - {mma_pending}):
                 if s < num_t:
                     _issue_gemm(s, gbase + s, nn, nk, dy_desc, x_desc, dy_smem, x_smem, {ldb},
                                 STAGES, BLOCK_T)
-""")
+"""
+    a(f"""    num_t = gl.cdiv(T, BLOCK_T)
+    if SKIP_GEMM:
+        num_t = 0
+    gbase = 0
+{first}    for i in range(my_tiles):
+{each_tile}        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
+        for t in range(num_t):
+            gs = gbase + t
+            slot = gs % STAGES
+            mbarrier.wait(ld_bar.index(slot), (gs // STAGES) & 1)
+{mma_step}            gl.thread_barrier()
+{release}{refill}{mma_drain}        gbase += num_t
+        gl.thread_barrier()
+{next_tile}""")
     if halves:
         # rows 0..BLOCK_N/2-1 and the rest: the wgmma layout holds both halves in each
         # thread's registers (4 warps × 16 rows cover 64), so the split moves no data
