@@ -94,11 +94,7 @@ def main():
                     pick = flu._final_pick(finals, time_ms)
                 picks[how].append(pick)
         finalists = sorted(finalists, key=short)
-        truth = {cfg: [] for cfg in finalists}
-        for _ in range(6):
-            for cfg in finalists:
-                truth[cfg].append(time_ms(cfg, rep=100))
-        truth = {cfg: statistics.median(v) for cfg, v in truth.items()}
+        truth = dict(zip(finalists, truth_ms(finalists, time_ms)))
         best = min(truth.values())
         for how, ps in picks.items():
             losses = [truth[p] / best - 1 for p in ps]
@@ -111,15 +107,20 @@ def main():
     save_rows(rows, a.out, t0)
 
 
+def truth_ms(configs, time_ms):
+    """Each config's median over 6 interleaved rounds of ``time_ms(config, rep=100)``."""
+    times = [[] for _ in configs]
+    for _ in range(6):
+        for t, cfg in zip(times, configs):
+            t.append(time_ms(cfg, rep=100))
+    return [statistics.median(t) for t in times]
+
+
 def study_first_pass(emit, key, cands, time_ms, reps):
     """Run 40: the truth for every candidate, then ``reps`` tunings as the tuner runs them
     (first pass in list order, final round on the fastest 3 or 5)."""
     opt, N, K, T = key
-    truth = [[] for _ in cands]
-    for _ in range(6):
-        for t, cfg in zip(truth, cands):
-            t.append(time_ms(cfg, rep=100))
-    truth = [statistics.median(t) for t in truth]
+    truth = truth_ms(cands, time_ms)
     best = min(truth)
     emit(study="tuner truth, all candidates", optimizer=opt, N=N, K=K, T=T,
          configs=[short(c) for c in cands], truth_ms=[round(v, 4) for v in truth])
