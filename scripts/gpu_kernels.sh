@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
-#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|all]
-#   (default all; stream, ncu-stream and ws-study: not in all)
+#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|pingpong|all]
+#   (default all; stream, ncu-stream, ws-study and pingpong: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +49,15 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
     | grep -v -e '^{' -e 'forge autotune' 
   rc=$(( rc | $? ))
   cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
+fi
+if [[ $WHAT == pingpong ]]; then
+  # the ping-pong study kernel (benchmarks/experiments/fused_linear_update_pingpong.py): its
+  # correctness, then the issue's rows against the tuned shipped choice, e.g.
+  # STUDY_ARGS="--do-bench"
+  timeout "${STUDY_TIMEOUT:-500}" $PY benchmarks/experiments/fused_linear_update_pingpong.py \
+    --out "$OUT/fused_linear_update_pingpong.jsonl" ${STUDY_ARGS:-} 2>&1 | tee "$OUT/pingpong.log" \
+    | grep -v -e 'forge autotune'
+  rc=$(( rc | $? ))
 fi
 if [[ $WHAT == ws-study ]]; then
   # the warp-specialised kernel's study (benchmarks/experiments/bench_fused_linear_update_ws.py),
