@@ -11,14 +11,21 @@ store it only once the epilogue has read the last one (ncu at T=512: ~14% of the
 warps' stall samples on that barrier). Here, as in CUTLASS's "ping-pong" Hopper kernels, two
 consumer warpgroups take alternate tiles of the CTA's walk. Each runs its tile's wgmma T loop
 and then the update on its own accumulator registers, while the other runs its T loop:
-* no hand-off buffer, no hand-off barriers; shared memory holds the dY/X ring (a 1-warp
-  partition fills it, tiles in walk order, so the two consumers' T loops alternate) and one
-  W/state ring per consumer;
+* no hand-off buffer, no hand-off barriers; each consumer has its own dY/X TMA ring, which it
+  refills itself as the shipped MMA partition does (two 4-warp consumers fill the register
+  file at 255 registers each: no room for a separate load warp);
 * the accumulator is split in registers (reshape, permute, split: no data moves) into eight
   64×32 pieces; each piece's W/state comes by TMA (a [64, 32] box) into the consumer's ring,
-  is read from shared memory in the piece's own register layout, updated, and stored with
-  ``gl.store`` from registers;
-* each consumer refills its own ring SLOTS pieces ahead, across into its next tile.
+  is read from shared memory in the piece's own register layout, updated, written back into
+  its slot and stored by TMA (``gl.store`` would hold 64-bit addresses for every element:
+  456-560 B of stack);
+* each consumer refills its W/state ring SLOTS pieces ahead, across into its next tile, once
+  the previous piece's TMA stores have read their slot.
+
+Measured (run 41, docs/kernels.md "Sixteenth session"): correct (fp64 reference, ≤ 1e-5),
+and slower than the shipped kernel on every row: AdamW 2.2-2.35×, SGD-momentum 1.17-1.20×.
+AdamW's IEEE divisions and square root branch per element, so the update needs many warps to
+hide its latency; here at most 8 exist. Not shipped.
 
 Scope (a study, not a shipped path): fp32 W and state (no stochastic rounding), one row stride
 for W and every state tensor, 128×128 tiles, bf16/fp16 operands, sm_90. The same generated
