@@ -848,6 +848,51 @@ def test_ws_cluster_compiles_for_sm90(idx):
     assert smem <= 232448, smem
 
 
+@pytest.mark.parametrize("rule", ["adamw", "sgd_momentum"])
+def test_pingpong_study_compiles_for_sm90_without_spills(rule):
+    """The ping-pong study kernel (benchmarks/experiments/fused_linear_update_pingpong.py, study
+    run 41, not shipped) still compiles for sm_90: two consumer warpgroups at 255 registers
+    without spills, the accumulator split into its 64×32 pieces in registers (no
+    convert_layout), W/state written back by TMA, within 227 KiB of shared memory."""
+    ws = _ws()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "benchmarks", "experiments"))
+    import fused_linear_update_pingpong as pp
+    cfg = pp.CONFIGS["pp bt64 st2 sl2"]
+    prog = _rules()[rule][0]
+    n = len(prog.state)
+
+    def desc(dt, block):
+        lay = ws._nvmma_layout(tuple(block), {"bf16": torch.bfloat16, "fp32": torch.float32}[dt])
+        return f"tensordesc<{dt}[{', '.join(map(str, block))}],{lay!r}>"
+    piece = [pp.PIECE_ROWS, pp.PIECE_COLS]
+    sig = {"dy_desc": desc("bf16", [cfg.BLOCK_T, 128]), "x_desc": desc("bf16", [cfg.BLOCK_T, 128]),
+           "p_desc": desc("fp32", piece), **{f"s{i}_desc": desc("fp32", piece) for i in range(n)},
+           "p_ptr": "*fp32", **{f"s{i}_ptr": "*fp32" for i in range(n)},
+           **{f"sc{i}": "*fp32" for i in range(len(prog.scalars))},
+           **{a: "i32" for a in ["T", "N", "K", "s_p_n"]}}
+    const = {**{f"SCALAR_PTR_{i}": True for i in range(len(prog.scalars))}, "BLOCK_N": 128,
+             "BLOCK_K": 128, "BLOCK_T": cfg.BLOCK_T, "STAGES": cfg.STAGES, "SLOTS": cfg.SLOTS,
+             "GROUP_N": cfg.GROUP_N, "EVEN_NK": True, "CONS_REGS": cfg.CONS_REGS, "num_warps": 4}
+    sig.update({k: "constexpr" for k in const})
+    ck = triton.compile(GluonASTSource(pp.kernel(prog), sig, constexprs=const),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert "convert_layout" not in ck.asm["ttgir"]
+    assert ck.asm["ptx"].count("cp.async.bulk.tensor.2d.global.shared") == 8 * (1 + n) * 2
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_bundled_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+    assert res["LOCAL"] == "0" and res["STACK"] == "0", res
+    assert ck.metadata.shared <= pp.shared_memory_bytes(cfg, n) <= 232448
+
+
 def test_ws_prefetch_gemm_reaches_the_ptx():
     """WS_PREFETCH_GEMM's prefetches survive compilation, in the MMA partition, predicated."""
     cfg = WS_PREFETCH_STUDY[2]
