@@ -279,15 +279,18 @@ def precompile(optimizers, workers=8):
             print("precompile", r, flush=True)
 
 
-def plot(jsonl: str, png: str) -> None:
-    """The latest bf16 run of ``jsonl`` as two panels, forge/anchor and the fraction of copy
-    bandwidth per row, with the issue's targets (≤ 0.6× and ≥ 80% for T ≤ 2048, ≤ 1.0× at
-    T=8192)."""
+def plot(jsonl: str, png: str, gpu: str = "") -> None:
+    """The latest bf16 run of ``jsonl`` (on a GPU whose name contains ``gpu``, if given) as two
+    panels, forge/anchor and the fraction of copy bandwidth per row, with the issue's targets
+    (≤ 0.6× and ≥ 80% for T ≤ 2048, ≤ 1.0× at T=8192)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(jsonl) if line.strip()]
-    rows = [r for r in rows if r.get("operands", "bfloat16") == "bfloat16"]
+    rows = [r for r in rows if r.get("operands", "bfloat16") == "bfloat16"
+            and gpu in r["gpu"]]
+    if not rows:
+        raise SystemExit(f"no bf16 rows on a GPU named like {gpu!r} in {jsonl}")
     last = rows[-1]["date"]
     rows = [r for r in rows if r["date"] == last]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -336,9 +339,11 @@ def main():
                          "_GPU_CONFIGS[I]) instead of the tuned one")
     ap.add_argument("--plot", default=None, metavar="PNG",
                     help="no GPU work: chart the latest bf16 run in --out and write PNG")
+    ap.add_argument("--gpu", default="", help="with --plot: the latest run on a GPU whose "
+                    "name contains this (e.g. H100, H200)")
     a = ap.parse_args()
     if a.plot:
-        plot(a.out, a.plot)
+        plot(a.out, a.plot, a.gpu)
         return
     if a.ncu_row:
         opt, N, K, T = a.ncu_row.split(",")
