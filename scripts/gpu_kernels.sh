@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
-#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|pingpong|all]
-#   (default all; stream, ncu-stream, ws-study and pingpong: not in all)
+#   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|pingpong|
+#                                store-policy|all]
+#   (default all; stream, ncu-stream, ws-study, pingpong and store-policy: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,12 @@ if [[ $WHAT == pingpong ]]; then
   timeout "${STUDY_TIMEOUT:-500}" $PY benchmarks/experiments/fused_linear_update_pingpong.py \
     --out "$OUT/fused_linear_update_pingpong.jsonl" ${STUDY_ARGS:-} 2>&1 | tee "$OUT/pingpong.log" \
     | grep -v -e 'forge autotune'
+  rc=$(( rc | $? ))
+fi
+if [[ $WHAT == store-policy ]]; then
+  # the W/state stores' L2 priority (benchmarks/experiments/store_policy.py, study run 42)
+  timeout "${STUDY_TIMEOUT:-500}" $PY benchmarks/experiments/store_policy.py \
+    --out "$OUT/store_policy.jsonl" 2>&1 | tee "$OUT/store_policy.log" | grep -v '^{'
   rc=$(( rc | $? ))
 fi
 if [[ $WHAT == ws-study ]]; then
