@@ -193,16 +193,11 @@ def pingpong_source(program, l2: str = "state_first") -> str:
             a("            else:")
             a(f"                _issue_piece(seq - 1 + SLOTS, nx_n + 64 * (({jr} - {PIECES}) // 4), "
               f"nx_k + 32 * (({jr} - {PIECES}) % 4), {st}")
-            for name, expr in ep.body:
-                a(f"        {name.format(sfx=sfx)} = {ws._gl(expr.format(sfx=sfx))}")
+            L.extend(ep.statements("        ", sfx, ws._gl))
             # the new W/state go back into the slot they came from, then out by TMA (no
             # per-element addresses in registers; TMA clips the edges of a ragged tile)
             outs = []
-            for dst, val in prog.outputs:
-                e, is_tile, _ = ep.env[val]
-                e = e.format(sfx=sfx)
-                if not is_tile:
-                    e = f"({e} + gl.zeros_like(acc{sfx}))"
+            for dst, e in ep.new_values(sfx, f"gl.zeros_like(acc{sfx})"):
                 idx = ep.tensor_names.index(dst)
                 a(f"        {smems[idx]}.index(slot).store(({ws._gl(e)}).to({ptrs[idx]}.dtype.element_ty))")
                 outs.append(idx)

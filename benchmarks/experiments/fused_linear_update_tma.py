@@ -132,13 +132,8 @@ def kernel_source(program, split: int) -> str:
         a(f"        rk{sfx} = off_k + {h} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))")
         a(f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]")
         a(f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]")
-        for name, expr in ep.body:
-            a(f"        {name.format(sfx=sfx)} = {_gl(expr.format(sfx=sfx))}")
-        for dst, val in prog.outputs:
-            e, is_tile, _ = ep.env[val]
-            e = e.format(sfx=sfx)
-            if not is_tile:
-                e = f"({e} + gl.zeros([BLOCK_N, CW], gl.float32, cl))"
+        L.extend(ep.statements("        ", sfx, _gl))
+        for dst, e in ep.new_values(sfx, "gl.zeros([BLOCK_N, CW], gl.float32, cl)"):
             idx = ep.tensor_names.index(dst)
             ptr, st = ptrs[idx], strides[idx]
             a(f"        o{sfx} = {e}")

@@ -240,14 +240,27 @@ class _Epilogue:
     def shared_offset(ind, sfx, rk) -> List[str]:
         return [f"{ind}off{sfx} = rn[:, None] * s_p_n + {rk}[None, :] * s_p_k"]
 
-    def compute_store(self, ind: str, sfx: str, rk: str, mask: str, shape: str) -> List[str]:
-        out = [f"{ind}{name.format(sfx=sfx)} = {expr.format(sfx=sfx)}" for name, expr in self.body]
+    def statements(self, ind: str, sfx: str, conv=None) -> List[str]:
+        """The update's straight-line statements for one chunk (names suffixed ``sfx``);
+        ``conv`` rewrites each expression (``fused_linear_update_ws._gl``: Gluon's names)."""
+        return [f"{ind}{name.format(sfx=sfx)} = "
+                f"{(conv or str)(expr.format(sfx=sfx))}" for name, expr in self.body]
+
+    def new_values(self, sfx: str, zeros: str) -> List[Tuple[str, str]]:
+        """(tensor name, expression of its new value) per program output, for one chunk; a
+        value that is not a tile (a scalar-only result) is broadcast by adding ``zeros``, a
+        zero tile of the chunk's shape and layout."""
+        out = []
         for dst, val in self.prog.outputs:
-            sn, sk = self.strides[dst]
             e, is_tile, _ = self.env[val]
             e = e.format(sfx=sfx)
-            if not is_tile:
-                e = f"({e} + tl.zeros({shape}, dtype=tl.float32))"
+            out.append((dst, e if is_tile else f"({e} + {zeros})"))
+        return out
+
+    def compute_store(self, ind: str, sfx: str, rk: str, mask: str, shape: str) -> List[str]:
+        out = self.statements(ind, sfx)
+        for dst, e in self.new_values(sfx, f"tl.zeros({shape}, dtype=tl.float32)"):
+            sn, sk = self.strides[dst]
             v = self.var[dst] + sfx
             if dst not in self.used:
                 out += self._offset(ind, v, sn, sk, sfx, rk)

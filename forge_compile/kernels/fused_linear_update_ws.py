@@ -882,14 +882,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
 
     def math_and_stores(h):
         sfx = f"_{h}"
-        out = [f"        {name.format(sfx=sfx)} = {_gl(expr.format(sfx=sfx))}"
-               for name, expr in ep.body]
-        for dst, val in prog.outputs:
-            e, is_tile, _ = ep.env[val]
-            e = e.format(sfx=sfx)
-            if not is_tile:
-                shape = "[CW, BLOCK_K]" if rows else "[BLOCK_N, CW]"
-                e = f"({e} + gl.zeros({shape}, gl.float32, cl))"
+        out = ep.statements("        ", sfx, _gl)
+        shape = "[CW, BLOCK_K]" if rows else "[BLOCK_N, CW]"
+        for dst, e in ep.new_values(sfx, f"gl.zeros({shape}, gl.float32, cl)"):
             idx = ep.tensor_names.index(dst)
             ptr = ptrs[idx]
             offe = f"off{sfx}" if idx == 0 else f"off_{ep.var[dst]}{sfx}"
