@@ -387,6 +387,17 @@ RUN38 = {f"ws{i}{' lw' if lw else ''}{' cl2' if c == 2 else ''}": dataclasses.re
 # limit: 640"). ws0/ws1 as references.
 RUN39 = {**{f"ws{i}": flu._GPU_WS_CONFIGS[i] for i in (1, 0, 2)},
          "ws2 lw": dataclasses.replace(flu._GPU_WS_CONFIGS[2], WS_LOAD_WARP=1, maxnreg=128)}
+# Run 43 (sixteenth session): the load-warp candidate (ws6, the T >= 2048 pick) in its
+# neighbourhood, for the rows just over 0.6x (AdamW 4096² T=2048 0.632x, SGD-m 0.619x): the
+# same 128 KiB ring in 8 finer steps (run 37 lost with them only when the MMA warps issued the
+# loads themselves), the tile-group height (GROUP_N 4 and 16), and W/state loads evict_first
+# beside dY/X evict_last ("both").
+_WS6 = flu._GPU_WS_CONFIGS[6]
+RUN43 = {"ws6": _WS6,
+         "ws6 bt32 st8": dataclasses.replace(_WS6, BLOCK_T=32, num_stages=8),
+         "ws6 g4": dataclasses.replace(_WS6, GROUP_N=4),
+         "ws6 g16": dataclasses.replace(_WS6, GROUP_N=16),
+         "ws6 both": dataclasses.replace(_WS6, WS_L2="both")}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -417,7 +428,8 @@ def main():
     a = set_timer(ap.parse_args())
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
-             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37, **RUN38, **RUN39}
+             **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37, **RUN38, **RUN39,
+             **RUN43}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
