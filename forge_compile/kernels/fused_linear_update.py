@@ -633,6 +633,14 @@ _GPU_WS_CONFIGS = (
     # T=2048 0.2060 → 0.2036, T=8192 0.5099 → 0.4975; SGD-m T=2048 0.1674 → 0.1635.
     KernelConfig(128, 128, 64, 8, 4, EPI_SPLIT=16, maxnreg=128, WS="epi_rows", WS_SLOTS=2,
                  WS_L2="gemm_last", WS_LOAD_WARP=1),
+    # The same 128 KiB ring in 8 stages of 32 tokens (sixteenth session, study run 43): with the
+    # load warp the ring is refilled a 16 KiB stage at a time as soon as its wgmma is done, 7
+    # stages (224 tokens) ahead instead of 3 (192). 4096², do_bench: the GEMM alone at T=2048
+    # 0.1037 → 0.0981 ms (cuBLAS 0.0956); fused SGD-m T=2048 0.1641 → 0.1532, AdamW 0.2012 →
+    # 0.1985; T=8192 equal (run 37 lost with these steps only without the load warp, where the
+    # MMA warps issued the refills themselves).
+    KernelConfig(128, 128, 32, 8, 8, EPI_SPLIT=16, maxnreg=128, WS="epi_rows", WS_SLOTS=2,
+                 WS_L2="gemm_last", WS_LOAD_WARP=1),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
