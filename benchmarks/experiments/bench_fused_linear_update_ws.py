@@ -398,6 +398,16 @@ RUN43 = {"ws6": _WS6,
          "ws6 g4": dataclasses.replace(_WS6, GROUP_N=4),
          "ws6 g16": dataclasses.replace(_WS6, GROUP_N=16),
          "ws6 both": dataclasses.replace(_WS6, WS_L2="both")}
+# Run 44 (sixteenth session): around run 43's winner (ws7: ws6's ring in 8 stages of 32 tokens,
+# now shipped). With the load warp refilling 16 KiB stages as they free up, does the GEMM still
+# need all 128 KiB? Trade ring stages for W/state slots (AdamW's stream had 24 KiB in flight:
+# 7 stages + 3 slots, 6 + 4), finer still (16 stages of 16 tokens), and the group height.
+_WS7 = flu._GPU_WS_CONFIGS[7]
+RUN44 = {"ws7": _WS7,
+         "ws7 st7 sl3": dataclasses.replace(_WS7, num_stages=7, WS_SLOTS=3),
+         "ws7 st6 sl4": dataclasses.replace(_WS7, num_stages=6, WS_SLOTS=4),
+         "ws7 bt16 st16": dataclasses.replace(_WS7, BLOCK_T=16, num_stages=16),
+         "ws7 g4": dataclasses.replace(_WS7, GROUP_N=4)}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -429,7 +439,7 @@ def main():
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
              **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37, **RUN38, **RUN39,
-             **RUN43}
+             **RUN43, **RUN44}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
