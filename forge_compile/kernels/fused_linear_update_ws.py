@@ -50,9 +50,10 @@ rows, 24-28 MB fewer DRAM reads at T=2048, in the same time).
 
 Fourteenth session: ``WS_LOAD_WARP=1`` gives the GEMM ring's TMA loads to a 1-warp partition,
 so the MMA warps never stop to refill it (H100, study run 38: the GEMM alone 3-11% faster,
-fused AdamW T=2048/8192 1-2%); it ships on one autotune candidate. ``WS_CLUSTER=2`` (Triton >=
-3.9; ``cluster_helpers``, a study knob) launches clusters of 2 CTAs on row-adjacent tiles and
-multicasts X's tile, read from L2 once per pair, into both. Exact, and slower on every fused
+fused AdamW T=2048/8192 1-2%); it ships on two autotune candidates, the second with the same
+ring in 8 stages of 32 tokens (sixteenth session, run 43: the GEMM alone at T=2048 5% faster).
+``WS_CLUSTER=2`` (Triton >= 3.9; ``cluster_helpers``, a study knob) launches clusters of 2 CTAs
+on row-adjacent tiles and multicasts X's tile, read from L2 once per pair, into both. Exact, and slower on every fused
 row measured (runs 36-38: without the load warp the GEMM alone 3-22%, with it 0-3%): each X
 refill waits for both CTAs.
 
