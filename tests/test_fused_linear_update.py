@@ -729,24 +729,34 @@ def test_ws_not_offered_off_gpu():
     assert not any(c.WS for c in flu.candidate_configs(dy, x, p, st))
 
 
-def _sm90_compile(cfg, prog, param_dtype="fp32"):
-    """Compile the warp-specialised kernel for sm_90 on this machine (no GPU needed: Triton's
-    bundled ptxas); the CompiledKernel."""
+def _desc_type(dt, block, cluster=1):
+    """Triton's signature type of a TensorDescriptor of ``dt`` ("bf16"/"fp32") in ``block``
+    tiles, in the layout the launchers give it (replicated over a cluster of ``cluster``)."""
+    tdt = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    lay = _ws()._nvmma_layout(tuple(block), tdt[dt], cluster)
+    return f"tensordesc<{dt}[{', '.join(map(str, block))}],{lay!r}>"
+
+
+def _gluon_sm90_compile(fn, sig, const, **options):
+    """Compile a Gluon kernel for sm_90 on this machine (no GPU needed: Triton's bundled
+    ptxas); ``const`` names the constexprs (added to ``sig``). The CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    return triton.compile(GluonASTSource(fn, sig, constexprs=const),
+                          target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _sm90_compile(cfg, prog, param_dtype="fp32"):
+    """The warp-specialised kernel of ``cfg`` compiled for sm_90 (``_gluon_sm90_compile``)."""
     ws = _ws()
-
-    tdt = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-    def desc(dt, block):     # (replicated over a cluster's CTAs with WS_CLUSTER=2)
-        lay = ws._nvmma_layout(tuple(block), tdt[dt], cfg.WS_CLUSTER)
-        return f"tensordesc<{dt}[{', '.join(map(str, block))}],{lay!r}>"
+    cl = cfg.WS_CLUSTER      # descriptors replicated over a cluster's CTAs with WS_CLUSTER=2
     n = len(prog.state)
-    sig = {"dy_desc": desc("bf16", [cfg.BLOCK_T, cfg.BLOCK_N]),
-           "x_desc": desc("bf16", [cfg.BLOCK_T, cfg.BLOCK_K]),
-           "p_desc": desc(param_dtype, ws.state_block(cfg)),
-           **{f"s{i}_desc": desc("fp32", ws.state_block(cfg)) for i in range(n)},
+    sig = {"dy_desc": _desc_type("bf16", [cfg.BLOCK_T, cfg.BLOCK_N], cl),
+           "x_desc": _desc_type("bf16", [cfg.BLOCK_T, cfg.BLOCK_K], cl),
+           "p_desc": _desc_type(param_dtype, ws.state_block(cfg), cl),
+           **{f"s{i}_desc": _desc_type("fp32", ws.state_block(cfg), cl) for i in range(n)},
            "p_ptr": "*" + param_dtype, **{f"s{i}_ptr": "*fp32" for i in range(n)},
            **{f"sc{i}": "*fp32" for i in range(len(prog.scalars))}, "seed": "i32",
            **{a: "i32" for a in ["T", "N", "K", "s_p_n"] + [f"s_s{i}_n" for i in range(n)]}}
@@ -759,7 +769,6 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
              "STOCHASTIC_ROUND": param_dtype == "bf16", "SKIP_GEMM": False,
              "ACC_LAYOUT": ws.acc_layout(cfg),
              "MMA_REGS": ws._MMA_REGS[cfg.WS_MMA_WARPS], "num_warps": cfg.num_warps}
-    sig.update({k: "constexpr" for k in const})
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
                     mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING,
                     prefetch=cfg.WS_PREFETCH, prefetch_gemm=cfg.WS_PREFETCH_GEMM,
@@ -767,8 +776,7 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
     opts = {"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg}
     if cfg.WS_CLUSTER > 1:
         opts["num_ctas"] = cfg.WS_CLUSTER
-    return triton.compile(GluonASTSource(fn, sig, constexprs=const),
-                          target=GPUTarget("cuda", 90, 32), options=opts)
+    return _gluon_sm90_compile(fn, sig, const, **opts)
 
 
 def _bundled_tool(name):
@@ -779,17 +787,22 @@ def _bundled_tool(name):
     return tool
 
 
-def _sm90_resources(cfg, prog, param_dtype="fp32"):
-    """cuobjdump's resource line and Triton's shared-memory bytes of ``_sm90_compile``."""
+def _cubin_resources(ck) -> dict:
+    """cuobjdump's REG / STACK / LOCAL counts of a CompiledKernel's cubin."""
     import tempfile
     tool = _bundled_tool("cuobjdump")
-    ck = _sm90_compile(cfg, prog, param_dtype)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
                              text=True, check=True).stdout
-    return dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out)), ck.metadata.shared
+    return dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+
+
+def _sm90_resources(cfg, prog, param_dtype="fp32"):
+    """cuobjdump's resource line and Triton's shared-memory bytes of ``_sm90_compile``."""
+    ck = _sm90_compile(cfg, prog, param_dtype)
+    return _cubin_resources(ck), ck.metadata.shared
 
 
 # every shipped config, plus two study paths that change the kernel's structure: the half
@@ -854,41 +867,28 @@ def test_pingpong_study_compiles_for_sm90_without_spills(rule):
     run 41, not shipped) still compiles for sm_90: two consumer warpgroups at 255 registers
     without spills, the accumulator split into its 64×32 pieces in registers (no
     convert_layout), W/state written back by TMA, within 227 KiB of shared memory."""
-    ws = _ws()
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    _ws()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "benchmarks", "experiments"))
     import fused_linear_update_pingpong as pp
     cfg = pp.CONFIGS["pp bt64 st2 sl2"]
     prog = _rules()[rule][0]
     n = len(prog.state)
-
-    def desc(dt, block):
-        lay = ws._nvmma_layout(tuple(block), {"bf16": torch.bfloat16, "fp32": torch.float32}[dt])
-        return f"tensordesc<{dt}[{', '.join(map(str, block))}],{lay!r}>"
     piece = [pp.PIECE_ROWS, pp.PIECE_COLS]
-    sig = {"dy_desc": desc("bf16", [cfg.BLOCK_T, 128]), "x_desc": desc("bf16", [cfg.BLOCK_T, 128]),
-           "p_desc": desc("fp32", piece), **{f"s{i}_desc": desc("fp32", piece) for i in range(n)},
+    sig = {"dy_desc": _desc_type("bf16", [cfg.BLOCK_T, 128]),
+           "x_desc": _desc_type("bf16", [cfg.BLOCK_T, 128]),
+           "p_desc": _desc_type("fp32", piece),
+           **{f"s{i}_desc": _desc_type("fp32", piece) for i in range(n)},
            "p_ptr": "*fp32", **{f"s{i}_ptr": "*fp32" for i in range(n)},
            **{f"sc{i}": "*fp32" for i in range(len(prog.scalars))},
-           **{a: "i32" for a in ["T", "N", "K", "s_p_n"]}}
+           **{a: "i32" for a in ["T", "N", "K"]}}
     const = {**{f"SCALAR_PTR_{i}": True for i in range(len(prog.scalars))}, "BLOCK_N": 128,
              "BLOCK_K": 128, "BLOCK_T": cfg.BLOCK_T, "STAGES": cfg.STAGES, "SLOTS": cfg.SLOTS,
-             "GROUP_N": cfg.GROUP_N, "EVEN_NK": True, "CONS_REGS": cfg.CONS_REGS, "num_warps": 4}
-    sig.update({k: "constexpr" for k in const})
-    ck = triton.compile(GluonASTSource(pp.kernel(prog), sig, constexprs=const),
-                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+             "GROUP_N": cfg.GROUP_N, "CONS_REGS": cfg.CONS_REGS, "num_warps": 4}
+    ck = _gluon_sm90_compile(pp.kernel(prog), sig, const, num_warps=4)
     assert "convert_layout" not in ck.asm["ttgir"]
     assert ck.asm["ptx"].count("cp.async.bulk.tensor.2d.global.shared") == 8 * (1 + n) * 2
-    import tempfile
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
-        f.flush()
-        out = subprocess.run([_bundled_tool("cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-    res = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out))
+    res = _cubin_resources(ck)
     assert res["LOCAL"] == "0" and res["STACK"] == "0", res
     assert ck.metadata.shared <= pp.shared_memory_bytes(cfg, n) <= 232448
 

@@ -120,10 +120,9 @@ def pingpong_source(program, l2: str = "state_first") -> str:
     a("")
     a("")
     sig = (f"dy_desc, x_desc, dy_smem, x_smem, ld_bar, {', '.join(descs)}, {', '.join(smems)}, st_bar, "
-           f"{', '.join(ptrs)}, {''.join(c + ', ' for c in cs)}T, N, K, s_p_n, "
+           f"{', '.join(ptrs)}, {''.join(c + ', ' for c in cs)}T, N, K, "
            "BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr, "
-           "STAGES: gl.constexpr, SLOTS: gl.constexpr, GROUP_N: gl.constexpr, "
-           "EVEN_NK: gl.constexpr")
+           "STAGES: gl.constexpr, SLOTS: gl.constexpr, GROUP_N: gl.constexpr")
     st = f"{', '.join(descs)}, {', '.join(smems)}, st_bar, SLOTS)"
     for c in (0, 1):
         a("@gluon.jit")
@@ -217,10 +216,10 @@ def pingpong_source(program, l2: str = "state_first") -> str:
     name = ws._KERNEL_NAME + (ws._L2_TAG + l2 if l2 else "")
     a("@gluon.jit")
     a(f"def {name}(dy_desc, x_desc, {', '.join(descs)}, "
-      f"{', '.join(ptrs)}, {scal_args}T, N, K, s_p_n, {scal_flags}")
+      f"{', '.join(ptrs)}, {scal_args}T, N, K, {scal_flags}")
     a("        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_T: gl.constexpr,")
     a("        STAGES: gl.constexpr, SLOTS: gl.constexpr, GROUP_N: gl.constexpr,")
-    a("        EVEN_NK: gl.constexpr, CONS_REGS: gl.constexpr, num_warps: gl.constexpr):")
+    a("        CONS_REGS: gl.constexpr, num_warps: gl.constexpr):")
     for c in (0, 1):
         a(f"    dy_smem_{c} = gl.allocate_shared_memory(dy_desc.dtype, [STAGES, BLOCK_T, BLOCK_N], "
           "dy_desc.layout)")
@@ -238,8 +237,8 @@ def pingpong_source(program, l2: str = "state_first") -> str:
         a(f"        mbarrier.init(st_bar_{c}.index(s), count=1)")
     a("    fence_async_shared()")
     L.extend(ws.scalar_loads(n_scalar))
-    tail = (f"{', '.join(ptrs)}, {''.join(c + ', ' for c in cs)}T, N, K, s_p_n, BLOCK_N, BLOCK_K, "
-            "BLOCK_T, STAGES, SLOTS, GROUP_N, EVEN_NK)")
+    tail = (f"{', '.join(ptrs)}, {''.join(c + ', ' for c in cs)}T, N, K, BLOCK_N, BLOCK_K, "
+            "BLOCK_T, STAGES, SLOTS, GROUP_N)")
     a("    gl.warp_specialize([")
     for c in (0, 1):
         a(f"        (_consumer_{c}, (dy_desc, x_desc, dy_smem_{c}, x_smem_{c}, ld_bar_{c}, "
@@ -292,14 +291,13 @@ def launch(dy, x, param, state, scalars, program, cfg: PingPongConfig = PingPong
     tiles = -(-N // 128) * -(-K // 128)
     grid = (min(tiles, ws._num_sms(dy.device.index or 0)),)
     kw = dict(**flags, BLOCK_N=128, BLOCK_K=128, BLOCK_T=cfg.BLOCK_T, STAGES=cfg.STAGES,
-              SLOTS=cfg.SLOTS, GROUP_N=cfg.GROUP_N, EVEN_NK=(N % 128 == 0 and K % 128 == 0),
-              CONS_REGS=cfg.CONS_REGS, num_warps=4)
+              SLOTS=cfg.SLOTS, GROUP_N=cfg.GROUP_N, CONS_REGS=cfg.CONS_REGS, num_warps=4)
     if cfg.maxnreg:
         kw["maxnreg"] = cfg.maxnreg
     return kernel(prog, l2)[grid](
         ws.desc(dy, [cfg.BLOCK_T, 128]), ws.desc(x, [cfg.BLOCK_T, 128]),
         *[ws.desc(t, block) for t in [param, *state]], param, *state, *scal,
-        T, N, K, param.stride(0), **kw)
+        T, N, K, **kw)
 
 
 CONFIGS = {
