@@ -346,6 +346,10 @@ WS_STUDY = {   # the shipped paths and the study's alternatives (docs/kernels.md
     "epi_rows_half1": dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS="epi_rows_half1",
                                           WS_SLOTS=4),
     "epi_rows_pairs": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_pairs"),
+    # the half-size buffer read into registers at once; its 32 KiB freed for two more stages
+    # of the eighth candidate's GEMM ring (study run 45)
+    "epi_rows_grab": dataclasses.replace(flu._GPU_WS_CONFIGS[7], WS="epi_rows_grab",
+                                         num_stages=10),
 }
 # The study's L2 prefetch of W/state chunks beyond the ring (WS_PREFETCH, twelfth session): the
 # T=2048 pick, whose ring holds 24 KiB of 8-row chunks, and the 8-warp 16-row one. (The 16-warp
@@ -390,7 +394,7 @@ def test_ws_kernel_source_is_python(rule, state_path):
     prog = _all_ops_program() if rule == "all_ops" else _rules()[rule][0]
     for pipe in (False, True):
         if pipe and state_path in ("epi_rows_bal", "epi_rows_half", "epi_rows_half1",
-                                   "epi_rows_pairs"):
+                                   "epi_rows_pairs", "epi_rows_grab"):
             with pytest.raises(ValueError, match="no EPI_PIPE variant"):
                 ws.kernel_source(prog, 8, pipe, state_path)
             continue
@@ -416,10 +420,10 @@ def test_ws_kernel_source_is_python(rule, state_path):
                          f"mbarrier.arrive(acc_ready.index({h}), count=1)",
                          f"mbarrier.wait(acc_ready.index({h}), i & 1)",
                          f"mbarrier.arrive(acc_empty.index({h}), count=1)"):
-                if (halves or h == 0) and state_path != "epi_rows_half1":
+                if (halves or h == 0) and state_path not in ws._HALF_BUFFER_PATHS:
                     assert src.count(call) == 1, (call, state_path)
         # one half-size buffer: hand-off h of each tile is phase h of barrier pair 0
-        if state_path == "epi_rows_half1":
+        if state_path in ws._HALF_BUFFER_PATHS:
             for h in (0, 1):
                 for call in (f"mbarrier.wait(acc_empty.index(0), {h ^ 1})",
                              f"mbarrier.wait(acc_ready.index(0), {h})"):
@@ -428,7 +432,8 @@ def test_ws_kernel_source_is_python(rule, state_path):
                          "mbarrier.arrive(acc_empty.index(0), count=1)"):
                 assert src.count(call) == 2, call
             assert "gl.allocate_shared_memory(gl.float32, [BLOCK_N // 2, BLOCK_K]" in src
-        assert ("acc_lo, acc_hi = gl.split(" in src) == state_path.startswith("epi_rows_half")
+        assert ("acc_lo, acc_hi = gl.split(" in src) == (
+            state_path.startswith("epi_rows_half") or state_path in ws._HALF_BUFFER_PATHS)
 
 
 def test_ws_mma_pending_refills_the_slot_two_groups_back():
@@ -472,6 +477,37 @@ def test_ws_half1_handoff_reuses_one_buffer_in_order():
     cfg = WS_STUDY["epi_rows_half1"]
     assert ws.ws_shared_memory_bytes(cfg, torch.float32, 2) == (
         4 * 64 * 256 * 2 + 64 * 128 * 4 + 4 * 8 * 128 * 12 + 1024)
+
+
+def test_ws_grab_reads_each_half_into_registers_before_releasing_it():
+    """epi_rows_grab: the MMA side is epi_rows_half1's; the epilogue reads all 8 chunks of a half
+    (buffer rows 0..63) right after its hand-off, releases the buffer after one CTA barrier,
+    and only then runs the half's first update; twice per tile, and no other release."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    src = ws.kernel_source(prog, 16, False, "epi_rows_grab")
+    half1 = ws.kernel_source(prog, 16, False, "epi_rows_half1")
+
+    def mma(s):
+        return s[s.index("def _mma_partition"):s.index("def _epilogue_partition")]
+    assert mma(src) == mma(half1)
+    epi = [ln.strip() for ln in src[src.index("def _epilogue_partition"):].splitlines()]
+    for h in (0, 8):
+        i = epi.index(f"mbarrier.wait(acc_ready.index(0), {h // 8})")
+        assert epi[i + 1:i + 9] == [
+            f"acc_{h + j} = acc_smem.slice({j} * CW, CW, dim=0).load(cl)" for j in range(8)]
+        assert epi[i + 9:i + 11] == [f"gl.{ws._thread_barrier()}()",
+                                     "mbarrier.arrive(acc_empty.index(0), count=1)"]
+        first_use = next(k for k, ln in enumerate(epi) if re.search(rf"\bacc_{h}\b", ln)
+                         and not ln.startswith(f"acc_{h} ="))
+        assert first_use > i + 10, epi[first_use]
+    assert epi.count("mbarrier.arrive(acc_empty.index(0), count=1)") == 2
+    assert sum("acc_smem.slice(" in ln for ln in epi) == 16
+    # 32 KiB of hand-off: the eighth candidate's ring in 10 stages of 32 tokens fits with AdamW
+    cfg = WS_STUDY["epi_rows_grab"]
+    assert ws.acc_block(cfg) == [64, 128]
+    assert ws.ws_shared_memory_bytes(cfg, torch.float32, 2) == (
+        10 * 32 * 256 * 2 + 64 * 128 * 4 + 2 * 8 * 128 * 12 + 1024) <= ws._SMEM_LIMIT
 
 
 def test_ws_half_handoff_waits_in_chunk_order():
@@ -812,7 +848,7 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
     (i, "adamw" if i != 5 else "sgd_momentum", "fp32") for i in range(len(flu._GPU_WS_CONFIGS))] + [
     (0, "adamw", "bf16"), (2, "sgd_momentum", "fp32"), (3, "adamw", "bf16")]] + [
     (name, WS_STUDY[name], "adamw", dt) for name in ("epi_rows_half", "epi_rows_half1",
-                                                       "epi_rows_pairs")
+                                                       "epi_rows_pairs", "epi_rows_grab")
     for dt in ("fp32", "bf16")] + [
     (f"prefetch{i}", c, "adamw", dt) for i, c in enumerate(WS_PREFETCH_STUDY)
     for dt in ("fp32", "bf16")]

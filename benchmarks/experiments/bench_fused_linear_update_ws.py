@@ -408,6 +408,22 @@ RUN44 = {"ws7": _WS7,
          "ws7 st6 sl4": dataclasses.replace(_WS7, num_stages=6, WS_SLOTS=4),
          "ws7 bt16 st16": dataclasses.replace(_WS7, BLOCK_T=16, num_stages=16),
          "ws7 g4": dataclasses.replace(_WS7, GROUP_N=4)}
+# Run 45 (seventeenth session): run 44 found the GEMM the critical path at T=2048 and every
+# shared-memory byte taken from its ring a loss; the ring got faster with each step of depth so
+# far (3 → 4 stages of 64 tokens: fused AdamW T=2048 -11%, run 17). The 64 KiB hand-off buffer is
+# the one block left to shrink. Run 19's half-size buffer ("epi_rows_half1") made the MMA warps
+# wait for half a tile's stream before storing the second half; "epi_rows_grab" reads a half
+# into the epilogue's registers at once (32 per thread at 8 warps, spill-free at maxnreg 128)
+# and releases the buffer, so the MMA warps wait only for that read. The 32 KiB freed: two more
+# GEMM stages (10 × 32 tokens = 160 KiB in flight), one more and 2 more W/state slots, or (one
+# state tensor, SGD-m) three more stages; the BLOCK_T 64 twin (ws6's, 5 stages).
+RUN45 = {"ws7": _WS7,
+         "ws7 grab": dataclasses.replace(_WS7, WS="epi_rows_grab"),
+         "ws7 grab st10": dataclasses.replace(_WS7, WS="epi_rows_grab", num_stages=10),
+         "ws7 grab st9 sl4": dataclasses.replace(_WS7, WS="epi_rows_grab", num_stages=9,
+                                                 WS_SLOTS=4),
+         "ws7 grab st11": dataclasses.replace(_WS7, WS="epi_rows_grab", num_stages=11),
+         "ws6 grab st5": dataclasses.replace(_WS6, WS="epi_rows_grab", num_stages=5)}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -439,7 +455,7 @@ def main():
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
              **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37, **RUN38, **RUN39,
-             **RUN43, **RUN44}
+             **RUN43, **RUN44, **RUN45}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
