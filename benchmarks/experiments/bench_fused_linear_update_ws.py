@@ -424,6 +424,21 @@ RUN45 = {"ws7": _WS7,
                                                  WS_SLOTS=4),
          "ws7 grab st11": dataclasses.replace(_WS7, WS="epi_rows_grab", num_stages=11),
          "ws6 grab st5": dataclasses.replace(_WS6, WS="epi_rows_grab", num_stages=5)}
+# Run 46 (seventeenth session): run 45's deeper GEMM ring made the GEMM alone faster at T=2048
+# (0.0987 → 0.0963 ms) and the fused kernel slower (AdamW 0.1991 → 0.2026, SGD-m 0.1539 →
+# 0.1607); but 9 stages beside 4 W/state slots (48 KiB in flight, not 24) took AdamW 4096²
+# T=512 to 0.1605 ms against the tuned pick's 0.1629, and kept T=2048 (0.1988). Where the
+# grab's 32 KiB go at T=512, where the stream is the critical path: W/state slots in 8-row
+# (12 KiB) or 16-row (24 KiB) chunks against GEMM stages, beside the T=512 picks ws0-ws2.
+_GRAB7 = dataclasses.replace(_WS7, WS="epi_rows_grab")
+_GRAB6 = dataclasses.replace(_WS6, WS="epi_rows_grab")
+RUN46 = {**{f"ws{i}": flu._GPU_WS_CONFIGS[i] for i in (0, 1, 2, 7)},
+         **{f"ws7 grab st{st} sl{sl}": dataclasses.replace(_GRAB7, num_stages=st, WS_SLOTS=sl)
+            for st, sl in ((9, 4), (8, 5), (6, 8), (4, 10))},
+         **{f"ws7 grab split8 st{st} sl{sl}": dataclasses.replace(
+             _GRAB7, EPI_SPLIT=8, num_stages=st, WS_SLOTS=sl) for st, sl in ((8, 2), (6, 4))},
+         **{f"ws6 grab st{st} sl{sl}": dataclasses.replace(_GRAB6, num_stages=st, WS_SLOTS=sl)
+            for st, sl in ((4, 4), (3, 6))}}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -455,7 +470,7 @@ def main():
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
              **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37, **RUN38, **RUN39,
-             **RUN43, **RUN44, **RUN45}
+             **RUN43, **RUN44, **RUN45, **RUN46}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
