@@ -346,10 +346,9 @@ WS_STUDY = {   # the shipped paths and the study's alternatives (docs/kernels.md
     "epi_rows_half1": dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS="epi_rows_half1",
                                           WS_SLOTS=4),
     "epi_rows_pairs": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_pairs"),
-    # the half-size buffer read into registers at once; its 32 KiB freed for two more stages
-    # of the eighth candidate's GEMM ring (study run 45)
-    "epi_rows_grab": dataclasses.replace(flu._GPU_WS_CONFIGS[7], WS="epi_rows_grab",
-                                         num_stages=10),
+    # the half-size buffer read into registers at once (the ninth candidate: its 32 KiB hold
+    # 4 slots of 16-row chunks beside a 6-stage ring; study runs 45-47)
+    "epi_rows_grab": flu._GPU_WS_CONFIGS[8],
 }
 # The study's L2 prefetch of W/state chunks beyond the ring (WS_PREFETCH, twelfth session): the
 # T=2048 pick, whose ring holds 24 KiB of 8-row chunks, and the 8-warp 16-row one. (The 16-warp
@@ -503,11 +502,12 @@ def test_ws_grab_reads_each_half_into_registers_before_releasing_it():
         assert first_use > i + 10, epi[first_use]
     assert epi.count("mbarrier.arrive(acc_empty.index(0), count=1)") == 2
     assert sum("acc_smem.slice(" in ln for ln in epi) == 16
-    # 32 KiB of hand-off: the eighth candidate's ring in 10 stages of 32 tokens fits with AdamW
+    # 32 KiB of hand-off: the ninth candidate's 6 stages of 32 tokens and 4 slots of 16 AdamW
+    # rows (fp32 W, m, v: 12 bytes per element) fit
     cfg = WS_STUDY["epi_rows_grab"]
     assert ws.acc_block(cfg) == [64, 128]
     assert ws.ws_shared_memory_bytes(cfg, torch.float32, 2) == (
-        10 * 32 * 256 * 2 + 64 * 128 * 4 + 2 * 8 * 128 * 12 + 1024) <= ws._SMEM_LIMIT
+        6 * 32 * 256 * 2 + 64 * 128 * 4 + 4 * 16 * 128 * 12 + 1024) <= ws._SMEM_LIMIT
 
 
 def test_ws_half_handoff_waits_in_chunk_order():
@@ -751,11 +751,11 @@ def test_ws_config_over_shared_memory_fails_fast():
         ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
     assert ws.ws_fits(cfg, torch.float32, 1) and not ws.ws_fits(cfg, torch.bfloat16, 2)
     # every other shipped candidate holds AdamW's state with fp32 W, and three states but
-    # for the 4-slot BLOCK_T=32 ones (the autotuner leaves those out of AMSGrad-like rules)
+    # for the 4-slot ones (the autotuner leaves those out of AMSGrad-like rules)
     assert [ws.ws_fits(c, torch.float32, 2) for c in flu._GPU_WS_CONFIGS] == (
-        [True] * 5 + [False, True, True])
+        [True] * 5 + [False, True, True, True])
     assert [ws.ws_fits(c, torch.float32, 3) for c in flu._GPU_WS_CONFIGS] == [
-        True, False, True, False, True, False, True, True]
+        True, False, True, False, True, False, True, True, False]
 
 
 def test_ws_not_offered_off_gpu():

@@ -641,6 +641,15 @@ _GPU_WS_CONFIGS = (
     # MMA warps issued the refills themselves).
     KernelConfig(128, 128, 32, 8, 8, EPI_SPLIT=16, maxnreg=128, WS="epi_rows", WS_SLOTS=2,
                  WS_L2="gemm_last", WS_LOAD_WARP=1),
+    # For T=512, where the W/state stream is the critical path (seventeenth session, study runs
+    # 45-47): the load-warp kernel with the accumulator handed over through a half-size buffer
+    # that the epilogue reads into registers at once ("epi_rows_grab"); the 32 KiB that frees
+    # hold 4 W/state slots of 16-row chunks (96 KiB in flight, not 24) beside a 6-stage ring.
+    # 4096², do_bench, H100: fused AdamW T=512 0.1545-0.1549 ms against 0.1616-0.1625 for the
+    # tuned pick of the other candidates (epilogue alone 87-89% of copy, not 81%); SGD-m T=512
+    # 0.1050 against 0.1069-0.1076. Slower at T=2048 (0.213 vs 0.198), where ws7 stays the pick.
+    KernelConfig(128, 128, 32, 8, 6, EPI_SPLIT=8, maxnreg=128, WS="epi_rows_grab", WS_SLOTS=4,
+                 WS_L2="gemm_last", WS_LOAD_WARP=1),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).

@@ -52,6 +52,10 @@ Fourteenth session: ``WS_LOAD_WARP=1`` gives the GEMM ring's TMA loads to a 1-wa
 so the MMA warps never stop to refill it (H100, study run 38: the GEMM alone 3-11% faster,
 fused AdamW T=2048/8192 1-2%); it ships on two autotune candidates, the second with the same
 ring in 8 stages of 32 tokens (sixteenth session, run 43: the GEMM alone at T=2048 5% faster).
+Seventeenth session: ``WS="epi_rows_grab"`` hands the accumulator over through one buffer of
+half a tile, which the epilogue reads into registers at once (32 per thread at 8 warps) and
+releases before streaming it; the 32 KiB that frees hold more W/state in flight. A ninth
+candidate for T=512 (study runs 45-47: fused AdamW 4096² T=512 0.1545 ms against 0.1616).
 ``WS_CLUSTER=2`` (Triton >= 3.9; ``cluster_helpers``, a study knob) launches clusters of 2 CTAs
 on row-adjacent tiles and multicasts X's tile, read from L2 once per pair, into both. Exact, and slower on every fused
 row measured (runs 36-38: without the load warp the GEMM alone 3-22%, with it 0-3%): each X
