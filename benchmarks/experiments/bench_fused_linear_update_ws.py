@@ -454,6 +454,14 @@ RUN47 = {"ws0": flu._GPU_WS_CONFIGS[0],
          "ws0 grab sl4": dataclasses.replace(_GRAB0, WS_SLOTS=4),
          "ws1 grab sl5": dataclasses.replace(flu._GPU_WS_CONFIGS[1], WS="epi_rows_grab",
                                              WS_SLOTS=5)}
+# Run 48 (seventeenth session): the ninth candidate (run 47's best, shipped) with the other L2
+# priorities (W/state evict_first as the 16-warp T=512 picks have it; with dY/X evict_last:
+# "both"; none) and tile-group heights 4 and 16.
+_WS8 = flu._GPU_WS_CONFIGS[8]
+RUN48 = {"ws8": _WS8,
+         **{f"ws8 {m or 'none'}": dataclasses.replace(_WS8, WS_L2=m)
+            for m in ("state_first", "both", "")},
+         **{f"ws8 g{g}": dataclasses.replace(_WS8, GROUP_N=g) for g in (4, 16)}}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -485,7 +493,7 @@ def main():
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
              **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37, **RUN38, **RUN39,
-             **RUN43, **RUN44, **RUN45, **RUN46, **RUN47}
+             **RUN43, **RUN44, **RUN45, **RUN46, **RUN47, **RUN48}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too
