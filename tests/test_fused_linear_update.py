@@ -369,6 +369,9 @@ WS_CLUSTER_STUDY = tuple(dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_CLUSTER=
 # rows; 225 KiB of shared memory at BLOCK_T 32 with 2 stages and 2 slots). Not in the sm_90
 # spill test: with edge masks (EVEN_NK false) its epilogue needs 8 bytes of stack at 96
 # registers (Triton 3.6's ptxas; 3.9's: none); even shapes compile spill-free on both.
+# The study's TMA stores of the new W/state from their ring slot (WS_TMA_STORE, run 49), on
+# the ninth candidate
+WS_TMA_STORE_STUDY = dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_TMA_STORE=1)
 WS_TWO_WARPGROUPS = flu.KernelConfig(256, 128, 32, 8, 2, EPI_SPLIT=16, maxnreg=128,
                                      WS="epi_rows_half", WS_SLOTS=2, WS_MMA_WARPS=8)
 
@@ -508,6 +511,43 @@ def test_ws_grab_reads_each_half_into_registers_before_releasing_it():
     assert ws.acc_block(cfg) == [64, 128]
     assert ws.ws_shared_memory_bytes(cfg, torch.float32, 2) == (
         6 * 32 * 256 * 2 + 64 * 128 * 4 + 4 * 16 * 128 * 12 + 1024) <= ws._SMEM_LIMIT
+
+
+def test_ws_tma_store_writes_back_through_the_slot_and_refills_it_a_chunk_later():
+    """WS_TMA_STORE (study run 49): each chunk's new W, m, v go into the slot they were loaded
+    from, then, after a proxy fence and a CTA barrier, out by one TMA store per tensor; the next
+    chunk waits for those stores before its barrier and only then refills their slot (chunk
+    seq - 1 + SLOTS), and the partition waits for the last stores before it ends. Off, the
+    source is as before; with the column paths or EPI_PIPE it is refused."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    src = ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, tma_store=True)
+    epi = [ln.strip() for ln in src[src.index("def _epilogue_partition"):].splitlines()]
+    bar = f"gl.{ws._thread_barrier()}()"
+    store = ws._tma_store()
+    for h in range(8):
+        i = epi.index(f"seq = i * SPLIT + {h}")
+        j = epi.index(f"tma.{store}(p_desc, [off_n + {h} * CW, off_k], p_smem.index(slot)"
+                      f"{ws._store_policy_kw()})")
+        chunk = epi[i:j + 3]
+        w = chunk.index("tma.store_wait(0)")
+        assert chunk[w + 1] == bar
+        r = chunk.index("if (seq > 0) & (seq - 1 + SLOTS < n_chunks):")
+        assert chunk[r + 1].startswith("_issue_state(seq - 1 + SLOTS,")
+        writes = [k for k, ln in enumerate(chunk) if ".index(slot).store(o_" in ln]
+        # (after the barrier: with the grab, chunk 0 releases the accumulator buffer first)
+        assert w + 1 < r <= w + 3 < writes[0]
+        assert [chunk[k].split(".")[0] for k in writes] == ["p_smem", "s0_smem", "s1_smem"]
+        assert chunk[writes[-1] + 1:writes[-1] + 3] == ["fence_async_shared()", bar]
+        assert [ln.split("(")[1].split(",")[0] for ln in chunk[-3:]] == [
+            "p_desc", "s0_desc", "s1_desc"]
+        assert not any(ln.startswith("gl.store(") for ln in chunk)
+    assert epi.index("tma.store_wait(0)", j) > j and "_issue_state(seq + SLOTS" not in src
+    assert ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True) == \
+        ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, tma_store=False)
+    for kw in ({"state": "epi"}, {"state": "epi_rows", "pipe": True}):
+        with pytest.raises(ValueError, match="WS_TMA_STORE=1: only"):
+            ws.kernel_source(prog, 8, kw.get("pipe", False), kw["state"], tma_store=True)
 
 
 def test_ws_half_handoff_waits_in_chunk_order():
@@ -808,7 +848,8 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
     fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
                     mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING,
                     prefetch=cfg.WS_PREFETCH, prefetch_gemm=cfg.WS_PREFETCH_GEMM,
-                    cluster=cfg.WS_CLUSTER, load_warp=bool(cfg.WS_LOAD_WARP))
+                    cluster=cfg.WS_CLUSTER, load_warp=bool(cfg.WS_LOAD_WARP),
+                    tma_store=bool(cfg.WS_TMA_STORE))
     opts = {"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg}
     if cfg.WS_CLUSTER > 1:
         opts["num_ctas"] = cfg.WS_CLUSTER
@@ -850,6 +891,9 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
     (name, WS_STUDY[name], "adamw", dt) for name in ("epi_rows_half", "epi_rows_half1",
                                                        "epi_rows_pairs", "epi_rows_grab")
     for dt in ("fp32", "bf16")] + [
+    ("tma_store", WS_TMA_STORE_STUDY, rule, dt) for rule, dt in (("adamw", "fp32"),
+                                                                ("adamw", "bf16"),
+                                                                ("sgd_momentum", "fp32"))] + [
     (f"prefetch{i}", c, "adamw", dt) for i, c in enumerate(WS_PREFETCH_STUDY)
     for dt in ("fp32", "bf16")]
 
@@ -1463,7 +1507,7 @@ def test_gpu_ws_rule(rule, dtype, state_path):
 
 # the study's other kernels: two MMA warpgroups on 256×128 tiles; the one-operand tile walks
 # (GROUP_N 16, all N rows, 1) with their L2 modes
-_WS_GPU_STUDY = {"two_mma_warpgroups": WS_TWO_WARPGROUPS,
+_WS_GPU_STUDY = {"two_mma_warpgroups": WS_TWO_WARPGROUPS, "tma_store": WS_TMA_STORE_STUDY,
                  **{f"walk_g{c.GROUP_N}_{c.WS_L2}": c for c in WS_WALK_STUDY}}
 
 
@@ -1534,7 +1578,7 @@ def _assert_poisoned_weight_written(cfg):
 
 _WS_POISON_CONFIGS = flu._GPU_WS_CONFIGS + tuple(
     c for c in WS_STUDY.values() if c not in flu._GPU_WS_CONFIGS and c.WS.startswith("epi")) + (
-    WS_TWO_WARPGROUPS,) + WS_PREFETCH_STUDY + WS_WALK_STUDY
+    WS_TWO_WARPGROUPS, WS_TMA_STORE_STUDY) + WS_PREFETCH_STUDY + WS_WALK_STUDY
 
 
 @gpu

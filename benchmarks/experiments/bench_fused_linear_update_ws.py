@@ -462,6 +462,17 @@ RUN48 = {"ws8": _WS8,
          **{f"ws8 {m or 'none'}": dataclasses.replace(_WS8, WS_L2=m)
             for m in ("state_first", "both", "")},
          **{f"ws8 g{g}": dataclasses.replace(_WS8, GROUP_N=g) for g in (4, 16)}}
+# Run 49 (seventeenth session): the W/state stores by TMA from the ring slot they were loaded
+# into (WS_TMA_STORE), not 16-byte stores from registers: a slot is then refilled one chunk
+# later, so each config with TMA stores gets its twin without. Under Triton 3.9 the TMA stores
+# are evict_first like the register stores (3.6's TMA store has no cache_policy).
+_TMA = dict(WS_TMA_STORE=1)
+_GRAB7_SL4 = dataclasses.replace(_GRAB7, WS_SLOTS=4)
+RUN49 = {"ws8": _WS8, "ws8 tma": dataclasses.replace(_WS8, **_TMA),
+         "ws8 st4 sl5": dataclasses.replace(_WS8, num_stages=4, WS_SLOTS=5),
+         "ws8 st4 sl5 tma": dataclasses.replace(_WS8, num_stages=4, WS_SLOTS=5, **_TMA),
+         "ws7": _WS7, "ws7 grab sl4": _GRAB7_SL4,
+         "ws7 grab sl4 tma": dataclasses.replace(_GRAB7_SL4, **_TMA)}
 RUN5 = {
     "epi e16 split8 bt64 st3 sl2 tile-handoff": (COL[0], "tile"),
     "epi e16 split8 bt32 st4 sl4 tile-handoff": (COL[1], "tile"),
@@ -493,7 +504,7 @@ def main():
     known = {**CONFIGS, **RUN3, **RUN4, **RUN5, **RUN7, **RUN8, **RUN9, **RUN10, **RUN11,
              **RUN12, **RUN13, **RUN15, **RUN16, **RUN17, **RUN18, **RUN19, **RUN20, **RUN21,
              **RUN22, **RUN24, **RUN25, **RUN26, **RUN27, **RUN33, **RUN36, **RUN37, **RUN38, **RUN39,
-             **RUN43, **RUN44, **RUN45, **RUN46, **RUN47, **RUN48}
+             **RUN43, **RUN44, **RUN45, **RUN46, **RUN47, **RUN48, **RUN49}
     names = [n for c in a.configs.split(",") if c
              for n in (globals()[c] if c.startswith("RUN") else [c])]
     configs = (CONFIGS if not names else     # earlier runs' configs by name, too

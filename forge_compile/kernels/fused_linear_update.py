@@ -560,6 +560,8 @@ class KernelConfig:
     WS_CLUSTER: int = 1
     # 1: a 1-warp partition issues the GEMM ring's TMA loads instead of the MMA warps (study).
     WS_LOAD_WARP: int = 0
+    # 1: the new W/state go out by TMA stores from their ring slot, not from registers (study).
+    WS_TMA_STORE: int = 0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16
