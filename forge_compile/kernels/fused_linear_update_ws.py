@@ -56,6 +56,8 @@ Seventeenth session: ``WS="epi_rows_grab"`` hands the accumulator over through o
 half a tile, which the epilogue reads into registers at once (32 per thread at 8 warps) and
 releases before streaming it; the 32 KiB that frees hold more W/state in flight. A ninth
 candidate for T=512 (study runs 45-47: fused AdamW 4096² T=512 0.1545 ms against 0.1616).
+``WS_TMA_STORE=1`` (a study knob) writes the new W/state back into their ring slot and stores
+them by TMA: 2-3% slower at T=512 (run 49).
 ``WS_CLUSTER=2`` (Triton >= 3.9; ``cluster_helpers``, a study knob) launches clusters of 2 CTAs
 on row-adjacent tiles and multicasts X's tile, read from L2 once per pair, into both. Exact, and slower on every fused
 row measured (runs 36-38: without the load warp the GEMM alone 3-22%, with it 0-3%): each X
