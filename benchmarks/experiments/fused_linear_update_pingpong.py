@@ -76,12 +76,6 @@ def shared_memory_bytes(cfg: PingPongConfig, n_state: int, op_bytes: int = 2) ->
     return ring + st + 1024
 
 
-def _tma_store() -> str:
-    # Triton 3.6 names the TMA store async_copy_shared_to_global; 3.9 removed that name
-    from triton.experimental.gluon.language.nvidia.hopper import tma
-    return "async_store" if hasattr(tma, "async_store") else "async_copy_shared_to_global"
-
-
 _SPLIT = """
 @gluon.jit
 def _pieces(x):
@@ -203,7 +197,7 @@ def pingpong_source(program, l2: str = "state_first") -> str:
             a("        fence_async_shared()")
             a("        gl.thread_barrier()")
             for idx in outs:
-                a(f"        tma.{_tma_store()}({descs[idx]}, [off_n + {64 * h}, "
+                a(f"        tma.{ws._tma_store()}({descs[idx]}, [off_n + {64 * h}, "
                   f"off_k + {32 * q}], {smems[idx]}.index(slot))")
         a("    tma.store_wait(0)")
         a("")

@@ -599,8 +599,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     # "epi_rows_grab": the same buffer and barriers, but the epilogue reads a half's chunks all at
     # once into registers (8 chunks of 8 rows at 8 warps: 32 registers per thread) and releases
     # the buffer before it streams them. The MMA warps then wait only for that read, not for
-    # half a tile's stream as with "epi_rows_half1" (run 19: 4% slower at T=2048), and the 32
-    # KiB freed can deepen the GEMM ring.
+    # half a tile's stream as with "epi_rows_half1" (run 19: 4% slower at T=2048). The 32 KiB
+    # freed hold W/state slots in the ninth candidate (runs 46-47); as GEMM stages they lose
+    # at T=2048 (run 45).
     grab = state == "epi_rows_grab"
     # "epi_rows_pairs": one CTA-wide barrier per two chunks instead of per chunk (ncu: 9.3% of
     # the T=512 pick's stall samples on barriers, 17:25 UTC); after the second chunk of a pair
@@ -955,7 +956,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                         f"            o{sfx} = _round_bf16_stochastic(o{sfx}, seed, "
                         f"{rn(sfx)}[:, None] * K + rk{sfx}[None, :])"]
             if tma_store:        # back into the slot; TMA writes it out below
-                out.append(f"        {smems[idx]}.index(slot).store(o{sfx}.to({ptr}.dtype.element_ty))")
+                out.append(f"        {smems[idx]}.index(slot).store("
+                           f"o{sfx}.to({ptr}.dtype.element_ty))")
                 written.append(idx)
                 continue
             if cluster == 2:     # every CTA stores its own rows (cluster_helpers)
