@@ -845,11 +845,7 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
              "STOCHASTIC_ROUND": param_dtype == "bf16", "SKIP_GEMM": False,
              "ACC_LAYOUT": ws.acc_layout(cfg),
              "MMA_REGS": ws._MMA_REGS[cfg.WS_MMA_WARPS], "num_warps": cfg.num_warps}
-    fn = ws._kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, l2=cfg.WS_L2,
-                    mma_warps=cfg.WS_MMA_WARPS, mma_pending=cfg.WS_MMA_PENDING,
-                    prefetch=cfg.WS_PREFETCH, prefetch_gemm=cfg.WS_PREFETCH_GEMM,
-                    cluster=cfg.WS_CLUSTER, load_warp=bool(cfg.WS_LOAD_WARP),
-                    tma_store=bool(cfg.WS_TMA_STORE))
+    fn = ws._kernel(prog, *ws.kernel_args(cfg))
     opts = {"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg}
     if cfg.WS_CLUSTER > 1:
         opts["num_ctas"] = cfg.WS_CLUSTER
@@ -1390,21 +1386,23 @@ def test_gpu_op_autotunes_once_and_lr_never_recompiles():
                              prog.dumps())
     n_tuned = len(flu._TUNED)
     cfg = flu.tuned_config(dy, x, p, s, [], prog.dumps())   # the kernel the op launches
-    if cfg.WS:
-        from forge_compile.kernels.fused_linear_update_ws import _kernel as ws_kernel
-        kern = ws_kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS)
+    if cfg.WS:           # the launched kernel: every knob of the config, not only its path
+        ws = _ws()
+        kern = ws._kernel(prog, *ws.kernel_args(cfg))
     else:
         kern = flu._kernel(prog)
     n_variants = _n_compiled(kern)
+    # (a kernel that was never launched has no compiled variant: the check below would pass
+    # whatever the op recompiled)
+    assert n_variants, (cfg, n_variants)
     for step, lr in [(2, 2e-3), (3, 5e-4)]:
         for dev in ("cuda", "cpu"):       # GPU scalars (pointers) and CPU scalars (values)
             err = _errors(prog, dy, x, p, s, rules.adamw_scalars(lr, step=step, device=dev),
                           flu.fused_linear_update_)
             assert err.pop("finite") and max(err.values()) <= 1e-5, err
     assert len(flu._TUNED) == n_tuned
-    if n_variants is not None:
-        # one more variant at most: scalars passed by value instead of by pointer
-        assert _n_compiled(kern) <= n_variants + 1
+    # one more variant at most: scalars passed by value instead of by pointer
+    assert _n_compiled(kern) <= n_variants + 1
 
 
 def _n_compiled(kern):

@@ -49,9 +49,7 @@ ROWS = [("adamw", 512, 0), ("adamw", 512, 1), ("adamw", 2048, 6), ("adamw", 2048
 
 def variant_kernel(cfg, prog, policy: str):
     """The config's kernel with the W/state stores' policy replaced (source otherwise equal)."""
-    src = ws.kernel_source(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, True, "chunk", cfg.WS_L2,
-                           cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_PREFETCH,
-                           cfg.WS_PREFETCH_GEMM, True, cfg.WS_CLUSTER, bool(cfg.WS_LOAD_WARP))
+    src = ws.kernel_source(prog, *ws.kernel_args(cfg))
     stores = src.count(SHIPPED)
     assert stores > 0 and src.count("gl.store(") == stores, "every gl.store is a W/state store"
     if cfg.WS_L2 and not ws._tma_load_takes("cache_policy"):

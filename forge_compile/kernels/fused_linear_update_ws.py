@@ -1087,6 +1087,15 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
     return k
 
 
+def kernel_args(cfg, epilogue: bool = True, handoff: str = "chunk", mma: bool = True) -> tuple:
+    """``kernel_source``'s and ``_kernel``'s arguments after the program for ``cfg`` (a
+    KernelConfig): the one map from a config's knobs onto the generator, for the launcher, the
+    tests and the study scripts. ``epilogue``, ``handoff``, ``mma``: as in ``kernel_source``."""
+    return (cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, epilogue, handoff, cfg.WS_L2, cfg.WS_MMA_WARPS,
+            cfg.WS_MMA_PENDING, cfg.WS_PREFETCH, cfg.WS_PREFETCH_GEMM, mma, cfg.WS_CLUSTER,
+            bool(cfg.WS_LOAD_WARP), bool(cfg.WS_TMA_STORE))
+
+
 def state_block(cfg) -> list:
     """The W/state chunk one TMA load brings in: BLOCK_N/EPI_SPLIT whole rows (the row paths)
     or BLOCK_K/EPI_SPLIT columns."""
@@ -1312,10 +1321,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     sds = [desc(t, state_block(cfg), cl) for t in [param, *state]] if cfg.WS != "regs" else []
     tiles = -(-N // (cl * cfg.BLOCK_N)) * -(-K // cfg.BLOCK_K)     # pairs with a cluster
     nsm = _num_sms(dy.device.index or 0) // cl
-    k = _kernel(prog, cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, not skip_epilogue, handoff,
-                cfg.WS_L2, cfg.WS_MMA_WARPS, cfg.WS_MMA_PENDING, cfg.WS_PREFETCH,
-                cfg.WS_PREFETCH_GEMM, not skip_mma, cl, bool(cfg.WS_LOAD_WARP),
-                bool(cfg.WS_TMA_STORE))
+    k = _kernel(prog, *kernel_args(cfg, not skip_epilogue, handoff, not skip_mma))
     work = tiles * cfg.EPI_SPLIT if cfg.WS == "epi_rows_bal" else tiles   # see tile_walk
     args = (desc(dy, [cfg.BLOCK_T, cfg.BLOCK_N], cl), desc(x, [cfg.BLOCK_T, cfg.BLOCK_K], cl),
             *sds,
