@@ -743,7 +743,7 @@ def test_ws_cluster_bad_options_fail_fast():
     ws = _ws()
     prog, sc, (dy, x, p, st) = _cpu_adamw_64()
     cfg = WS_CLUSTER_STUDY[0]
-    if not ws._tma_load_takes("multicast"):
+    if not ws._tma_takes("multicast"):
         with pytest.raises(ValueError, match="no TMA multicast \\(Triton >= 3.9\\)"):
             ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
         return
@@ -915,7 +915,7 @@ def test_ws_cluster_compiles_for_sm90(idx):
     W/state's per CTA, and every global store is the inline-PTX vector store, issued by each
     CTA (none predicated on the CTA's rank, as a replicated gl.store would be)."""
     ws = _ws()
-    if not ws._tma_load_takes("multicast"):
+    if not ws._tma_takes("multicast"):
         pytest.skip("this Triton's Gluon has no TMA multicast (Triton >= 3.9)")
     cfg = WS_CLUSTER_STUDY[idx]
     prog = _rules()["adamw"][0]
@@ -1554,7 +1554,7 @@ def test_gpu_ws_cluster(rule, idx):
     """The CTA-pair study kernels (X multicast) against the fp64 reference, 1e-5, on the
     ragged shape too (N=1000: the last pair's second tile is mostly past N); the poisoned
     weight shows every element written. Needs Triton >= 3.9 (the device's 3.6 skips)."""
-    if not _ws()._tma_load_takes("multicast"):
+    if not _ws()._tma_takes("multicast"):
         pytest.skip("this Triton's Gluon has no TMA multicast (Triton >= 3.9)")
     cfg = WS_CLUSTER_STUDY[idx]
     _assert_ws_matches_fp64(rule, cfg)

@@ -251,7 +251,7 @@ def kernel(program, l2: str = "state_first"):
     prog = load_program(program)
     key = (prog.dumps(), l2)
     if key not in _KERNELS:
-        if l2 and not ws._tma_load_takes("cache_policy"):
+        if l2 and not ws._tma_takes("cache_policy"):
             ws._install_l2_hint_hook()
         src = pingpong_source(prog, l2)
         _KERNELS[key] = _import_generated(src, "flu_pp")._fused_linear_update_pp_kernel

@@ -52,7 +52,7 @@ def variant_kernel(cfg, prog, policy: str):
     src = ws.kernel_source(prog, *ws.kernel_args(cfg))
     stores = src.count(SHIPPED)
     assert stores > 0 and src.count("gl.store(") == stores, "every gl.store is a W/state store"
-    if cfg.WS_L2 and not ws._tma_load_takes("cache_policy"):
+    if cfg.WS_L2 and not ws._tma_takes("cache_policy"):
         ws._install_l2_hint_hook()
     src = src.replace(SHIPPED, POLICIES[policy])
     return _import_generated(src, "flu_ws_store")._fused_linear_update_ws_kernel

@@ -123,13 +123,10 @@ def _tma_store() -> str:
     return "async_store" if hasattr(tma, "async_store") else "async_copy_shared_to_global"
 
 
-@functools.lru_cache(maxsize=None)
 def _store_policy_kw() -> str:
     # the W/state stores' L2 priority, evict_first as the register stores have it (run 42);
     # Triton 3.6's TMA store has no cache_policy, so there they go out with the normal one
-    from triton.experimental.gluon.language.nvidia.hopper import tma
-    params = inspect.signature(getattr(tma, _tma_store())).parameters
-    return ", cache_policy=L2_EVICT_FIRST" if "cache_policy" in params else ""
+    return ", cache_policy=L2_EVICT_FIRST" if _tma_takes("cache_policy", "store") else ""
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,12 +158,13 @@ _KERNEL_NAME = "_fused_linear_update_ws_kernel"
 
 
 @functools.lru_cache(maxsize=None)
-def _tma_load_takes(param: str) -> bool:
-    """Whether Gluon's TMA load takes ``param``: "cache_policy" (Triton ≥ 3.9; else the PTX
-    rewrite below) or "multicast" (Triton ≥ 3.9; the CTA pairs of ``cluster_helpers``)."""
-    import inspect
+def _tma_takes(param: str, op: str = "load") -> bool:
+    """Whether Gluon's TMA ``op`` ("load" or "store") takes ``param``: "cache_policy" (Triton
+    ≥ 3.9; for loads on older Tritons the PTX rewrite below) or "multicast" (loads, Triton ≥
+    3.9; the CTA pairs of ``cluster_helpers``)."""
     from triton.experimental.gluon.language.nvidia.hopper import tma
-    return param in inspect.signature(getattr(tma, _tma_load())).parameters
+    fn = {"load": _tma_load, "store": _tma_store}[op]()
+    return param in inspect.signature(getattr(tma, fn)).parameters
 
 
 _PTX_ENTRY = re.compile(r"\.visible \.entry (\w+)\(")
@@ -256,7 +254,7 @@ def _gl_dtype(t: torch.dtype):
 def _policy_kw(prio: Optional[str]) -> str:
     """The ``cache_policy=`` argument of a TMA load in generated source (Triton ≥ 3.9; on older
     Tritons ``add_l2_hints`` rewrites the PTX instead)."""
-    if prio is None or not _tma_load_takes("cache_policy"):
+    if prio is None or not _tma_takes("cache_policy"):
         return ""
     return f", cache_policy=L2_{prio.upper()}"
 
@@ -383,7 +381,7 @@ def module_head(prog, generator: str, l2: str = "", cluster: int = 1,
     for ``tma_store``) and the GEMM helpers."""
     policies = []
     prios = {p for p in L2_MODES[l2] if p} | ({"evict_first"} if tma_store else set())
-    if prios and _tma_load_takes("cache_policy"):
+    if prios and _tma_takes("cache_policy"):
         policies = ["from triton.experimental.gluon.language.nvidia.ampere import (",
                     "    CachePolicy, FractionalEvictionPolicy)"]
         policies += [f"L2_{p.upper()} = gl.constexpr(CachePolicy(l2=FractionalEvictionPolicy("
@@ -1078,7 +1076,7 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
            prefetch, prefetch_gemm, mma, cluster, load_warp, tma_store)
     k = _KERNELS.get(key)
     if k is None:
-        if l2 and not _tma_load_takes("cache_policy"):
+        if l2 and not _tma_takes("cache_policy"):
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
                             mma_pending, prefetch, prefetch_gemm, mma, cluster, load_warp,
@@ -1342,7 +1340,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
 
 def cluster_unsupported_reason(param: Tensor, state: List[Tensor], cfg) -> Optional[str]:
     """Why a WS_CLUSTER=2 config cannot run these tensors (None: it can)."""
-    if not _tma_load_takes("multicast"):
+    if not _tma_takes("multicast"):
         return "this Triton's Gluon has no TMA multicast (Triton >= 3.9)"
     if param.dtype != torch.float32 or any(s.dtype != torch.float32 for s in state):
         return "W and the state must be fp32 (the cluster's stores are 16-byte fp32 vectors)"
