@@ -542,7 +542,12 @@ def test_ws_tma_store_writes_back_through_the_slot_and_refills_it_a_chunk_later(
         assert [ln.split("(")[1].split(",")[0] for ln in chunk[-3:]] == [
             "p_desc", "s0_desc", "s1_desc"]
         assert not any(ln.startswith("gl.store(") for ln in chunk)
+        # no register stores, so no masks or offsets: only stochastic rounding's rows, columns
+        assert epi[i - 2:i] == [f"rn_{h} = off_n + {h} * CW + gl.arange(0, CW, "
+                             "gl.SliceLayout(1, cl))", f"rk_{h} = off_k + gl.arange(0, BLOCK_K, "
+                             "gl.SliceLayout(0, cl))"]
     assert epi.index("tma.store_wait(0)", j) > j and "_issue_state(seq + SLOTS" not in src
+    assert not [ln for ln in epi if re.match(r"(mask|off)_\w*\d+ =|if (EVEN_NK|SAME_STRIDES)", ln)]
     assert ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True) == \
         ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, tma_store=False)
     for kw in ({"state": "epi"}, {"state": "epi_rows", "pipe": True}):

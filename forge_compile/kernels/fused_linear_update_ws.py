@@ -380,8 +380,12 @@ def module_head(prog, generator: str, l2: str = "", cluster: int = 1,
     rounding (Philox from triton.language), the L2 policies (those of ``l2``, and evict_first
     for ``tma_store``) and the GEMM helpers."""
     policies = []
-    prios = {p for p in L2_MODES[l2] if p} | ({"evict_first"} if tma_store else set())
-    if prios and _tma_takes("cache_policy"):
+    # the loads' priorities are source only where the TMA load takes a cache_policy (older
+    # Tritons get them by add_l2_hints' PTX rewrite); the stores' only where the store does
+    prios = {p for p in L2_MODES[l2] if p} if _tma_takes("cache_policy") else set()
+    if tma_store and _tma_takes("cache_policy", "store"):
+        prios.add("evict_first")
+    if prios:
         policies = ["from triton.experimental.gluon.language.nvidia.ampere import (",
                     "    CachePolicy, FractionalEvictionPolicy)"]
         policies += [f"L2_{p.upper()} = gl.constexpr(CachePolicy(l2=FractionalEvictionPolicy("
@@ -853,7 +857,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             out = [f"        rk{sfx} = off_k + {h} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))",
                    f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]",
                    f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]"]
-        for idx, n in enumerate(ep.tensor_names[1:], 1):
+        if tma_store:   # W/state in and out through the slot: only stochastic rounding's rn, rk
+            out = out[:2]
+        for idx, n in enumerate([] if tma_store else ep.tensor_names[1:], 1):
             v = f"{ep.var[n]}{sfx}"
             out += ["        if SAME_STRIDES:",
                     f"            off_{v} = off{sfx}",
