@@ -51,35 +51,26 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
   rc=$(( rc | $? ))
   cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
 fi
-if [[ $WHAT == pingpong ]]; then
-  # the ping-pong study kernel (benchmarks/experiments/fused_linear_update_pingpong.py): its
-  # correctness, then the issue's rows against the tuned shipped choice, e.g.
-  # STUDY_ARGS="--do-bench"
-  timeout "${STUDY_TIMEOUT:-500}" $PY benchmarks/experiments/fused_linear_update_pingpong.py \
-    --out "$OUT/fused_linear_update_pingpong.jsonl" ${STUDY_ARGS:-} 2>&1 | tee "$OUT/pingpong.log" \
-    | grep -v -e 'forge autotune'
+# one study script: study NAME SCRIPT TIMEOUT [ARGS...]: its rows in $OUT/NAME.jsonl, its log in
+# $OUT/NAME.log, shown without the JSON rows and the tuner's log lines
+study() {
+  local name=$1 script=$2 limit=$3
+  shift 3
+  timeout "$limit" $PY "benchmarks/experiments/$script" --out "$OUT/$name.jsonl" "$@" 2>&1 \
+    | tee "$OUT/$name.log" | grep -v -e '^{' -e 'forge autotune'
   rc=$(( rc | $? ))
-fi
-if [[ $WHAT == store-policy ]]; then
-  # the W/state stores' L2 priority (benchmarks/experiments/store_policy.py, study run 42)
-  timeout "${STUDY_TIMEOUT:-500}" $PY benchmarks/experiments/store_policy.py \
-    --out "$OUT/store_policy.jsonl" 2>&1 | tee "$OUT/store_policy.log" | grep -v '^{'
-  rc=$(( rc | $? ))
-fi
-if [[ $WHAT == ws-study ]]; then
-  # the warp-specialised kernel's study (benchmarks/experiments/bench_fused_linear_update_ws.py),
-  # e.g. STUDY_ARGS="--quick --do-bench --configs RUN36"
-  timeout "${STUDY_TIMEOUT:-400}" $PY benchmarks/experiments/bench_fused_linear_update_ws.py \
-    --out "$OUT/fused_linear_update_ws.jsonl" ${STUDY_ARGS:-} 2>&1 | tee "$OUT/ws_study.log" \
-    | grep -v -e 'forge autotune'
-  rc=$(( rc | $? ))
-fi
-if [[ $WHAT == stream ]]; then
-  # is T=512 limited by AdamW's math or the memory system? (benchmarks/experiments/stream_ceiling.py)
-  timeout 400 $PY benchmarks/experiments/stream_ceiling.py --out "$OUT/stream_ceiling.jsonl" 2>&1 \
-    | tee "$OUT/stream_ceiling.log" | grep -v '^{'
-  rc=$(( rc | $? ))
-fi
+}
+# the ping-pong study kernel: its correctness, then the issue's rows against the tuned shipped
+# choice, e.g. STUDY_ARGS="--do-bench"
+[[ $WHAT == pingpong ]] && study fused_linear_update_pingpong fused_linear_update_pingpong.py \
+  "${STUDY_TIMEOUT:-500}" ${STUDY_ARGS:-}
+# the W/state stores' L2 priority (study run 42)
+[[ $WHAT == store-policy ]] && study store_policy store_policy.py "${STUDY_TIMEOUT:-500}"
+# the warp-specialised kernel's study, e.g. STUDY_ARGS="--quick --do-bench --configs RUN36"
+[[ $WHAT == ws-study ]] && study fused_linear_update_ws bench_fused_linear_update_ws.py \
+  "${STUDY_TIMEOUT:-400}" ${STUDY_ARGS:-}
+# is T=512 limited by AdamW's math or the memory system?
+[[ $WHAT == stream ]] && study stream_ceiling stream_ceiling.py 400
 if [[ $WHAT == ncu-stream ]]; then
   # what the GEMM adds beside the W/state stream (docs/kernels.md, "Ninth session"): the same
   # kernel fused, with skip_gemm and with skip_epilogue, 4096² AdamW at T = NCU_T (default 512;

@@ -942,16 +942,22 @@ def test_ws_cluster_compiles_for_sm90(idx):
     assert smem <= 232448, smem
 
 
+def _pingpong():
+    """The ping-pong study module (benchmarks/experiments/fused_linear_update_pingpong.py)."""
+    _ws()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "benchmarks", "experiments"))
+    import fused_linear_update_pingpong as pp
+    return pp
+
+
 @pytest.mark.parametrize("rule", ["adamw", "sgd_momentum"])
 def test_pingpong_study_compiles_for_sm90_without_spills(rule):
     """The ping-pong study kernel (benchmarks/experiments/fused_linear_update_pingpong.py, study
     run 41, not shipped) still compiles for sm_90: two consumer warpgroups at 255 registers
     without spills, the accumulator split into its 64×32 pieces in registers (no
     convert_layout), W/state written back by TMA, within 227 KiB of shared memory."""
-    _ws()
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "benchmarks", "experiments"))
-    import fused_linear_update_pingpong as pp
+    pp = _pingpong()
     cfg = pp.CONFIGS["pp bt64 st2 sl2"]
     prog = _rules()[rule][0]
     n = len(prog.state)
@@ -1506,6 +1512,30 @@ def test_gpu_ws_rule(rule, dtype, state_path):
     """The warp-specialised kernel, every rule, its shipped W/state path and the study's two,
     on a ragged and an even shape; the same 1e-5 bound (bf16/fp16 products are exact)."""
     _assert_ws_matches_fp64(rule, WS_STUDY[state_path], dtype)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_pingpong_study_takes_each_tensors_own_row_stride():
+    """The ping-pong study kernel reads and writes W and each state tensor through its own TMA
+    descriptor, so m may be a column slice of a wider buffer (row stride K + 36, rows still
+    16-byte aligned): AdamW on RAGGED matches fp64 to 1e-5 and the buffer's other columns keep
+    their NaN."""
+    pp = _pingpong()
+    prog, sc = _rules("cuda")["adamw"]
+    dy, x, p, s = _inputs(prog, *RAGGED, torch.bfloat16, "cuda", seed=7)
+    _ws_or_skip(dy, x, p, s)
+    N, K = p.shape
+    wide = torch.full((N, K + 36), float("nan"), device="cuda")
+    wide[:, :K] = s[0]
+    m = wide[:, :K]
+    assert m.stride() != p.stride() and pp.unsupported_reason(dy, x, p, [m, s[1]]) is None
+    p2, s2 = p.double(), [t.double() for t in s]
+    flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, sc, prog.dumps())
+    pp.launch(dy, x, p, [m, s[1]], sc, prog, pp.CONFIGS["pp bt64 st2 sl2"])
+    for name, a, b in zip(["param", *prog.state], [p, m, s[1]], [p2, *s2]):
+        assert _rel(a, b) <= 1e-5, name
+    assert bool(wide[:, K:].isnan().all())
 
 
 # the study's other kernels: two MMA warpgroups on 256×128 tiles; the one-operand tile walks
