@@ -1,0 +1,100 @@
+"""Study run 50: within one process, does where W, m and v were allocated move the AdamW 4096²
+rows, the fused kernel and the anchor alike? (docs/kernels.md, "Eighteenth session".)
+
+Why: the T=512 row reads 0.1545-0.1549 ms in the study's processes and 0.156-0.158 in the
+bench's, and run 35 timed the op on fresh copies of W and the state 0.9% faster than on the
+case's own tensors in the same process. 0.6× the anchor (0.1539-0.1550 ms) lies inside that
+spread. If the spread follows the allocation (the physical pages under W, m and v), then one
+bench row is one draw, and the question is whether the ratio to the anchor moves with it.
+
+Per row: the case of the benchmark (``make_case``), the op tuned once, then ``--sets`` sets of
+W, m, v, each a clone of the case's made by its own allocations (nothing freed between them),
+so each set has its own pages. Interleaved rounds, each set timed with the benchmark's
+``do_bench`` (a 256 MB memset before each call, median): the op in place; the anchor (mm, cast,
+``torch._fused_adamw_``) on the same W, m, v; and a device copy of W into a scratch tensor (a
+plain stream over the same pages). Correctness: before any timing, one call of the op on each
+set must give the same W, m, v bit for bit as on set 0 (same inputs, deterministic kernel).
+    python benchmarks/experiments/allocations.py [--out PATH] [--sets 8] [--rounds 4]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+from benchmarks.bench_fused_linear_update import (  # noqa: E402
+    anchor_fns, make_case)
+from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
+from bench_fused_linear_update_tma import save_rows, study_setup  # noqa: E402
+
+
+def main():
+    from triton.testing import do_bench
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                  "allocations.jsonl"))
+    ap.add_argument("--sets", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tokens", default="512,2048")
+    a = ap.parse_args()
+    t0 = time.time()
+    bad = []
+    rows, emit, _ = study_setup(bad, t0)
+    for T in map(int, a.tokens.split(",")):
+        c = make_case(4096, 4096, T, "adamw")
+        dy, x, sc, prog = c["dy"], c["x"], c["scalars"], c["prog"]
+        flu.fused_linear_update_triton(dy, x, c["p"].clone(), [s.clone() for s in c["state"]],
+                                       sc, prog)          # tunes on scratch copies
+        cfg = flu.tuned_config(dy, x, c["p"], c["state"], sc, prog)
+        sets = [(c["p"].clone(), [s.clone() for s in c["state"]]) for _ in range(a.sets)]
+        for p, st in sets:
+            flu.fused_linear_update_triton(dy, x, p, st, sc, prog)
+        for k, (p, st) in enumerate(sets):
+            same = all(torch.equal(u, v) for u, v in zip([p, *st], [sets[0][0], *sets[0][1]]))
+            if not same:
+                bad.append(f"T={T} set {k} differs from set 0 after one call")
+        if bad:
+            study_setup(bad, t0)                          # reports and exits 1
+        scratch = torch.empty_like(c["p"])
+        fns = {}
+        for k, (p, st) in enumerate(sets):
+            ck = dict(c, p=p, state=st)
+            fns[k] = {
+                "op": lambda p=p, st=st: flu.fused_linear_update_triton(dy, x, p, st, sc, prog),
+                "anchor": anchor_fns(ck, "adamw")["mm_bf16+cast"],
+                "copy": lambda p=p: scratch.copy_(p)}
+        for fs in fns.values():
+            for f in fs.values():
+                f()
+        times = {k: {n: [] for n in fs} for k, fs in fns.items()}
+        for _ in range(a.rounds):
+            for k, fs in fns.items():
+                for n, f in fs.items():
+                    times[k][n].append(do_bench(f, warmup=25, rep=100, quantiles=[0.5]))
+        med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in times.items()}
+        for k, m in med.items():
+            emit(study="allocations", optimizer="adamw", N=4096, K=4096, T=T, set=k,
+                 config=str(cfg), op_ms=round(m["op"], 4), anchor_ms=round(m["anchor"], 4),
+                 op_vs_anchor=round(m["op"] / m["anchor"], 4), copy_ms=round(m["copy"], 4),
+                 rounds={n: [round(t, 4) for t in v] for n, v in times[k].items()},
+                 data_ptrs=[t.data_ptr() for t in [sets[k][0], *sets[k][1]]])
+        spread = {n: (min(m[n] for m in med.values()), max(m[n] for m in med.values()))
+                  for n in ("op", "anchor", "copy")}
+        ratios = [m["op"] / m["anchor"] for m in med.values()]
+        print(f"T={T}: " + ", ".join(f"{n} {lo:.4f}-{hi:.4f} ms ({100 * (hi / lo - 1):.1f}%)"
+                                     for n, (lo, hi) in spread.items())
+              + f"; op/anchor {min(ratios):.3f}-{max(ratios):.3f}", flush=True)
+        del sets, fns, c
+        torch.cuda.empty_cache()
+    save_rows(rows, a.out, t0)
+
+
+if __name__ == "__main__":
+    main()
