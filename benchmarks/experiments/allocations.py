@@ -45,23 +45,23 @@ def main():
     ap.add_argument("--tokens", default="512,2048")
     a = ap.parse_args()
     t0 = time.time()
-    bad = []
-    rows, emit, _ = study_setup(bad, t0)
-    for T in map(int, a.tokens.split(",")):
+    bad, cases = [], {}
+    for T in map(int, a.tokens.split(",")):     # correctness first, as every study does
         c = make_case(4096, 4096, T, "adamw")
         dy, x, sc, prog = c["dy"], c["x"], c["scalars"], c["prog"]
         flu.fused_linear_update_triton(dy, x, c["p"].clone(), [s.clone() for s in c["state"]],
                                        sc, prog)          # tunes on scratch copies
-        cfg = flu.tuned_config(dy, x, c["p"], c["state"], sc, prog)
         sets = [(c["p"].clone(), [s.clone() for s in c["state"]]) for _ in range(a.sets)]
         for p, st in sets:
             flu.fused_linear_update_triton(dy, x, p, st, sc, prog)
         for k, (p, st) in enumerate(sets):
-            same = all(torch.equal(u, v) for u, v in zip([p, *st], [sets[0][0], *sets[0][1]]))
-            if not same:
+            if not all(torch.equal(u, v) for u, v in zip([p, *st], [sets[0][0], *sets[0][1]])):
                 bad.append(f"T={T} set {k} differs from set 0 after one call")
-        if bad:
-            study_setup(bad, t0)                          # reports and exits 1
+        cases[T] = (c, sets)
+    rows, emit, _ = study_setup(bad, t0)                  # exits 1 on a failure
+    for T, (c, sets) in cases.items():
+        dy, x, sc, prog = c["dy"], c["x"], c["scalars"], c["prog"]
+        cfg = flu.tuned_config(dy, x, c["p"], c["state"], sc, prog)
         scratch = torch.empty_like(c["p"])
         fns = {}
         for k, (p, st) in enumerate(sets):
@@ -92,6 +92,7 @@ def main():
                                      for n, (lo, hi) in spread.items())
               + f"; op/anchor {min(ratios):.3f}-{max(ratios):.3f}", flush=True)
         del sets, fns, c
+        cases[T] = None
         torch.cuda.empty_cache()
     save_rows(rows, a.out, t0)
 
