@@ -14,11 +14,13 @@ so each set has its own pages. Interleaved rounds, each set timed with the bench
 ``torch._fused_adamw_``) on the same W, m, v; and a device copy of W into a scratch tensor (a
 plain stream over the same pages). Correctness: before any timing, one call of the op on each
 set must give the same W, m, v bit for bit as on set 0 (same inputs, deterministic kernel).
-    python benchmarks/experiments/allocations.py [--out PATH] [--sets 8] [--rounds 4]
+With ``--mix``: the op on the 8 mixes of the slowest and the fastest set's W, m and v.
+    python benchmarks/experiments/allocations.py [--out PATH] [--sets 8] [--rounds 4] [--mix]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -35,6 +37,32 @@ from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from bench_fused_linear_update_tma import save_rows, study_setup  # noqa: E402
 
 
+def mix(emit, rounds, T, c, cfg, sets, med):
+    """The op on W, m, v each taken from the slowest (S) or the fastest (F) set: if one
+    tensor's pages set the time, the mixes split by that tensor; if the three together do,
+    only the pure S and F reproduce the two ends."""
+    from triton.testing import do_bench
+    slow = max(med, key=lambda k: med[k]["op"])
+    fast = min(med, key=lambda k: med[k]["op"])
+    dy, x, sc, prog = c["dy"], c["x"], c["scalars"], c["prog"]
+    fns = {}
+    for pick in itertools.product("SF", repeat=3):
+        src = [sets[slow if q == "S" else fast] for q in pick]
+        p, m, v = src[0][0], src[1][1][0], src[2][1][1]
+        fns["".join(pick)] = lambda p=p, m=m, v=v: flu.fused_linear_update_triton(
+            dy, x, p, [m, v], sc, prog)
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            times[k].append(do_bench(f, warmup=25, rep=100, quantiles=[0.5]))
+    for k, v in times.items():
+        emit(study="allocations mix", optimizer="adamw", N=4096, K=4096, T=T, mix=k,
+             slow_set=slow, fast_set=fast, config=str(cfg),
+             op_ms=round(statistics.median(v), 4), rounds=[round(t, 4) for t in v])
+    print(f"T={T} mixes (W, m, v from the slow set {slow} = S or the fast set {fast} = F): "
+          + ", ".join(f"{k} {statistics.median(v):.4f}" for k, v in times.items()), flush=True)
+
+
 def main():
     from triton.testing import do_bench
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -43,6 +71,9 @@ def main():
     ap.add_argument("--sets", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", default="512,2048")
+    ap.add_argument("--mix", action="store_true", help="then the op on the 8 mixes of the "
+                    "slowest and the fastest set's W, m and v: one tensor's pages, or the three "
+                    "together?")
     a = ap.parse_args()
     t0 = time.time()
     bad, cases = [], {}
@@ -91,6 +122,8 @@ def main():
         print(f"T={T}: " + ", ".join(f"{n} {lo:.4f}-{hi:.4f} ms ({100 * (hi / lo - 1):.1f}%)"
                                      for n, (lo, hi) in spread.items())
               + f"; op/anchor {min(ratios):.3f}-{max(ratios):.3f}", flush=True)
+        if a.mix:
+            mix(emit, a.rounds, T, c, cfg, sets, med)
         del sets, fns, c
         cases[T] = None
         torch.cuda.empty_cache()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import os
 import sys
 import time
@@ -100,20 +101,23 @@ def subnormal_check(date: str) -> list:
     return rows
 
 
-def size_sweep(date: str) -> list:
-    """Time = fixed cost + bytes / bandwidth? The fused kernel (AdamW), its stream alone
-    (scale3) and a copy of the same bytes over N = 1024..16384 (K=4096, T=512), least-squares
-    fit per kind. Each CTA's first GEMM (before any update) would show as the fused kernel's
-    fixed cost beyond the stream's; measured 20:12 UTC, the difference is in the bandwidth
-    (2631 vs 2860 GB/s), not the fixed cost (docs/kernels.md, "Ninth session")."""
+def size_sweep(date: str, ws_ids=(0, 1)) -> list:
+    """Time = fixed cost + bytes / bandwidth? The fused kernel (AdamW, and scale3: the same
+    math as the stream alone), its stream alone (scale3) and a copy of the same bytes over
+    N = 1024..16384 (K=4096, T=512), least-squares fit per kind, for the shipped WS configs
+    ``ws_ids``. Each CTA's first GEMM (before any update) would show as the fused kernel's
+    fixed cost beyond the stream's; measured 20:12 UTC for ws:0 and ws:1, the difference is in
+    the bandwidth (2631 vs 2860 GB/s), not the fixed cost (docs/kernels.md, "Ninth session");
+    the eighteenth session asks it again of the ninth candidate (ws:8)."""
     import triton
     from triton.testing import do_bench
     scale3 = scale3_program()
     c_scale = torch.tensor(1.0, device="cuda")
     rows = []
-    for name, cfg in (("ws:0", flu._GPU_WS_CONFIGS[0]), ("ws:1", flu._GPU_WS_CONFIGS[1])):
-        pts = {"fused adamw": [], "stream scale3": [], "copy": []}
-        for N in (1024, 2048, 4096, 8192, 16384):
+    for k, i in enumerate(ws_ids):
+        name, cfg = f"ws:{i}", flu._GPU_WS_CONFIGS[i]
+        pts = {"fused adamw": [], "fused scale3": [], "stream scale3": [], "copy": []}
+        for N in (1024, 2048, 4096, 6144, 8192, 12288, 16384):
             c = make_case(N, 4096, 512, "adamw")
             nbytes = forge_bytes(N, 4096, 512, 2)
             src = torch.randn(nbytes // 8, device="cuda")
@@ -121,11 +125,13 @@ def size_sweep(date: str) -> list:
             for what, fn in (
                     ("fused adamw", lambda: fused_linear_update_ws(
                         c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], cfg)),
+                    ("fused scale3", lambda: fused_linear_update_ws(
+                        c["dy"], c["x"], c["p"], c["state"], [c_scale], scale3, cfg)),
                     ("stream scale3", lambda: fused_linear_update_ws(
                         c["dy"], c["x"], c["p"], c["state"], [c_scale], scale3, cfg,
                         skip_gemm=True)),
                     ("copy", lambda: dst.copy_(src))):
-                if what == "copy" and name != "ws:0":
+                if what == "copy" and k:
                     continue
                 ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
                 pts[what].append((nbytes, ms))
@@ -212,6 +218,8 @@ def main() -> None:
                     help="only the stream and the GEMM on fewer SMs (section 'Roles')")
     ap.add_argument("--size-sweep", action="store_true",
                     help="only the fixed cost per launch (section 'Ninth session')")
+    ap.add_argument("--sweep-ws", default="0,1", help="with --size-sweep: the shipped WS "
+                    "configs (indices into _GPU_WS_CONFIGS)")
     ap.add_argument("--ncu-variant", choices=("fused", "stream", "gemm", "nowgmma"), default=None,
                     help="three launches at 4096², T = --tokens (one value; ws:1 at T=512, "
                          "ws:2 above), AdamW fused, its stream alone (beta1 0.9999), its GEMM "
@@ -249,7 +257,8 @@ def main() -> None:
                                    skip_mma=a.ncu_variant == "nowgmma")
         torch.cuda.synchronize()
         return
-    for asked, study in ((a.size_sweep, size_sweep), (a.grid_scaling, grid_scaling),
+    sweep = functools.partial(size_sweep, ws_ids=tuple(map(int, a.sweep_ws.split(","))))
+    for asked, study in ((a.size_sweep, sweep), (a.grid_scaling, grid_scaling),
                          (a.subnormal, subnormal_check)):
         if asked:
             rows = study(date)
