@@ -155,6 +155,51 @@ def size_sweep(date: str, ws_ids=(0, 1)) -> list:
     return rows
 
 
+def products_program(prog: EpilogueProgram) -> EpilogueProgram:
+    """``prog`` with every division and square root replaced by a product (``sqrt(x)`` by
+    x·x): the same tensors, reads, writes and data flow, none of the IEEE division's and square
+    root's range checks and slow-path branches. A timing control only: its update is not
+    AdamW's."""
+    ops = tuple(Instr(i.out, "mul", (i.args[0], i.args[0]) if i.op == "sqrt" else i.args)
+                if i.op in ("div", "sqrt") else i for i in prog.ops)
+    return dataclasses.replace(prog, ops=ops)
+
+
+def math_cost(date: str, rounds: int = 4) -> list:
+    """What AdamW's IEEE divisions and square root cost in the fused kernel with 8 epilogue
+    warps: the tuned T=512 and T=2048 configs (ws8, ws7), AdamW against the same program with
+    products in their place and against scale3, fused, interleaved rounds of the benchmark's
+    ``do_bench`` (eighteenth session)."""
+    import triton
+    from triton.testing import do_bench
+    from forge_compile import rules
+    scale3 = scale3_program()
+    c_scale = torch.tensor(1.0, device="cuda")
+    rows = []
+    for T, i in ((512, 8), (2048, 7)):
+        c = make_case(4096, 4096, T, "adamw")
+        cfg = flu._GPU_WS_CONFIGS[i]
+        progs = {"adamw": (c["prog"], c["scalars"]),
+                 "adamw, products": (products_program(rules.adamw_program()), c["scalars"]),
+                 "scale3": (scale3, [c_scale])}
+        times = {k: [] for k in progs}
+        for _ in range(rounds):
+            for k, (prog, sc) in progs.items():
+                p, st = c["p"].clone(), [t.clone() for t in c["state"]]
+                times[k].append(do_bench(lambda: fused_linear_update_ws(
+                    c["dy"], c["x"], p, st, sc, prog, cfg), warmup=25, rep=100,
+                    return_mode="median"))
+        for k, v in times.items():
+            ms = sorted(v)[len(v) // 2]
+            rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                             triton=triton.__version__, date=date, N=4096, K=4096, T=T,
+                             config=f"ws:{i}", rule=k, ms=round(ms, 4),
+                             rounds=[round(t, 4) for t in v]))
+            print(f"T={T} ws:{i} fused {k:16s} {ms:.4f} ms  rounds {[round(t, 4) for t in v]}",
+                  flush=True)
+    return rows
+
+
 def grid_scaling(date: str) -> list:
     """How fast can fewer SMs stream W/state, and run the GEMM? Decides whether giving the
     GEMM and the update separate SMs (fused_linear_update_roles.py) can pay: the WS kernel's
@@ -218,6 +263,9 @@ def main() -> None:
                     help="only the stream and the GEMM on fewer SMs (section 'Roles')")
     ap.add_argument("--size-sweep", action="store_true",
                     help="only the fixed cost per launch (section 'Ninth session')")
+    ap.add_argument("--math", action="store_true",
+                    help="only AdamW's IEEE divisions and square root against products "
+                         "(eighteenth session)")
     ap.add_argument("--sweep-ws", default="0,1", help="with --size-sweep: the shipped WS "
                     "configs (indices into _GPU_WS_CONFIGS)")
     ap.add_argument("--ncu-variant", choices=("fused", "stream", "gemm", "nowgmma"), default=None,
@@ -258,7 +306,8 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     sweep = functools.partial(size_sweep, ws_ids=tuple(map(int, a.sweep_ws.split(","))))
-    for asked, study in ((a.size_sweep, sweep), (a.grid_scaling, grid_scaling),
+    for asked, study in ((a.size_sweep, sweep), (a.math, math_cost),
+                         (a.grid_scaling, grid_scaling),
                          (a.subnormal, subnormal_check)):
         if asked:
             rows = study(date)
