@@ -555,6 +555,48 @@ def test_ws_tma_store_writes_back_through_the_slot_and_refills_it_a_chunk_later(
             ws.kernel_source(prog, 8, kw.get("pipe", False), kw["state"], tma_store=True)
 
 
+def test_ws_fast_ieee_moves_only_tile_divisions_and_roots_onto_the_helpers():
+    """WS_FAST_IEEE: every division and square root with a tile result goes through
+    _div_rn_fast / _sqrt_rn_fast with the epilogue's FAST_PACK (a thread's chunk, at most 8);
+    one of per-step scalars only stays gl.div_rn; off, the source is unchanged. The helpers'
+    PTX writes its outputs only after its last read of an input (an output may share an
+    input's register) and branches once per instance, warp-uniformly."""
+    ws = _ws()
+    prog = _all_ops_program()
+    prog = dataclasses.replace(prog, ops=prog.ops + (
+        Instr("sd", "div", ("s0", "s1")), Instr("zs", "mul", ("zz", "sd"))),
+        outputs=(("param", "zs"), ("state0", "y")))
+    src = ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, fast_ieee=True)
+    epi = src[src.index("def _epilogue_partition"):]
+    assert "FAST_PACK: gl.constexpr = 8 if EPT >= 8 else EPT" in epi
+    assert "EPT: gl.constexpr = CW * BLOCK_K // (32 * EPI_WARPS)" in epi
+    lines = [ln.strip() for ln in epi.splitlines() if ln.strip().startswith("v")]
+    tile = [ln for ln in lines if re.match(r"v\d+_\d+ =", ln)]
+    assert not any("gl.div_rn(" in ln or "gl.sqrt_rn(" in ln for ln in tile)
+    # per chunk: divisions d (rsqrt), e (reciprocal), l; square roots c, d, o3 (pow 0.5)
+    assert sum(ln.count("_div_rn_fast(FAST_PACK, ") for ln in tile) == 8 * 3
+    assert sum(ln.count("_sqrt_rn_fast(FAST_PACK, ") for ln in tile) == 8 * 3
+    scalar = [ln for ln in lines if re.match(r"v\d+ =", ln)]
+    assert scalar and all("_fast(" not in ln for ln in scalar)
+    assert any("gl.div_rn(c0, c1)" in ln for ln in scalar)
+    assert "def _div_rn_fast(P: gl.constexpr, a, b):" in src
+    assert ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True) == ws.kernel_source(
+        prog, 8, False, "epi_rows_grab", load_warp=True, fast_ieee=False)
+    assert "_fast(" not in ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True)
+    for ptx, n_in in [(ws._fast_div_ptx(n), 2) for n in ws._FAST_IEEE_PACKS] + [
+            (ws._fast_sqrt_ptx(n), 1) for n in ws._FAST_IEEE_PACKS]:
+        body = ptx.splitlines()
+        n = ptx.count("mov.f32 $")
+        outs = [i for i, ln in enumerate(body) if re.search(r"\$(\d+)", ln.split(",")[0])
+                and int(re.search(r"\$(\d+)", ln.split(",")[0]).group(1)) < n]
+        reads = [i for i, ln in enumerate(body)
+                 if any(int(k) >= n for k in re.findall(r"\$(\d+)", ln))]
+        assert outs and min(outs) > max(reads), ptx
+        assert max(int(k) for k in re.findall(r"\$(\d+)", ptx)) == n * (1 + n_in) - 1
+        assert sum("bra" in ln for ln in body) == 1
+        assert "vote.sync.all.pred" in ptx and "bra.uni" in ptx
+
+
 def test_ws_half_handoff_waits_in_chunk_order():
     """epi_rows_half: the epilogue waits for half 1 right before its first chunk (4 of 8) reads
     the accumulator, and releases half 0 right after chunk 3's read (so the MMA warps store the
@@ -896,7 +938,9 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
                                                                 ("adamw", "bf16"),
                                                                 ("sgd_momentum", "fp32"))] + [
     (f"prefetch{i}", c, "adamw", dt) for i, c in enumerate(WS_PREFETCH_STUDY)
-    for dt in ("fp32", "bf16")]
+    for dt in ("fp32", "bf16")] + [
+    (f"fast_ieee{i}", dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_FAST_IEEE=1), "adamw", dt)
+    for i, dt in ((8, "fp32"), (8, "bf16"), (7, "fp32"), (1, "fp32"))]
 
 
 @pytest.mark.parametrize("name,cfg,rule,param_dtype", _SM90_CASES,
@@ -1536,6 +1580,126 @@ def test_gpu_pingpong_study_takes_each_tensors_own_row_stride():
     for name, a, b in zip(["param", *prog.state], [p, m, s[1]], [p2, *s2]):
         assert _rel(a, b) <= 1e-5, name
     assert bool(wide[:, K:].isnan().all())
+
+
+_FAST_IEEE_PROBE = """
+@gluon.jit
+def _probe(a_ptr, b_ptr, c_ptr, q_ptr, s_ptr, qc_ptr, qr_ptr, n, P: gl.constexpr,
+           BLOCK: gl.constexpr):
+    layout: gl.constexpr = gl.BlockedLayout([P], [32], [4], [0])
+    offs = gl.program_id(0) * BLOCK + gl.arange(0, BLOCK, layout)
+    m = offs < n
+    a = gl.load(a_ptr + offs, mask=m, other=1.0)
+    b = gl.load(b_ptr + offs, mask=m, other=1.0)
+    c = gl.load(c_ptr)
+    gl.store(q_ptr + offs, _div_rn_fast(P, a, b), mask=m)
+    gl.store(s_ptr + offs, _sqrt_rn_fast(P, a), mask=m)
+    gl.store(qc_ptr + offs, _div_rn_fast(P, a, c), mask=m)
+    gl.store(qr_ptr + offs, _div_rn_fast(P, 1.0, b), mask=m)
+"""
+
+
+def _fast_ieee_probe():
+    ws = _ws()
+    src = "\n".join(["import triton", "from triton.experimental import gluon",
+                     "from triton.experimental.gluon import language as gl",
+                     ws.fast_ieee_source(), _FAST_IEEE_PROBE])
+    return flu._import_generated(src, "flu_fast_ieee_probe")._probe
+
+
+def _same_bits(x, ref):
+    """Equal bit for bit, any NaN equal to any NaN."""
+    both_nan = x.isnan() & ref.isnan()
+    return bool(((x.view(torch.int32) == ref.view(torch.int32)) | both_nan).all())
+
+
+def _float_bits(bits):
+    return bits.to(torch.int32).view(torch.float32)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("P", [1, 2, 4, 8])
+def test_gpu_fast_ieee_div_and_sqrt_match_torch_bitwise(P):
+    """WS_FAST_IEEE's helpers give torch's (IEEE) quotients and square roots bit for bit:
+    2^24 random bit patterns (zeros, subnormals, inf, NaN: the warp-uniform fall back), 2^24
+    pairs with exponents across the fast range and past both of its ends (32..222 and
+    beyond), every pair of 26 special values, a per-step scalar divisor and 1.0 / b; for P = 8
+    every one of the 2^32 square roots."""
+    probe = _fast_ieee_probe()
+    g = torch.Generator(device="cuda").manual_seed(P)
+    n = 1 << 24
+    rnd = torch.randint(-2 ** 31, 2 ** 31, (2, n), device="cuda", generator=g, dtype=torch.int64)
+    sign = torch.randint(0, 2, (2, n), device="cuda", generator=g) << 31
+    expo = torch.randint(16, 240, (2, n), device="cuda", generator=g) << 23
+    mant = torch.randint(0, 1 << 23, (2, n), device="cuda", generator=g)
+    spec = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, 1e-45, -1e-45, 1.1754942e-38, 1.1754944e-38,
+                         2.0 ** -95, 2.0 ** -96, 2.0 ** 95, 2.0 ** 96, 1.9999999 * 2.0 ** 95,
+                         3.4028235e38, -3.4028235e38, float("inf"), float("-inf"), float("nan"),
+                         2.0 ** -126, 2.0 ** -101, 2.0 ** -102, 1e-8, 0.1, 7.0, 1e30],
+                        device="cuda")
+    grid = torch.cartesian_prod(spec, spec)
+    cases = [_float_bits(rnd), _float_bits(sign | expo | mant), grid.t().contiguous()]
+    c = torch.tensor([0.0316], device="cuda")
+    BLOCK = P * 128
+    for a, b in cases:
+        a, b = a.contiguous(), b.contiguous()
+        q, s, qc, qr = (torch.empty_like(a) for _ in range(4))
+        probe[(triton_cdiv(a.numel(), BLOCK),)](a, b, c, q, s, qc, qr, a.numel(), P=P,
+                                                 BLOCK=BLOCK, num_warps=4)
+        assert _same_bits(q, a / b)
+        assert _same_bits(s, torch.sqrt(a))
+        assert _same_bits(qc, a / c.expand_as(a).contiguous())
+        assert _same_bits(qr, 1.0 / b)
+    if P == 8:
+        chunk = 1 << 28
+        for start in range(-2 ** 31, 2 ** 31, chunk):
+            a = _float_bits(torch.arange(start, start + chunk, device="cuda", dtype=torch.int64))
+            q, s, qc, qr = (torch.empty_like(a) for _ in range(4))
+            probe[(chunk // BLOCK,)](a, a, c, q, s, qc, qr, chunk, P=P, BLOCK=BLOCK, num_warps=4)
+            assert _same_bits(s, torch.sqrt(a)), start
+            del a, q, s, qc, qr
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("idx", [8, 7, 1])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_ws_fast_ieee_is_bit_identical(idx, param_dtype):
+    """The shipped WS config ``idx`` with WS_FAST_IEEE=1 updates W and the state bit for bit as
+    with ptxas's own div.rn / sqrt.rn: every rule and the all-ops program, ragged and even
+    shapes, fp32 and stochastically rounded bf16 weights; with zero gradient rows, zero m and v
+    and a NaN in m, so warps take the fall back inside the kernel too."""
+    cfg = flu._GPU_WS_CONFIGS[idx]
+    fast = dataclasses.replace(cfg, WS_FAST_IEEE=1)
+    cases = {k: v for k, v in _rules("cuda").items()}
+    cases["all-ops"] = (_all_ops_program(), rules.scalar_tensors([0.3, 1.5], "cuda"))
+    for name, (prog, sc) in cases.items():
+        for shape in GPU_SHAPES:
+            dy, x, p, st = _inputs(prog, *shape, torch.bfloat16, "cuda", param_dtype,
+                                   seed=_seed(name, shape))
+            _ws_or_skip(dy, x, p, st)
+            if not _ws().ws_fits(cfg, param_dtype, len(st)):
+                continue
+            dy[:, :64] = 0                       # gradient rows 0-63 are zero
+            if st:
+                st[0][:40] = 0
+                st[-1][:24] = 0
+                st[0][50, 3] = float("nan")
+            outs = []
+            for c in (cfg, fast):
+                p1, s1 = p.clone(), [t.clone() for t in st]
+                flu.fused_linear_update_triton(dy, x, p1, s1, sc, prog, config=c, seed=5)
+                outs.append([p1, *s1])
+            for a, b in zip(*outs):
+                assert torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16
+                                          else torch.int32),
+                                   b.view(torch.int16 if b.dtype == torch.bfloat16
+                                          else torch.int32)), (name, shape)
 
 
 # the study's other kernels: two MMA warpgroups on 256×128 tiles; the one-operand tile walks

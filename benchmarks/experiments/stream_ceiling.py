@@ -167,9 +167,9 @@ def products_program(prog: EpilogueProgram) -> EpilogueProgram:
 
 def math_cost(date: str, rounds: int = 4) -> list:
     """What AdamW's IEEE divisions and square root cost in the fused kernel with 8 epilogue
-    warps: the tuned T=512 and T=2048 configs (ws8, ws7), AdamW against the same program with
-    products in their place and against scale3, fused, interleaved rounds of the benchmark's
-    ``do_bench`` (eighteenth session)."""
+    warps: the tuned T=512 and T=2048 configs (ws8, ws7), AdamW as shipped, with WS_FAST_IEEE
+    (the same bits), with products in their place, and scale3, fused, interleaved rounds of
+    the benchmark's ``do_bench`` (eighteenth session)."""
     import triton
     from triton.testing import do_bench
     from forge_compile import rules
@@ -179,15 +179,17 @@ def math_cost(date: str, rounds: int = 4) -> list:
     for T, i in ((512, 8), (2048, 7)):
         c = make_case(4096, 4096, T, "adamw")
         cfg = flu._GPU_WS_CONFIGS[i]
-        progs = {"adamw": (c["prog"], c["scalars"]),
-                 "adamw, products": (products_program(rules.adamw_program()), c["scalars"]),
-                 "scale3": (scale3, [c_scale])}
+        fast = dataclasses.replace(cfg, WS_FAST_IEEE=1)
+        progs = {"adamw": (c["prog"], c["scalars"], cfg),
+                 "adamw, fast ieee": (c["prog"], c["scalars"], fast),
+                 "adamw, products": (products_program(rules.adamw_program()), c["scalars"], cfg),
+                 "scale3": (scale3, [c_scale], cfg)}
         times = {k: [] for k in progs}
         for _ in range(rounds):
-            for k, (prog, sc) in progs.items():
+            for k, (prog, sc, kc) in progs.items():
                 p, st = c["p"].clone(), [t.clone() for t in c["state"]]
                 times[k].append(do_bench(lambda: fused_linear_update_ws(
-                    c["dy"], c["x"], p, st, sc, prog, cfg), warmup=25, rep=100,
+                    c["dy"], c["x"], p, st, sc, prog, kc), warmup=25, rep=100,
                     return_mode="median"))
         for k, v in times.items():
             ms = sorted(v)[len(v) // 2]

@@ -240,11 +240,17 @@ class _Epilogue:
     def shared_offset(ind, sfx, rk) -> List[str]:
         return [f"{ind}off{sfx} = rn[:, None] * s_p_n + {rk}[None, :] * s_p_k"]
 
-    def statements(self, ind: str, sfx: str, conv=None) -> List[str]:
+    def statements(self, ind: str, sfx: str, conv=None, tile_conv=None) -> List[str]:
         """The update's straight-line statements for one chunk (names suffixed ``sfx``);
-        ``conv`` rewrites each expression (``fused_linear_update_ws._gl``: Gluon's names)."""
-        return [f"{ind}{name.format(sfx=sfx)} = "
-                f"{(conv or str)(expr.format(sfx=sfx))}" for name, expr in self.body]
+        ``conv`` rewrites each expression (``fused_linear_update_ws._gl``: Gluon's names), then
+        ``tile_conv`` those with a tile result (``fused_linear_update_ws._fast_ieee``)."""
+        out = []
+        for name, expr in self.body:
+            e = (conv or str)(expr.format(sfx=sfx))
+            if tile_conv is not None and "{sfx}" in name:    # (a scalar result has no suffix)
+                e = tile_conv(e)
+            out.append(f"{ind}{name.format(sfx=sfx)} = {e}")
+        return out
 
     def new_values(self, sfx: str, zeros: str) -> List[Tuple[str, str]]:
         """(tensor name, expression of its new value) per program output, for one chunk; a
@@ -562,6 +568,9 @@ class KernelConfig:
     WS_LOAD_WARP: int = 0
     # 1: the new W/state go out by TMA stores from their ring slot, not from registers (study).
     WS_TMA_STORE: int = 0
+    # 1: the update's tile divisions and square roots in inline PTX, correctly rounded without
+    # a branch per element (fused_linear_update_ws.fast_ieee_source; eighteenth session)
+    WS_FAST_IEEE: int = 0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

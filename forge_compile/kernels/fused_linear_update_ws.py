@@ -58,6 +58,9 @@ releases before streaming it; the 32 KiB that frees hold more W/state in flight.
 candidate for T=512 (study runs 45-47: fused AdamW 4096² T=512 0.1545 ms against 0.1616).
 ``WS_TMA_STORE=1`` (a study knob) writes the new W/state back into their ring slot and stores
 them by TMA: 2-3% slower at T=512 (run 49).
+Eighteenth session: ``WS_FAST_IEEE=1`` computes the epilogue's tile divisions and square roots
+with ``fast_ieee_source``'s inline PTX, still correctly rounded (bit for bit ``div.rn.f32`` /
+``sqrt.rn.f32``) but without one branch and convergence region per element and op.
 ``WS_CLUSTER=2`` (Triton >= 3.9; ``cluster_helpers``, a study knob) launches clusters of 2 CTAs
 on row-adjacent tiles and multicasts X's tile, read from L2 once per pair, into both. Exact, and slower on every fused
 row measured (runs 36-38: without the load warp the GEMM alone 3-22%, with it 0-3%): each X
@@ -374,8 +377,113 @@ def scalar_loads(n_scalar: int) -> list:
     return out
 
 
+# IEEE division and square root without a branch per element (WS_FAST_IEEE). ptxas expands
+# each div.rn.f32 / sqrt.rn.f32 into a fast path, a range check (FCHK; for sqrt an integer
+# compare) and a call of a slow path; each is a convergence region (BSSY/BSYNC) that nothing is
+# scheduled across: 128 FCHK and 192 calls per AdamW chunk walk of the T=512 candidate (sm_90
+# SASS, Triton 3.6). With 8 epilogue warps that costs AdamW 3.9 µs of 0.158 ms at 4096²
+# T=512 and 5.0 of 0.199 at T=2048 against the same program with products in their place
+# (H100, stream_ceiling.py --math, eighteenth session). Here each of P elements runs ptxas's own
+# fast-path sequence, read off its sm_90 SASS:
+#   a / b:   r = rcp(b); r = fma(r, fma(-b, r, 1), r); q = a·r; q = fma(fma(-b, q, a), r, q)
+#   sqrt(x): y = rsqrt(x); s = x·y (ftz); h = y·0.5 (ftz); s = fma(fma(-s, s, x), h, s)
+# The results are exact (equal to div.rn / sqrt.rn bit for bit) where the operands lie in a
+# range where the sequence is:
+# - sqrt: ptxas's own test, bits in [0x0d000000, 0x7f7fffff] (2^-101 ≤ x < inf);
+# - a / b: a, b and the quotient with biased exponents in [32, 222], |·| in [2^-95, 2^96). That
+#   keeps every intermediate normal and the residual fma(-b, q, a) exact (its granularity is
+#   2^(E_a - 46) ≥ 2^-141, above the subnormal 2^-149). In this range the Newton step and the
+#   final correction give the correctly rounded quotient, as in ptxas's fast path.
+# A warp whose P·32 elements all lie in range takes no branch. Otherwise (a zero, a subnormal,
+# an inf or NaN anywhere in it) it recomputes all P of each thread with div.rn / sqrt.rn. That
+# branch is warp-uniform (vote.all + bra.uni), so no convergence region is needed. The results
+# go to the outputs only at the end: an output may share a register with an input (the fourth
+# session's version wrote them early and disagreed with torch). Tests: bit for bit against
+# torch on the GPU (tests/test_fused_linear_update.py, "fast_ieee").
+_FAST_IEEE_PACKS = (1, 2, 4, 8)
+
+
+def _fast_div_ptx(n: int) -> str:
+    """PTX for ``n`` quotients: outputs $0..$n-1, dividends $n.., divisors $2n.."""
+    a = [f"${n + i}" for i in range(n)]
+    b = [f"${2 * n + i}" for i in range(n)]
+    body = [f".reg .pred %ok<{n}>, %all;", f".reg .f32 %r<{n}>, %nb<{n}>, %e<{n}>, %q<{n}>;",
+            f".reg .b32 %ea<{n}>, %eb<{n}>, %t<{n}>;"]
+    for i in range(n):
+        body += [f"rcp.approx.ftz.f32 %r{i}, {b[i]};", f"neg.f32 %nb{i}, {b[i]};",
+                 f"fma.rn.f32 %e{i}, %nb{i}, %r{i}, 0f3F800000;",
+                 f"fma.rn.f32 %r{i}, %r{i}, %e{i}, %r{i};",
+                 f"mul.rn.f32 %q{i}, {a[i]}, %r{i};",
+                 f"fma.rn.f32 %e{i}, %nb{i}, %q{i}, {a[i]};",
+                 f"fma.rn.f32 %q{i}, %e{i}, %r{i}, %q{i};",
+                 # biased exponents of a, b in [32, 222], and of a/b: e(a) - e(b) + 127 ±1
+                 f"mov.b32 %ea{i}, {a[i]};", f"bfe.u32 %ea{i}, %ea{i}, 23, 8;",
+                 f"mov.b32 %eb{i}, {b[i]};", f"bfe.u32 %eb{i}, %eb{i}, 23, 8;",
+                 f"sub.u32 %t{i}, %ea{i}, 32;", f"setp.le.u32 %ok{i}, %t{i}, 190;",
+                 f"sub.u32 %t{i}, %eb{i}, 32;", f"setp.le.and.u32 %ok{i}, %t{i}, 190, %ok{i};",
+                 f"sub.s32 %t{i}, %ea{i}, %eb{i};", f"add.s32 %t{i}, %t{i}, 95;",
+                 f"setp.le.and.u32 %ok{i}, %t{i}, 190, %ok{i};"]
+    return _uniform_fallback(body, n, [f"div.rn.f32 %q{i}, {a[i]}, {b[i]};" for i in range(n)],
+                             "q", "FLU_DIV")
+
+
+def _fast_sqrt_ptx(n: int) -> str:
+    """PTX for ``n`` square roots: outputs $0..$n-1, arguments $n.."""
+    x = [f"${n + i}" for i in range(n)]
+    body = [f".reg .pred %ok<{n}>, %all;",
+            f".reg .f32 %y<{n}>, %q<{n}>, %h<{n}>, %ns<{n}>, %e<{n}>;", f".reg .b32 %u<{n}>;"]
+    for i in range(n):
+        body += [f"rsqrt.approx.ftz.f32 %y{i}, {x[i]};", f"mul.rn.ftz.f32 %q{i}, {x[i]}, %y{i};",
+                 f"mul.rn.ftz.f32 %h{i}, %y{i}, 0f3F000000;", f"neg.f32 %ns{i}, %q{i};",
+                 f"fma.rn.f32 %e{i}, %ns{i}, %q{i}, {x[i]};",
+                 f"fma.rn.f32 %q{i}, %e{i}, %h{i}, %q{i};",
+                 f"mov.b32 %u{i}, {x[i]};", f"sub.u32 %u{i}, %u{i}, 0x0D000000;",
+                 f"setp.le.u32 %ok{i}, %u{i}, 0x727FFFFF;"]
+    return _uniform_fallback(body, n, [f"sqrt.rn.f32 %q{i}, {x[i]};" for i in range(n)], "q",
+                             "FLU_SQRT")
+
+
+def _uniform_fallback(body, n, slow, res, label) -> str:
+    # every lane's range flags into one, voted over the warp: the branch is uniform
+    body = list(body) + [f"and.pred %all, %all, %ok{i};" if i else "mov.pred %all, %ok0;"
+                         for i in range(n)]
+    body += ["vote.sync.all.pred %all, %all, 0xffffffff;",
+             f"@%all bra.uni {label}_${{:uid}};", *slow, f"{label}_${{:uid}}:"]
+    body += [f"mov.f32 ${i}, %{res}{i};" for i in range(n)]
+    return "{\n" + "\n".join(body) + "\n}"
+
+
+def fast_ieee_source() -> str:
+    """Gluon source of ``_div_rn_fast(P, a, b)`` and ``_sqrt_rn_fast(P, x)`` (see above): P
+    elements of each thread per inline-PTX instance, P a constexpr in _FAST_IEEE_PACKS that
+    divides the thread's element count (the epilogue's FAST_PACK). inline_asm_elementwise
+    broadcasts a scalar operand (a per-step scalar, 1.0) to the tile."""
+    out = []
+    for n in _FAST_IEEE_PACKS:
+        out += [f"_DIV_PTX_{n} = gl.constexpr({_fast_div_ptx(n)!r})",
+                f"_SQRT_PTX_{n} = gl.constexpr({_fast_sqrt_ptx(n)!r})"]
+    for name, ptx, args in (("_div_rn_fast", "_DIV_PTX", "a, b"),
+                            ("_sqrt_rn_fast", "_SQRT_PTX", "x")):
+        k = len(args.split(", "))
+        out += ["", "", "@gluon.jit", f"def {name}(P: gl.constexpr, {args}):"]
+        for j, n in enumerate(_FAST_IEEE_PACKS):
+            cons = ",".join(["=f"] * n + ["f"] * (k * n))
+            out += [f"    {'if' if j == 0 else 'elif'} P == {n}:",
+                    f"        r = gl.inline_asm_elementwise({ptx}_{n}, {cons!r}, [{args}], "
+                    f"gl.float32, True, {n})"]
+        out.append("    return r")
+    return "\n".join(out) + "\n"
+
+
+def _fast_ieee(expr: str) -> str:
+    """A Gluon tile expression with its IEEE divisions and square roots on fast_ieee_source's
+    helpers (FAST_PACK: the epilogue's constexpr)."""
+    return (expr.replace("gl.div_rn(", "_div_rn_fast(FAST_PACK, ")
+            .replace("gl.sqrt_rn(", "_sqrt_rn_fast(FAST_PACK, "))
+
+
 def module_head(prog, generator: str, l2: str = "", cluster: int = 1,
-                tma_store: bool = False) -> list:
+                tma_store: bool = False, fast_ieee: bool = False) -> list:
     """The generated Gluon module's imports, its program, the shipped kernel's stochastic
     rounding (Philox from triton.language), the L2 policies (those of ``l2``, and evict_first
     for ``tma_store``) and the GEMM helpers."""
@@ -400,7 +508,7 @@ def module_head(prog, generator: str, l2: str = "", cluster: int = 1,
             f"PROGRAM = {prog.dumps()!r}", "",
             _gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
             .replace("gl.randint", "tl.randint"),
-            gemm_helpers(l2, cluster)]
+            gemm_helpers(l2, cluster)] + ([fast_ieee_source()] if fast_ieee else [])
 
 
 def issue_state_source(descs, smems, rows: bool = False, l2: str = "") -> list:
@@ -543,7 +651,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
                   mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0,
                   mma: bool = True, cluster: int = 1, load_warp: bool = False,
-                  tma_store: bool = False) -> str:
+                  tma_store: bool = False, fast_ieee: bool = False) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -568,7 +676,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     cluster: for both CTAs) no longer holds up the MMA warps' next wgmma.
     ``tma_store`` (study run 49): the new W/state go back into the ring slot they came from and
     out by TMA stores instead of 16-byte stores from registers; a slot is refilled one chunk
-    later, once its stores have read it (row paths fed by the epilogue only)."""
+    later, once its stores have read it (row paths fed by the epilogue only).
+    ``fast_ieee`` (eighteenth session): the update's tile divisions and square roots on
+    ``fast_ieee_source``'s helpers, the same bits without a branch per element."""
     if load_warp and (state == "warp" or prefetch_gemm or mma_pending != 1 or not mma):
         raise ValueError("WS_LOAD_WARP=1: not with WS='warp', WS_PREFETCH_GEMM, "
                          "WS_MMA_PENDING=2 or the ring without wgmma")
@@ -627,7 +737,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     L = []
     a = L.append
     L.extend(module_head(prog, "forge_compile/kernels/fused_linear_update_ws.py", l2, cluster,
-                         tma_store))
+                         tma_store, fast_ieee))
     if prefetch_gemm:
         L.append(prefetch_gemm_source(mma_warps))
     # ---- MMA partition (worker: 4 warps) ----
@@ -812,6 +922,9 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     else:
         a("    CW: gl.constexpr = BLOCK_K // SPLIT")
         a("    cl: gl.constexpr = gl.BlockedLayout([1, 4], [128 // CW, CW // 4], [EPI_WARPS, 1], [1, 0])")
+    if fast_ieee:    # elements per inline-PTX instance: a thread's chunk, at most 8
+        a(f"    EPT: gl.constexpr = {'CW * BLOCK_K' if rows else 'BLOCK_N * CW'} // (32 * EPI_WARPS)")
+        a("    FAST_PACK: gl.constexpr = 8 if EPT >= 8 else EPT")
     L.extend(tile_walk(balanced, cluster))
     a("    for i in range(my_tiles):")
     a("        off_n, off_k = _tile_coords(walk_t0 + i * walk_step, N, K, BLOCK_N, BLOCK_K, GROUP_N)")
@@ -948,7 +1061,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     def math_and_stores(h):
         sfx = f"_{h}"
         written = []
-        out = ep.statements("        ", sfx, _gl)
+        out = ep.statements("        ", sfx, _gl, _fast_ieee if fast_ieee else None)
         shape = "[CW, BLOCK_K]" if rows else "[BLOCK_N, CW]"
         for dst, e in ep.new_values(sfx, f"gl.zeros({shape}, gl.float32, cl)"):
             idx = ep.tensor_names.index(dst)
@@ -1077,16 +1190,16 @@ _KERNELS: dict = {}
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
             handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
             prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True, cluster: int = 1,
-            load_warp: bool = False, tma_store: bool = False):
+            load_warp: bool = False, tma_store: bool = False, fast_ieee: bool = False):
     key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
-           prefetch, prefetch_gemm, mma, cluster, load_warp, tma_store)
+           prefetch, prefetch_gemm, mma, cluster, load_warp, tma_store, fast_ieee)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_takes("cache_policy"):
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
                             mma_pending, prefetch, prefetch_gemm, mma, cluster, load_warp,
-                            tma_store)
+                            tma_store, fast_ieee)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -1097,7 +1210,7 @@ def kernel_args(cfg, epilogue: bool = True, handoff: str = "chunk", mma: bool = 
     tests and the study scripts. ``epilogue``, ``handoff``, ``mma``: as in ``kernel_source``."""
     return (cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, epilogue, handoff, cfg.WS_L2, cfg.WS_MMA_WARPS,
             cfg.WS_MMA_PENDING, cfg.WS_PREFETCH, cfg.WS_PREFETCH_GEMM, mma, cfg.WS_CLUSTER,
-            bool(cfg.WS_LOAD_WARP), bool(cfg.WS_TMA_STORE))
+            bool(cfg.WS_LOAD_WARP), bool(cfg.WS_TMA_STORE), bool(cfg.WS_FAST_IEEE))
 
 
 def state_block(cfg) -> list:
