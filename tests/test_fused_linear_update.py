@@ -595,6 +595,8 @@ def test_ws_fast_ieee_moves_only_tile_divisions_and_roots_onto_the_helpers():
         assert max(int(k) for k in re.findall(r"\$(\d+)", ptx)) == n * (1 + n_in) - 1
         assert sum("bra" in ln for ln in body) == 1
         assert "vote.sync.all.pred" in ptx and "bra.uni" in ptx
+        # no local may shadow a register LLVM passes an operand in (%r1, %f2, %p0, %h3, ...)
+        assert all(r.startswith("fi_") for r in re.findall(r"%(\w+)", ptx)), ptx
 
 
 def test_ws_half_handoff_waits_in_chunk_order():

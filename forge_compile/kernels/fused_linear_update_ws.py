@@ -397,60 +397,63 @@ def scalar_loads(n_scalar: int) -> list:
 # A warp whose P·32 elements all lie in range takes no branch. Otherwise (a zero, a subnormal,
 # an inf or NaN anywhere in it) it recomputes all P of each thread with div.rn / sqrt.rn. That
 # branch is warp-uniform (vote.all + bra.uni), so no convergence region is needed. The results
-# go to the outputs only at the end: an output may share a register with an input (the fourth
-# session's version wrote them early and disagreed with torch). Tests: bit for bit against
-# torch on the GPU (tests/test_fused_linear_update.py, "fast_ieee").
+# go to the outputs only at the end: an output may share a register with an input. Every local
+# register is named %fi_*: LLVM names its own %r<n>, %f<n>, %p<n>, %rd<n>, %h<n>, and a local
+# %r1 shadows the operand LLVM passes in its %r1 (the fourth session's version declared %r<4>
+# and disagreed with torch; so did this one's first GPU run at pack 2, on 1.0 / b). Tests: bit
+# for bit against torch on the GPU (tests/test_fused_linear_update.py, "fast_ieee").
 _FAST_IEEE_PACKS = (1, 2, 4, 8)
 
 
 def _fast_div_ptx(n: int) -> str:
     """PTX for ``n`` quotients: outputs $0..$n-1, dividends $n.., divisors $2n.."""
-    a = [f"${n + i}" for i in range(n)]
-    b = [f"${2 * n + i}" for i in range(n)]
-    body = [f".reg .pred %ok<{n}>, %all;", f".reg .f32 %r<{n}>, %nb<{n}>, %e<{n}>, %q<{n}>;",
-            f".reg .b32 %ea<{n}>, %eb<{n}>, %t<{n}>;"]
+    body = [".reg .pred %ok<{n}>, %all;", ".reg .f32 %r<{n}>, %nb<{n}>, %e<{n}>, %q<{n}>;",
+            ".reg .b32 %ea<{n}>, %eb<{n}>, %t<{n}>;"]
     for i in range(n):
-        body += [f"rcp.approx.ftz.f32 %r{i}, {b[i]};", f"neg.f32 %nb{i}, {b[i]};",
+        a, b = f"${n + i}", f"${2 * n + i}"
+        body += [f"rcp.approx.ftz.f32 %r{i}, {b};", f"neg.f32 %nb{i}, {b};",
                  f"fma.rn.f32 %e{i}, %nb{i}, %r{i}, 0f3F800000;",
                  f"fma.rn.f32 %r{i}, %r{i}, %e{i}, %r{i};",
-                 f"mul.rn.f32 %q{i}, {a[i]}, %r{i};",
-                 f"fma.rn.f32 %e{i}, %nb{i}, %q{i}, {a[i]};",
+                 f"mul.rn.f32 %q{i}, {a}, %r{i};",
+                 f"fma.rn.f32 %e{i}, %nb{i}, %q{i}, {a};",
                  f"fma.rn.f32 %q{i}, %e{i}, %r{i}, %q{i};",
                  # biased exponents of a, b in [32, 222], and of a/b: e(a) - e(b) + 127 ±1
-                 f"mov.b32 %ea{i}, {a[i]};", f"bfe.u32 %ea{i}, %ea{i}, 23, 8;",
-                 f"mov.b32 %eb{i}, {b[i]};", f"bfe.u32 %eb{i}, %eb{i}, 23, 8;",
+                 f"mov.b32 %ea{i}, {a};", f"bfe.u32 %ea{i}, %ea{i}, 23, 8;",
+                 f"mov.b32 %eb{i}, {b};", f"bfe.u32 %eb{i}, %eb{i}, 23, 8;",
                  f"sub.u32 %t{i}, %ea{i}, 32;", f"setp.le.u32 %ok{i}, %t{i}, 190;",
                  f"sub.u32 %t{i}, %eb{i}, 32;", f"setp.le.and.u32 %ok{i}, %t{i}, 190, %ok{i};",
                  f"sub.s32 %t{i}, %ea{i}, %eb{i};", f"add.s32 %t{i}, %t{i}, 95;",
                  f"setp.le.and.u32 %ok{i}, %t{i}, 190, %ok{i};"]
-    return _uniform_fallback(body, n, [f"div.rn.f32 %q{i}, {a[i]}, {b[i]};" for i in range(n)],
-                             "q", "FLU_DIV")
+    slow = [f"div.rn.f32 %q{i}, ${n + i}, ${2 * n + i};" for i in range(n)]
+    return _uniform_fallback(body, n, slow, "FLU_DIV")
 
 
 def _fast_sqrt_ptx(n: int) -> str:
     """PTX for ``n`` square roots: outputs $0..$n-1, arguments $n.."""
-    x = [f"${n + i}" for i in range(n)]
-    body = [f".reg .pred %ok<{n}>, %all;",
-            f".reg .f32 %y<{n}>, %q<{n}>, %h<{n}>, %ns<{n}>, %e<{n}>;", f".reg .b32 %u<{n}>;"]
+    body = [".reg .pred %ok<{n}>, %all;",
+            ".reg .f32 %y<{n}>, %q<{n}>, %h<{n}>, %ns<{n}>, %e<{n}>;", ".reg .b32 %u<{n}>;"]
     for i in range(n):
-        body += [f"rsqrt.approx.ftz.f32 %y{i}, {x[i]};", f"mul.rn.ftz.f32 %q{i}, {x[i]}, %y{i};",
+        x = f"${n + i}"
+        body += [f"rsqrt.approx.ftz.f32 %y{i}, {x};", f"mul.rn.ftz.f32 %q{i}, {x}, %y{i};",
                  f"mul.rn.ftz.f32 %h{i}, %y{i}, 0f3F000000;", f"neg.f32 %ns{i}, %q{i};",
-                 f"fma.rn.f32 %e{i}, %ns{i}, %q{i}, {x[i]};",
+                 f"fma.rn.f32 %e{i}, %ns{i}, %q{i}, {x};",
                  f"fma.rn.f32 %q{i}, %e{i}, %h{i}, %q{i};",
-                 f"mov.b32 %u{i}, {x[i]};", f"sub.u32 %u{i}, %u{i}, 0x0D000000;",
+                 f"mov.b32 %u{i}, {x};", f"sub.u32 %u{i}, %u{i}, 0x0D000000;",
                  f"setp.le.u32 %ok{i}, %u{i}, 0x727FFFFF;"]
-    return _uniform_fallback(body, n, [f"sqrt.rn.f32 %q{i}, {x[i]};" for i in range(n)], "q",
-                             "FLU_SQRT")
+    slow = [f"sqrt.rn.f32 %q{i}, ${n + i};" for i in range(n)]
+    return _uniform_fallback(body, n, slow, "FLU_SQRT")
 
 
-def _uniform_fallback(body, n, slow, res, label) -> str:
-    # every lane's range flags into one, voted over the warp: the branch is uniform
-    body = list(body) + [f"and.pred %all, %all, %ok{i};" if i else "mov.pred %all, %ok0;"
-                         for i in range(n)]
+def _uniform_fallback(body, n, slow, label) -> str:
+    # every lane's range flags into one, voted over the warp: the branch is uniform; the
+    # results (%q) go to the outputs after the last read of an input
+    body = [ln.replace("{n}", str(n)) for ln in body]
+    body += [f"and.pred %all, %all, %ok{i};" if i else "mov.pred %all, %ok0;" for i in range(n)]
     body += ["vote.sync.all.pred %all, %all, 0xffffffff;",
              f"@%all bra.uni {label}_${{:uid}};", *slow, f"{label}_${{:uid}}:"]
-    body += [f"mov.f32 ${i}, %{res}{i};" for i in range(n)]
-    return "{\n" + "\n".join(body) + "\n}"
+    body += [f"mov.f32 ${i}, %q{i};" for i in range(n)]
+    # every local register as %fi_*: LLVM names its own %r<i>, %f<i>, %p<i>, %h<i>, ...
+    return "{\n" + re.sub(r"%([a-z]+)", r"%fi_\1", "\n".join(body)) + "\n}"
 
 
 def fast_ieee_source() -> str:
