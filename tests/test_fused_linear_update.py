@@ -599,6 +599,16 @@ def test_ws_fast_ieee_moves_only_tile_divisions_and_roots_onto_the_helpers():
         assert all(r.startswith("fi_") for r in re.findall(r"%(\w+)", ptx)), ptx
 
 
+@pytest.mark.parametrize("fast_ieee", [0, 1])
+def test_ws_all_ops_program_compiles_for_sm90(fast_ieee):
+    """Every op of the vocabulary compiles in the warp-specialised kernel, pow's libdevice
+    call included (its import was missing: such programs' WS candidates failed to compile and
+    the tuner skipped them), without spills."""
+    cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_FAST_IEEE=fast_ieee)
+    res = _cubin_resources(_sm90_compile(cfg, _all_ops_program()))
+    assert res["LOCAL"] == "0" and res["STACK"] == "0", res
+
+
 def test_ws_half_handoff_waits_in_chunk_order():
     """epi_rows_half: the epilogue waits for half 1 right before its first chunk (4 of 8) reads
     the accumulator, and releases half 0 right after chunk 3's read (so the MMA warps store the
@@ -1665,6 +1675,23 @@ def test_gpu_fast_ieee_div_and_sqrt_match_torch_bitwise(P):
 
 def triton_cdiv(a, b):
     return -(-a // b)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("fast_ieee", [0, 1])
+def test_gpu_ws_all_ops_matches_fp64(fast_ieee):
+    """The all-ops program on the T=512 WS candidate (bf16 operands), with and without
+    WS_FAST_IEEE, against the fp64 reference: ≤ 1e-5, as on the Triton kernel."""
+    cfg = dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_FAST_IEEE=fast_ieee)
+    prog, sc = _all_ops_program(), rules.scalar_tensors([0.3, 1.5], "cuda")
+    for shape in GPU_SHAPES:
+        dy, x, p, st = _inputs(prog, *shape, torch.bfloat16, "cuda", seed=_seed("all", shape))
+        _ws_or_skip(dy, x, p, st)
+        err = _errors(prog, dy, x, p, st, sc, lambda *a: flu.fused_linear_update_triton(
+            *a, config=cfg))
+        assert err.pop("finite"), err
+        assert max(err.values()) <= 1e-5, (shape, err)
 
 
 @gpu
