@@ -282,6 +282,8 @@ def main() -> None:
                     "instead of ws:1 / ws:2")
     ap.add_argument("--prefetch", type=int, default=0, help="with --ncu-variant: WS_PREFETCH "
                     "(W/state chunks prefetched into L2 beyond the ring; study run 24)")
+    ap.add_argument("--fast-ieee", action="store_true", help="with --ncu-variant: "
+                    "WS_FAST_IEEE=1 (eighteenth session)")
     ap.add_argument("--group-n", type=int, default=None, help="with --ncu-variant: GROUP_N (the "
                     "tile walk's group of N rows; study run 25)")
     a = ap.parse_args()
@@ -299,7 +301,8 @@ def main() -> None:
         else:
             cfg = flu._GPU_WS_CONFIGS[a.ws]
             cfg = dataclasses.replace(cfg, WS_L2=a.l2) if a.l2 else cfg
-        cfg = dataclasses.replace(cfg, WS_PREFETCH=a.prefetch, GROUP_N=a.group_n or cfg.GROUP_N)
+        cfg = dataclasses.replace(cfg, WS_PREFETCH=a.prefetch, GROUP_N=a.group_n or cfg.GROUP_N,
+                                  WS_FAST_IEEE=int(a.fast_ieee))
         for _ in range(3):
             fused_linear_update_ws(c["dy"], c["x"], c["p"], c["state"], sc, c["prog"], cfg,
                                    skip_gemm=a.ncu_variant == "stream",
