@@ -60,7 +60,8 @@ candidate for T=512 (study runs 45-47: fused AdamW 4096² T=512 0.1545 ms agains
 them by TMA: 2-3% slower at T=512 (run 49).
 Eighteenth session: ``WS_FAST_IEEE=1`` computes the epilogue's tile divisions and square roots
 with ``fast_ieee_source``'s inline PTX, still correctly rounded (bit for bit ``div.rn.f32`` /
-``sqrt.rn.f32``) but without one branch and convergence region per element and op.
+``sqrt.rn.f32``) but without one branch and convergence region per element and op. Slower
+(run 51): the unrolled epilogue's code outruns the instruction cache; a study knob.
 ``WS_CLUSTER=2`` (Triton >= 3.9; ``cluster_helpers``, a study knob) launches clusters of 2 CTAs
 on row-adjacent tiles and multicasts X's tile, read from L2 once per pair, into both. Exact, and slower on every fused
 row measured (runs 36-38: without the load warp the GEMM alone 3-22%, with it 0-3%): each X
@@ -402,6 +403,9 @@ def scalar_loads(n_scalar: int) -> list:
 # %r1 shadows the operand LLVM passes in its %r1 (the fourth session's version declared %r<4>
 # and disagreed with torch; so did this one's first GPU run at pack 2, on 1.0 / b). Tests: bit
 # for bit against torch on the GPU (tests/test_fused_linear_update.py, "fast_ieee").
+# Measured (run 51): exact, and slower, 0.1725 against 0.1576 ms at T=512 and 0.353 against
+# 0.198 at T=2048. The unrolled epilogue's code grows 31% and outruns the instruction cache
+# (ncu: "no instruction" stalls 5% → 34%). A study knob until the chunk loop is not unrolled.
 _FAST_IEEE_PACKS = (1, 2, 4, 8)
 
 
