@@ -609,6 +609,31 @@ def test_ws_all_ops_program_compiles_for_sm90(fast_ieee):
     assert res["LOCAL"] == "0" and res["STACK"] == "0", res
 
 
+def test_ws_roll_runs_the_grab_halves_in_one_loop():
+    """WS_ROLL: the grab path's tile body is one runtime loop over its two halves. The half's
+    chunks are indexed hh * 4 + j in the row offsets and the ring sequence, and the half's
+    hand-off waits on phase hh. The code per tile is that of 4 chunks, not 8. Refused off the
+    grab path."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    src = ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, roll=True)
+    epi = src[src.index("def _epilogue_partition"):]
+    assert "        for hh in range(2):" in epi
+    for j in range(4):
+        assert f"rn_{j} = off_n + (hh * 4 + {j}) * CW" in epi
+        assert f"seq = i * SPLIT + (hh * 4 + {j})" in epi
+        assert f"rn_{j + 4} " not in epi and f"acc_{j} = acc_smem.slice({j} * CW" in epi
+    assert epi.count("mbarrier.wait(acc_ready.index(0), hh)") == 1
+    assert epi.count("mbarrier.arrive(acc_empty.index(0), count=1)") == 1
+    unrolled = ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True)
+    assert unrolled == ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True,
+                                        roll=False)
+    assert unrolled.count("gl.div_rn(") == 2 * src.count("gl.div_rn(")
+    for state in ("epi_rows", "epi_rows_half1"):
+        with pytest.raises(ValueError, match="WS_ROLL=1: only"):
+            ws.kernel_source(prog, 8, False, state, roll=True)
+
+
 def test_ws_half_handoff_waits_in_chunk_order():
     """epi_rows_half: the epilogue waits for half 1 right before its first chunk (4 of 8) reads
     the accumulator, and releases half 0 right after chunk 3's read (so the MMA warps store the
@@ -952,7 +977,10 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
     (f"prefetch{i}", c, "adamw", dt) for i, c in enumerate(WS_PREFETCH_STUDY)
     for dt in ("fp32", "bf16")] + [
     (f"fast_ieee{i}", dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_FAST_IEEE=1), "adamw", dt)
-    for i, dt in ((8, "fp32"), (8, "bf16"), (7, "fp32"), (1, "fp32"))]
+    for i, dt in ((8, "fp32"), (8, "bf16"), (7, "fp32"), (1, "fp32"))] + [
+    (f"roll{f}", dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=1, WS_FAST_IEEE=f), rule, dt)
+    for f, rule, dt in ((0, "adamw", "fp32"), (1, "adamw", "fp32"), (1, "adamw", "bf16"),
+                        (0, "sgd_momentum", "bf16"))]
 
 
 @pytest.mark.parametrize("name,cfg,rule,param_dtype", _SM90_CASES,
@@ -1696,15 +1724,18 @@ def test_gpu_ws_all_ops_matches_fp64(fast_ieee):
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("idx", [8, 7, 1])
+@pytest.mark.parametrize("idx,knobs", [(8, "fast"), (7, "fast"), (1, "fast"), (8, "roll"),
+                                       (8, "roll+fast")])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_ws_fast_ieee_is_bit_identical(idx, param_dtype):
-    """The shipped WS config ``idx`` with WS_FAST_IEEE=1 updates W and the state bit for bit as
-    with ptxas's own div.rn / sqrt.rn: every rule and the all-ops program, ragged and even
-    shapes, fp32 and stochastically rounded bf16 weights; with zero gradient rows, zero m and v
-    and a NaN in m, so warps take the fall back inside the kernel too."""
+def test_gpu_ws_fast_ieee_is_bit_identical(idx, knobs, param_dtype):
+    """The shipped WS config ``idx`` with WS_FAST_IEEE=1 and/or WS_ROLL=1 updates W and the
+    state bit for bit as the config itself (ptxas's own div.rn / sqrt.rn, chunks unrolled):
+    every rule and the all-ops program, ragged and even shapes, fp32 and stochastically
+    rounded bf16 weights; with zero gradient rows, zero m and v and a NaN in m, so warps take
+    the fall back inside the kernel too."""
     cfg = flu._GPU_WS_CONFIGS[idx]
-    fast = dataclasses.replace(cfg, WS_FAST_IEEE=1)
+    fast = dataclasses.replace(cfg, WS_FAST_IEEE=int("fast" in knobs),
+                               WS_ROLL=int("roll" in knobs))
     cases = {k: v for k, v in _rules("cuda").items()}
     cases["all-ops"] = (_all_ops_program(), rules.scalar_tensors([0.3, 1.5], "cuda"))
     for name, (prog, sc) in cases.items():
@@ -1734,6 +1765,9 @@ def test_gpu_ws_fast_ieee_is_bit_identical(idx, param_dtype):
 # the study's other kernels: two MMA warpgroups on 256×128 tiles; the one-operand tile walks
 # (GROUP_N 16, all N rows, 1) with their L2 modes
 _WS_GPU_STUDY = {"two_mma_warpgroups": WS_TWO_WARPGROUPS, "tma_store": WS_TMA_STORE_STUDY,
+                 "roll": dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=1),
+                 "roll_fast_ieee": dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=1,
+                                                       WS_FAST_IEEE=1),
                  **{f"walk_g{c.GROUP_N}_{c.WS_L2}": c for c in WS_WALK_STUDY}}
 
 
@@ -1804,7 +1838,8 @@ def _assert_poisoned_weight_written(cfg):
 
 _WS_POISON_CONFIGS = flu._GPU_WS_CONFIGS + tuple(
     c for c in WS_STUDY.values() if c not in flu._GPU_WS_CONFIGS and c.WS.startswith("epi")) + (
-    WS_TWO_WARPGROUPS, WS_TMA_STORE_STUDY) + WS_PREFETCH_STUDY + WS_WALK_STUDY
+    WS_TWO_WARPGROUPS, WS_TMA_STORE_STUDY, dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=1)
+) + WS_PREFETCH_STUDY + WS_WALK_STUDY
 
 
 @gpu

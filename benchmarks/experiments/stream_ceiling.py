@@ -181,9 +181,15 @@ def math_cost(date: str, rounds: int = 4) -> list:
         cfg = flu._GPU_WS_CONFIGS[i]
         fast = dataclasses.replace(cfg, WS_FAST_IEEE=1)
         progs = {"adamw": (c["prog"], c["scalars"], cfg),
-                 "adamw, fast ieee": (c["prog"], c["scalars"], fast),
+                 "adamw, fast ieee": (c["prog"], c["scalars"], fast)}
+        if cfg.WS == "epi_rows_grab":     # WS_ROLL: the halves in a loop, half the code
+            progs.update({
+                "adamw, roll": (c["prog"], c["scalars"], dataclasses.replace(cfg, WS_ROLL=1)),
+                "adamw, roll + fast ieee": (c["prog"], c["scalars"],
+                                            dataclasses.replace(fast, WS_ROLL=1))})
+        progs.update({
                  "adamw, products": (products_program(rules.adamw_program()), c["scalars"], cfg),
-                 "scale3": (scale3, [c_scale], cfg)}
+                 "scale3": (scale3, [c_scale], cfg)})
         times = {k: [] for k in progs}
         for _ in range(rounds):
             for k, (prog, sc, kc) in progs.items():
@@ -197,7 +203,7 @@ def math_cost(date: str, rounds: int = 4) -> list:
                              triton=triton.__version__, date=date, N=4096, K=4096, T=T,
                              config=f"ws:{i}", rule=k, ms=round(ms, 4),
                              rounds=[round(t, 4) for t in v]))
-            print(f"T={T} ws:{i} fused {k:16s} {ms:.4f} ms  rounds {[round(t, 4) for t in v]}",
+            print(f"T={T} ws:{i} fused {k:24s} {ms:.4f} ms  rounds {[round(t, 4) for t in v]}",
                   flush=True)
     return rows
 

@@ -571,6 +571,9 @@ class KernelConfig:
     # 1: the update's tile divisions and square roots in inline PTX, correctly rounded without
     # a branch per element (fused_linear_update_ws.fast_ieee_source; eighteenth session)
     WS_FAST_IEEE: int = 0
+    # 1 ("epi_rows_grab" only): the epilogue's two halves of a tile in a runtime loop instead of
+    # unrolled, half the code (the instruction cache, run 51; eighteenth session)
+    WS_ROLL: int = 0
 
 
 # Candidates for H100/H200 (sm_90), each with its ptxas register count (sm_90, AdamW, bf16

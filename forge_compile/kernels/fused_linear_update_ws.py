@@ -662,7 +662,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
                   mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0,
                   mma: bool = True, cluster: int = 1, load_warp: bool = False,
-                  tma_store: bool = False, fast_ieee: bool = False) -> str:
+                  tma_store: bool = False, fast_ieee: bool = False, roll: bool = False) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -689,7 +689,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     out by TMA stores instead of 16-byte stores from registers; a slot is refilled one chunk
     later, once its stores have read it (row paths fed by the epilogue only).
     ``fast_ieee`` (eighteenth session): the update's tile divisions and square roots on
-    ``fast_ieee_source``'s helpers, the same bits without a branch per element."""
+    ``fast_ieee_source``'s helpers, the same bits without a branch per element.
+    ``roll`` (eighteenth session; "epi_rows_grab" only): the epilogue's two halves of a tile are
+    one runtime loop (``for hh in range(2)``) over a half's chunks instead of all chunks
+    unrolled: half the code per tile, for the instruction cache (run 51)."""
     if load_warp and (state == "warp" or prefetch_gemm or mma_pending != 1 or not mma):
         raise ValueError("WS_LOAD_WARP=1: not with WS='warp', WS_PREFETCH_GEMM, "
                          "WS_MMA_PENDING=2 or the ring without wgmma")
@@ -705,6 +708,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                          "EPI_PIPE, WS_PREFETCH or WS_CLUSTER=2")
     if prefetch and state != "epi_rows":
         raise ValueError(f"WS_PREFETCH={prefetch}: only with WS='epi_rows'")
+    if roll and (state != "epi_rows_grab" or pipe or tma_store or not epilogue):
+        raise ValueError("WS_ROLL=1: only WS='epi_rows_grab', without EPI_PIPE or WS_TMA_STORE")
     if mma_warps not in _MMA_REGS:
         raise ValueError(f"mma_warps={mma_warps}: one of {sorted(_MMA_REGS)}")
     if mma_pending not in (1, 2):
@@ -970,15 +975,19 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     def rn(sfx):
         return f"rn{sfx}" if rows else "rn"
 
-    def loads(h):
+    def loads(h, hx=None, phase=None):
+        # h: the chunk's position (names, static conditions); hx: its index in the tile as an
+        # expression (runtime with roll); phase: the half's hand-off phase with one buffer
         sfx = f"_{h}"
+        hx = str(h) if hx is None else hx
+        phase = str(h // half) if phase is None else phase
         if rows:
-            out = [f"        rn{sfx} = off_n + {h} * CW + gl.arange(0, CW, gl.SliceLayout(1, cl))",
+            out = [f"        rn{sfx} = off_n + {hx} * CW + gl.arange(0, CW, gl.SliceLayout(1, cl))",
                    f"        rk{sfx} = off_k + gl.arange(0, BLOCK_K, gl.SliceLayout(0, cl))",
                    f"        mask{sfx} = (rn{sfx} < N)[:, None] & (rk{sfx} < K)[None, :]",
                    f"        off{sfx} = rn{sfx}[:, None] * s_p_n + rk{sfx}[None, :]"]
         else:
-            out = [f"        rk{sfx} = off_k + {h} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))",
+            out = [f"        rk{sfx} = off_k + {hx} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))",
                    f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]",
                    f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]"]
         if tma_store:   # W/state in and out through the slot: only stochastic rounding's rn, rk
@@ -992,7 +1001,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         if state_tma:
             # the chunk's W/state are in ring slot `seq % SLOTS` (TMA zero-fills the edges)
             if not balanced:     # (balanced: set by the chunk's guard)
-                out.append(f"        seq = i * SPLIT + {h}")
+                out.append(f"        seq = i * SPLIT + {hx}")
             out += ["        slot = seq % SLOTS",
                     "        mbarrier.wait(st_ready.index(slot), (seq // SLOTS) & 1)"]
         for idx, n in enumerate(ep.tensor_names):
@@ -1012,7 +1021,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         if per_chunk:
             out.append(f"        mbarrier.wait(acc_ready.index({h}), i & 1)")
         elif one_buf and h % half == 0:
-            out.append(f"        mbarrier.wait(acc_ready.index(0), {h // half})")
+            out.append(f"        mbarrier.wait(acc_ready.index(0), {phase})")
         elif halves and h % half == 0:       # the half this chunk lies in has been stored
             out.append(f"        mbarrier.wait(acc_ready.index({h // half}), i & 1)")
         if grab:
@@ -1114,6 +1123,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             L += [f"        seq = i * SPLIT + {h} - walk_c0",
                   "        if (seq >= 0) & (seq < n_chunks):"]
             L.extend("    " + line for line in loads(h) + math_and_stores(h))
+    elif epilogue and roll:         # the halves in a runtime loop: one copy of a half's code
+        L.append(f"        for hh in range({split // half}):")
+        for h in range(half):
+            L.extend("    " + ln for ln in loads(h, f"(hh * {half} + {h})", "hh")
+                     + math_and_stores(h))
     elif epilogue:
         for h in range(split):
             L.extend(loads(h))
@@ -1201,16 +1215,17 @@ _KERNELS: dict = {}
 def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
             handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
             prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True, cluster: int = 1,
-            load_warp: bool = False, tma_store: bool = False, fast_ieee: bool = False):
+            load_warp: bool = False, tma_store: bool = False, fast_ieee: bool = False,
+            roll: bool = False):
     key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
-           prefetch, prefetch_gemm, mma, cluster, load_warp, tma_store, fast_ieee)
+           prefetch, prefetch_gemm, mma, cluster, load_warp, tma_store, fast_ieee, roll)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_takes("cache_policy"):
             _install_l2_hint_hook()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
                             mma_pending, prefetch, prefetch_gemm, mma, cluster, load_warp,
-                            tma_store, fast_ieee)
+                            tma_store, fast_ieee, roll)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -1221,7 +1236,8 @@ def kernel_args(cfg, epilogue: bool = True, handoff: str = "chunk", mma: bool = 
     tests and the study scripts. ``epilogue``, ``handoff``, ``mma``: as in ``kernel_source``."""
     return (cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, epilogue, handoff, cfg.WS_L2, cfg.WS_MMA_WARPS,
             cfg.WS_MMA_PENDING, cfg.WS_PREFETCH, cfg.WS_PREFETCH_GEMM, mma, cfg.WS_CLUSTER,
-            bool(cfg.WS_LOAD_WARP), bool(cfg.WS_TMA_STORE), bool(cfg.WS_FAST_IEEE))
+            bool(cfg.WS_LOAD_WARP), bool(cfg.WS_TMA_STORE), bool(cfg.WS_FAST_IEEE),
+            bool(cfg.WS_ROLL))
 
 
 def state_block(cfg) -> list:
