@@ -664,6 +664,15 @@ _GPU_WS_CONFIGS = (
     # 0.1050 against 0.1069-0.1076. Slower at T=2048 (0.213 vs 0.198), where ws7 stays the pick.
     KernelConfig(128, 128, 32, 8, 6, EPI_SPLIT=8, maxnreg=128, WS="epi_rows_grab", WS_SLOTS=4,
                  WS_L2="gemm_last", WS_LOAD_WARP=1),
+    # The ninth with its two halves in a runtime loop (WS_ROLL) and the update's IEEE divisions
+    # and square roots as exact inline-PTX fast paths (WS_FAST_IEEE; bit-identical results).
+    # With 8 epilogue warps ptxas's own div.rn / sqrt.rn cost AdamW 2.5-3% at T=512 (a branch
+    # and convergence region per element and op); the fast paths alone lose to the instruction
+    # cache of the 8 unrolled chunks, rolled they fit (SASS 5344 instructions against 6856).
+    # Eighteenth session, run 52, H100, 4096² AdamW T=512, one process: 0.1549 ms against 0.1566
+    # for the ninth (products in place of the IEEE operations: 0.1536).
+    KernelConfig(128, 128, 32, 8, 6, EPI_SPLIT=8, maxnreg=128, WS="epi_rows_grab", WS_SLOTS=4,
+                 WS_L2="gemm_last", WS_LOAD_WARP=1, WS_ROLL=1, WS_FAST_IEEE=1),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
