@@ -1664,8 +1664,9 @@ def test_gpu_fast_ieee_div_and_sqrt_match_torch_bitwise(P):
     """WS_FAST_IEEE's helpers give torch's (IEEE) quotients and square roots bit for bit:
     2^24 random bit patterns (zeros, subnormals, inf, NaN: the warp-uniform fall back), 2^24
     pairs with exponents across the fast range and past both of its ends (32..222 and
-    beyond), every pair of 26 special values, a per-step scalar divisor and 1.0 / b; for P = 8
-    every one of the 2^32 square roots."""
+    beyond), every pair of 26 special values, 2^24 pairs inside the fast range (no warp falls
+    back), a per-step scalar divisor and 1.0 / b; for P = 8 every one of the 2^32 square
+    roots."""
     probe = _fast_ieee_probe()
     g = torch.Generator(device="cuda").manual_seed(P)
     n = 1 << 24
@@ -1679,7 +1680,11 @@ def test_gpu_fast_ieee_div_and_sqrt_match_torch_bitwise(P):
                          2.0 ** -126, 2.0 ** -101, 2.0 ** -102, 1e-8, 0.1, 7.0, 1e30],
                         device="cuda")
     grid = torch.cartesian_prod(spec, spec)
-    cases = [_float_bits(rnd), _float_bits(sign | expo | mant), grid.t().contiguous()]
+    # (and a case where every warp stays on the fast path: exponents in [80, 174], so a, b and
+    # a/b all lie in its range; the others mostly send warps down the fall back)
+    fast = torch.randint(80, 175, (2, n), device="cuda", generator=g) << 23
+    cases = [_float_bits(rnd), _float_bits(sign | expo | mant), grid.t().contiguous(),
+             _float_bits(sign | fast | mant)]
     c = torch.tensor([0.0316], device="cuda")
     BLOCK = P * 128
     for a, b in cases:
