@@ -1667,6 +1667,7 @@ def test_gpu_fast_ieee_div_and_sqrt_match_torch_bitwise(P):
     beyond), every pair of 26 special values, 2^24 pairs inside the fast range (no warp falls
     back), a per-step scalar divisor and 1.0 / b; for P = 8 every one of the 2^32 square
     roots."""
+    import triton
     probe = _fast_ieee_probe()
     g = torch.Generator(device="cuda").manual_seed(P)
     n = 1 << 24
@@ -1690,7 +1691,7 @@ def test_gpu_fast_ieee_div_and_sqrt_match_torch_bitwise(P):
     for a, b in cases:
         a, b = a.contiguous(), b.contiguous()
         q, s, qc, qr = (torch.empty_like(a) for _ in range(4))
-        probe[(triton_cdiv(a.numel(), BLOCK),)](a, b, c, q, s, qc, qr, a.numel(), P=P,
+        probe[(triton.cdiv(a.numel(), BLOCK),)](a, b, c, q, s, qc, qr, a.numel(), P=P,
                                                  BLOCK=BLOCK, num_warps=4)
         assert _same_bits(q, a / b)
         assert _same_bits(s, torch.sqrt(a))
@@ -1704,10 +1705,6 @@ def test_gpu_fast_ieee_div_and_sqrt_match_torch_bitwise(P):
             probe[(chunk // BLOCK,)](a, a, c, q, s, qc, qr, chunk, P=P, BLOCK=BLOCK, num_warps=4)
             assert _same_bits(s, torch.sqrt(a)), start
             del a, q, s, qc, qr
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 @gpu

@@ -198,7 +198,7 @@ def math_cost(date: str, rounds: int = 4) -> list:
                     c["dy"], c["x"], p, st, sc, prog, kc), warmup=25, rep=100,
                     return_mode="median"))
         for k, v in times.items():
-            ms = sorted(v)[len(v) // 2]
+            ms = sorted(v)[len(v) // 2]      # the upper median of the rounds (3rd of 4)
             rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                              triton=triton.__version__, date=date, N=4096, K=4096, T=T,
                              config=f"ws:{i}", rule=k, ms=round(ms, 4),

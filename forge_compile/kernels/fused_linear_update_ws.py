@@ -413,8 +413,8 @@ _FAST_IEEE_PACKS = (1, 2, 4, 8)
 
 def _fast_div_ptx(n: int) -> str:
     """PTX for ``n`` quotients: outputs $0..$n-1, dividends $n.., divisors $2n.."""
-    body = [".reg .pred %ok<{n}>, %all;", ".reg .f32 %r<{n}>, %nb<{n}>, %e<{n}>, %q<{n}>;",
-            ".reg .b32 %ea<{n}>, %eb<{n}>, %t<{n}>;"]
+    body = [f".reg .pred %ok<{n}>, %all;", f".reg .f32 %r<{n}>, %nb<{n}>, %e<{n}>, %q<{n}>;",
+            f".reg .b32 %ea<{n}>, %eb<{n}>, %t<{n}>;"]
     for i in range(n):
         a, b = f"${n + i}", f"${2 * n + i}"
         body += [f"rcp.approx.ftz.f32 %r{i}, {b};", f"neg.f32 %nb{i}, {b};",
@@ -436,8 +436,8 @@ def _fast_div_ptx(n: int) -> str:
 
 def _fast_sqrt_ptx(n: int) -> str:
     """PTX for ``n`` square roots: outputs $0..$n-1, arguments $n.."""
-    body = [".reg .pred %ok<{n}>, %all;",
-            ".reg .f32 %y<{n}>, %q<{n}>, %h<{n}>, %ns<{n}>, %e<{n}>;", ".reg .b32 %u<{n}>;"]
+    body = [f".reg .pred %ok<{n}>, %all;",
+            f".reg .f32 %y<{n}>, %q<{n}>, %h<{n}>, %ns<{n}>, %e<{n}>;", f".reg .b32 %u<{n}>;"]
     for i in range(n):
         x = f"${n + i}"
         body += [f"rsqrt.approx.ftz.f32 %y{i}, {x};", f"mul.rn.ftz.f32 %q{i}, {x}, %y{i};",
@@ -453,8 +453,7 @@ def _fast_sqrt_ptx(n: int) -> str:
 def _uniform_fallback(body, n, slow, label) -> str:
     # every lane's range flags into one, voted over the warp: the branch is uniform; the
     # results (%q) go to the outputs after the last read of an input
-    body = [ln.replace("{n}", str(n)) for ln in body]
-    body += [f"and.pred %all, %all, %ok{i};" if i else "mov.pred %all, %ok0;" for i in range(n)]
+    body = body + [f"and.pred %all, %all, %ok{i};" if i else "mov.pred %all, %ok0;" for i in range(n)]
     body += ["vote.sync.all.pred %all, %all, 0xffffffff;",
              f"@%all bra.uni {label}_${{:uid}};", *slow, f"{label}_${{:uid}}:"]
     body += [f"mov.f32 ${i}, %q{i};" for i in range(n)]
@@ -985,21 +984,24 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         phase = str(h // half) if phase is None else phase
         if rows:
             out = [f"        rn{sfx} = off_n + {hx} * CW + gl.arange(0, CW, gl.SliceLayout(1, cl))",
-                   f"        rk{sfx} = off_k + gl.arange(0, BLOCK_K, gl.SliceLayout(0, cl))",
-                   f"        mask{sfx} = (rn{sfx} < N)[:, None] & (rk{sfx} < K)[None, :]",
-                   f"        off{sfx} = rn{sfx}[:, None] * s_p_n + rk{sfx}[None, :]"]
+                   f"        rk{sfx} = off_k + gl.arange(0, BLOCK_K, gl.SliceLayout(0, cl))"]
+            masks = [f"        mask{sfx} = (rn{sfx} < N)[:, None] & (rk{sfx} < K)[None, :]",
+                     f"        off{sfx} = rn{sfx}[:, None] * s_p_n + rk{sfx}[None, :]"]
         else:
-            out = [f"        rk{sfx} = off_k + {hx} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))",
-                   f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]",
-                   f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]"]
-        if tma_store:   # W/state in and out through the slot: only stochastic rounding's rn, rk
-            out = out[:2]
-        for idx, n in enumerate([] if tma_store else ep.tensor_names[1:], 1):
-            v = f"{ep.var[n]}{sfx}"
-            out += ["        if SAME_STRIDES:",
-                    f"            off_{v} = off{sfx}",
-                    "        else:",
-                    f"            off_{v} = {rn(sfx)}[:, None] * {strides[idx]} + rk{sfx}[None, :]"]
+            out = [f"        rk{sfx} = off_k + {hx} * CW + gl.arange(0, CW, gl.SliceLayout(0, cl))"]
+            masks = [f"        mask{sfx} = mask_n[:, None] & (rk{sfx} < K)[None, :]",
+                     f"        off{sfx} = rn[:, None] * s_p_n + rk{sfx}[None, :]"]
+        # the register stores' masks and offsets; with tma_store W/state go in and out through
+        # the slot, and only stochastic rounding's rn, rk are needed
+        if not tma_store:
+            out += masks
+            for idx, n in enumerate(ep.tensor_names[1:], 1):
+                v = f"{ep.var[n]}{sfx}"
+                out += ["        if SAME_STRIDES:",
+                        f"            off_{v} = off{sfx}",
+                        "        else:",
+                        f"            off_{v} = {rn(sfx)}[:, None] * {strides[idx]} + "
+                        f"rk{sfx}[None, :]"]
         if state_tma:
             # the chunk's W/state are in ring slot `seq % SLOTS` (TMA zero-fills the edges)
             if not balanced:     # (balanced: set by the chunk's guard)
