@@ -616,7 +616,7 @@ def test_ws_roll_runs_the_grab_halves_in_one_loop():
     grab path."""
     ws = _ws()
     prog = _rules()["adamw"][0]
-    src = ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, roll=True)
+    src = ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, roll=2)
     epi = src[src.index("def _epilogue_partition"):]
     assert "        for hh in range(2):" in epi
     for j in range(4):
@@ -627,11 +627,46 @@ def test_ws_roll_runs_the_grab_halves_in_one_loop():
     assert epi.count("mbarrier.arrive(acc_empty.index(0), count=1)") == 1
     unrolled = ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True)
     assert unrolled == ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True,
-                                        roll=False)
+                                        roll=0)
     assert unrolled.count("gl.div_rn(") == 2 * src.count("gl.div_rn(")
-    for state in ("epi_rows", "epi_rows_half1"):
-        with pytest.raises(ValueError, match="WS_ROLL=1: only"):
-            ws.kernel_source(prog, 8, False, state, roll=True)
+    for state in ("epi_rows_half1", "epi_rows_pairs", "epi"):
+        with pytest.raises(ValueError, match="WS_ROLL=2: only"):
+            ws.kernel_source(prog, 8, False, state, roll=2)
+    with pytest.raises(ValueError, match=r"WS_ROLL=4 with EPI_SPLIT=8: .*\(2 with"):
+        ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, roll=4)
+
+
+@pytest.mark.parametrize("roll", [2, 4, 16])
+def test_ws_roll_runs_epi_rows_chunks_in_a_loop(roll):
+    """WS_ROLL=r on "epi_rows" (the T=2048 picks' path, 16 chunks of 8 rows): the tile body is
+    a runtime loop of r passes over 16/r chunks. A chunk's accumulator rows come from a
+    [SPLIT, CW, BLOCK_K] view of the whole-tile buffer indexed at run time (with the buffer's
+    own 2-D swizzle per chunk), and the buffer is released once, after the tile's last chunk.
+    Refused where the loop cannot split the chunks evenly, or with the L2 prefetch."""
+    ws = _ws()
+    prog = _rules()["adamw"][0]
+    body = 16 // roll
+    src = ws.kernel_source(prog, 16, False, "epi_rows", l2="gemm_last", load_warp=True,
+                           roll=roll)
+    epi = src[src.index("def _epilogue_partition"):]
+    assert f"        for hh in range({roll}):" in epi
+    assert epi.count("acc_chunks = acc_smem.") == 1
+    assert "gl.SwizzledSharedLayout(8, 1, 8, [1, 0])" in epi
+    for j in range(body):
+        assert f"rn_{j} = off_n + (hh * {body} + {j}) * CW" in epi
+        assert f"seq = i * SPLIT + (hh * {body} + {j})" in epi
+        assert f"acc_{j} = acc_chunks.index((hh * {body} + {j})).load(cl)" in epi
+    assert f"rn_{body} " not in epi and "acc_smem.slice(" not in epi
+    # released once per tile, on the last pass's last chunk
+    assert epi.count("mbarrier.arrive(acc_empty.index(0), count=1)") == 1
+    assert f"if (hh * {body} + {body - 1}) == SPLIT - 1:" in epi
+    assert epi.count("mbarrier.wait(acc_ready.index(0), i & 1)") == 1
+    unrolled = ws.kernel_source(prog, 16, False, "epi_rows", l2="gemm_last", load_warp=True)
+    assert unrolled.count("gl.div_rn(") == roll * src.count("gl.div_rn(")
+    with pytest.raises(ValueError, match="WS_ROLL=3 with EPI_SPLIT=16: 0 .unrolled."):
+        ws.kernel_source(prog, 16, False, "epi_rows", roll=3)
+    with pytest.raises(ValueError, match=f"WS_ROLL={roll}: only"):
+        ws.kernel_source(prog, 16, False, "epi_rows", prefetch=1, roll=roll)
 
 
 def test_ws_half_handoff_waits_in_chunk_order():
@@ -978,9 +1013,13 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
     for dt in ("fp32", "bf16")] + [
     (f"fast_ieee{i}", dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_FAST_IEEE=1), "adamw", dt)
     for i, dt in ((8, "fp32"), (8, "bf16"), (7, "fp32"), (1, "fp32"))] + [
-    (f"roll{f}", dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=1, WS_FAST_IEEE=f), rule, dt)
+    (f"roll{f}", dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=2, WS_FAST_IEEE=f), rule, dt)
     for f, rule, dt in ((0, "adamw", "fp32"), (1, "adamw", "fp32"), (1, "adamw", "bf16"),
-                        (0, "sgd_momentum", "bf16"))]
+                        (0, "sgd_momentum", "bf16"))] + [
+    (f"rows_roll{r}_{f}", dataclasses.replace(flu._GPU_WS_CONFIGS[i], WS_ROLL=r, WS_FAST_IEEE=f),
+     rule, dt)
+    for i, r, f, rule, dt in ((7, 2, 1, "adamw", "fp32"), (7, 4, 1, "adamw", "bf16"),
+                              (6, 16, 0, "sgd_momentum", "fp32"), (4, 4, 1, "adamw", "fp32"))]
 
 
 @pytest.mark.parametrize("name,cfg,rule,param_dtype", _SM90_CASES,
@@ -1726,18 +1765,20 @@ def test_gpu_ws_all_ops_matches_fp64(fast_ieee):
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("idx,knobs", [(8, "fast"), (7, "fast"), (1, "fast"), (8, "roll"),
-                                       (8, "roll+fast")])
+@pytest.mark.parametrize("idx,knobs", [(8, "fast"), (7, "fast"), (1, "fast"), (8, "roll2"),
+                                       (8, "roll2+fast"), (7, "roll2+fast"), (7, "roll4+fast"),
+                                       (6, "roll16"), (4, "roll8+fast")])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_ws_fast_ieee_is_bit_identical(idx, knobs, param_dtype):
-    """The shipped WS config ``idx`` with WS_FAST_IEEE=1 and/or WS_ROLL=1 updates W and the
+    """The shipped WS config ``idx`` with WS_FAST_IEEE=1 and/or WS_ROLL=r updates W and the
     state bit for bit as the config itself (ptxas's own div.rn / sqrt.rn, chunks unrolled):
     every rule and the all-ops program, ragged and even shapes, fp32 and stochastically
     rounded bf16 weights; with zero gradient rows, zero m and v and a NaN in m, so warps take
     the fall back inside the kernel too."""
     cfg = flu._GPU_WS_CONFIGS[idx]
+    roll = re.search(r"roll(\d+)", knobs)
     fast = dataclasses.replace(cfg, WS_FAST_IEEE=int("fast" in knobs),
-                               WS_ROLL=int("roll" in knobs))
+                               WS_ROLL=int(roll.group(1)) if roll else 0)
     cases = {k: v for k, v in _rules("cuda").items()}
     cases["all-ops"] = (_all_ops_program(), rules.scalar_tensors([0.3, 1.5], "cuda"))
     for name, (prog, sc) in cases.items():
@@ -1767,9 +1808,11 @@ def test_gpu_ws_fast_ieee_is_bit_identical(idx, knobs, param_dtype):
 # the study's other kernels: two MMA warpgroups on 256×128 tiles; the one-operand tile walks
 # (GROUP_N 16, all N rows, 1) with their L2 modes
 _WS_GPU_STUDY = {"two_mma_warpgroups": WS_TWO_WARPGROUPS, "tma_store": WS_TMA_STORE_STUDY,
-                 "roll": dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=1),
-                 "roll_fast_ieee": dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=1,
+                 "roll": dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=2),
+                 "roll_fast_ieee": dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=2,
                                                        WS_FAST_IEEE=1),
+                 "rows_roll4_fast_ieee": dataclasses.replace(flu._GPU_WS_CONFIGS[7], WS_ROLL=4,
+                                                             WS_FAST_IEEE=1),
                  **{f"walk_g{c.GROUP_N}_{c.WS_L2}": c for c in WS_WALK_STUDY}}
 
 
@@ -1840,7 +1883,9 @@ def _assert_poisoned_weight_written(cfg):
 
 _WS_POISON_CONFIGS = flu._GPU_WS_CONFIGS + tuple(
     c for c in WS_STUDY.values() if c not in flu._GPU_WS_CONFIGS and c.WS.startswith("epi")) + (
-    WS_TWO_WARPGROUPS, WS_TMA_STORE_STUDY, dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=1)
+    WS_TWO_WARPGROUPS, WS_TMA_STORE_STUDY, dataclasses.replace(flu._GPU_WS_CONFIGS[8], WS_ROLL=2),
+    dataclasses.replace(flu._GPU_WS_CONFIGS[7], WS_ROLL=4, WS_FAST_IEEE=1),
+    dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_ROLL=16)
 ) + WS_PREFETCH_STUDY + WS_WALK_STUDY
 
 

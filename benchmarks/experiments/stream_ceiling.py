@@ -184,9 +184,9 @@ def math_cost(date: str, rounds: int = 4) -> list:
                  "adamw, fast ieee": (c["prog"], c["scalars"], fast)}
         if cfg.WS == "epi_rows_grab":     # WS_ROLL: the halves in a loop, half the code
             progs.update({
-                "adamw, roll": (c["prog"], c["scalars"], dataclasses.replace(cfg, WS_ROLL=1)),
+                "adamw, roll": (c["prog"], c["scalars"], dataclasses.replace(cfg, WS_ROLL=2)),
                 "adamw, roll + fast ieee": (c["prog"], c["scalars"],
-                                            dataclasses.replace(fast, WS_ROLL=1))})
+                                            dataclasses.replace(fast, WS_ROLL=2))})
         progs.update({
                  "adamw, products": (products_program(rules.adamw_program()), c["scalars"], cfg),
                  "scale3": (scale3, [c_scale], cfg)})
@@ -204,6 +204,45 @@ def math_cost(date: str, rounds: int = 4) -> list:
                              config=f"ws:{i}", rule=k, ms=round(ms, 4),
                              rounds=[round(t, 4) for t in v]))
             print(f"T={T} ws:{i} fused {k:24s} {ms:.4f} ms  rounds {[round(t, 4) for t in v]}",
+                  flush=True)
+    return rows
+
+
+def roll_study(date: str, rounds: int = 4, shapes: str = "4096x4096") -> list:
+    """WS_ROLL on the "epi_rows" path (nineteenth session): the T=2048 picks (ws6, ws7; 16
+    chunks unrolled) with their chunks in a runtime loop of 2-16 passes, with and without
+    WS_FAST_IEEE, AdamW fused at T=2048 (and T=512 for the best), interleaved rounds of the
+    benchmark's ``do_bench``; products in place of the IEEE operations as the control."""
+    import triton
+    from triton.testing import do_bench
+    from forge_compile import rules
+    rows = []
+    for shape in shapes.split(","):
+        N, K = map(int, shape.split("x"))
+        c = make_case(N, K, 2048, "adamw")
+        variants = {}
+        for i, rolls in ((7, (0, 2, 4, 8, 16)), (6, (0, 4))):
+            base = flu._GPU_WS_CONFIGS[i]
+            for r in rolls:
+                for f in (0, 1):
+                    variants[f"ws:{i} roll {r}{' fast' if f else ''}"] = (
+                        c["prog"], dataclasses.replace(base, WS_ROLL=r, WS_FAST_IEEE=f))
+        variants["ws:7 products"] = (products_program(rules.adamw_program()),
+                                     flu._GPU_WS_CONFIGS[7])
+        times = {k: [] for k in variants}
+        for _ in range(rounds):
+            for k, (prog, kc) in variants.items():
+                p, st = c["p"].clone(), [t.clone() for t in c["state"]]
+                times[k].append(do_bench(lambda: fused_linear_update_ws(
+                    c["dy"], c["x"], p, st, c["scalars"], prog, kc), warmup=25, rep=100,
+                    return_mode="median"))
+        for k, v in times.items():
+            ms = sorted(v)[len(v) // 2]      # the upper median of the rounds (3rd of 4)
+            rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                             triton=triton.__version__, date=date, N=N, K=K, T=2048,
+                             config=k, rule="adamw", ms=round(ms, 4),
+                             rounds=[round(t, 4) for t in v]))
+            print(f"{N}x{K} T=2048 {k:24s} {ms:.4f} ms  rounds {[round(t, 4) for t in v]}",
                   flush=True)
     return rows
 
@@ -274,6 +313,9 @@ def main() -> None:
     ap.add_argument("--math", action="store_true",
                     help="only AdamW's IEEE divisions and square root against products "
                          "(eighteenth session)")
+    ap.add_argument("--roll", action="store_true",
+                    help="only WS_ROLL on the T=2048 picks' epi_rows path (nineteenth session)")
+    ap.add_argument("--shapes", default="4096x4096", help="with --roll: NxK,NxK...")
     ap.add_argument("--sweep-ws", default="0,1", help="with --size-sweep: the shipped WS "
                     "configs (indices into _GPU_WS_CONFIGS)")
     ap.add_argument("--ncu-variant", choices=("fused", "stream", "gemm", "nowgmma"), default=None,
@@ -317,7 +359,8 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     sweep = functools.partial(size_sweep, ws_ids=tuple(map(int, a.sweep_ws.split(","))))
-    for asked, study in ((a.size_sweep, sweep), (a.math, math_cost),
+    roll = functools.partial(roll_study, shapes=a.shapes)
+    for asked, study in ((a.size_sweep, sweep), (a.math, math_cost), (a.roll, roll),
                          (a.grid_scaling, grid_scaling),
                          (a.subnormal, subnormal_check)):
         if asked:

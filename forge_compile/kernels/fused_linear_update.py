@@ -571,8 +571,9 @@ class KernelConfig:
     # 1: the update's tile divisions and square roots in inline PTX, correctly rounded without
     # a branch per element (fused_linear_update_ws.fast_ieee_source; eighteenth session)
     WS_FAST_IEEE: int = 0
-    # 1 ("epi_rows_grab" only): the epilogue's two halves of a tile in a runtime loop instead of
-    # unrolled, half the code (the instruction cache, run 51; eighteenth session)
+    # 0: the epilogue's chunks of a tile unrolled; r >= 2: a runtime loop of r passes over
+    # EPI_SPLIT / r chunks each, less code (the instruction cache, run 51). "epi_rows_grab": 2,
+    # its halves (eighteenth session); "epi_rows": any divisor of EPI_SPLIT (nineteenth)
     WS_ROLL: int = 0
 
 
@@ -672,7 +673,7 @@ _GPU_WS_CONFIGS = (
     # Eighteenth session, run 52, H100, 4096² AdamW T=512, one process: 0.1549 ms against 0.1566
     # for the ninth (products in place of the IEEE operations: 0.1536).
     KernelConfig(128, 128, 32, 8, 6, EPI_SPLIT=8, maxnreg=128, WS="epi_rows_grab", WS_SLOTS=4,
-                 WS_L2="gemm_last", WS_LOAD_WARP=1, WS_ROLL=1, WS_FAST_IEEE=1),
+                 WS_L2="gemm_last", WS_LOAD_WARP=1, WS_ROLL=2, WS_FAST_IEEE=1),
 )
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).

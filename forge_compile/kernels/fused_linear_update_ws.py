@@ -135,6 +135,14 @@ def _store_policy_kw() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _reinterpret() -> str:
+    # a shared-memory view with another shape and layout: Triton 3.6 names it _reinterpret,
+    # 3.9 reinterpret
+    gl = importlib.import_module("triton.experimental.gluon.language")
+    return "reinterpret" if hasattr(gl.shared_memory_descriptor, "reinterpret") else "_reinterpret"
+
+
+@functools.lru_cache(maxsize=None)
 def _thread_barrier() -> str:
     # Triton 3.6: gl.thread_barrier(); 3.9 renamed it gl.barrier()
     gl = importlib.import_module("triton.experimental.gluon.language")
@@ -663,7 +671,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
                   mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0,
                   mma: bool = True, cluster: int = 1, load_warp: bool = False,
-                  tma_store: bool = False, fast_ieee: bool = False, roll: bool = False) -> str:
+                  tma_store: bool = False, fast_ieee: bool = False, roll: int = 0) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -691,9 +699,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     later, once its stores have read it (row paths fed by the epilogue only).
     ``fast_ieee`` (eighteenth session): the update's tile divisions and square roots on
     ``fast_ieee_source``'s helpers, the same bits without a branch per element.
-    ``roll`` (eighteenth session; "epi_rows_grab" only): the epilogue's two halves of a tile are
-    one runtime loop (``for hh in range(2)``) over a half's chunks instead of all chunks
-    unrolled: half the code per tile, for the instruction cache (run 51)."""
+    ``roll``: 0, the tile's SPLIT chunks unrolled; r >= 2, a runtime loop of r iterations over
+    SPLIT / r chunks each ("epi_rows_grab": r = 2, its halves; eighteenth session; "epi_rows":
+    any divisor of SPLIT, the chunks read from a [SPLIT, CW, BLOCK_K] view of the hand-off
+    buffer; nineteenth session): less code per tile, for the instruction cache (run 51)."""
     if load_warp and (state == "warp" or prefetch_gemm or mma_pending != 1 or not mma):
         raise ValueError("WS_LOAD_WARP=1: not with WS='warp', WS_PREFETCH_GEMM, "
                          "WS_MMA_PENDING=2 or the ring without wgmma")
@@ -709,8 +718,14 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                          "EPI_PIPE, WS_PREFETCH or WS_CLUSTER=2")
     if prefetch and state != "epi_rows":
         raise ValueError(f"WS_PREFETCH={prefetch}: only with WS='epi_rows'")
-    if roll and (state != "epi_rows_grab" or pipe or tma_store or not epilogue):
-        raise ValueError("WS_ROLL=1: only WS='epi_rows_grab', without EPI_PIPE or WS_TMA_STORE")
+    if roll and (state not in ("epi_rows", "epi_rows_grab") or pipe or tma_store or prefetch
+                 or cluster != 1 or not epilogue):
+        raise ValueError(f"WS_ROLL={roll}: only WS='epi_rows' or 'epi_rows_grab', without "
+                         "EPI_PIPE, WS_TMA_STORE, WS_PREFETCH or WS_CLUSTER=2")
+    if roll and (roll < 2 or split % roll or (state == "epi_rows_grab" and roll != 2)):
+        raise ValueError(f"WS_ROLL={roll} with EPI_SPLIT={split}: 0 (unrolled) or the loop's "
+                         "iterations per tile, a divisor of EPI_SPLIT >= 2 (2 with "
+                         "WS='epi_rows_grab', its halves)")
     if mma_warps not in _MMA_REGS:
         raise ValueError(f"mma_warps={mma_warps}: one of {sorted(_MMA_REGS)}")
     if mma_pending not in (1, 2):
@@ -976,12 +991,16 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     def rn(sfx):
         return f"rn{sfx}" if rows else "rn"
 
+    body = split // roll if roll else split     # chunks per copy of the code
+
     def loads(h, hx=None, phase=None):
         # h: the chunk's position (names, static conditions); hx: its index in the tile as an
         # expression (runtime with roll); phase: the half's hand-off phase with one buffer
         sfx = f"_{h}"
         hx = str(h) if hx is None else hx
         phase = str(h // half) if phase is None else phase
+        # the tile's last chunk: static unrolled; with roll the body's last, on the last pass
+        last = h == split - 1 or (roll and h == body - 1)
         if rows:
             out = [f"        rn{sfx} = off_n + {hx} * CW + gl.arange(0, CW, gl.SliceLayout(1, cl))",
                    f"        rk{sfx} = off_k + gl.arange(0, BLOCK_K, gl.SliceLayout(0, cl))"]
@@ -1032,6 +1051,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             if h % half == 0:    # the whole half, chunk by chunk, into registers
                 out += [f"        acc_{h + j} = acc_smem.slice({j} * CW, CW, dim=0).load(cl)"
                         for j in range(half)]
+        elif rows and roll:         # chunk hx of the [SPLIT, CW, BLOCK_K] view (runtime index)
+            out.append(f"        acc{sfx} = acc_chunks.index({hx}).load(cl)")
         elif rows:
             row0 = h % half if one_buf else h
             out.append(f"        acc{sfx} = acc_smem.slice({row0} * CW, CW, dim=0).load(cl)")
@@ -1039,7 +1060,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             out.append(f"        acc{sfx} = acc_smem.index({h}).load(cl)")
         if tma_store:               # (the barrier below publishes it to every warp)
             out.append("        tma.store_wait(0)")
-        if ((state_tma and not (pairs and h % 2 == 0)) or per_chunk or h == split - 1
+        if ((state_tma and not (pairs and h % 2 == 0)) or per_chunk or last
                 or (halves and h == half - 1)):
             out.append("        gl.thread_barrier()")
         if grab and h % half == 0:  # the half is in registers: the MMA may store the next
@@ -1078,7 +1099,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         elif halves and (h + 1) % half == 0:    # this half read: the MMA may store the next
             out.append(f"        mbarrier.arrive(acc_empty.index({0 if one_buf else h // half}), "
                        "count=1)")
-        elif h == split - 1:        # every chunk's gradient read: the MMA warps may refill it
+        elif last and roll:         # (the loop's last pass)
+            out += [f"        if {hx} == SPLIT - 1:",
+                    "            mbarrier.arrive(acc_empty.index(0), count=1)"]
+        elif last:                  # every chunk's gradient read: the MMA warps may refill it
             out.append("        mbarrier.arrive(acc_empty.index(0), count=1)")
         return out
 
@@ -1127,10 +1151,17 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             L += [f"        seq = i * SPLIT + {h} - walk_c0",
                   "        if (seq >= 0) & (seq < n_chunks):"]
             L.extend("    " + line for line in loads(h) + math_and_stores(h))
-    elif epilogue and roll:         # the halves in a runtime loop: one copy of a half's code
-        L.append(f"        for hh in range({split // half}):")
-        for h in range(half):
-            L.extend("    " + ln for ln in loads(h, f"(hh * {half} + {h})", "hh")
+    elif epilogue and roll:         # a runtime loop: one copy of `body` chunks' code
+        if not grab:
+            # the whole-tile buffer as SPLIT buffers of CW rows, to index at run time (Gluon's
+            # slice takes a constant start), each with the 2-D layout (as a ring's slots). The
+            # same bytes: the XOR swizzle's phase is the row mod 8 (acc_layout), and CW is a
+            # multiple of 8 (checked at launch)
+            L.append(f"        acc_chunks = acc_smem.{_reinterpret()}(gl.float32, [SPLIT, CW, "
+                     "BLOCK_K], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))")
+        L.append(f"        for hh in range({roll}):")
+        for h in range(body):
+            L.extend("    " + ln for ln in loads(h, f"(hh * {body} + {h})", "hh")
                      + math_and_stores(h))
     elif epilogue:
         for h in range(split):
@@ -1220,7 +1251,7 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
             handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
             prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True, cluster: int = 1,
             load_warp: bool = False, tma_store: bool = False, fast_ieee: bool = False,
-            roll: bool = False):
+            roll: int = 0):
     key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
            prefetch, prefetch_gemm, mma, cluster, load_warp, tma_store, fast_ieee, roll)
     k = _KERNELS.get(key)
@@ -1241,7 +1272,7 @@ def kernel_args(cfg, epilogue: bool = True, handoff: str = "chunk", mma: bool = 
     return (cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, epilogue, handoff, cfg.WS_L2, cfg.WS_MMA_WARPS,
             cfg.WS_MMA_PENDING, cfg.WS_PREFETCH, cfg.WS_PREFETCH_GEMM, mma, cfg.WS_CLUSTER,
             bool(cfg.WS_LOAD_WARP), bool(cfg.WS_TMA_STORE), bool(cfg.WS_FAST_IEEE),
-            bool(cfg.WS_ROLL))
+            cfg.WS_ROLL)
 
 
 def state_block(cfg) -> list:
@@ -1453,6 +1484,12 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
                 f"a 1-warp partition beside {cfg.num_warps} epilogue warps: {warps} warps at "
                 f"maxnreg {cfg.maxnreg} need {warps * 32 * cfg.maxnreg} registers of 65536: use "
                 f"maxnreg <= {65536 // (warps * 32) // 8 * 8} or fewer epilogue warps")
+    if cfg.WS_ROLL and cfg.WS == "epi_rows" and (
+            (cfg.BLOCK_N // cfg.EPI_SPLIT) % 8 or acc_swizzled is False):
+        # the rolled loop's [SPLIT, CW, BLOCK_K] view of the buffer repeats its swizzle only
+        # with whole 8-row phases per chunk (kernel_source)
+        raise ValueError(f"WS_ROLL={cfg.WS_ROLL} with WS='epi_rows': the chunks need a multiple "
+                         "of 8 rows (BLOCK_N // EPI_SPLIT) and the swizzled hand-off buffer")
     cl = cfg.WS_CLUSTER
     if cl == 2:
         if skip_gemm:
