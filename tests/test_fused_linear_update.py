@@ -912,9 +912,9 @@ def test_ws_config_over_shared_memory_fails_fast():
     # every other shipped candidate holds AdamW's state with fp32 W, and three states but
     # for the 4-slot ones (the autotuner leaves those out of AMSGrad-like rules)
     assert [ws.ws_fits(c, torch.float32, 2) for c in flu._GPU_WS_CONFIGS] == (
-        [True] * 5 + [False, True, True, True, True])
+        [True] * 5 + [False, True, True, True, True, True])
     assert [ws.ws_fits(c, torch.float32, 3) for c in flu._GPU_WS_CONFIGS] == [
-        True, False, True, False, True, False, True, True, False, False]
+        True, False, True, False, True, False, True, True, False, False, True]
 
 
 def test_ws_not_offered_off_gpu():
