@@ -155,13 +155,14 @@ def size_sweep(date: str, ws_ids=(0, 1)) -> list:
     return rows
 
 
-def products_program(prog: EpilogueProgram) -> EpilogueProgram:
+def products_program(prog: EpilogueProgram, only=None) -> EpilogueProgram:
     """``prog`` with every division and square root replaced by a product (``sqrt(x)`` by
     x·x): the same tensors, reads, writes and data flow, none of the IEEE division's and square
-    root's range checks and slow-path branches. A timing control only: its update is not
-    AdamW's."""
+    root's range checks and slow-path branches. ``only``: the outputs of the ops to replace
+    (default: all of them). A timing control only: its update is not AdamW's."""
     ops = tuple(Instr(i.out, "mul", (i.args[0], i.args[0]) if i.op == "sqrt" else i.args)
-                if i.op in ("div", "sqrt") else i for i in prog.ops)
+                if i.op in ("div", "sqrt") and (only is None or i.out in only) else i
+                for i in prog.ops)
     return dataclasses.replace(prog, ops=ops)
 
 
@@ -208,11 +209,13 @@ def math_cost(date: str, rounds: int = 4) -> list:
     return rows
 
 
-def roll_study(date: str, rounds: int = 4, shapes: str = "4096x4096") -> list:
+def roll_study(date: str, rounds: int = 4, shapes: str = "4096x4096", ops: bool = False) -> list:
     """WS_ROLL on the "epi_rows" path (nineteenth session): the T=2048 picks (ws6, ws7; 16
     chunks unrolled) with their chunks in a runtime loop of 2-16 passes, with and without
-    WS_FAST_IEEE, AdamW fused at T=2048 (and T=512 for the best), interleaved rounds of the
-    benchmark's ``do_bench``; products in place of the IEEE operations as the control."""
+    WS_FAST_IEEE, AdamW fused at T=2048, interleaved rounds of the benchmark's ``do_bench``;
+    products in place of the IEEE operations as the control. ``ops``: instead, the eleventh
+    candidate (ws:7, 4 passes, fast IEEE) against itself with each IEEE operation alone made a
+    product."""
     import triton
     from triton.testing import do_bench
     from forge_compile import rules
@@ -221,14 +224,25 @@ def roll_study(date: str, rounds: int = 4, shapes: str = "4096x4096") -> list:
         N, K = map(int, shape.split("x"))
         c = make_case(N, K, 2048, "adamw")
         variants = {}
-        for i, rolls in ((7, (0, 2, 4, 8, 16)), (6, (0, 4))):
+        for i, rolls in () if ops else ((7, (0, 2, 4, 8, 16)), (6, (0, 4))):
             base = flu._GPU_WS_CONFIGS[i]
             for r in rolls:
                 for f in (0, 1):
                     variants[f"ws:{i} roll {r}{' fast' if f else ''}"] = (
                         c["prog"], dataclasses.replace(base, WS_ROLL=r, WS_FAST_IEEE=f))
-        variants["ws:7 products"] = (products_program(rules.adamw_program()),
-                                     flu._GPU_WS_CONFIGS[7])
+        if ops:
+            # which of the three operations the rolled fast path still pays for: each one
+            # alone as a product (AdamW's v_sqrt = sqrt(v), v_hat = v_sqrt /
+            # bias_correction2_sqrt, a scalar divisor, and ratio = m / denom)
+            fast4 = flu._GPU_WS_CONFIGS[10]
+            variants["ws:10"] = (c["prog"], fast4)
+            for out in ("v_sqrt", "v_hat", "ratio"):
+                variants[f"ws:10, {out} product"] = (
+                    products_program(rules.adamw_program(), {out}), fast4)
+            variants["ws:10, products"] = (products_program(rules.adamw_program()), fast4)
+        else:
+            variants["ws:7 products"] = (products_program(rules.adamw_program()),
+                                         flu._GPU_WS_CONFIGS[7])
         times = {k: [] for k in variants}
         for _ in range(rounds):
             for k, (prog, kc) in variants.items():
@@ -316,6 +330,8 @@ def main() -> None:
     ap.add_argument("--roll", action="store_true",
                     help="only WS_ROLL on the T=2048 picks' epi_rows path (nineteenth session)")
     ap.add_argument("--shapes", default="4096x4096", help="with --roll: NxK,NxK...")
+    ap.add_argument("--roll-ops", action="store_true", help="with --roll: the eleventh "
+                    "candidate with each IEEE operation alone as a product")
     ap.add_argument("--sweep-ws", default="0,1", help="with --size-sweep: the shipped WS "
                     "configs (indices into _GPU_WS_CONFIGS)")
     ap.add_argument("--ncu-variant", choices=("fused", "stream", "gemm", "nowgmma"), default=None,
@@ -359,7 +375,7 @@ def main() -> None:
         torch.cuda.synchronize()
         return
     sweep = functools.partial(size_sweep, ws_ids=tuple(map(int, a.sweep_ws.split(","))))
-    roll = functools.partial(roll_study, shapes=a.shapes)
+    roll = functools.partial(roll_study, shapes=a.shapes, ops=a.roll_ops)
     for asked, study in ((a.size_sweep, sweep), (a.math, math_cost), (a.roll, roll),
                          (a.grid_scaling, grid_scaling),
                          (a.subnormal, subnormal_check)):
