@@ -197,7 +197,8 @@ def config_label(c: dict) -> str:
                 f"warps, {c['num_stages']} stages, split {c['EPI_SPLIT']}, "
                 f"{c['WS_SLOTS']} slots" + (f", L2 {c['WS_L2']}" if c.get("WS_L2") else "")
                 + (", load warp" if c.get("WS_LOAD_WARP") else "")
-                + (", rolled" if c.get("WS_ROLL") else "")
+                # (the eighteenth session's rows say WS_ROLL=1 for the 2 passes it had then)
+                + (f", rolled ×{max(c['WS_ROLL'], 2)}" if c.get("WS_ROLL") else "")
                 + (", fast IEEE" if c.get("WS_FAST_IEEE") else "")
                 + (f", clusters of {c['WS_CLUSTER']}" if c.get("WS_CLUSTER", 1) > 1 else ""))
     return (f"{c['BLOCK_N']},{c['BLOCK_K']},{c['BLOCK_T']},{c['num_warps']},"

@@ -612,8 +612,8 @@ def test_ws_all_ops_program_compiles_for_sm90(fast_ieee):
 def test_ws_roll_runs_the_grab_halves_in_one_loop():
     """WS_ROLL: the grab path's tile body is one runtime loop over its two halves. The half's
     chunks are indexed hh * 4 + j in the row offsets and the ring sequence, and the half's
-    hand-off waits on phase hh. The code per tile is that of 4 chunks, not 8. Refused off the
-    grab path."""
+    hand-off waits on phase hh. The code per tile is that of 4 chunks, not 8. Refused on the
+    paths other than this and "epi_rows", and with other than 2 passes here."""
     ws = _ws()
     prog = _rules()["adamw"][0]
     src = ws.kernel_source(prog, 8, False, "epi_rows_grab", load_warp=True, roll=2)

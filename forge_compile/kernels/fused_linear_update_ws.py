@@ -61,8 +61,11 @@ them by TMA: 2-3% slower at T=512 (run 49).
 Eighteenth session: ``WS_FAST_IEEE=1`` computes the epilogue's tile divisions and square roots
 with ``fast_ieee_source``'s inline PTX, still correctly rounded (bit for bit ``div.rn.f32`` /
 ``sqrt.rn.f32``) but without one branch and convergence region per element and op. Unrolled
-it is slower (run 51: the code outruns the instruction cache); with ``WS_ROLL=1`` (the grab
+it is slower (run 51: the code outruns the instruction cache); with ``WS_ROLL=2`` (the grab
 path's two halves in a runtime loop) it pays, and the tenth candidate has both (run 52).
+Nineteenth session: ``WS_ROLL=r`` also rolls the "epi_rows" path (r passes over a runtime-indexed
+view of the hand-off buffer); the T=2048 pick with 4 passes and the fast path is the eleventh
+candidate (run 53: 0.1979 against 0.1994 ms, AdamW 4096² T=2048).
 ``WS_CLUSTER=2`` (Triton >= 3.9; ``cluster_helpers``, a study knob) launches clusters of 2 CTAs
 on row-adjacent tiles and multicasts X's tile, read from L2 once per pair, into both. Exact, and slower on every fused
 row measured (runs 36-38: without the load warp the GEMM alone 3-22%, with it 0-3%): each X
@@ -415,7 +418,8 @@ def scalar_loads(n_scalar: int) -> list:
 # Measured (run 51): exact, and slower, 0.1725 against 0.1576 ms at T=512 and 0.353 against
 # 0.198 at T=2048. The unrolled epilogue's code grows 31% and outruns the instruction cache
 # (ncu: "no instruction" stalls 5% → 34%). With WS_ROLL (the grab path's halves in a loop,
-# 40% less code) it pays: 0.1549 against 0.1566 ms (run 52); the tenth candidate has both.
+# 40% less code) it pays: 0.1549 against 0.1566 ms (run 52); the tenth candidate has both, and
+# the eleventh (the T=2048 pick in 4 passes: 0.1979 against 0.1994 ms, run 53).
 _FAST_IEEE_PACKS = (1, 2, 4, 8)
 
 
