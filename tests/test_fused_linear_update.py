@@ -651,7 +651,7 @@ def test_ws_roll_runs_epi_rows_chunks_in_a_loop(roll):
     epi = src[src.index("def _epilogue_partition"):]
     assert f"        for hh in range({roll}):" in epi
     assert epi.count("acc_chunks = acc_smem.") == 1
-    assert "gl.SwizzledSharedLayout(8, 1, 8, [1, 0])" in epi
+    assert "(gl.float32, [SPLIT, CW, BLOCK_K], acc_smem.layout)" in epi
     for j in range(body):
         assert f"rn_{j} = off_n + (hh * {body} + {j}) * CW" in epi
         assert f"seq = i * SPLIT + (hh * {body} + {j})" in epi

@@ -1158,11 +1158,11 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     elif epilogue and roll:         # a runtime loop: one copy of `body` chunks' code
         if not grab:
             # the whole-tile buffer as SPLIT buffers of CW rows, to index at run time (Gluon's
-            # slice takes a constant start), each with the 2-D layout (as a ring's slots). The
-            # same bytes: the XOR swizzle's phase is the row mod 8 (acc_layout), and CW is a
-            # multiple of 8 (checked at launch)
+            # slice takes a constant start), each with the buffer's own 2-D layout (as a ring's
+            # slots). The same bytes: the XOR swizzle's phase is the row mod 8 (acc_layout),
+            # and CW is a multiple of 8 (checked at launch)
             L.append(f"        acc_chunks = acc_smem.{_reinterpret()}(gl.float32, [SPLIT, CW, "
-                     "BLOCK_K], gl.SwizzledSharedLayout(8, 1, 8, [1, 0]))")
+                     "BLOCK_K], acc_smem.layout)")
         L.append(f"        for hh in range({roll}):")
         for h in range(body):
             L.extend("    " + ln for ln in loads(h, f"(hh * {body} + {h})", "hh")
