@@ -166,13 +166,28 @@ def products_program(prog: EpilogueProgram, only=None) -> EpilogueProgram:
     return dataclasses.replace(prog, ops=ops)
 
 
+def time_interleaved(c: dict, variants: dict, rounds: int) -> dict:
+    """name → (upper median, the rounds' times) of the fused op on ``c`` for each variant
+    (name → (program, scalars, config)), fresh copies of W and the state per call, in
+    ``rounds`` interleaved rounds of the benchmark's ``do_bench``."""
+    from triton.testing import do_bench
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, (prog, sc, kc) in variants.items():
+            p, st = c["p"].clone(), [t.clone() for t in c["state"]]
+            times[k].append(do_bench(lambda: fused_linear_update_ws(
+                c["dy"], c["x"], p, st, sc, prog, kc), warmup=25, rep=100,
+                return_mode="median"))
+    # the upper median of the rounds (the 3rd of 4)
+    return {k: (sorted(v)[len(v) // 2], v) for k, v in times.items()}
+
+
 def math_cost(date: str, rounds: int = 4) -> list:
     """What AdamW's IEEE divisions and square root cost in the fused kernel with 8 epilogue
     warps: the tuned T=512 and T=2048 configs (ws8, ws7), AdamW as shipped, with WS_FAST_IEEE
     (the same bits), with products in their place, and scale3, fused, interleaved rounds of
     the benchmark's ``do_bench`` (eighteenth session)."""
     import triton
-    from triton.testing import do_bench
     from forge_compile import rules
     scale3 = scale3_program()
     c_scale = torch.tensor(1.0, device="cuda")
@@ -191,15 +206,7 @@ def math_cost(date: str, rounds: int = 4) -> list:
         progs.update({
                  "adamw, products": (products_program(rules.adamw_program()), c["scalars"], cfg),
                  "scale3": (scale3, [c_scale], cfg)})
-        times = {k: [] for k in progs}
-        for _ in range(rounds):
-            for k, (prog, sc, kc) in progs.items():
-                p, st = c["p"].clone(), [t.clone() for t in c["state"]]
-                times[k].append(do_bench(lambda: fused_linear_update_ws(
-                    c["dy"], c["x"], p, st, sc, prog, kc), warmup=25, rep=100,
-                    return_mode="median"))
-        for k, v in times.items():
-            ms = sorted(v)[len(v) // 2]      # the upper median of the rounds (3rd of 4)
+        for k, (ms, v) in time_interleaved(c, progs, rounds).items():
             rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                              triton=triton.__version__, date=date, N=4096, K=4096, T=T,
                              config=f"ws:{i}", rule=k, ms=round(ms, 4),
@@ -217,41 +224,33 @@ def roll_study(date: str, rounds: int = 4, shapes: str = "4096x4096", ops: bool 
     candidate (ws:7, 4 passes, fast IEEE) against itself with each IEEE operation alone made a
     product."""
     import triton
-    from triton.testing import do_bench
     from forge_compile import rules
     rows = []
     for shape in shapes.split(","):
         N, K = map(int, shape.split("x"))
         c = make_case(N, K, 2048, "adamw")
+        sc = c["scalars"]
         variants = {}
         for i, rolls in () if ops else ((7, (0, 2, 4, 8, 16)), (6, (0, 4))):
             base = flu._GPU_WS_CONFIGS[i]
             for r in rolls:
                 for f in (0, 1):
                     variants[f"ws:{i} roll {r}{' fast' if f else ''}"] = (
-                        c["prog"], dataclasses.replace(base, WS_ROLL=r, WS_FAST_IEEE=f))
+                        c["prog"], sc, dataclasses.replace(base, WS_ROLL=r, WS_FAST_IEEE=f))
         if ops:
             # which of the three operations the rolled fast path still pays for: each one
             # alone as a product (AdamW's v_sqrt = sqrt(v), v_hat = v_sqrt /
             # bias_correction2_sqrt, a scalar divisor, and ratio = m / denom)
             fast4 = flu._GPU_WS_CONFIGS[10]
-            variants["ws:10"] = (c["prog"], fast4)
+            variants["ws:10"] = (c["prog"], sc, fast4)
             for out in ("v_sqrt", "v_hat", "ratio"):
                 variants[f"ws:10, {out} product"] = (
-                    products_program(rules.adamw_program(), {out}), fast4)
-            variants["ws:10, products"] = (products_program(rules.adamw_program()), fast4)
+                    products_program(rules.adamw_program(), {out}), sc, fast4)
+            variants["ws:10, products"] = (products_program(rules.adamw_program()), sc, fast4)
         else:
-            variants["ws:7 products"] = (products_program(rules.adamw_program()),
+            variants["ws:7 products"] = (products_program(rules.adamw_program()), sc,
                                          flu._GPU_WS_CONFIGS[7])
-        times = {k: [] for k in variants}
-        for _ in range(rounds):
-            for k, (prog, kc) in variants.items():
-                p, st = c["p"].clone(), [t.clone() for t in c["state"]]
-                times[k].append(do_bench(lambda: fused_linear_update_ws(
-                    c["dy"], c["x"], p, st, c["scalars"], prog, kc), warmup=25, rep=100,
-                    return_mode="median"))
-        for k, v in times.items():
-            ms = sorted(v)[len(v) // 2]      # the upper median of the rounds (3rd of 4)
+        for k, (ms, v) in time_interleaved(c, variants, rounds).items():
             rows.append(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                              triton=triton.__version__, date=date, N=N, K=K, T=2048,
                              config=k, rule="adamw", ms=round(ms, 4),
