@@ -669,6 +669,26 @@ def test_ws_roll_runs_epi_rows_chunks_in_a_loop(roll):
         ws.kernel_source(prog, 16, False, "epi_rows", prefetch=1, roll=roll)
 
 
+def test_ws_roll_on_epi_rows_refuses_chunks_off_the_swizzle_phase():
+    """The rolled "epi_rows" view reads chunks of the swizzled hand-off buffer as buffers of
+    their own, which is the same bytes only for whole 8-row swizzle phases: 4-row chunks
+    (EPI_SPLIT=32 at BLOCK_N=128) and the unswizzled buffer fail fast at launch, naming the
+    fix; the shipped eleventh candidate does not."""
+    ws = _ws()
+    prog, sc, (dy, x, p, st) = _cpu_adamw_64()
+    cfg = flu._GPU_WS_CONFIGS[10]
+    assert cfg.WS == "epi_rows" and cfg.WS_ROLL
+    match = "WS_ROLL=4 with WS='epi_rows': the chunks need a multiple of 8 rows"
+    with pytest.raises(ValueError, match=match):
+        ws.ws_launch_args(dy, x, p, st, sc, prog, dataclasses.replace(cfg, EPI_SPLIT=32))
+    with pytest.raises(ValueError, match=match):
+        ws.ws_launch_args(dy, x, p, st, sc, prog, cfg, acc_swizzled=False)
+    try:       # past the check (off a GPU the launch arguments then stop at the SM count)
+        ws.ws_launch_args(dy, x, p, st, sc, prog, cfg)
+    except (AssertionError, RuntimeError) as e:
+        assert "multiple of 8 rows" not in str(e)
+
+
 def test_ws_half_handoff_waits_in_chunk_order():
     """epi_rows_half: the epilogue waits for half 1 right before its first chunk (4 of 8) reads
     the accumulator, and releases half 0 right after chunk 3's read (so the MMA warps store the
