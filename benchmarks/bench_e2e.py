@@ -3,7 +3,10 @@ against what users run instead (/work/shared/bench/ANCHORS.md, workload A).
 
 Model: ``LlamaForCausalLM(LlamaConfig(...))``, no download: hidden 2048, 16 layers, 16 heads,
 ffn 5632, vocab 32000, sdpa attention, untied lm_head; fp32 weights, AdamW(lr=1e-4); random token
-ids, labels = inputs. Configs (batch x seq): 1x512; 4x1024 and 8x2048 with HF gradient
+ids, labels = inputs. ``--amp bf16``: every method's forward runs under
+``torch.autocast("cuda", torch.bfloat16)`` (fp32 master weights and AdamW state, bf16 GEMMs: the
+usual mixed-precision recipe, and the one whose weight-gradient GEMMs take bf16 operands, i.e.
+forge's tensor-core kernels). Configs (batch x seq): 1x512; 4x1024 and 8x2048 with HF gradient
 checkpointing (``use_reentrant=False``, which Dynamo can trace). Methods:
   eager_foreach     AdamW(foreach=True)
   eager_fused       AdamW(fused=True)
@@ -23,11 +26,13 @@ row with an "error" field. One JSON object per row is appended to benchmarks/res
     python benchmarks/bench_e2e.py --configs 1x512 --methods forge,eager_fused
     python benchmarks/bench_e2e.py --correctness [--layers 4]   # forge vs eager, 50 steps
     python benchmarks/bench_e2e.py --render               # docs/e2e.md + docs/e2e.png
+    python benchmarks/bench_e2e.py --amp bf16 ...         # the same under bf16 autocast
     python benchmarks/bench_e2e.py --tiny --device cpu    # smoke test of the logic on a CPU
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -46,6 +51,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_OUT = RESULTS / "e2e.jsonl"
 CORRECTNESS_OUT = RESULTS / "e2e_correctness.json"
+AMPS = ("none", "bf16")
 DOCS = ROOT / "docs"
 
 METHODS = ["eager_foreach", "eager_fused", "opt_in_backward", "compile_inductor", "forge", "floor"]
@@ -91,9 +97,23 @@ def llama_config(tiny: bool, layers=None):
     return cfg
 
 
-def model_name(cfg) -> str:
+def model_name(cfg, amp: str = "none") -> str:
     return (f"LlamaForCausalLM h{cfg.hidden_size} L{cfg.num_hidden_layers} "
-            f"heads{cfg.num_attention_heads} ffn{cfg.intermediate_size} V{cfg.vocab_size} sdpa fp32")
+            f"heads{cfg.num_attention_heads} ffn{cfg.intermediate_size} V{cfg.vocab_size} sdpa fp32"
+            + (" + bf16 autocast" if amp == "bf16" else ""))
+
+
+def amp_suffix(amp: str) -> str:
+    """File-name suffix of a precision's outputs: '' for fp32, '_bf16' under bf16 autocast."""
+    return "" if amp == "none" else f"_{amp}"
+
+
+def forward_context(amp: str, device_type: str):
+    """The context every method's forward runs in: bf16 autocast, or nothing."""
+    import torch
+    if amp == "bf16":
+        return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def build_model(cfg, device, ckpt: bool, seed: int = 0):
@@ -114,9 +134,10 @@ def make_batches(cfg, batch, seq, n, device, seed=1):
     return [torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device) for _ in range(n)]
 
 
-def plain_step(model, opt):
+def plain_step(model, opt, fwd=contextlib.nullcontext):
     def train_step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
+        with fwd():
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -124,16 +145,16 @@ def plain_step(model, opt):
     return train_step
 
 
-def make_method(method: str, model, inner: str):
-    """-> (step function, objects to keep alive)."""
+def make_method(method: str, model, inner: str, fwd=contextlib.nullcontext):
+    """-> (step function, objects to keep alive); ``fwd``: the forward's context (autocast)."""
     import torch
     params = [p for p in model.parameters()]
     if method == "eager_foreach":
         opt = torch.optim.AdamW(params, lr=LR, foreach=True)
-        return plain_step(model, opt), opt
+        return plain_step(model, opt, fwd), opt
     if method == "eager_fused":
         opt = torch.optim.AdamW(params, lr=LR, fused=True)
-        return plain_step(model, opt), opt
+        return plain_step(model, opt, fwd), opt
     if method == "opt_in_backward":
         opts = {p: torch.optim.AdamW([p], lr=LR, fused=True) for p in params}
 
@@ -143,7 +164,8 @@ def make_method(method: str, model, inner: str):
         handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
 
         def step(ids):
-            loss = model(input_ids=ids, labels=ids).loss
+            with fwd():
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             return loss.detach()
         return step, (opts, handles)
@@ -156,7 +178,8 @@ def make_method(method: str, model, inner: str):
             opt.step()
 
         def step(ids):
-            loss = cmodel(input_ids=ids, labels=ids).loss
+            with fwd():
+                loss = cmodel(input_ids=ids, labels=ids).loss
             loss.backward()
             opt_step()
             opt.zero_grad(set_to_none=True)
@@ -165,7 +188,8 @@ def make_method(method: str, model, inner: str):
     if method == "forge":
         opt = torch.optim.AdamW(params, lr=LR)
         options = {} if inner == "inductor" else {"inner": inner}
-        return torch.compile(plain_step(model, opt), backend="forge", options=options or None), opt
+        return torch.compile(plain_step(model, opt, fwd), backend="forge",
+                             options=options or None), opt
     if method == "floor":
         # m and v of AdamW stay resident (zeros): the floor differs from the others only by the
         # weight gradients and the update it never makes
@@ -176,7 +200,8 @@ def make_method(method: str, model, inner: str):
         handle = emb.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
 
         def step(ids):
-            loss = model(input_ids=ids, labels=ids).loss
+            with fwd():
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             return loss.detach()
         return step, (states, handle)
@@ -212,14 +237,14 @@ def run_one(args) -> dict:
     batch, seq, ckpt = parse_config(args.config)
     cfg = llama_config(args.tiny, args.layers)
     row = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               gpu=device_name(device), **versions(), model=model_name(cfg), batch=batch, seq=seq,
-               ckpt=ckpt, method=args.one, warmup=WARMUP, timed=TIMED, tiny=args.tiny)
+               gpu=device_name(device), **versions(), model=model_name(cfg, args.amp), amp=args.amp,
+               batch=batch, seq=seq, ckpt=ckpt, method=args.one, warmup=WARMUP, timed=TIMED, tiny=args.tiny)
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
         model = build_model(cfg, device, ckpt)
         n_params = sum(p.numel() for p in model.parameters())
         row.update(params=n_params, resident_GB=round(3 * 4 * n_params / 2**30, 3))
-        step, keep = make_method(args.one, model, args.inner)
+        step, keep = make_method(args.one, model, args.inner, forward_context(args.amp, device.type))
         data = make_batches(cfg, batch, seq, WARMUP + TIMED, device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
@@ -282,20 +307,21 @@ def drive(args) -> int:
     out = pathlib.Path(args.out)
     t_start = time.perf_counter()
     failures = 0
-    print(f"bench_e2e: {len(order)} rows -> {out}", flush=True)
+    print(f"bench_e2e: {len(order)} rows -> {out}" + (f" (autocast {args.amp})" if args.amp != "none" else ""),
+          flush=True)
     for (b, s, ck), m in order:
         name = config_name(b, s, ck)
         elapsed = time.perf_counter() - t_start
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", m, "--batch", str(b),
                "--seq", str(s), *(["--ckpt"] if ck else []), "--device", args.device,
-               "--inner", args.inner]
+               "--inner", args.inner, "--amp", args.amp]
         if args.tiny:
             cmd.append("--tiny")
         if args.layers is not None:
             cmd += ["--layers", str(args.layers)]
         if args.budget_s and elapsed > args.budget_s:
             row = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       batch=b, seq=s, ckpt=ck, method=m, tiny=args.tiny,
+                       batch=b, seq=s, ckpt=ck, method=m, tiny=args.tiny, amp=args.amp,
                        error=f"skipped: the driver's --budget-s {args.budget_s} s was spent")
             print(f"  {name:14s} {m:17s} SKIPPED (budget)", flush=True)
             append_row(out, row)
@@ -312,12 +338,12 @@ def drive(args) -> int:
             if lines:
                 row = json.loads(lines[-1][len("RESULT "):])
             else:
-                row = dict(batch=b, seq=s, ckpt=ck, method=m, tiny=args.tiny,
+                row = dict(batch=b, seq=s, ckpt=ck, method=m, tiny=args.tiny, amp=args.amp,
                            error=f"process exited {p.returncode} without a result: "
                                  f"{(p.stderr.strip().splitlines() or [''])[-1][:300]}",
                            traceback=p.stderr[-3000:])
         except subprocess.TimeoutExpired:
-            row = dict(batch=b, seq=s, ckpt=ck, method=m, tiny=args.tiny,
+            row = dict(batch=b, seq=s, ckpt=ck, method=m, tiny=args.tiny, amp=args.amp,
                        error=f"timeout: no result after {timeout} s")
         wall = time.perf_counter() - t
         row["process_s"] = round(wall, 1)
@@ -349,9 +375,10 @@ def correctness(args) -> int:
     model = copy.deepcopy(ref)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=args.lr)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    ref_step = plain_step(ref, ref_opt)
+    fwd = forward_context(args.amp, device.type)
+    ref_step = plain_step(ref, ref_opt, fwd)
     options = {} if args.inner == "inductor" else {"inner": args.inner}
-    step = forge_compile.compile(plain_step(model, opt), **options)
+    step = forge_compile.compile(plain_step(model, opt, fwd), **options)
     data = make_batches(cfg, batch, seq, args.steps, device)
     t0 = time.perf_counter()
     report = forge_compile.explain(step, data[0])          # forge's first real step
@@ -371,8 +398,8 @@ def correctness(args) -> int:
     fused = report.fused
     linear_weights = [n for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
     out = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               gpu=device_name(device), **versions(), model=model_name(cfg), batch=batch, seq=seq,
-               steps=args.steps, lr=args.lr, inner=args.inner, optimizer="AdamW (default impl)",
+               gpu=device_name(device), **versions(), model=model_name(cfg, args.amp), amp=args.amp,
+               batch=batch, seq=seq, steps=args.steps, lr=args.lr, inner=args.inner, optimizer="AdamW (default impl)",
                loss_forge=forge_losses, loss_eager=ref_losses,
                loss_max_rel_diff=max(loss_rel), loss_final_rel_diff=loss_rel[-1],
                param_rel_err_max=param_rel[worst], param_rel_err_worst=worst,
@@ -385,10 +412,11 @@ def correctness(args) -> int:
                unfused=report.unfused, gradient_bytes_eliminated=report.gradient_bytes_eliminated,
                linear_weights_not_fused=[n for n in linear_weights if n not in fused],
                lm_head_fused="lm_head.weight" in fused, explain=str(report))
-    path = pathlib.Path(args.out if args.out != str(DEFAULT_OUT) else CORRECTNESS_OUT)
+    path = pathlib.Path(args.out if args.out != str(DEFAULT_OUT) else
+                        CORRECTNESS_OUT.with_stem(CORRECTNESS_OUT.stem + amp_suffix(args.amp)))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"correctness: {args.steps} steps, lr {args.lr}, {model_name(cfg)}, {batch}x{seq}")
+    print(f"correctness: {args.steps} steps, lr {args.lr}, {model_name(cfg, args.amp)}, {batch}x{seq}")
     print(f"  loss trajectory max relative diff {out['loss_max_rel_diff']:.3e} "
           f"(final {out['loss_final_rel_diff']:.3e}); final loss forge {forge_losses[-1]:.6f} "
           f"eager {ref_losses[-1]:.6f}")
@@ -403,13 +431,14 @@ def correctness(args) -> int:
 
 # --- render: docs/e2e.md + docs/e2e.png ----------------------------------------------------------
 
-def latest_rows(path: pathlib.Path, tiny: bool):
+def latest_rows(path: pathlib.Path, tiny: bool, amp: str = "none"):
     rows = {}
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
-        if bool(r.get("tiny")) != tiny:
+        # rows written before --amp existed have no "amp": they are fp32
+        if bool(r.get("tiny")) != tiny or r.get("amp", "none") != amp:
             continue
         key = (r.get("gpu"), r["batch"], r["seq"], r["ckpt"], r["method"])
         if "error" in r and r["error"].startswith("skipped") and key in rows:
@@ -420,9 +449,9 @@ def latest_rows(path: pathlib.Path, tiny: bool):
 
 def render(args) -> int:
     path = pathlib.Path(args.out)
-    rows = latest_rows(path, args.tiny)
+    rows = latest_rows(path, args.tiny, args.amp)
     if not rows:
-        sys.exit(f"no rows in {path}")
+        sys.exit(f"no rows in {path}" + (f" with --amp {args.amp}" if args.amp != "none" else ""))
     gpus = sorted({r["gpu"] for r in rows if r.get("gpu")})
     gpu = gpus[-1] if gpus else None
     if len(gpus) > 1:
@@ -446,8 +475,11 @@ def render(args) -> int:
         return f"{v:.2f}" if key == "peak_GB" else f"{v:.1f}"
 
     dates = sorted(r["date"] for r in rows if r.get("date"))
-    lines = ["# End-to-end: 953M Llama, AdamW, forge vs the usual alternatives", "",
-             f"Generated by `python benchmarks/bench_e2e.py --render` from `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`.",
+    title = "# End-to-end: 953M Llama, AdamW, forge vs the usual alternatives"
+    if args.amp != "none":
+        title += f" ({args.amp} autocast)"
+    lines = [title, "",
+             f"Generated by `python benchmarks/bench_e2e.py --render{'' if args.amp == 'none' else ' --amp ' + args.amp}` from `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`.",
              "Measured with `python benchmarks/bench_e2e.py` (each row its own process; "
              "`scripts/gpu_e2e.sh` on the device).", "",
              f"- device: {gpu}",
@@ -537,9 +569,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50, help="--correctness steps")
     p.add_argument("--lr", type=float, default=1e-5, help="--correctness learning rate")
     p.add_argument("--render", action="store_true", help="write docs/e2e.md and docs/e2e.png")
-    p.add_argument("--md", default=str(DOCS / "e2e.md"))
-    p.add_argument("--png", default=str(DOCS / "e2e.png"))
+    p.add_argument("--amp", default="none", choices=AMPS,
+                   help="bf16: every method's forward under torch.autocast(bfloat16); --render: "
+                        "the table of those rows (docs/e2e_bf16.md, .png)")
+    p.add_argument("--md", help="--render's table (default docs/e2e.md, docs/e2e_bf16.md with --amp bf16)")
+    p.add_argument("--png", help="--render's chart (default docs/e2e.png, docs/e2e_bf16.png)")
     args = p.parse_args(argv)
+    args.md = args.md or str(DOCS / f"e2e{amp_suffix(args.amp)}.md")
+    args.png = args.png or str(DOCS / f"e2e{amp_suffix(args.amp)}.png")
     if args.batch is not None or args.seq is not None:
         args.config = f"{args.batch or 1}x{args.seq or 512}" + ("+ckpt" if args.ckpt else "")
     elif args.ckpt and not args.config.endswith("+ckpt"):

@@ -7,10 +7,14 @@
 # when one command may last at most 10 minutes. Rows are appended to
 # benchmarks/results/e2e.jsonl and copied to $OUT after each stage; `--render` also runs on a
 # CPU, so the docs can be remade from a fetched e2e.jsonl.
-# Files under $OUT (flat, at most 7): info.txt e2e.jsonl bench.log e2e_correctness.json
-# correctness.log e2e.md e2e.png
+# Files under $OUT (flat, at most 8): info.txt e2e.jsonl bench.log e2e_correctness{,_bf16}.json
+# correctness.log e2e{,_bf16}.md e2e{,_bf16}.png (render writes a precision's table only where
+# e2e.jsonl has its rows)
 # Env: BENCH_BUDGET (s, per bench stage, default 480), BENCH_ARGS (extra driver args, e.g.
-# "--configs 1x512"), COMPILED_METHODS (default forge,compile_inductor), CORR_ARGS (default "--layers 16"), CORR_TIMEOUT (s, default 540).
+# "--configs 1x512", "--amp bf16" for bf16 autocast), EAGER_METHODS (default
+# eager_foreach,eager_fused,opt_in_backward,floor), COMPILED_METHODS (default
+# forge,compile_inductor), CORR_ARGS (default "--layers 16"; add "--amp bf16"), CORR_TIMEOUT (s,
+# default 540).
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -38,18 +42,23 @@ bench() {   # $1: methods
   rc=$(( rc | $? ))
   cp "$RES/e2e.jsonl" "$OUT/" 2>/dev/null || true
 }
-case $WHAT in all|bench|eager) bench eager_foreach,eager_fused,opt_in_backward,floor ;; esac
+case $WHAT in all|bench|eager) bench "${EAGER_METHODS:-eager_foreach,eager_fused,opt_in_backward,floor}" ;; esac
 case $WHAT in all|bench|compiled) bench "${COMPILED_METHODS:-forge,compile_inductor}" ;; esac
 
 if [[ $WHAT == all || $WHAT == correctness ]]; then
   timeout "${CORR_TIMEOUT:-540}" $PY benchmarks/bench_e2e.py --correctness ${CORR_ARGS:---layers 16} \
     2>&1 | tee "$OUT/correctness.log" | tail -60
   rc=$(( rc | $? ))
-  cp "$RES/e2e_correctness.json" "$OUT/" 2>/dev/null || true
+  cp "$RES"/e2e_correctness*.json "$OUT/" 2>/dev/null || true
 fi
 if [[ $WHAT == all || $WHAT == render ]]; then
-  $PY benchmarks/bench_e2e.py --render 2>&1 | tee -a "$OUT/bench.log"
-  rc=$(( rc | $? ))
-  cp docs/e2e.md docs/e2e.png "$OUT/" 2>/dev/null || true
+  for amp in none bf16; do
+    # rows without "amp" predate the flag and are fp32
+    if [[ $amp == none ]] || grep -q "\"amp\": \"$amp\"" "$RES/e2e.jsonl"; then
+      $PY benchmarks/bench_e2e.py --render --amp $amp 2>&1 | tee -a "$OUT/bench.log"
+      rc=$(( rc | $? ))
+    fi
+  done
+  cp docs/e2e*.md docs/e2e*.png "$OUT/" 2>/dev/null || true
 fi
 exit $rc

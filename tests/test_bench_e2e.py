@@ -55,3 +55,37 @@ def test_render_table_latest_row_wins_and_errors_listed(tmp_path):
     assert "4x1024+ckpt forge: BackendCompilerFailed: RNG ops in recompute" in text
     assert "NVIDIA H100 80GB HBM3" in text and "torch 2.11.0, triton 3.5, transformers 5.17.0" in text
     assert png.stat().st_size > 10_000
+
+
+def test_render_amp_rows_apart(tmp_path):
+    """bf16-autocast rows get their own table; the fp32 table (rows without "amp" included: they
+    predate the flag) never shows them."""
+    pytest.importorskip("matplotlib")
+    rows = [_row("forge", 1, 512, False, peak_GB=11.92, step_ms=76.7),                 # no "amp"
+            _row("forge", 1, 512, False, amp="bf16", peak_GB=7.5, step_ms=40.0),
+            _row("eager_fused", 1, 512, False, amp="none", peak_GB=14.27, step_ms=83.0)]
+    jsonl = tmp_path / "e2e.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = {}
+    for amp in ("none", "bf16"):
+        md, png = tmp_path / f"{amp}.md", tmp_path / f"{amp}.png"
+        out = subprocess.run([sys.executable, str(SCRIPT), "--render", "--amp", amp, "--out", str(jsonl),
+                              "--md", str(md), "--png", str(png)], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        texts[amp] = md.read_text()
+    assert "| forge | 11.92 | 76.7 |" in texts["none"] and "| eager_fused | 14.27 | 83.0 |" in texts["none"]
+    assert "40.0" not in texts["none"]
+    assert "| forge | 7.50 | 40.0 |" in texts["bf16"] and "eager_fused" not in texts["bf16"]
+    assert "(bf16 autocast)" in texts["bf16"] and "--render --amp bf16" in texts["bf16"]
+
+
+def test_forward_context_autocasts_only_with_amp():
+    import torch
+    b = load()
+    with b.forward_context("bf16", "cpu")():
+        assert torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with b.forward_context("none", "cpu")():
+        assert not torch.is_autocast_enabled("cpu")
+    assert b.amp_suffix("none") == "" and b.amp_suffix("bf16") == "_bf16"
