@@ -1,0 +1,100 @@
+"""Where one training step's time goes, per method: benchmarks/bench_e2e.py's Llama (default 4
+layers, 1x512, bf16 autocast), each method timed (median of --steps after 2 warm-up steps), then
+2 steps under torch.profiler: wall time per step, GPU kernel time per step (the sum of every
+kernel's own time: below the wall time, the GPU waited on the host), and the kernels that take
+the most GPU time. One process, the methods one after the other (torch._dynamo.reset() between).
+    python scripts/diag_e2e_step.py [--layers 4] [--config 1x512] [--amp bf16]
+        [--methods eager_fused,compile_inductor,forge] [--out DIR]
+Writes DIR/diag_e2e_step_CONFIG_AMP.txt (the tables) when --out is given.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_e2e as B                                        # noqa: E402
+
+
+def kernel_table(prof, steps: int, top: int):
+    """-> (GPU kernel ms per step, [(ms per step, calls per step, name)] of the top kernels)."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:                                    # torch < 2.5 spelling
+            t = e.self_cuda_time_total
+        if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((t / 1e3 / steps, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    return sum(r[0] for r in rows), rows[:top]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--config", default="1x512")
+    p.add_argument("--amp", default="bf16", choices=B.AMPS)
+    p.add_argument("--methods", default="eager_fused,compile_inductor,forge")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--top", type=int, default=18)
+    p.add_argument("--out")
+    p.add_argument("--tiny", action="store_true", help="bench_e2e's 2-layer h64 model (smoke test)")
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    batch, seq, ckpt = B.parse_config(a.config)
+    cfg = B.llama_config(a.tiny, a.layers)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    lines = [f"{B.model_name(cfg, a.amp)}, {a.config}, torch {torch.__version__}, "
+             f"{B.device_name(dev)}"]
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+    say(lines.pop())
+    for method in a.methods.split(","):
+        torch._dynamo.reset()
+        model = B.build_model(cfg, dev, ckpt)
+        step, keep = B.make_method(method, model, "inductor", B.forward_context(a.amp, dev.type))
+        data = B.make_batches(cfg, batch, seq, 2 + a.steps + 2, dev)
+        t0 = time.perf_counter()
+        for ids in data[:2]:
+            step(ids)
+        sync()
+        warm = time.perf_counter() - t0
+        times = []
+        for ids in data[2:2 + a.steps]:
+            sync()
+            t = time.perf_counter()
+            step(ids)
+            sync()
+            times.append(time.perf_counter() - t)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for ids in data[-2:]:
+                step(ids)
+            sync()
+        gpu_ms, top = kernel_table(prof, 2, a.top)
+        wall = 1e3 * statistics.median(times)
+        say(f"\n== {method}: {wall:.2f} ms/step (median of {a.steps}), GPU kernels "
+            f"{gpu_ms:.2f} ms/step ({100 * gpu_ms / wall:.0f}% of the wall), warm-up {warm:.0f} s")
+        for ms, calls, name in top:
+            say(f"  {ms:8.3f} ms  {calls:6.1f}x  {name[:110]}")
+        del step, keep, model
+        if cuda:
+            torch.cuda.empty_cache()
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        name = f"diag_e2e_step_{a.config.replace('+', '_')}_{a.amp}.txt"
+        with open(os.path.join(a.out, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
