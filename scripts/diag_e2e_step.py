@@ -5,7 +5,7 @@ kernel's own time: below the wall time, the GPU waited on the host), and the ker
 the most GPU time. One process, the methods one after the other (torch._dynamo.reset() between).
     python scripts/diag_e2e_step.py [--layers 4] [--config 1x512] [--amp bf16]
         [--methods eager_fused,compile_inductor,forge] [--out DIR]
-Writes DIR/diag_e2e_step_CONFIG_AMP.txt (the tables) when --out is given.
+Writes DIR/diag_e2e_step_CONFIG_AMP.txt (the tables, line by line) when --out is given.
 """
 import argparse
 import os
@@ -54,9 +54,17 @@ def main() -> int:
     lines = [f"{B.model_name(cfg, a.amp)}, {a.config}, torch {torch.__version__}, "
              f"{B.device_name(dev)}"]
 
+    path = None
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        path = os.path.join(a.out, f"diag_e2e_step_{a.config.replace('+', '_')}_{a.amp}.txt")
+
     def say(s=""):
         print(s, flush=True)
         lines.append(s)
+        if path:                     # rewritten each line: a run cut short keeps what it measured
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
     say(lines.pop())
     for method in a.methods.split(","):
         torch._dynamo.reset()
@@ -68,6 +76,8 @@ def main() -> int:
             step(ids)
         sync()
         warm = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
         times = []
         for ids in data[2:2 + a.steps]:
             sync()
@@ -79,20 +89,17 @@ def main() -> int:
             for ids in data[-2:]:
                 step(ids)
             sync()
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float("nan")
         gpu_ms, top = kernel_table(prof, 2, a.top)
         wall = 1e3 * statistics.median(times)
-        say(f"\n== {method}: {wall:.2f} ms/step (median of {a.steps}), GPU kernels "
-            f"{gpu_ms:.2f} ms/step ({100 * gpu_ms / wall:.0f}% of the wall), warm-up {warm:.0f} s")
+        say(f"\n== {method}: {wall:.2f} ms/step (median of {a.steps}; all {[round(1e3 * t, 1) for t in times]}), "
+            f"GPU kernels {gpu_ms:.2f} ms/step ({100 * gpu_ms / wall:.0f}% of the wall), peak "
+            f"{peak:.2f} GiB over the timed steps, warm-up {warm:.0f} s")
         for ms, calls, name in top:
             say(f"  {ms:8.3f} ms  {calls:6.1f}x  {name[:110]}")
         del step, keep, model
         if cuda:
             torch.cuda.empty_cache()
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        name = f"diag_e2e_step_{a.config.replace('+', '_')}_{a.amp}.txt"
-        with open(os.path.join(a.out, name), "w") as f:
-            f.write("\n".join(lines) + "\n")
     return 0
 
 
