@@ -42,6 +42,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--out")
+    p.add_argument("--cprofile", type=int, default=0,
+                   help="also run this many steps under cProfile: the host functions by own time")
     p.add_argument("--tiny", action="store_true", help="bench_e2e's 2-layer h64 model (smoke test)")
     p.add_argument("--device", default="cuda")
     a = p.parse_args()
@@ -97,6 +99,29 @@ def main() -> int:
             f"{peak:.2f} GiB over the timed steps, warm-up {warm:.0f} s")
         for ms, calls, name in top:
             say(f"  {ms:8.3f} ms  {calls:6.1f}x  {name[:110]}")
+        if a.cprofile:
+            import cProfile
+            import io
+            import pstats
+            data2 = B.make_batches(cfg, batch, seq, a.cprofile, dev, seed=7)
+            pr = cProfile.Profile()
+            sync()
+            pr.enable()
+            for ids in data2:
+                step(ids)
+            sync()
+            pr.disable()
+            buf = io.StringIO()
+            st = pstats.Stats(pr, stream=buf)
+            say(f"  host, {a.cprofile} steps under cProfile ({st.total_tt * 1e3 / a.cprofile:.1f} ms/step); "
+                "by own time, then by cumulative time:")
+            st.sort_stats("tottime").print_stats(a.top)
+            st.sort_stats("cumulative").print_stats(a.top + 10)
+            rows = False
+            for ln in buf.getvalue().splitlines():
+                rows = rows or "ncalls" in ln          # pstats' header; the table follows it
+                if rows and ln.strip():
+                    say("    " + ln.strip()[:160])
         del step, keep, model
         if cuda:
             torch.cuda.empty_cache()
