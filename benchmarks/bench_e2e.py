@@ -507,7 +507,7 @@ def render(args) -> int:
         lines += ["", "Errors:", ""]
         lines += [f"- {config_name(r['batch'], r['seq'], r['ckpt'])} {r['method']}: "
                   f"{r['error'][:400]}" for r in errors]
-    lines += ["", "![peak memory and step time per method](e2e.png)", ""]
+    lines += ["", f"![peak memory and step time per method]({pathlib.Path(args.png).name})", ""]
     md = pathlib.Path(args.md)
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines))
