@@ -196,6 +196,33 @@ def test_lion_matches_user_written_step():
         torch.testing.assert_close(m, m_ref, rtol=2e-6, atol=2e-6)
 
 
+def test_op_write_is_seen_by_autograd(monkeypatch):
+    """The op writes W and its state in place: a graph that saved W before the update refuses
+    to backward through the stale value (as after eager's optimizer.step()), and the schema
+    declares the two mutated arguments (what Inductor and AOTAutograd read). The body here
+    writes through ``.data`` (no version bump of its own), as the GPU kernels write through
+    pointers: the op's own bump is what autograd sees."""
+    def write_behind_autograd(dy, x, param, state, scalars, prog):
+        for t in (param, *state):
+            t.data.add_(1.0)
+    monkeypatch.setattr(flu, "_fused_linear_update_tiled", write_behind_autograd)
+    prog = rules.adamw_program()
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    state = [torch.zeros(8, 6), torch.zeros(8, 6)]
+    loss = (w * w).sum()                                  # saves w for its backward
+    versions = [t._version for t in (w, *state)]
+    with torch.no_grad():
+        torch.ops.forge_compile.fused_linear_update_(torch.randn(4, 8), torch.randn(4, 6), w,
+                                                     state, rules.adamw_scalars(1e-3, step=1),
+                                                     prog.dumps())
+    assert all(t._version > v for t, v in zip((w, *state), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    schema = torch.ops.forge_compile.fused_linear_update_.default._schema
+    assert [a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write] == \
+        ["param", "state"]
+
+
 def test_lr_is_a_runtime_scalar():
     """Two learning rates, one program string: the LR never enters the program."""
     a = rules.adamw_program().dumps()
