@@ -7,9 +7,10 @@
 # when one command may last at most 10 minutes. Rows are appended to
 # benchmarks/results/e2e.jsonl and copied to $OUT after each stage; `--render` also runs on a
 # CPU, so the docs can be remade from a fetched e2e.jsonl.
-# Files under $OUT (flat, at most 8): info.txt e2e.jsonl bench.log e2e_correctness{,_bf16}.json
-# correctness.log e2e{,_bf16}.md e2e{,_bf16}.png (render writes a precision's table only where
-# e2e.jsonl has its rows)
+# Files under $OUT (flat, at most 8, the device's limit): info.txt e2e.jsonl bench.log
+# e2e_correctness{,_bf16}.json correctness.log e2e{,_bf16}.md (render writes a precision's table
+# only where e2e.jsonl has its rows; the charts stay on the device: `--render` remakes them here
+# from the fetched e2e.jsonl)
 # Env: BENCH_BUDGET (s, per bench stage, default 480), BENCH_ARGS (extra driver args, e.g.
 # "--configs 1x512", "--amp bf16" for bf16 autocast), EAGER_METHODS (default
 # eager_foreach,eager_fused,opt_in_backward,floor), COMPILED_METHODS (default
@@ -59,6 +60,6 @@ if [[ $WHAT == all || $WHAT == render ]]; then
       rc=$(( rc | $? ))
     fi
   done
-  cp docs/e2e*.md docs/e2e*.png "$OUT/" 2>/dev/null || true
+  cp docs/e2e*.md "$OUT/" 2>/dev/null || true
 fi
 exit $rc
