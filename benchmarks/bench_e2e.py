@@ -58,6 +58,9 @@ METHODS = ["eager_foreach", "eager_fused", "opt_in_backward", "compile_inductor"
 # (batch, seq, gradient checkpointing)
 CONFIGS = [(1, 512, False), (4, 1024, True), (8, 2048, True)]
 TINY_CONFIGS = [(1, 32, False), (2, 64, True), (4, 64, True)]
+# --warmup / --timed change them (a row records its own); forge's launch plans are keyed by the
+# activations' addresses, which the allocator may still move after 2 steps (docs/README.md,
+# "Under bf16 autocast": timed steps of 60-61 then 41-44 ms at 1x512)
 WARMUP, TIMED = 2, 6
 LR = 1e-4
 # Compiling a 16-layer model (Dynamo + Inductor, fwd + bwd (+ optimizer)) dominates the run;
@@ -238,25 +241,25 @@ def run_one(args) -> dict:
     cfg = llama_config(args.tiny, args.layers)
     row = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                gpu=device_name(device), **versions(), model=model_name(cfg, args.amp), amp=args.amp,
-               batch=batch, seq=seq, ckpt=ckpt, method=args.one, warmup=WARMUP, timed=TIMED, tiny=args.tiny)
+               batch=batch, seq=seq, ckpt=ckpt, method=args.one, warmup=args.warmup, timed=args.timed, tiny=args.tiny)
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
         model = build_model(cfg, device, ckpt)
         n_params = sum(p.numel() for p in model.parameters())
         row.update(params=n_params, resident_GB=round(3 * 4 * n_params / 2**30, 3))
         step, keep = make_method(args.one, model, args.inner, forward_context(args.amp, device.type))
-        data = make_batches(cfg, batch, seq, WARMUP + TIMED, device)
+        data = make_batches(cfg, batch, seq, args.warmup + args.timed, device)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         losses = []
-        for i in range(WARMUP):
+        for i in range(args.warmup):
             losses.append(float(step(data[i])))
         sync()
         row["warmup_s"] = round(time.perf_counter() - t0, 2)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
-        for i in range(WARMUP, WARMUP + TIMED):
+        for i in range(args.warmup, args.warmup + args.timed):
             sync()
             t = time.perf_counter()
             loss = step(data[i])
@@ -314,7 +317,8 @@ def drive(args) -> int:
         elapsed = time.perf_counter() - t_start
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", m, "--batch", str(b),
                "--seq", str(s), *(["--ckpt"] if ck else []), "--device", args.device,
-               "--inner", args.inner, "--amp", args.amp]
+               "--inner", args.inner, "--amp", args.amp, "--warmup", str(args.warmup),
+               "--timed", str(args.timed)]
         if args.tiny:
             cmd.append("--tiny")
         if args.layers is not None:
@@ -475,6 +479,9 @@ def render(args) -> int:
         return f"{v:.2f}" if key == "peak_GB" else f"{v:.1f}"
 
     dates = sorted(r["date"] for r in rows if r.get("date"))
+    # the protocol of the rows shown (one value each unless --warmup / --timed varied)
+    warm, timed = ("/".join(str(v) for v in sorted({r.get(k, d) for r in cell.values() if "error" not in r}))
+                   for k, d in (("warmup", WARMUP), ("timed", TIMED)))
     title = "# End-to-end: 953M Llama, AdamW, forge vs the usual alternatives"
     if args.amp != "none":
         title += f" ({args.amp} autocast)"
@@ -488,7 +495,7 @@ def render(args) -> int:
              f"- dates (UTC): {dates[0]} to {dates[-1]}" if dates else "- dates: ?",
              f"- model: {meta.get('model')}; {meta.get('params', 0):,} parameters; resident "
              f"weights + AdamW m, v = {meta.get('resident_GB', float('nan')):.2f} GiB",
-             f"- per row: {WARMUP} warm-up steps, then {TIMED} timed steps; peak = "
+             f"- per row: {warm} warm-up steps, then {timed} timed steps; peak = "
              "torch.cuda.max_memory_allocated over the timed steps (GiB, 2^30 B); step = median wall "
              "time with torch.cuda.synchronize()",
              "- `+ckpt`: HF `model.gradient_checkpointing_enable(use_reentrant=False)`; floor: frozen "
@@ -569,6 +576,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50, help="--correctness steps")
     p.add_argument("--lr", type=float, default=1e-5, help="--correctness learning rate")
     p.add_argument("--render", action="store_true", help="write docs/e2e.md and docs/e2e.png")
+    p.add_argument("--warmup", type=int, default=WARMUP, help="steps before the timed ones")
+    p.add_argument("--timed", type=int, default=TIMED, help="timed steps (the row's median)")
     p.add_argument("--amp", default="none", choices=AMPS,
                    help="bf16: every method's forward under torch.autocast(bfloat16); --render: "
                         "the table of those rows (docs/e2e_bf16.md, .png)")

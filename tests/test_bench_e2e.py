@@ -62,7 +62,7 @@ def test_render_amp_rows_apart(tmp_path):
     predate the flag) never shows them."""
     pytest.importorskip("matplotlib")
     rows = [_row("forge", 1, 512, False, peak_GB=11.92, step_ms=76.7),                 # no "amp"
-            _row("forge", 1, 512, False, amp="bf16", peak_GB=7.5, step_ms=40.0),
+            _row("forge", 1, 512, False, amp="bf16", peak_GB=7.5, step_ms=40.0, warmup=5, timed=6),
             _row("eager_fused", 1, 512, False, amp="none", peak_GB=14.27, step_ms=83.0)]
     jsonl = tmp_path / "e2e.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -78,6 +78,9 @@ def test_render_amp_rows_apart(tmp_path):
     assert "40.0" not in texts["none"]
     assert "| forge | 7.50 | 40.0 |" in texts["bf16"] and "eager_fused" not in texts["bf16"]
     assert "(bf16 autocast)" in texts["bf16"] and "--render --amp bf16" in texts["bf16"]
+    assert "5 warm-up steps, then 6 timed steps" in texts["bf16"]
+    # rows without "warmup"/"timed" (before --warmup/--timed) ran the defaults
+    assert "2 warm-up steps, then 6 timed steps" in texts["none"]
 
 
 def test_forward_context_autocasts_only_with_amp():
