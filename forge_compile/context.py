@@ -40,6 +40,8 @@ class FusedParam:
     shape: tuple
     gradient_bytes: int          # bytes of the gradient that is never materialised
     rule: str                    # the epilogue program, printable
+    # where the update differs from eager's by design, why and by how much ("": it does not)
+    precision_note: str = ""
 
 
 @dataclasses.dataclass

@@ -93,10 +93,17 @@ class ExplainReport:
         lines.append(f"fused: {len(fused)} parameter(s), gradient bytes eliminated: "
                      f"{self.gradient_bytes_eliminated:,} ({self.gradient_bytes_eliminated / 2**20:.2f} MiB)")
         split = self.split_gemm_blocks
+        notes: Dict[str, List[str]] = {}
         for n, f in fused.items():
             block = split.get(tuple(f.shape))
             lines.append(f"  {n} {tuple(f.shape)} ({f.gradient_bytes:,} B)" + (
-                f", split-GEMM: ≤ {block:,} B of it live at a time" if block else ""))
+                f", split-GEMM: ≤ {block:,} B of it live at a time" if block else "") + (
+                ", differs from eager: see below" if f.precision_note else ""))
+            if f.precision_note:
+                notes.setdefault(f.precision_note, []).append(n)
+        for note, names in notes.items():
+            lines.append(f"differs from eager by design, {len(names)} parameter(s) ({names[0]}"
+                         f"{', ...' if len(names) > 1 else ''}): {note}")
         if split:
             lines.append(f"split-GEMM mode (cuBLAS GEMM per block of rows + the epilogue kernel, "
                          f"chosen by the autotuner): at most {max(split.values()):,} B of one "

@@ -210,6 +210,19 @@ def _flips(n: torch.fx.Node) -> Optional[int]:
     return 0
 
 
+def _precision_note(gemm_dtype: torch.dtype, update_dtype: torch.dtype) -> str:
+    """Where the fused update differs from eager's by design: a GEMM in bf16/fp16 (autocast, or
+    low-precision operands) whose gradient eager rounds to that dtype before casting it up for an
+    fp32/fp64 update; the fused op hands its fp32 accumulator to the update instead. "" if none."""
+    if gemm_dtype not in (torch.bfloat16, torch.float16) or update_dtype not in _FLOAT_DTYPES:
+        return ""
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}[gemm_dtype]
+    u = torch.finfo(gemm_dtype).eps / 2         # unit roundoff: bf16 2^-8, fp16 2^-11
+    return (f"updated from the fp32 accumulator of the {short} GEMM; eager rounds this gradient "
+            f"to {short} first (autocast), so the two updates differ by up to one {short} "
+            f"rounding of the gradient ({u:.1e} relative, 2^{int(math.log2(u))})")
+
+
 def _cast_ok(n: torch.fx.Node) -> bool:
     """A cast inside the gradient chain: only to fp32/fp64 (bf16 → fp32 under autocast)."""
     v = _val(n)
@@ -607,13 +620,15 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         changed = True
         gbytes = math.prod(a.wshape) * torch.empty((), dtype=_val(a.mm).dtype).element_size()
         counters["forge_compile"]["fused"] += 1
+        note = _precision_note(_val(a.mm).dtype, _val(param).dtype)
         if ctx is not None:
             ctx.report.fused[pname] = FusedParam(name=pname, shape=tuple(a.wshape),
-                                                 gradient_bytes=gbytes, rule=str(prog))
+                                                 gradient_bytes=gbytes, rule=str(prog),
+                                                 precision_note=note)
             ctx.report.unfused.pop(pname, None)
             ctx.report.unfused_bytes.pop(pname, None)
-        log.info("forge_compile: fused %s %s (%d gradient bytes never materialised)",
-                 pname, tuple(a.wshape), gbytes)
+        log.info("forge_compile: fused %s %s (%d gradient bytes never materialised)%s",
+                 pname, tuple(a.wshape), gbytes, f"; {note}" if note else "")
     if changed:
         # dead allocations left over (the .grad buffers of the AOT graph: empty([N, K]) with no
         # user once the gradient chain is gone) would otherwise count as gradient-sized buffers
