@@ -276,6 +276,8 @@ def test_autocast_bf16_gemm_fused_with_fp32_gradient():
         assert _rel(p, q) < 5e-4      # bf16 rounding of one gradient is up to 2^-8 ≈ 3.9e-3 per element
     # the difference is said, not silent: every fused weight carries the note, explain() prints it
     assert all("eager rounds this gradient to bf16" in f.precision_note for f in fused.values())
+    # the gradient the update would read is the fp32 cast (eager's .grad), 4 bytes an element
+    assert all(f.gradient_bytes == 4 * f.shape[0] * f.shape[1] for f in fused.values())
     m2 = copy.deepcopy(ref)
     step2 = _make_step(m2, make_optimizer("adamw", m2.parameters()), loss_fn)
     text = str(forge_compile.explain(forge_compile.compile(step2, inner="aot_eager"), *_mlp_data(0)))

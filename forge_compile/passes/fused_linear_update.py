@@ -618,7 +618,10 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         done.update([param] + list(state))
         _rewrite(graph, a, param, state, prog, pos)
         changed = True
-        gbytes = math.prod(a.wshape) * torch.empty((), dtype=_val(a.mm).dtype).element_size()
+        # the gradient the update reads: the GEMM's output, or its cast up (autocast's bf16 GEMM
+        # cast to fp32: eager holds the fp32 one in .grad until the step)
+        gbytes = math.prod(a.wshape) * max(torch.empty((), dtype=d).element_size()
+                                           for d in (_val(a.mm).dtype, _val(param).dtype))
         counters["forge_compile"]["fused"] += 1
         note = _precision_note(_val(a.mm).dtype, _val(param).dtype)
         if ctx is not None:
