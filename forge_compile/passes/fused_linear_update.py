@@ -620,10 +620,10 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         changed = True
         # the gradient the update reads: the GEMM's output, or its cast up (autocast's bf16 GEMM
         # cast to fp32: eager holds the fp32 one in .grad until the step)
-        gbytes = math.prod(a.wshape) * max(torch.empty((), dtype=d).element_size()
-                                           for d in (_val(a.mm).dtype, _val(param).dtype))
+        gemm_dtype, update_dtype = _val(a.mm).dtype, _val(param).dtype
+        gbytes = math.prod(a.wshape) * max(gemm_dtype.itemsize, update_dtype.itemsize)
         counters["forge_compile"]["fused"] += 1
-        note = _precision_note(_val(a.mm).dtype, _val(param).dtype)
+        note = _precision_note(gemm_dtype, update_dtype)
         if ctx is not None:
             ctx.report.fused[pname] = FusedParam(name=pname, shape=tuple(a.wshape),
                                                  gradient_bytes=gbytes, rule=str(prog),
