@@ -80,6 +80,22 @@ def test_no_launch_plan_off_the_gpu():
     assert key is None and flu._plan(key) is None
 
 
+def test_plan_operand_slots_find_dy_and_x():
+    """A plan passes each call's dY and X (their addresses are not in its key): the Triton
+    kernel's launch arguments hold them at the positions _operand_slots finds; one tensor in
+    both roles fills both."""
+    prog = rules.adamw_program()
+    cfg = flu._GPU_CONFIGS[0]
+    dy, x, p = torch.zeros(4, 8), torch.zeros(4, 6), torch.zeros(8, 6)
+    s = [torch.zeros_like(p), torch.zeros_like(p)]
+    sc = rules.adamw_scalars(1e-3, step=1)
+    _, _, args, _ = flu._launch_args(dy, x, p, s, sc, prog, cfg, "ieee", 0)
+    assert flu._operand_slots(dy, x, args, cfg) == ((0, 0, None), (1, 1, None))
+    sq = torch.zeros(4, 8)
+    _, _, args, _ = flu._launch_args(sq, sq, torch.zeros(8, 8), s, sc, prog, cfg, "ieee", 0)
+    assert {w for _, w, _ in flu._operand_slots(sq, sq, args, cfg)} == {0, 1}
+
+
 # ============================================================================ GPU
 def _case(T, N=512, K=768, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -219,3 +235,37 @@ def test_gpu_op_plan_equals_the_first_call(monkeypatch):
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     assert not torch.equal(outs[0][0], p0)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["ws", "triton"])
+def test_gpu_launch_plan_takes_each_calls_activations(monkeypatch, kind):
+    """Activations at other addresses (a step whose dY and X the allocator placed elsewhere) run
+    the plan made for the first ones, and the plan reads theirs: bit for bit what the full path
+    writes for them, not what it wrote for the first."""
+    cfg = flu._GPU_WS_CONFIGS[0] if kind == "ws" else flu._GPU_CONFIGS[0]
+    prog = rules.adamw_program()
+    dy, x, p, s = _case(64, seed=5)
+    dy2, x2, _, _ = _case(64, seed=6)            # same layout, other values and addresses
+    assert dy2.data_ptr() != dy.data_ptr() and x2.data_ptr() != x.data_ptr()
+    if cfg.WS:
+        why = _ws().ws_unsupported_reason(dy, x, p, s) or _ws().ws_unsupported_reason(dy2, x2, p, s)
+        if why:
+            pytest.skip(why)
+    p0, s0 = p.clone(), [t.clone() for t in s]
+    sc = rules.adamw_scalars(1e-2, step=5, device="cpu")
+    made0, hits0 = flu.PLAN_STATS["made"], flu.PLAN_STATS["hits"]
+    outs = []
+    for a, b in ((dy, x), (dy2, x2), (dy, x), (dy2, x)):
+        _reset(p, s, p0, s0)
+        flu.fused_linear_update_triton(a, b, p, s, sc, prog, config=cfg, seed=0)
+        outs.append([t.clone() for t in (p, *s)])
+    assert flu.PLAN_STATS["made"] - made0 == 1 and flu.PLAN_STATS["hits"] - hits0 == 3
+    monkeypatch.setenv(launch_cache.ENV_LAUNCH_CACHE, "0")      # the full path, no plans
+    for i, (a, b) in enumerate(((dy, x), (dy2, x2), (dy, x), (dy2, x))):
+        _reset(p, s, p0, s0)
+        flu.fused_linear_update_triton(a, b, p, s, sc, prog, config=cfg, seed=0)
+        for u, v in zip(outs[i], (p, *s)):
+            assert torch.equal(u, v), (kind, i)
+    assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[1][0], outs[3][0])

@@ -988,8 +988,39 @@ def _run(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, 
     ck = launch_cache.launch(k, grid, *args, **kwargs)
     if plan_key is not None:        # the launch a repeated call makes again (_Plan)
         _remember_plan(plan_key, k, ck, grid, args, kwargs, scalars,
-                       param.dtype == torch.bfloat16)
+                       param.dtype == torch.bfloat16, _operand_slots(dy, x, args, cfg))
     return ck
+
+
+def _operand_slots(dy, x, args, cfg: KernelConfig) -> tuple:
+    """Where a launch's arguments hold dY and X, so that a plan can take each call's own:
+    ``(position, 0 for dY / 1 for X, None for a pointer or the function that makes the
+    descriptor of an address)``. Found by identity among the arguments the launch was built
+    with (the Triton kernel's pointers; the WS kernel's TMA descriptors, and its pointers with
+    WS_PREFETCH_GEMM)."""
+    slots = []
+    descs = {}
+    if cfg.WS:
+        from forge_compile.kernels.fused_linear_update_ws import desc
+        for which, (t, cols) in enumerate(((dy, cfg.BLOCK_N), (x, cfg.BLOCK_K))):
+            block, shape, strides = (cfg.BLOCK_T, cols), tuple(t.shape), t.stride()
+            d = desc(t, list(block), cfg.WS_CLUSTER)
+            descs[id(d)] = (which, functools.partial(_ws_desc_at, shape=shape, strides=strides,
+                                                     dtype=t.dtype, block=block,
+                                                     cluster=cfg.WS_CLUSTER))
+    for at, a in enumerate(args):
+        if a is dy or a is x:
+            slots.append((at, 0 if a is dy else 1, None))
+        elif id(a) in descs:
+            slots.append((at, *descs[id(a)]))
+    if dy is x:         # one tensor in both roles: its slots are X's too
+        slots += [(at, 1, make) for at, which, make in slots if which == 0]
+    return tuple(slots)
+
+
+def _ws_desc_at(ptr: int, *, shape, strides, dtype, block, cluster):
+    from forge_compile.kernels.fused_linear_update_ws import _desc_of
+    return _desc_of(ptr, shape, strides, dtype, block, cluster)
 
 
 def _split_rows(cfg: KernelConfig, N: int, K: int) -> int:
@@ -1111,7 +1142,7 @@ def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List
     key = _plan_key(dy, x, param, state, scalars, program, config, scalar_pointers)
     plan = _plan(key)
     if plan is not None:
-        return plan.run(scalars, seed)
+        return plan.run(scalars, seed, dy, x)
     prog = load_program(program)
     _check(dy, x, param, state, prog)
     why = triton_unsupported_reason(dy, x, param, state, scalars, prog)
@@ -1173,14 +1204,21 @@ class _Plan:
     """One launch's compiled kernel, grid and argument values (signature order); per call the
     seed (position ``seed_at``) and the scalars passed by value (``by_value``: (position, scalar
     index)) are set."""
-    __slots__ = ("ck", "grid", "vals", "seed_at", "by_value", "bf16")
+    __slots__ = ("ck", "grid", "vals", "seed_at", "by_value", "bf16", "operands", "ptrs")
 
-    def __init__(self, ck, grid, vals, seed_at, by_value, bf16):
+    def __init__(self, ck, grid, vals, seed_at, by_value, bf16, operands=(), ptrs=(0, 0)):
         self.ck, self.grid, self.vals, self.seed_at = ck, grid, vals, seed_at
         self.by_value, self.bf16 = by_value, bf16
+        self.operands, self.ptrs = operands, ptrs
 
-    def run(self, scalars, seed: Optional[int]):
+    def run(self, scalars, seed: Optional[int], dy: Optional[Tensor] = None,
+            x: Optional[Tensor] = None):
         vals = list(self.vals)
+        if dy is not None:
+            ptrs = (dy.data_ptr(), x.data_ptr())
+            if ptrs != self.ptrs:       # the activations moved: this call's, same layout
+                for at, which, make in self.operands:
+                    vals[at] = ptrs[which] if make is None else make(ptrs[which])
         vals[self.seed_at] = seed if seed is not None else _default_seed(self.bf16)
         for at, i in self.by_value:
             vals[at] = float(scalars[i])
@@ -1194,11 +1232,16 @@ def _plan_key(dy, x, param, state, scalars, program, config, scalar_pointers) ->
     tensor's address, shape, strides, dtype and device; each scalar's kind (a GPU tensor's
     address, dtype, shape and device; a CPU tensor's dtype and shape or a number's type: their
     values are read per call); the program, the config asked for, the options read from the
-    environment and torch's TF32 flag. None (no plan) off the GPU."""
+    environment and torch's TF32 flag. None (no plan) off the GPU.
+    dY and X (activations: the caching allocator may hand a step other addresses than the last)
+    are keyed by their address mod 16 only, what the checks (TMA's 16-byte base) and Triton's
+    pointer specialisation read of it; the plan passes each call's own (``_Plan.run``)."""
     if not param.is_cuda:
         return None
-    return (tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.get_device())
-                  for t in (dy, x, param, *state)),
+    return (tuple((t.data_ptr() % 16, t.shape, t.stride(), t.dtype, t.get_device())
+                  for t in (dy, x)),
+            tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.get_device())
+                  for t in (param, *state)),
             tuple(_scalar_key(s) for s in scalars),
             program, config, scalar_pointers, os.environ.get(ENV_SPLIT_GEMM),
             os.environ.get(ENV_NO_TUNE), os.environ.get(ENV_FP32_DOT), _mm_tf32())
@@ -1223,7 +1266,8 @@ def _plan(key: Optional[tuple]) -> "Optional[_Plan]":
     return plan
 
 
-def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool) -> None:
+def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool,
+                   operands: tuple = ()) -> None:
     bound = launch_cache.bound(jit, args, kwargs)
     if bound is None or ck is None:
         return
@@ -1234,8 +1278,18 @@ def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool)
     # weight or state alive, and one for a freed tensor is right for a new tensor the key
     # describes the same way (the descriptors, _desc_of, work the same way)
     vals = tuple(v.data_ptr() if isinstance(v, Tensor) else v for v in vals)
+    # a plan takes each call's dY and X (its key has no address of theirs): without a slot
+    # for each, no plan (a call would read the first call's activations)
+    covered = {which for _, which, _ in operands}
+    if covered != {0, 1}:
+        return
+    # the addresses of dY and X this launch was made with: a call at the same ones passes vals
+    # as they are
+    ptrs = [0, 0]
+    for at, which, make in operands:
+        ptrs[which] = vals[at] if make is None else vals[at].base.data_ptr()
     _PLANS[key] = _Plan(ck, launch_cache.grid3(grid), vals, names.index("seed"), by_value,
-                        bf16)
+                        bf16, operands, tuple(ptrs))
     PLAN_STATS["made"] += 1
     while len(_PLANS) > _PLANS_MAX:
         _PLANS.popitem(last=False)
@@ -1266,7 +1320,7 @@ def _fused_linear_update_impl(dy: Tensor, x: Tensor, param: Tensor, state: List[
     key = _plan_key(dy, x, param, state, scalars, program, None, None)
     plan = _plan(key)
     if plan is not None:
-        plan.run(scalars, None)
+        plan.run(scalars, None, dy, x)
         return
     prog = load_program(program)
     _check(dy, x, param, state, prog)
