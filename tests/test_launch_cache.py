@@ -269,3 +269,74 @@ def test_gpu_launch_plan_takes_each_calls_activations(monkeypatch, kind):
         for u, v in zip(outs[i], (p, *s)):
             assert torch.equal(u, v), (kind, i)
     assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[1][0], outs[3][0])
+
+
+class _RecordingKernel:
+    """Stands in for a CompiledKernel: ``ck[grid](*vals)`` records the values a plan passes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *vals: self.calls.append(vals)
+
+
+def test_plan_ws_slots_rebuild_each_calls_descriptors(monkeypatch):
+    """The WS kernel's launch: _operand_slots finds dY's and X's TMA descriptors, and a plan made
+    from it hands a call at other addresses descriptors of those addresses (the same block,
+    layout, shape and strides as the full path builds for them), and the first call's own
+    values when the addresses are the first call's. Built on CPU tensors (no launch)."""
+    ws = _ws()
+    if ws._gluon_hopper():
+        pytest.skip(ws._gluon_hopper())
+    monkeypatch.setattr(ws, "_num_sms", lambda index: 132)
+    cfg = flu._GPU_WS_CONFIGS[0]
+    prog = rules.adamw_program()
+    T, N, K = 64, 256, 384
+    dy, x = torch.zeros(T, N, dtype=torch.bfloat16), torch.zeros(T, K, dtype=torch.bfloat16)
+    dy2, x2 = torch.zeros(T, N, dtype=torch.bfloat16), torch.zeros(T, K, dtype=torch.bfloat16)
+    p = torch.zeros(N, K)
+    s = [torch.zeros(N, K), torch.zeros(N, K)]
+    sc = rules.adamw_scalars(1e-3, step=1)
+    k, grid, args, kwargs = ws.ws_launch_args(dy, x, p, s, sc, prog, cfg)
+    slots = flu._operand_slots(dy, x, args, cfg)
+    assert sorted((at, which) for at, which, _ in slots) == [(0, 0), (1, 1)]
+    full = ws.ws_launch_args(dy2, x2, p, s, sc, prog, cfg)[2]      # the full path's, for dy2/x2
+    for at, which, make in slots:
+        d, want = make((dy2, x2)[which].data_ptr()), full[at]
+        assert d.base.data_ptr() == want.base.data_ptr() and d.base.dtype == want.base.dtype
+        assert (list(d.shape), list(d.strides), list(d.block_shape), d.layout) == \
+            (list(want.shape), list(want.strides), list(want.block_shape), want.layout)
+    # a plan over these values: other addresses get their descriptors, the first ones the
+    # remembered values themselves
+    # (one more value at the end stands for the seed a plan sets per call)
+    vals = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v in args) + (None,)
+    ptrs = tuple(vals[at].base.data_ptr() for at, _, _ in sorted(slots, key=lambda t: t[1]))
+    ck = _RecordingKernel()
+    plan = flu._Plan(ck, (1, 1, 1), vals, len(vals) - 1, [], False, slots, ptrs)
+    plan.run([], 0, dy2, x2)
+    plan.run([], 0, dy, x)
+    moved, same = (c[:-1] for c in ck.calls)
+    vals = vals[:-1]
+    assert moved[0].base.data_ptr() == dy2.data_ptr() and moved[1].base.data_ptr() == x2.data_ptr()
+    assert same[0] is vals[0] and same[1] is vals[1]
+    assert moved[2:] == same[2:] == vals[2:]
+
+
+def test_plan_triton_slots_take_each_calls_pointers():
+    """The Triton kernel's launch: a plan passes each call's dY and X addresses at their slots."""
+    prog = rules.adamw_program()
+    cfg = flu._GPU_CONFIGS[0]
+    dy, x, p = torch.zeros(4, 8), torch.zeros(4, 6), torch.zeros(8, 6)
+    s = [torch.zeros_like(p), torch.zeros_like(p)]
+    _, _, args, _ = flu._launch_args(dy, x, p, s, rules.adamw_scalars(1e-3, step=1), prog, cfg,
+                                     "ieee", 0)
+    slots = flu._operand_slots(dy, x, args, cfg)
+    vals = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v in args) + (None,)
+    ck = _RecordingKernel()
+    plan = flu._Plan(ck, (1, 1, 1), vals, len(vals) - 1, [], False, slots,
+                     (dy.data_ptr(), x.data_ptr()))
+    dy2, x2 = torch.zeros(4, 8), torch.zeros(4, 6)
+    plan.run([], 0, dy2, x2)
+    moved, vals = ck.calls[0][:-1], vals[:-1]
+    assert moved[:2] == (dy2.data_ptr(), x2.data_ptr()) and moved[2:] == vals[2:]
