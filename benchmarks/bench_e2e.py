@@ -14,6 +14,9 @@ checkpointing (``use_reentrant=False``, which Dynamo can trace). Methods:
                     then drops the gradient (the PyTorch "optimizer in backward" recipe)
   compile_inductor  torch.compile(model) + a torch.compile'd opt.step() (default AdamW)
   forge             torch.compile(train_step, backend="forge") (default AdamW: foreach on CUDA)
+  compile_reduce_overhead, forge_reduce_overhead
+                    the same two with mode="reduce-overhead": Inductor replays each compiled
+                    graph from a CUDA graph (torch.compiler.cudagraph_mark_step_begin() per step)
   floor             frozen weights (no weight gradient, no step), the embedding output requires
                     grad so backward still runs through every layer; AdamW's m and v are kept
                     resident as zeros, so the floor holds the same bytes as every other method
@@ -54,7 +57,8 @@ CORRECTNESS_OUT = RESULTS / "e2e_correctness.json"
 AMPS = ("none", "bf16")
 DOCS = ROOT / "docs"
 
-METHODS = ["eager_foreach", "eager_fused", "opt_in_backward", "compile_inductor", "forge", "floor"]
+METHODS = ["eager_foreach", "eager_fused", "opt_in_backward", "compile_inductor", "forge", "floor",
+           "compile_reduce_overhead", "forge_reduce_overhead"]
 # (batch, seq, gradient checkpointing)
 CONFIGS = [(1, 512, False), (4, 1024, True), (8, 2048, True)]
 TINY_CONFIGS = [(1, 32, False), (2, 64, True), (4, 64, True)]
@@ -65,7 +69,7 @@ WARMUP, TIMED = 2, 6
 LR = 1e-4
 # Compiling a 16-layer model (Dynamo + Inductor, fwd + bwd (+ optimizer)) dominates the run;
 # these methods get the longer per-process limit and run after the cheap ones.
-COMPILED = ("forge", "compile_inductor")
+COMPILED = ("forge", "compile_inductor", "forge_reduce_overhead", "compile_reduce_overhead")
 
 
 def config_name(batch: int, seq: int, ckpt: bool) -> str:
@@ -172,15 +176,20 @@ def make_method(method: str, model, inner: str, fwd=contextlib.nullcontext):
             loss.backward()
             return loss.detach()
         return step, (opts, handles)
-    if method == "compile_inductor":
+    # mode="reduce-overhead": CUDA graphs; a new step tells Inductor's graph trees that the
+    # previous step's outputs are dead (its loss has been read by then)
+    mode = "reduce-overhead" if method.endswith("_reduce_overhead") else None
+    mark_step = torch.compiler.cudagraph_mark_step_begin if mode else (lambda: None)
+    if method in ("compile_inductor", "compile_reduce_overhead"):
         opt = torch.optim.AdamW(params, lr=LR)
-        cmodel = torch.compile(model)
+        cmodel = torch.compile(model, mode=mode)
 
-        @torch.compile
+        @torch.compile(mode=mode)
         def opt_step():
             opt.step()
 
         def step(ids):
+            mark_step()
             with fwd():
                 loss = cmodel(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -188,11 +197,16 @@ def make_method(method: str, model, inner: str, fwd=contextlib.nullcontext):
             opt.zero_grad(set_to_none=True)
             return loss.detach()
         return step, (opt, cmodel)
-    if method == "forge":
+    if method in ("forge", "forge_reduce_overhead"):
         opt = torch.optim.AdamW(params, lr=LR)
         options = {} if inner == "inductor" else {"inner": inner}
-        return torch.compile(plain_step(model, opt, fwd), backend="forge",
-                             options=options or None), opt
+        compiled = torch.compile(plain_step(model, opt, fwd), backend="forge", mode=mode,
+                                 options=options or None)
+
+        def step(ids):
+            mark_step()
+            return compiled(ids)
+        return step, (opt, compiled)
     if method == "floor":
         # m and v of AdamW stay resident (zeros): the floor differs from the others only by the
         # weight gradients and the update it never makes

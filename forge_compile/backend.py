@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -126,6 +126,27 @@ def _run_forge_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.Gr
     return gm
 
 
+def inductor_mode_patches(mode: Optional[str], inner: str) -> Dict[str, Any]:
+    """Inductor's config for a torch.compile ``mode`` (torch._inductor.list_mode_options), e.g.
+    {"triton.cudagraphs": True} for "reduce-overhead"; a mode forge cannot honour fails fast."""
+    from torch._inductor import list_mode_options
+    if mode in (None, "default"):
+        return {}
+    modes = [m for m in list_mode_options() if m != "default"]
+    if mode not in modes:
+        raise ValueError(f"forge_compile: unknown mode {mode!r}; use one of "
+                         f"{', '.join(map(repr, modes))}, or drop mode=")
+    if inner != "inductor":
+        raise ValueError(f"forge_compile: mode={mode!r} is an Inductor mode and inner={inner!r} "
+                         f"compiles without Inductor; drop mode= or use inner='inductor'")
+    patches = dict(list_mode_options(mode))
+    if patches.get("use_post_grad_passes") is False:
+        # "lite" (torch 2.13): the rewrite is a post-grad pass, so it would silently not run
+        raise ValueError(f"forge_compile: mode={mode!r} turns off Inductor's post-grad passes, "
+                         f"where forge's rewrite runs; drop mode= or use 'reduce-overhead'")
+    return patches
+
+
 class ForgeBackend:
     """The forge compiler function: ``backend(gm, example_inputs, **torch_compile_kwargs)``."""
 
@@ -143,14 +164,12 @@ class ForgeBackend:
         options = self.options
         user = dict(kwargs.pop("options", None) or {})
         mode = kwargs.pop("mode", None)
-        if mode not in (None, "default"):
-            raise ValueError(f"forge_compile: mode={mode!r} is not supported; drop mode= or use "
-                             f"forge_compile.compile(fn, **options)")
         if kwargs:
             raise TypeError(f"forge_compile: unexpected arguments {sorted(kwargs)}")
         fused_linear_update_kernels.check_env()
         if user:
             options = ForgeOptions.from_kwargs(**{**dataclasses.asdict(options), **user})
+        mode_patches = inductor_mode_patches(mode, options.inner)
         self.compiles += 1
         cid = torch._guards.CompileContext.current_compile_id()
         report = CompileReport(graph_index=self.compiles,
@@ -161,7 +180,7 @@ class ForgeBackend:
                  self.compiles, len(example_inputs), options.fuse, options.inner)
         with capture.forge_compiling():
             if options.inner == "inductor":
-                compiled = self._inductor(gm, example_inputs, ctx)
+                compiled = self._inductor(gm, example_inputs, ctx, mode_patches)
             else:
                 compiled = self._aot_eager(gm, example_inputs, ctx)
         # Reported only once compiled: Dynamo may abandon an attempt and trace again (e.g. a
@@ -171,7 +190,7 @@ class ForgeBackend:
         return compiled
 
     @staticmethod
-    def _inductor(gm, example_inputs, ctx: PassContext):
+    def _inductor(gm, example_inputs, ctx: PassContext, mode_patches: Dict[str, Any]):
         import contextlib
         import torch._functorch.config as functorch_config
         from torch._inductor.compile_fx import compile_fx
@@ -180,7 +199,7 @@ class ForgeBackend:
         # each weight-gradient GEMM and norm-weight reduction to the optimizer at the end of the
         # graph and keeps their activations alive through the whole backward (2-layer h2048
         # Llama, 1×256 + checkpointing, CPU graph: activations still live at the optimizer).
-        patches = {"reorder_for_locality": False}
+        patches = {**mode_patches, "reorder_for_locality": False}
         cache_off = contextlib.nullcontext()
         if ctx.options.fuse:
             patches["post_grad_custom_pre_pass"] = ForgePostGradPass(ctx)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device check of the forge passes (torch 2.11): the pass/unroll tests and a subset of the e2e
-# tests on CPU tensors under 2.11, then one CUDA step function (AdamW defaults: foreach=True,
-# capturable set by Dynamo) through Inductor vs eager. Logs under $OUT.
+# tests on CPU tensors under 2.11 (SKIP_CPU=1: not), the e2e tests marked gpu, then one CUDA step
+# function (AdamW defaults: foreach=True, capturable set by Dynamo) through Inductor vs eager.
+# Logs under $OUT.
 set -uo pipefail
 OUT="${OUT:-/tmp/forge_out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -14,6 +15,9 @@ python3 -m pytest -q -p no:cacheprovider tests/test_fused_linear_update_e2e.py \
   -k "mlp_matches or inductor or transformer_matches_eager[adamw] or foreach_adam or clip or autocast" \
   2>&1 | tee "$OUT/e2e_211.log" | tail -15
 fi
+# the GPU end-to-end tests (mode="reduce-overhead": the fused step replayed from a CUDA graph)
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fused_linear_update_e2e.py \
+  2>&1 | tee "$OUT/e2e_gpu.log" | tail -15
 cd tests && python3 - <<'PY' 2>&1 | tee "$OUT/cuda_adamw.log" | grep -v Warn | tail -30
 import copy, torch, forge_compile
 import test_fused_linear_update_e2e as t

@@ -326,3 +326,69 @@ def test_fused_updates_run_inside_the_backward(kind, opt_name, inner):
                     + [pos[u] for u in readers if pos[u] < pos[op]])
         between = [nodes[i].name for i in mms if ready < i < pos[op]]
         assert not between, f"{op.name} waits behind GEMMs {between}"
+
+
+# -- torch.compile modes: CUDA graphs ("reduce-overhead") -----------------------------------------
+
+@pytest.mark.parametrize("mode,options,needle", [
+    ("reduce_overhead", {}, "unknown mode 'reduce_overhead'; use one of"),
+    ("reduce-overhead", {"inner": "aot_eager"}, "use inner='inductor'"),
+])
+def test_mode_forge_cannot_honour_fails_fast(mode, options, needle):
+    step = _make_step(MLP(), make_optimizer("adamw", MLP().parameters()), _mlp_loss)
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        forge_compile.compile(step, mode=mode, **options)
+
+
+def test_lite_mode_would_skip_the_rewrite_and_fails_fast():
+    from torch._inductor import list_mode_options
+    if "lite" not in list_mode_options():
+        pytest.skip("this torch has no mode='lite'")
+    step = _make_step(MLP(), make_optimizer("adamw", MLP().parameters()), _mlp_loss)
+    with pytest.raises(ValueError, match="turns off Inductor's post-grad passes"):
+        forge_compile.compile(step, mode="lite")
+
+
+def _run_mode(kind, mode, device, steps):
+    """forge with torch.compile's ``mode`` against eager AdamW on ``device``; the reports."""
+    model, ref, opt, ref_opt, loss_fn, data = _setup(kind, "adamw")
+    model, ref = model.to(device), ref.to(device)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge", mode=mode)
+    eager = _make_step(ref, ref_opt, loss_fn)
+    losses = []
+    with listen() as reports:
+        for i in range(steps):
+            batch = [t.to(device) for t in data(i)]
+            # a CUDA-graph replay overwrites the previous step's outputs: read the loss now
+            losses.append(compiled(*batch).item())
+            assert losses[-1] == pytest.approx(eager(*batch).item(), rel=1e-5)
+    _assert_close(model, ref, opt, ref_opt)
+    fused = {}
+    for r in reports:
+        fused.update(r.fused)
+    _fused_names_ok(model, fused)
+    return reports
+
+
+def test_reduce_overhead_reaches_inductor_on_cpu():
+    """mode="reduce-overhead" reaches Inductor as its CUDA-graph switch: on CPU tensors
+    Inductor says it skips CUDA graphs for the CPU device (one skip, one graph), and the step is
+    fused and exact as without the mode."""
+    _run_mode("mlp", "reduce-overhead", "cpu", steps=4)
+    assert counters["inductor"]["cudagraph_skips"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mlp", "lm"])
+def test_gpu_reduce_overhead_replays_fused_step_from_cuda_graph(kind):
+    """On CUDA the whole fused step (forward, backward, the fused kernels, the rest of AdamW)
+    is recorded once and replayed: no CUDA-graph skip, a recorded graph in Inductor's tree, and
+    20 steps of parameters and state within fp32's 1e-5 of eager."""
+    from torch._inductor import cudagraph_trees
+    reports = _run_mode(kind, "reduce-overhead", "cuda", steps=STEPS)
+    assert len(reports) == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    assert manager is not None and sum(len(v) for v in manager.roots.values()) >= 1
