@@ -562,7 +562,10 @@ def render(args) -> int:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(methods))
-    for ax, key, label in ((axes[0], "peak_GB", "peak GiB (max_memory_allocated)"),
+    peak_label = "peak GiB (max_memory_allocated" + (
+        "; *_reduce_overhead + graph pools)" if any(m.endswith("_reduce_overhead") for m in methods)
+        else ")")
+    for ax, key, label in ((axes[0], "peak_GB", peak_label),
                            (axes[1], "step_ms", "step ms (median)")):
         for j, m in enumerate(methods):
             xs, ys = [], []
