@@ -43,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager"],
                    help="compiler forge hands the rewritten graph to")
     p.add_argument("--no-fuse", action="store_true", help="capture the step but fuse nothing")
+    p.add_argument("--mode", default=None,
+                   choices=["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode, passed to Inductor (reduce-overhead: CUDA graphs, "
+                        "for small host-bound steps on a GPU; needs --inner inductor)")
     p.add_argument("--compare-eager", action="store_true",
                    help="also train the eager baseline (same seed, same batches) and compare")
     p.add_argument("--batch", type=int, default=8)
@@ -108,7 +112,7 @@ def train(label, args, device, compiled: bool) -> dict:
     t0 = time.perf_counter()
     first = None
     if compiled:
-        step = forge_compile.compile(step, fuse=not args.no_fuse, inner=args.inner)
+        step = forge_compile.compile(step, fuse=not args.no_fuse, inner=args.inner, mode=args.mode)
         x, y = (t.to(device) for t in next(stream))
         report = forge_compile.explain(step, x, y)        # compiles, runs step 1 for real
         sync(device)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
     cfg = dataclasses.asdict(fr["cfg"])
     print(f"model: {fr['n_params']:,} parameters, {cfg}")
     print(f"batch {args.batch} x seq {args.seq}, {args.steps} steps, AdamW lr {args.lr}, "
-          f"inner={args.inner}, fuse={not args.no_fuse}")
+          f"inner={args.inner}, fuse={not args.no_fuse}, mode={args.mode or 'default'}")
     for r in runs:
         print(f"final loss ({r['label']}): {r['losses'][-1]:.4f} "
               f"(first {r['losses'][0]:.4f}, mean of last 10 {statistics.fmean(r['losses'][-10:]):.4f})")
