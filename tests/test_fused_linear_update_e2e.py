@@ -379,11 +379,12 @@ def _run_mode(kind, mode, device, steps):
     return reports, graphs
 
 
-def test_reduce_overhead_reaches_inductor_on_cpu():
-    """mode="reduce-overhead" reaches Inductor as its CUDA-graph switch: on CPU tensors
-    Inductor says it skips CUDA graphs for the CPU device (one skip, one graph), and the step is
-    fused and exact as without the mode."""
-    _, graphs = _run_mode("mlp", "reduce-overhead", "cpu", steps=4)
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cudagraph_modes_reach_inductor_on_cpu(mode):
+    """A mode with CUDA graphs reaches Inductor as its CUDA-graph switch: on CPU tensors Inductor
+    says it skips CUDA graphs for the CPU device (one skip, one graph), and the step is fused and
+    exact as without the mode."""
+    _, graphs = _run_mode("mlp", mode, "cpu", steps=4)
     assert graphs == 0
     assert counters["inductor"]["cudagraph_skips"] == 1
 
