@@ -16,7 +16,8 @@ checkpointing (``use_reentrant=False``, which Dynamo can trace). Methods:
   forge             torch.compile(train_step, backend="forge") (default AdamW: foreach on CUDA)
   compile_reduce_overhead, forge_reduce_overhead
                     the same two with mode="reduce-overhead": Inductor replays each compiled
-                    graph from a CUDA graph (torch.compiler.cudagraph_mark_step_begin() per step)
+                    graph from a CUDA graph (torch.compiler.cudagraph_mark_step_begin() per step);
+                    forge_reduce_overhead fails fast on main (CUDA graphs: branch wip/cudagraphs)
   floor             frozen weights (no weight gradient, no step), the embedding output requires
                     grad so backward still runs through every layer; AdamW's m and v are kept
                     resident as zeros, so the floor holds the same bytes as every other method
