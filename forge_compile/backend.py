@@ -151,7 +151,7 @@ def inductor_mode_patches(mode: Optional[str], inner: str) -> Dict[str, Any]:
     if patches.get("use_post_grad_passes") is False:
         # "lite" (torch 2.13): the rewrite is a post-grad pass, so it would silently not run
         raise ValueError(f"forge_compile: mode={mode!r} turns off Inductor's post-grad passes, "
-                         f"where forge's rewrite runs; drop mode= or use 'reduce-overhead'")
+                         f"where forge's rewrite runs; drop mode= or use 'max-autotune-no-cudagraphs'")
     return patches
 
 
