@@ -514,6 +514,7 @@ def render(args) -> int:
         return f"{v:.2f}" if key == "peak_GB" else f"{v:.1f}"
 
     dates = sorted(r["date"] for r in rows if r.get("date"))
+    graph_rows = any(m.endswith("_reduce_overhead") for m in methods)    # peaks include pools
     # the protocol of the rows shown (one value each unless --warmup / --timed varied)
     warm, timed = ("/".join(str(v) for v in sorted({r.get(k, d) for r in cell.values() if "error" not in r}))
                    for k, d in (("warmup", WARMUP), ("timed", TIMED)))
@@ -534,7 +535,7 @@ def render(args) -> int:
              "torch.cuda.max_memory_allocated over the timed steps (GiB, 2^30 B)"
              + ("; `*_reduce_overhead`: plus the bytes the CUDA graphs' private pools reserve "
                 "beyond what is allocated in them (a replay's intermediates, which that counter "
-                "does not see)" if any(m.endswith("_reduce_overhead") for m in methods) else "")
+                "does not see)" if graph_rows else "")
              + "; step = median wall time with torch.cuda.synchronize()",
              "- `+ckpt`: HF `model.gradient_checkpointing_enable(use_reentrant=False)`; floor: frozen "
              "weights, backward to the embedding output, no step (m, v kept resident)", "",
@@ -564,8 +565,7 @@ def render(args) -> int:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(methods))
     peak_label = "peak GiB (max_memory_allocated" + (
-        "; *_reduce_overhead + graph pools)" if any(m.endswith("_reduce_overhead") for m in methods)
-        else ")")
+        "; *_reduce_overhead + graph pools)" if graph_rows else ")")
     for ax, key, label in ((axes[0], "peak_GB", peak_label),
                            (axes[1], "step_ms", "step ms (median)")):
         for j, m in enumerate(methods):

@@ -1019,6 +1019,8 @@ def _operand_slots(dy, x, args, cfg: KernelConfig) -> tuple:
 
 
 def _ws_desc_at(ptr: int, *, shape, strides, dtype, block, cluster):
+    # positional: _desc_of's lru_cache keys keyword and positional calls apart, and the full
+    # path (desc) calls it positionally, so a plan back at a full path's address reuses its entry
     from forge_compile.kernels.fused_linear_update_ws import _desc_of
     return _desc_of(ptr, shape, strides, dtype, block, cluster)
 
@@ -1206,19 +1208,17 @@ class _Plan:
     index)) are set."""
     __slots__ = ("ck", "grid", "vals", "seed_at", "by_value", "bf16", "operands", "ptrs")
 
-    def __init__(self, ck, grid, vals, seed_at, by_value, bf16, operands=(), ptrs=(0, 0)):
+    def __init__(self, ck, grid, vals, seed_at, by_value, bf16, operands, ptrs):
         self.ck, self.grid, self.vals, self.seed_at = ck, grid, vals, seed_at
         self.by_value, self.bf16 = by_value, bf16
         self.operands, self.ptrs = operands, ptrs
 
-    def run(self, scalars, seed: Optional[int], dy: Optional[Tensor] = None,
-            x: Optional[Tensor] = None):
+    def run(self, scalars, seed: Optional[int], dy: Tensor, x: Tensor):
         vals = list(self.vals)
-        if dy is not None:
-            ptrs = (dy.data_ptr(), x.data_ptr())
-            if ptrs != self.ptrs:       # the activations moved: this call's, same layout
-                for at, which, make in self.operands:
-                    vals[at] = ptrs[which] if make is None else make(ptrs[which])
+        ptrs = (dy.data_ptr(), x.data_ptr())
+        if ptrs != self.ptrs:       # the activations moved: this call's, same layout
+            for at, which, make in self.operands:
+                vals[at] = ptrs[which] if make is None else make(ptrs[which])
         vals[self.seed_at] = seed if seed is not None else _default_seed(self.bf16)
         for at, i in self.by_value:
             vals[at] = float(scalars[i])
@@ -1267,7 +1267,7 @@ def _plan(key: Optional[tuple]) -> "Optional[_Plan]":
 
 
 def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool,
-                   operands: tuple = ()) -> None:
+                   operands: tuple) -> None:
     bound = launch_cache.bound(jit, args, kwargs)
     if bound is None or ck is None:
         return
