@@ -140,19 +140,19 @@ def inductor_mode_patches(mode: Optional[str], inner: str) -> Dict[str, Any]:
         raise ValueError(f"forge_compile: mode={mode!r} is an Inductor mode and inner={inner!r} "
                          f"compiles without Inductor; drop mode= or use inner='inductor'")
     patches = dict(list_mode_options(mode))
-    if patches.get("triton.cudagraphs"):
-        # A replay runs what the capture launched, not the host code around it, and the fused
-        # op reads a CPU scalar (the lr tensor the capture puts in param_groups, 1 - lr·wd) on
-        # the host: an LR schedule could leave the fused updates at the captured lr. The fix
-        # (those scalars read on the GPU) and its GPU test: branch wip/cudagraphs, not yet run.
-        raise ValueError(f"forge_compile: mode={mode!r} replays CUDA graphs, which forge does not "
-                         f"support yet (an LR schedule may not reach the fused updates); drop "
-                         f"mode= or use 'max-autotune-no-cudagraphs'")
     if patches.get("use_post_grad_passes") is False:
         # "lite" (torch 2.13): the rewrite is a post-grad pass, so it would silently not run
         raise ValueError(f"forge_compile: mode={mode!r} turns off Inductor's post-grad passes, "
                          f"where forge's rewrite runs; drop mode= or use 'max-autotune-no-cudagraphs'")
     return patches
+
+
+def _cudagraphs(mode_patches: Dict[str, Any], example_inputs: List[Any]) -> bool:
+    """Will Inductor replay this graph from CUDA graphs? Its mode or its global config says so,
+    and the graph runs on CUDA (Inductor does not graph CPU code)."""
+    import torch._inductor.config as inductor_config
+    wanted = mode_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
+    return bool(wanted) and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
 class ForgeBackend:
@@ -183,7 +183,8 @@ class ForgeBackend:
         report = CompileReport(graph_index=self.compiles,
                                frame_compile_id=getattr(cid, "frame_compile_id", None))
         report.input_names = graph_input_names(gm, example_inputs)
-        ctx = PassContext(options=options, input_names=list(report.input_names), report=report)
+        ctx = PassContext(options=options, input_names=list(report.input_names), report=report,
+                          cudagraphs=_cudagraphs(mode_patches, example_inputs))
         log.info("forge_compile: compiling graph %d (%d inputs, fuse=%s, inner=%s)",
                  self.compiles, len(example_inputs), options.fuse, options.inner)
         with capture.forge_compiling():
@@ -207,13 +208,7 @@ class ForgeBackend:
         # each weight-gradient GEMM and norm-weight reduction to the optimizer at the end of the
         # graph and keeps their activations alive through the whole backward (2-layer h2048
         # Llama, 1×256 + checkpointing, CPU graph: activations still live at the optimizer).
-        # CUDA graphs stay off even where Inductor's global config turns them on (see
-        # inductor_mode_patches for why)
-        import torch._inductor.config as inductor_config
-        if inductor_config.triton.cudagraphs:
-            log.warning("forge_compile: torch._inductor.config.triton.cudagraphs is set; forge "
-                        "compiles without CUDA graphs (not supported yet)")
-        patches = {**mode_patches, "reorder_for_locality": False, "triton.cudagraphs": False}
+        patches = {**mode_patches, "reorder_for_locality": False}
         cache_off = contextlib.nullcontext()
         if ctx.options.fuse:
             patches["post_grad_custom_pre_pass"] = ForgePostGradPass(ctx)

@@ -70,6 +70,9 @@ class PassContext:
     options: ForgeOptions
     input_names: List[Optional[str]]   # i-th placeholder of the ATen graph -> its user-facing name
     report: CompileReport
+    # Inductor will replay the compiled graph from CUDA graphs (a mode with "triton.cudagraphs"
+    # on CUDA inputs): a value the host reads at launch is read once, at capture
+    cudagraphs: bool = False
 
 
 # Reports of the compiles made while explain() (or a test) listens; None when nobody listens.

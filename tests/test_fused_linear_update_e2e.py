@@ -328,23 +328,16 @@ def test_fused_updates_run_inside_the_backward(kind, opt_name, inner):
         assert not between, f"{op.name} waits behind GEMMs {between}"
 
 
-# -- torch.compile modes -----------------------------------------------------------------------
+# -- torch.compile modes: CUDA graphs ("reduce-overhead") -----------------------------------------
 
 @pytest.mark.parametrize("mode,options,needle", [
     ("reduce_overhead", {}, "unknown mode 'reduce_overhead'; use one of"),
-    ("max-autotune-no-cudagraphs", {"inner": "aot_eager"}, "use inner='inductor'"),
-    # CUDA graphs: a replay would keep the capture's lr in the fused updates (branch
-    # wip/cudagraphs has the fix, not yet verified on the GPU)
-    ("reduce-overhead", {}, "replays CUDA graphs, which forge does not support yet"),
-    ("max-autotune", {}, "replays CUDA graphs, which forge does not support yet"),
+    ("reduce-overhead", {"inner": "aot_eager"}, "use inner='inductor'"),
 ])
 def test_mode_forge_cannot_honour_fails_fast(mode, options, needle):
     step = _make_step(MLP(), make_optimizer("adamw", MLP().parameters()), _mlp_loss)
     with pytest.raises(ValueError, match=re.escape(needle)):
         forge_compile.compile(step, mode=mode, **options)
-    if not options:     # torch.compile(backend="forge", mode=...) says the same at the first call
-        with pytest.raises(Exception, match=re.escape(needle)):
-            torch.compile(step, backend="forge", mode=mode)(*_mlp_data(0))
 
 
 def test_lite_mode_would_skip_the_rewrite_and_fails_fast():
@@ -356,28 +349,86 @@ def test_lite_mode_would_skip_the_rewrite_and_fails_fast():
         forge_compile.compile(step, mode="lite")
 
 
-def test_max_autotune_no_cudagraphs_mode_is_fused_and_exact():
-    """mode="max-autotune-no-cudagraphs" reaches Inductor (its autotuning) and the step is fused
-    and exact as without it."""
-    model, ref, opt, ref_opt, loss_fn, data = _setup("mlp", "adamw")
-    compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge",
-                             mode="max-autotune-no-cudagraphs")
+def _run_mode(kind, mode, device, steps):
+    """forge with torch.compile's ``mode`` against eager AdamW on ``device``; the reports and
+    the number of CUDA graphs recorded."""
+    model, ref, opt, ref_opt, loss_fn, data = _setup(kind, "adamw")
+    model, ref = model.to(device), ref.to(device)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge", mode=mode)
     eager = _make_step(ref, ref_opt, loss_fn)
+    losses = []
     with listen() as reports, torch._inductor.config.patch(fx_graph_cache=False):
-        for i in range(4):
-            assert compiled(*data(i)).item() == pytest.approx(eager(*data(i)).item(), rel=1e-5)
+        for i in range(steps):
+            batch = [t.to(device) for t in data(i)]
+            # a CUDA-graph replay overwrites the previous step's outputs: read the loss now
+            losses.append(compiled(*batch).item())
+            assert losses[-1] == pytest.approx(eager(*batch).item(), rel=1e-5)
     _assert_close(model, ref, opt, ref_opt)
+    fused = {}
+    for r in reports:
+        fused.update(r.fused)
+    _fused_names_ok(model, fused)
+    graphs = 0
+    if device == "cuda":
+        # counted while the step is alive: Inductor drops its graph tree once the last
+        # cudagraphified function is freed (Dynamo frees it with the model it guards on)
+        from torch._inductor import cudagraph_trees
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(),
+                                              create_if_none_exists=False)
+        graphs = 0 if manager is None else sum(len(v) for v in manager.roots.values())
+    return reports, graphs
+
+
+@pytest.mark.parametrize("mode,skips", [("reduce-overhead", 1), ("max-autotune", 1),
+                                        ("max-autotune-no-cudagraphs", 0)])
+def test_modes_reach_inductor_on_cpu(mode, skips):
+    """A mode reaches Inductor: with CUDA graphs, on CPU tensors Inductor says it skips them for
+    the CPU device (one skip, one graph); the step is fused and exact as without the mode."""
+    _, graphs = _run_mode("mlp", mode, "cpu", steps=4)
+    assert graphs == 0
+    assert counters["inductor"]["cudagraph_skips"] == skips
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mlp", "lm"])
+def test_gpu_reduce_overhead_replays_fused_step_from_cuda_graph(kind):
+    """On CUDA the whole fused step (forward, backward, the fused kernels, the rest of AdamW)
+    is recorded once and replayed: no CUDA-graph skip, a recorded graph in Inductor's tree, and
+    20 steps of parameters and state within fp32's 1e-5 of eager."""
+    reports, graphs = _run_mode(kind, "reduce-overhead", "cuda", steps=STEPS)
     assert len(reports) == 1
-    _fused_names_ok(model, reports[0].fused)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert graphs >= 1
 
 
-def test_global_cudagraphs_config_is_turned_off_for_forge(caplog):
-    """Inductor's global CUDA-graph switch does not reach forge's compile (a warning says so):
-    on CPU tensors Inductor would otherwise count a CUDA-graph skip."""
-    model, ref, opt, ref_opt, loss_fn, data = _setup("mlp", "adamw")
-    compiled = forge_compile.compile(_make_step(model, opt, loss_fn))
-    with torch._inductor.config.patch({"triton.cudagraphs": True}), \
-            caplog.at_level("WARNING", logger="forge_compile"):
-        compiled(*data(0))
-    assert counters["inductor"]["cudagraph_skips"] == 0
-    assert "forge compiles without CUDA graphs" in caplog.text
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mlp", "lm"])
+def test_gpu_reduce_overhead_follows_an_lr_schedule(kind):
+    """The lr changes every step (LambdaLR, ×0.7; AdamW weight_decay=0.1, so 1 - lr·wd changes
+    too): every replay of the CUDA graph must apply that step's lr, in the fused updates (their
+    scalars read on the device) and in the unfused ones (biases, norms), as eager does. A value
+    read on the host at capture would keep the first step's lr: after 12 steps the weights
+    would be far from eager's, beyond 1e-5."""
+    model, ref, _, _, loss_fn, data = _setup(kind, "adamw")
+    model, ref = model.cuda(), ref.cuda()
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 3e-2
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.7 ** i) for o in (opt, ref_opt)]
+    compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge", mode="reduce-overhead")
+    eager = _make_step(ref, ref_opt, loss_fn)
+    with listen() as reports:
+        for i in range(12):
+            batch = [t.cuda() for t in data(i)]
+            assert compiled(*batch).item() == pytest.approx(eager(*batch).item(), rel=1e-5)
+            for s in scheds:
+                s.step()
+    _assert_close(model, ref, opt, ref_opt)
+    assert len(reports) == 1                # no recompile per lr
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    fused = {}
+    for r in reports:
+        fused.update(r.fused)
+    _fused_names_ok(model, fused)

@@ -541,3 +541,49 @@ def test_scalar_reading_an_input_mutated_earlier_is_not_hoisted():
     assert _hoist_step_scalars(facts, [s2])
     assert [n.name for n in g2.nodes][:3] == ["step", "x", s2.name]
     assert facts.order[s2] == 2          # renumbered for the placement that follows
+
+
+def _sgd_wd_two_weights(dy1, x1, dy2, x2, w1, w2, b1, b2, lr):
+    """Two SGD-momentum updates with decoupled weight decay on a tensor lr (as AdamW's
+    capturable foreach path computes 1 - lr·wd from it)."""
+    for dy, x, w, b in ((dy1, x1, w1, b1), (dy2, x2, w2, b2)):
+        g = torch.mm(dy.t(), x)
+        nb = b * 0.9 + g
+        w.copy_(w * (1 - lr * 0.01) - lr * nb)
+        b.copy_(nb)
+    return (dy1.sum(),)
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_cudagraphs_pass_every_scalar_on_the_weights_device(cudagraphs):
+    """Weights on another device than a CPU lr tensor ("meta" stands in for CUDA here): under
+    CUDA graphs the op reads each scalar on W's device (one copy per scalar for the whole graph),
+    since a CPU scalar read by value at capture would be replayed at its capture-time value;
+    without CUDA graphs the CPU scalars are passed as they are (read per call, no copy)."""
+    meta = [torch.empty(*s, device="meta") for s in ((T, N), (T, K), (T, K), (T, N), (N, K),
+                                                      (K, N), (N, K), (K, N))]
+    args = meta + [torch.tensor(0.1)]
+    gm = make_fx(torch.func.functionalize(_sgd_wd_two_weights, remove="mutations"),
+                 tracing_mode="fake")(*args)
+    names = ["dy1", "x1", "dy2", "x2", "a.weight", "b.weight",
+             "opt.state[a.weight].momentum_buffer", "opt.state[b.weight].momentum_buffer", "lr"]
+    ctx = _ctx(names)
+    ctx.cudagraphs = cudagraphs
+    gm = run_passes(gm, ctx)
+    assert sorted(ctx.report.fused) == ["a.weight", "b.weight"]
+    ops = [n for n in gm.graph.nodes if n.target is FUSED]
+    scalars = [s for op in ops for s in op.args[4]]
+    assert len(scalars) == 4
+    devices = {s.meta["val"].device.type for s in scalars}
+    copies = [n for n in gm.graph.nodes if n.target is aten._to_copy.default]
+    if cudagraphs:
+        assert devices == {"meta"}
+        assert set(scalars) == set(copies)
+        # one copy per scalar node: lr (read by both updates) and each update's 1 - lr·wd
+        sources = [c.args[0] for c in copies]
+        assert len(sources) == len(set(sources)) == 3
+        lr_copy = next(c for c in copies if c.args[0].op == "placeholder")
+        assert all(lr_copy in op.args[4] for op in ops)
+    else:
+        assert devices == {"cpu"} and not copies
+    gm.graph.lint()

@@ -25,6 +25,7 @@ Anything not proven is left unfused, with ``ctx.report.unfused[name] = reason``,
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Dict, List, Optional, Set, Tuple
@@ -591,6 +592,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
             sinks[n.args[0]] = n
     done: Set[torch.fx.Node] = set()
     changed = False
+    scalar_copies = {} if ctx is not None and ctx.cudagraphs else None
     for dest in list(sinks):
         if dest in done or not isinstance(_val(dest), torch.Tensor) or _val(dest).dim() == 0:
             continue
@@ -616,7 +618,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         if names.get(param) and names.get(param) != name and not _is_param_name(names.get(param)):
             pname = name
         done.update([param] + list(state))
-        _rewrite(graph, a, param, state, prog, pos)
+        _rewrite(graph, a, param, state, prog, pos, scalar_copies)
         changed = True
         # the gradient the update reads: the GEMM's output, or its cast up (autocast's bf16 GEMM
         # cast to fp32: eager holds the fp32 one in .grad until the step)
@@ -830,8 +832,37 @@ def _hoist_step_scalars(facts: GraphFacts, scalars: List[torch.fx.Node]) -> bool
     return moved
 
 
-def _rewrite(graph, a: _Analysis, param, state, prog, pos):
-    """Insert the fused op after ``pos``; erase the sinks and the dead region."""
+def _on_device(graph, s: torch.fx.Node, device: torch.device,
+               copies: Dict[Tuple[torch.fx.Node, torch.device], torch.fx.Node]) -> torch.fx.Node:
+    """``s`` (a 0-d scalar) as a tensor on ``device``: a copy made once per graph, right where
+    ``s`` is known (after the placeholders for an input)."""
+    v = _val(s)
+    if v.device == device:
+        return s
+    key = (s, device)
+    if key not in copies:
+        if s.op == "placeholder":
+            where = next(n for n in graph.nodes if n.op != "placeholder")
+            ctx = graph.inserting_before(where)
+        else:
+            ctx = graph.inserting_after(s)
+        with ctx:
+            c = graph.call_function(aten._to_copy.default, (s,), {"device": device})
+        mode = getattr(v, "fake_mode", None)
+        with mode if mode is not None else contextlib.nullcontext():
+            c.meta["val"] = torch.empty((), dtype=v.dtype, device=device)
+        copies[key] = c
+    return copies[key]
+
+
+def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None):
+    """Insert the fused op after ``pos``; erase the sinks and the dead region. With
+    ``scalar_copies`` (a dict, shared by the graph's ops), every scalar the op reads is passed on
+    W's device: under CUDA graphs the op's launch, host code included, is captured once, so a
+    CPU scalar it read by value (an lr tensor on the CPU, and 1 - lr·wd computed from it) would
+    keep its capture-time value in every replay; on the device the kernel reads it through its
+    address, and Inductor's copy of the CPU value runs outside the graphs (a DeviceCopy ends a
+    CUDA-graph partition)."""
     anchor = pos.next
     with graph.inserting_before(anchor):
         A, B = (_rebuild_views(graph, src) for src in a.mm.args)
@@ -847,6 +878,8 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos):
                 t = graph.call_function(aten.scalar_tensor.default, (s,), {"dtype": torch.float64})
                 t.meta["val"] = _fake_scalar(_val(a.mm))
                 scal.append(t)
+        if scalar_copies is not None:
+            scal = [_on_device(graph, t, _val(param).device, scalar_copies) for t in scal]
         fresh = []
         for n, _ in a.new_outputs:
             v = _val(n)
@@ -856,6 +889,16 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos):
             fresh.append(buf)
         op = graph.call_function(FUSED_OP, (dy, x, param, list(state) + fresh, scal, prog.dumps()))
         op.meta["val"] = None
+    if scalar_copies:
+        # a copy made for an earlier op may sit after this one (an op right after the inputs)
+        made = set(scalar_copies.values())
+        late = {c for c in scal if c in made}
+        n = op.next
+        while late and n.op != "root":
+            if n in late:
+                late.discard(n)
+                op.prepend(n)
+            n = n.next
     for (n, _), buf in zip(a.new_outputs, fresh):
         a.out_node.replace_input_with(n, buf)
     for s in a.sinks:
