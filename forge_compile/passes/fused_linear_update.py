@@ -847,7 +847,9 @@ def _on_device(graph, s: torch.fx.Node, device: torch.device,
         else:
             ctx = graph.inserting_after(s)
         with ctx:
-            c = graph.call_function(aten._to_copy.default, (s,), {"device": device})
+            # prims.device_put, not aten._to_copy: the pass runs after Inductor's decompositions,
+            # and _to_copy has only a decomposition there (no lowering: Inductor asserts)
+            c = graph.call_function(prims.device_put.default, (s, device))
         mode = getattr(v, "fake_mode", None)
         with mode if mode is not None else contextlib.nullcontext():
             c.meta["val"] = torch.empty((), dtype=v.dtype, device=device)
