@@ -411,11 +411,15 @@ def test_gpu_reduce_overhead_follows_an_lr_schedule(kind):
     too): every replay of the CUDA graph must apply that step's lr, in the fused updates (their
     scalars read on the device) and in the unfused ones (biases, norms), as eager does. A value
     read on the host at capture would keep the first step's lr: after 12 steps the weights
-    would be far from eager's, beyond 1e-5."""
+    would be far from eager's, beyond 1e-5. The first lr is AdamW's default, 1e-3: at 3e-2 stock
+    torch.compile (backend="inductor") itself drifts 5.2e-6 from eager in 4 steps on the CPU
+    (down.weight's exp_avg; forge 5.2e-6 too) and forge 1.4e-5 in 12 on the H100, the compiled
+    capturable AdamW's fp32 rounding grown by large Adam steps (scripts/gpu_lr_schedule_check.py
+    measures it beside a stale lr's drift)."""
     model, ref, _, _, loss_fn, data = _setup(kind, "adamw")
     model, ref = model.cuda(), ref.cuda()
     opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
-    opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 3e-2
+    opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 1e-3
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.7 ** i) for o in (opt, ref_opt)]
     compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge", mode="reduce-overhead")
     eager = _make_step(ref, ref_opt, loss_fn)
