@@ -43,9 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager"],
                    help="compiler forge hands the rewritten graph to")
     p.add_argument("--no-fuse", action="store_true", help="capture the step but fuse nothing")
-    p.add_argument("--mode", default=None, choices=["max-autotune-no-cudagraphs"],
+    p.add_argument("--mode", default=None,
+                   choices=["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode, passed to Inductor (needs --inner inductor; the CUDA "
-                        "graph modes are not supported yet: docs/README.md)")
+                        "graph modes replay the step from CUDA graphs on a GPU)")
     p.add_argument("--compare-eager", action="store_true",
                    help="also train the eager baseline (same seed, same batches) and compare")
     p.add_argument("--batch", type=int, default=8)
