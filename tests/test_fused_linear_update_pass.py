@@ -557,23 +557,18 @@ def _sgd_wd_two_weights(dy1, x1, dy2, x2, w1, w2, b1, b2, lr):
 @pytest.mark.parametrize("cudagraphs", [False, True])
 def test_cudagraphs_pass_every_scalar_on_the_weights_device(cudagraphs):
     """Weights on another device than a CPU lr tensor ("meta" stands in for CUDA here): under
-    CUDA graphs the op reads each scalar on W's device, since a CPU scalar read by value at
-    capture would be replayed at its capture-time value. The lr input is copied once, and each
-    update's 1 - lr·wd is recomputed on the device from that copy, once for the two (equal
-    nodes), right after the inputs: one host-to-device copy a step, not one per scalar. Without
-    CUDA graphs the CPU scalars are passed as they are (read per call, no copy)."""
+    CUDA graphs the op reads each scalar on W's device (one copy per scalar for the whole graph),
+    since a CPU scalar read by value at capture would be replayed at its capture-time value;
+    without CUDA graphs the CPU scalars are passed as they are (read per call, no copy)."""
     meta = [torch.empty(*s, device="meta") for s in ((T, N), (T, K), (T, K), (T, N), (N, K),
                                                       (K, N), (N, K), (K, N))]
     args = meta + [torch.tensor(0.1)]
-    # decomposed as Inductor's graph is when the pass runs (1 - x: sub, not rsub)
-    from torch._inductor.decomposition import select_decomp_table
     gm = make_fx(torch.func.functionalize(_sgd_wd_two_weights, remove="mutations"),
-                 decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)
+                 tracing_mode="fake")(*args)
     names = ["dy1", "x1", "dy2", "x2", "a.weight", "b.weight",
              "opt.state[a.weight].momentum_buffer", "opt.state[b.weight].momentum_buffer", "lr"]
     ctx = _ctx(names)
     ctx.cudagraphs = cudagraphs
-    before = set(gm.graph.nodes)
     gm = run_passes(gm, ctx)
     assert sorted(ctx.report.fused) == ["a.weight", "b.weight"]
     ops = [n for n in gm.graph.nodes if n.target is FUSED]
@@ -583,20 +578,16 @@ def test_cudagraphs_pass_every_scalar_on_the_weights_device(cudagraphs):
     copies = [n for n in gm.graph.nodes if n.target is torch.ops.prims.device_put.default]
     if cudagraphs:
         assert devices == {"meta"}
-        # one copy, of the lr input; each op reads it and the one recomputed 1 - lr·wd
-        assert len(copies) == 1 and copies[0].args[0].op == "placeholder"
-        assert all(copies[0] in op.args[4] for op in ops)
-        assert len(set(scalars)) == 2
-        made = [n for n in gm.graph.nodes if n not in before and n.target is not FUSED
-                and n.op == "call_function" and n.meta["val"].dim() == 0]
-        assert set(scalars) <= set(made)
-        order = list(gm.graph.nodes)
-        first_op = min(order.index(op) for op in ops)
-        assert all(order.index(n) < first_op for n in made)
-        # the pass runs after Inductor's decompositions: each new node must have a lowering
-        # there (aten._to_copy has only a decomposition, and Inductor asserted on it on the H100)
+        assert set(scalars) == set(copies)
+        # the pass runs after Inductor's decompositions: each copy must have a lowering there
+        # (aten._to_copy has only a decomposition, and Inductor asserted on it on the H100)
         from torch._inductor.lowering import lowerings
-        assert all(n.target in lowerings for n in made)
+        assert all(c.target in lowerings for c in copies)
+        # one copy per scalar node: lr (read by both updates) and each update's 1 - lr·wd
+        sources = [c.args[0] for c in copies]
+        assert len(sources) == len(set(sources)) == 3
+        lr_copy = next(c for c in copies if c.args[0].op == "placeholder")
+        assert all(lr_copy in op.args[4] for op in ops)
     else:
         assert devices == {"cpu"} and not copies
     gm.graph.lint()

@@ -832,67 +832,29 @@ def _hoist_step_scalars(facts: GraphFacts, scalars: List[torch.fx.Node]) -> bool
     return moved
 
 
-# 0-d arithmetic the pass recomputes on W's device under CUDA graphs instead of copying each
-# result over: AdamW's 1 - lr·wd is one such node per parameter (113 in the 953M Llama's step),
-# and one host-to-device copy each, on every call, is host time a replay does not otherwise pay
-# (each with an Inductor lowering: the pass runs after Inductor's decompositions, which have
-# already turned rsub into sub)
-_SCALAR_ARITH = frozenset([
-    aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
-    aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.neg.default, aten.reciprocal.default, aten.sqrt.default, aten.rsqrt.default,
-    aten.pow.Tensor_Scalar, prims.convert_element_type.default])
-
-
-def _from_inputs_only(s: torch.fx.Node) -> bool:
-    """``s`` is 0-d arithmetic on the graph's 0-d inputs and constants alone (computable right
-    after the placeholders)."""
-    if s.op == "placeholder":
-        return isinstance(_val(s), torch.Tensor) and _val(s).dim() == 0
-    if s.op != "call_function" or s.target not in _SCALAR_ARITH or any(
-            isinstance(v, torch.fx.Node) for v in s.kwargs.values()):
-        return False
-    return all(_from_inputs_only(a) for a in s.args if isinstance(a, torch.fx.Node))
-
-
-def _on_device(graph, s: torch.fx.Node, device: torch.device, copies: dict) -> torch.fx.Node:
-    """``s`` (a 0-d scalar) as a tensor on ``device``, made once per graph. An input is copied
-    right after the placeholders; arithmetic on inputs alone is recomputed there on the device
-    from their copies (equal nodes once: every parameter's 1 - lr·wd is one node), so a step
-    copies each input scalar once; anything else is copied right where it is computed."""
+def _on_device(graph, s: torch.fx.Node, device: torch.device,
+               copies: Dict[Tuple[torch.fx.Node, torch.device], torch.fx.Node]) -> torch.fx.Node:
+    """``s`` (a 0-d scalar) as a tensor on ``device``: a copy made once per graph, right where
+    ``s`` is known (after the placeholders for an input)."""
     v = _val(s)
     if v.device == device:
         return s
     key = (s, device)
-    if key in copies:
-        return copies[key]
-    if "prologue_end" not in copies:
-        copies["prologue_end"] = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    mode = getattr(v, "fake_mode", None)
-    in_prologue = _from_inputs_only(s)
-    if in_prologue and s.op == "call_function":
-        args = tuple(_on_device(graph, a, device, copies) if isinstance(a, torch.fx.Node) else a
-                     for a in s.args)
-        same = ("recomputed", s.target, args, tuple(sorted(s.kwargs.items())))
-        c = copies.get(same)
-        if c is None:
-            with graph.inserting_after(copies["prologue_end"]):
-                c = graph.call_function(s.target, args, dict(s.kwargs))
-            with mode if mode is not None else contextlib.nullcontext():
-                c.meta["val"] = s.target(*(_val(a) if isinstance(a, torch.fx.Node) else a
-                                           for a in args), **s.kwargs)
-            copies[same] = copies["prologue_end"] = c
-    else:
-        with (graph.inserting_after(copies["prologue_end"]) if in_prologue
-              else graph.inserting_after(s)):
+    if key not in copies:
+        if s.op == "placeholder":
+            where = next(n for n in graph.nodes if n.op != "placeholder")
+            ctx = graph.inserting_before(where)
+        else:
+            ctx = graph.inserting_after(s)
+        with ctx:
             # prims.device_put, not aten._to_copy: the pass runs after Inductor's decompositions,
             # and _to_copy has only a decomposition there (no lowering: Inductor asserts)
             c = graph.call_function(prims.device_put.default, (s, device))
+        mode = getattr(v, "fake_mode", None)
         with mode if mode is not None else contextlib.nullcontext():
             c.meta["val"] = torch.empty((), dtype=v.dtype, device=device)
-        if in_prologue:
-            copies["prologue_end"] = c
-    copies[key] = c
-    return c
+        copies[key] = c
+    return copies[key]
 
 
 def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None):
@@ -915,10 +877,7 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None):
             if _is_scalar_tensor(s):
                 scal.append(s)
             else:
-                kw = {"dtype": torch.float64}
-                if scalar_copies is not None:      # made on W's device, inside the graph
-                    kw["device"] = _val(param).device
-                t = graph.call_function(aten.scalar_tensor.default, (s,), kw)
+                t = graph.call_function(aten.scalar_tensor.default, (s,), {"dtype": torch.float64})
                 t.meta["val"] = _fake_scalar(_val(a.mm))
                 scal.append(t)
         if scalar_copies is not None:
@@ -933,22 +892,15 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None):
         op = graph.call_function(FUSED_OP, (dy, x, param, list(state) + fresh, scal, prog.dumps()))
         op.meta["val"] = None
     if scalar_copies:
-        # a scalar made for an earlier op may sit after this one (an op right after the inputs):
-        # move it and what it is made from before the op, in graph order
-        made = {c for c in scalar_copies.values() if isinstance(c, torch.fx.Node)}
-        need, todo = set(), [c for c in scal if c in made]
-        while todo:
-            c = todo.pop()
-            if c not in need:
-                need.add(c)
-                todo.extend(x for x in c.all_input_nodes if x in made)
-        late, n = [], op.next
-        while need and n.op != "root":
-            if n in need:
-                late.append(n)
+        # a copy made for an earlier op may sit after this one (an op right after the inputs)
+        made = set(scalar_copies.values())
+        late = {c for c in scal if c in made}
+        n = op.next
+        while late and n.op != "root":
+            if n in late:
+                late.discard(n)
+                op.prepend(n)
             n = n.next
-        for n in late:
-            op.prepend(n)
     for (n, _), buf in zip(a.new_outputs, fresh):
         a.out_node.replace_input_with(n, buf)
     for s in a.sinks:
