@@ -392,12 +392,14 @@ def test_modes_reach_inductor_on_cpu(mode, skips):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["mlp", "lm"])
-def test_gpu_reduce_overhead_replays_fused_step_from_cuda_graph(kind):
+@pytest.mark.parametrize("kind,mode", [("mlp", "reduce-overhead"), ("lm", "reduce-overhead"),
+                                       ("mlp", "max-autotune")])
+def test_gpu_cuda_graph_modes_replay_fused_step_from_cuda_graph(kind, mode):
     """On CUDA the whole fused step (forward, backward, the fused kernels, the rest of AdamW)
     is recorded once and replayed: no CUDA-graph skip, a recorded graph in Inductor's tree, and
-    20 steps of parameters and state within fp32's 1e-5 of eager."""
-    reports, graphs = _run_mode(kind, "reduce-overhead", "cuda", steps=STEPS)
+    20 steps of parameters and state within fp32's 1e-5 of eager. max-autotune: the same with
+    Inductor's GEMM autotuning (the MLP only: it tunes every GEMM, minutes for the TinyLM)."""
+    reports, graphs = _run_mode(kind, mode, "cuda", steps=STEPS)
     assert len(reports) == 1
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert graphs >= 1
