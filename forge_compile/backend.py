@@ -184,7 +184,8 @@ class ForgeBackend:
                                frame_compile_id=getattr(cid, "frame_compile_id", None))
         report.input_names = graph_input_names(gm, example_inputs)
         ctx = PassContext(options=options, input_names=list(report.input_names), report=report,
-                          cudagraphs=_cudagraphs(mode_patches, example_inputs))
+                          cudagraphs=(options.inner == "inductor"
+                                      and _cudagraphs(mode_patches, example_inputs)))
         log.info("forge_compile: compiling graph %d (%d inputs, fuse=%s, inner=%s)",
                  self.compiles, len(example_inputs), options.fuse, options.inner)
         with capture.forge_compiling():
