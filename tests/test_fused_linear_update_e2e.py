@@ -390,6 +390,25 @@ def test_modes_reach_inductor_on_cpu(mode, skips):
     assert counters["inductor"]["cudagraph_skips"] == skips
 
 
+def test_cudagraphs_detected_from_the_mode_or_inductors_switch_on_cuda_inputs():
+    """The pass hands the fused op its scalars on the GPU exactly when Inductor will replay the
+    graph from CUDA graphs: a CUDA-graph mode, or Inductor's global switch, and CUDA inputs
+    (fake CUDA tensors stand in for them on the CPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from forge_compile.backend import _cudagraphs, inductor_mode_patches
+    with FakeTensorMode():
+        cuda = [torch.empty(2, device="cuda")]
+    cpu = [torch.empty(2)]
+    for mode in ("reduce-overhead", "max-autotune"):
+        patches = inductor_mode_patches(mode, "inductor")
+        assert _cudagraphs(patches, cuda) and not _cudagraphs(patches, cpu)
+    assert not _cudagraphs(inductor_mode_patches("max-autotune-no-cudagraphs", "inductor"), cuda)
+    assert not _cudagraphs({}, cuda)
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        assert _cudagraphs({}, cuda) and not _cudagraphs({}, cpu)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind,mode", [("mlp", "reduce-overhead"), ("lm", "reduce-overhead"),
