@@ -17,7 +17,7 @@ checkpointing (``use_reentrant=False``, which Dynamo can trace). Methods:
   compile_reduce_overhead, forge_reduce_overhead
                     the same two with mode="reduce-overhead": Inductor replays each compiled
                     graph from a CUDA graph (torch.compiler.cudagraph_mark_step_begin() per step);
-                    forge_reduce_overhead fails fast on main (CUDA graphs: branch wip/cudagraphs)
+                    (forge reads the fused updates' per-step scalars on the GPU there)
   floor             frozen weights (no weight gradient, no step), the embedding output requires
                     grad so backward still runs through every layer; AdamW's m and v are kept
                     resident as zeros, so the floor holds the same bytes as every other method
@@ -60,11 +60,9 @@ CORRECTNESS_OUT = RESULTS / "e2e_correctness.json"
 AMPS = ("none", "bf16")
 DOCS = ROOT / "docs"
 
-# the driver's default; the CUDA-graph pair only when asked for (--methods): forge refuses
-# mode="reduce-overhead" on main (branch wip/cudagraphs)
-DEFAULT_METHODS = ["eager_foreach", "eager_fused", "opt_in_backward", "compile_inductor", "forge",
-                   "floor"]
-METHODS = DEFAULT_METHODS + ["compile_reduce_overhead", "forge_reduce_overhead"]
+# the driver's default: every method
+METHODS = ["eager_foreach", "eager_fused", "opt_in_backward", "compile_inductor", "forge",
+           "floor", "compile_reduce_overhead", "forge_reduce_overhead"]
 # (batch, seq, gradient checkpointing)
 CONFIGS = [(1, 512, False), (4, 1024, True), (8, 2048, True)]
 TINY_CONFIGS = [(1, 32, False), (2, 64, True), (4, 64, True)]
@@ -336,7 +334,7 @@ def append_row(path: pathlib.Path, row: dict) -> None:
 def drive(args) -> int:
     configs = ([parse_config(c, shorthand=True) for c in args.configs.split(",")] if args.configs
                else (TINY_CONFIGS if args.tiny else CONFIGS))
-    methods = args.methods.split(",") if args.methods else DEFAULT_METHODS
+    methods = args.methods.split(",") if args.methods else METHODS
     for m in methods:
         if m not in METHODS:
             sys.exit(f"unknown method {m!r}; one of {', '.join(METHODS)}")
