@@ -57,6 +57,9 @@ class CompileReport:
     graph_before: Optional[str] = None     # the post-grad ATen graph handed to the passes
     graph_after: Optional[str] = None      # the same graph after the forge rewrite
     graph_module_after: object = None      # torch.fx.GraphModule copy of graph_after (drawing)
+    # under CUDA graphs: the host-to-device copies of per-step scalars the rewrite added (each
+    # runs on every call, outside the graphs)
+    scalar_copies: int = 0
 
     @property
     def gradient_bytes_eliminated(self) -> int:

@@ -108,6 +108,11 @@ class ExplainReport:
             lines.append(f"split-GEMM mode (cuBLAS GEMM per block of rows + the epilogue kernel, "
                          f"chosen by the autotuner): at most {max(split.values()):,} B of one "
                          f"gradient live at a time; FORGE_SPLIT_GEMM_MB=0 keeps it to a tile")
+        copies = sum(r.scalar_copies for r in self.compiles)
+        if copies:
+            lines.append(f"CUDA graphs: the fused updates read their per-step scalars (lr, "
+                         f"1 - lr·wd, ...) on the GPU, {copies} host-to-device cop"
+                         f"{'y' if copies == 1 else 'ies'} a step, outside the graphs")
         ubytes = self.unfused_bytes
         lines.append(f"not fused: {len(unfused)} parameter(s), gradient bytes still materialised: "
                      f"{sum(ubytes.values()):,} ({sum(ubytes.values()) / 2**20:.2f} MiB)")

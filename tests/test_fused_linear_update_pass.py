@@ -588,6 +588,12 @@ def test_cudagraphs_pass_every_scalar_on_the_weights_device(cudagraphs):
         assert len(sources) == len(set(sources)) == 3
         lr_copy = next(c for c in copies if c.args[0].op == "placeholder")
         assert all(lr_copy in op.args[4] for op in ops)
+        assert ctx.report.scalar_copies == 3          # what explain() reports
+        from forge_compile.explain import ExplainReport
+        text = str(ExplainReport(graph_count=1, graph_breaks=[], recompiles=0,
+                                 compiles=[ctx.report]))
+        assert "CUDA graphs: the fused updates read their per-step scalars" in text
+        assert "3 host-to-device copies a step" in text
     else:
-        assert devices == {"cpu"} and not copies
+        assert devices == {"cpu"} and not copies and ctx.report.scalar_copies == 0
     gm.graph.lint()

@@ -618,7 +618,8 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         if names.get(param) and names.get(param) != name and not _is_param_name(names.get(param)):
             pname = name
         done.update([param] + list(state))
-        _rewrite(graph, a, param, state, prog, pos, scalar_copies)
+        _rewrite(graph, a, param, state, prog, pos, scalar_copies,
+                 ctx.report if scalar_copies is not None else None)
         changed = True
         # the gradient the update reads: the GEMM's output, or its cast up (autocast's bf16 GEMM
         # cast to fp32: eager holds the fp32 one in .grad until the step)
@@ -833,9 +834,10 @@ def _hoist_step_scalars(facts: GraphFacts, scalars: List[torch.fx.Node]) -> bool
 
 
 def _on_device(graph, s: torch.fx.Node, device: torch.device,
-               copies: Dict[Tuple[torch.fx.Node, torch.device], torch.fx.Node]) -> torch.fx.Node:
+               copies: Dict[Tuple[torch.fx.Node, torch.device], torch.fx.Node],
+               report) -> torch.fx.Node:
     """``s`` (a 0-d scalar) as a tensor on ``device``: a copy made once per graph, right where
-    ``s`` is known (after the placeholders for an input)."""
+    ``s`` is known (after the placeholders for an input), counted in ``report``."""
     v = _val(s)
     if v.device == device:
         return s
@@ -854,10 +856,11 @@ def _on_device(graph, s: torch.fx.Node, device: torch.device,
         with mode if mode is not None else contextlib.nullcontext():
             c.meta["val"] = torch.empty((), dtype=v.dtype, device=device)
         copies[key] = c
+        report.scalar_copies += 1
     return copies[key]
 
 
-def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None):
+def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, report=None):
     """Insert the fused op after ``pos``; erase the sinks and the dead region. With
     ``scalar_copies`` (a dict, shared by the graph's ops), every scalar the op reads is passed on
     W's device: under CUDA graphs the op's launch, host code included, is captured once, so a
@@ -881,7 +884,8 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None):
                 t.meta["val"] = _fake_scalar(_val(a.mm))
                 scal.append(t)
         if scalar_copies is not None:
-            scal = [_on_device(graph, t, _val(param).device, scalar_copies) for t in scal]
+            scal = [_on_device(graph, t, _val(param).device, scalar_copies, report)
+                    for t in scal]
         fresh = []
         for n, _ in a.new_outputs:
             v = _val(n)
