@@ -37,6 +37,22 @@ from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from bench_fused_linear_update_tma import save_rows, study_setup  # noqa: E402
 
 
+def interleaved(fns: dict, rounds: int):
+    """``fns``: case -> name -> callable. Each called once, then ``rounds`` interleaved rounds of
+    the benchmark's ``do_bench`` (a 256 MB memset before each call, median) over all of them;
+    returns (case -> name -> the rounds' times, case -> name -> their median), in ms."""
+    from triton.testing import do_bench
+    for fs in fns.values():
+        for f in fs.values():
+            f()
+    times = {k: {n: [] for n in fs} for k, fs in fns.items()}
+    for _ in range(rounds):
+        for k, fs in fns.items():
+            for n, f in fs.items():
+                times[k][n].append(do_bench(f, warmup=25, rep=100, quantiles=[0.5]))
+    return times, {k: {n: statistics.median(v) for n, v in d.items()} for k, d in times.items()}
+
+
 def mix(emit, rounds, T, c, cfg, sets, med):
     """The op on W, m, v each taken from the slowest (S) or the fastest (F) set: if one
     tensor's pages set the time, the mixes split by that tensor; if the three together do,
@@ -64,7 +80,6 @@ def mix(emit, rounds, T, c, cfg, sets, med):
 
 
 def main():
-    from triton.testing import do_bench
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
                                                   "allocations.jsonl"))
@@ -101,15 +116,7 @@ def main():
                 "op": lambda p=p, st=st: flu.fused_linear_update_triton(dy, x, p, st, sc, prog),
                 "anchor": anchor_fns(ck, "adamw")["mm_bf16+cast"],
                 "copy": lambda p=p: scratch.copy_(p)}
-        for fs in fns.values():
-            for f in fs.values():
-                f()
-        times = {k: {n: [] for n in fs} for k, fs in fns.items()}
-        for _ in range(a.rounds):
-            for k, fs in fns.items():
-                for n, f in fs.items():
-                    times[k][n].append(do_bench(f, warmup=25, rep=100, quantiles=[0.5]))
-        med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in times.items()}
+        times, med = interleaved(fns, a.rounds)
         for k, m in med.items():
             emit(study="allocations", optimizer="adamw", N=4096, K=4096, T=T, set=k,
                  config=str(cfg), op_ms=round(m["op"], 4), anchor_ms=round(m["anchor"], 4),

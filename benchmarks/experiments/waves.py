@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -33,6 +32,7 @@ sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 from benchmarks.bench_fused_linear_update import forge_bytes, make_case  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
+from allocations import interleaved  # noqa: E402
 from bench_fused_linear_update_tma import save_rows, study_setup  # noqa: E402
 
 KS = (3968, 4096, 4224)
@@ -44,7 +44,6 @@ def _rel(a, b):
 
 
 def main():
-    from triton.testing import do_bench
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "waves.jsonl"))
     ap.add_argument("--rounds", type=int, default=4)
@@ -82,15 +81,7 @@ def main():
                     flu.fused_linear_update_triton(dy, x, p, st, sc, prog, config=own, seed=0),
                 "copy": lambda p=p, scratch=scratch: scratch.copy_(p)}
             ck["own_config"] = str(own)
-        for fs in fns.values():
-            for f in fs.values():
-                f()
-        times = {K: {n: [] for n in fs} for K, fs in fns.items()}
-        for _ in range(a.rounds):
-            for K, fs in fns.items():
-                for n, f in fs.items():
-                    times[K][n].append(do_bench(f, warmup=25, rep=100, quantiles=[0.5]))
-        med = {K: {n: statistics.median(v) for n, v in d.items()} for K, d in times.items()}
+        times, med = interleaved(fns, a.rounds)
         for K, m in med.items():
             tiles = (4096 // 128) * (K // 128)
             nbytes = forge_bytes(4096, K, T, 2)
