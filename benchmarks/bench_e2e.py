@@ -16,8 +16,8 @@ checkpointing (``use_reentrant=False``, which Dynamo can trace). Methods:
   forge             torch.compile(train_step, backend="forge") (default AdamW: foreach on CUDA)
   compile_reduce_overhead, forge_reduce_overhead
                     the same two with mode="reduce-overhead": Inductor replays each compiled
-                    graph from a CUDA graph (torch.compiler.cudagraph_mark_step_begin() per step);
-                    (forge reads the fused updates' per-step scalars on the GPU there)
+                    graph from a CUDA graph (torch.compiler.cudagraph_mark_step_begin() per step;
+                    forge reads the fused updates' per-step scalars on the GPU there)
   floor             frozen weights (no weight gradient, no step), the embedding output requires
                     grad so backward still runs through every layer; AdamW's m and v are kept
                     resident as zeros, so the floor holds the same bytes as every other method
@@ -28,7 +28,7 @@ replay's intermediates live unseen by that counter), step = median wall time wit
 torch.cuda.synchronize(). A failing method (OOM, compile error, timeout) becomes a
 row with an "error" field. One JSON object per row is appended to benchmarks/results/e2e.jsonl.
 
-    python benchmarks/bench_e2e.py                        # every config x default method (driver)
+    python benchmarks/bench_e2e.py                        # every config x method (driver)
     python benchmarks/bench_e2e.py --configs 1x512 --methods forge,eager_fused
     python benchmarks/bench_e2e.py --correctness [--layers 4]   # forge vs eager, 50 steps
     python benchmarks/bench_e2e.py --render               # docs/e2e.md + docs/e2e.png
