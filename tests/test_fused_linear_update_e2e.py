@@ -95,13 +95,15 @@ def _run(kind, opt_name, foreach=None, inner="aot_eager", steps=STEPS, **step_kw
             compiled(*batch)
             eager(*batch)
     _assert_close(model, ref, opt, ref_opt)
-    fused = {}
-    unfused = {}
-    for r in reports:
-        fused.update(r.fused)
-        unfused.update(r.unfused)
+    fused = _fused_in(reports)
+    unfused = {k: v for r in reports for k, v in r.unfused.items()}
     last = reports[-1] if reports else None
     return model, fused, {k: v for k, v in unfused.items() if k not in fused}, last
+
+
+def _fused_in(reports):
+    """Every parameter fused in any of the compiles (name -> FusedParam)."""
+    return {k: v for r in reports for k, v in r.fused.items()}
 
 
 def _linear_weights(model):
@@ -224,9 +226,7 @@ def test_inductor_adamw_static_proof(kind):
             compiled(*data(i))
             eager(*data(i))
     _assert_close(model, ref, opt, ref_opt)
-    fused = {}
-    for r in reports:
-        fused.update(r.fused)
+    fused = _fused_in(reports)
     _fused_names_ok(model, fused)
     if kind != "mlp":
         return      # TinyLM's shapes collide ([29, 16] head weight = embedding gradient)
@@ -268,9 +268,7 @@ def test_autocast_bf16_gemm_fused_with_fp32_gradient():
             batch = _mlp_data(i)
             compiled(*batch)
             eager(*batch)
-    fused = {}
-    for r in reports:
-        fused.update(r.fused)
+    fused = _fused_in(reports)
     _fused_names_ok(model, fused)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert _rel(p, q) < 5e-4      # bf16 rounding of one gradient is up to 2^-8 ≈ 3.9e-3 per element
@@ -365,9 +363,7 @@ def _run_mode(kind, mode, device, steps):
             losses.append(compiled(*batch).item())
             assert losses[-1] == pytest.approx(eager(*batch).item(), rel=1e-5)
     _assert_close(model, ref, opt, ref_opt)
-    fused = {}
-    for r in reports:
-        fused.update(r.fused)
+    fused = _fused_in(reports)
     _fused_names_ok(model, fused)
     graphs = 0
     if device == "cuda":
@@ -453,7 +449,5 @@ def test_gpu_reduce_overhead_follows_an_lr_schedule(kind):
     _assert_close(model, ref, opt, ref_opt)
     assert len(reports) == 1                # no recompile per lr
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    fused = {}
-    for r in reports:
-        fused.update(r.fused)
+    fused = _fused_in(reports)
     _fused_names_ok(model, fused)
