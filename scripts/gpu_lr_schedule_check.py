@@ -15,12 +15,7 @@ from forge_models import make_optimizer  # noqa: E402
 
 
 def worst(model, ref, opt, ref_opt):
-    out = {}
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        out[name] = t._rel(p, q)
-        for k, s in opt.state[p].items():
-            if isinstance(s, torch.Tensor) and s.dim() > 0:
-                out[f"{name}:{k}"] = t._rel(s, ref_opt.state[q][k])
+    out = t._rel_errors(model, ref, opt, ref_opt)
     k = max(out, key=out.get)
     return f"{out[k]:.2e} ({k})"
 

@@ -74,13 +74,19 @@ def _rel(a, b):
     return ((a - b).norm() / den).item() if den > 0 else (a - b).norm().item()
 
 
-def _assert_close(model, ref, opt, ref_opt):
-    worst = {}
+def _rel_errors(model, ref, opt, ref_opt):
+    """name (and name:state) -> relative error of ``model`` and ``opt`` against the reference."""
+    out = {}
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        worst[name] = _rel(p, q)
+        out[name] = _rel(p, q)
         for k, s in opt.state[p].items():
             if isinstance(s, torch.Tensor):
-                worst[f"{name}:{k}"] = _rel(s, ref_opt.state[q][k])
+                out[f"{name}:{k}"] = _rel(s, ref_opt.state[q][k])
+    return out
+
+
+def _assert_close(model, ref, opt, ref_opt):
+    worst = _rel_errors(model, ref, opt, ref_opt)
     bad = {k: v for k, v in worst.items() if not v <= RTOL}
     assert not bad, f"relative error > {RTOL}: {bad}"
 
