@@ -94,6 +94,28 @@ def test_descriptor_encodings_cached_per_descriptor_and_kernel():
     assert ws._cache_encodings(encode)._forge_cached
 
 
+def test_plan_key_sees_every_option_change(monkeypatch):
+    """The plan key's cheap reads (the environment's mapping, torch's TF32 getter) change
+    whenever an option does, through os.environ or torch.backends, so a plan made under one
+    value is never used under another."""
+    names = (flu.ENV_SPLIT_GEMM, flu.ENV_NO_TUNE, flu.ENV_FP32_DOT)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    before = flu._plan_env()
+    for name in names:
+        monkeypatch.setenv(name, "1")
+        assert flu._plan_env() != before, name
+        monkeypatch.delenv(name)
+        assert flu._plan_env() == before, name
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for value in (not flag, flag):
+            torch.backends.cuda.matmul.allow_tf32 = value
+            assert flu._mm_tf32() is value
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
 def test_launch_cache_option_fails_fast(monkeypatch):
     monkeypatch.setenv(launch_cache.ENV_LAUNCH_CACHE, "yes")
     with pytest.raises(ValueError, match="FORGE_LAUNCH_CACHE must be 0 or 1"):
