@@ -62,6 +62,60 @@ def test_desc_is_cached_and_holds_no_tensor():
     assert ref() is None, "the descriptor cache keeps a freed tensor alive"
 
 
+def test_descriptor_encodings_cached_per_descriptor_and_kernel():
+    """Triton's launcher encodes each TensorDescriptor on every launch; the WS module's own
+    (immutable, built on an address) are encoded once per kernel metadata and then reused, as
+    copies; any other descriptor, or one without metadata, goes through unchanged every time.
+    (A counting stand-in for the driver's encoder: the real one needs the CUDA driver.)"""
+    ws = _ws()
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    calls = []
+
+    def encode(arg, meta, *rest):
+        calls.append((arg, meta))
+        return [("tensormap", arg.base.data_ptr(), None if meta is None else meta["swizzle"]),
+                *arg.shape, *arg.strides]
+    cached = ws._cache_encodings(encode)
+    t = torch.zeros(128, 256, dtype=torch.bfloat16)
+    d = ws.desc(t, (64, 128))
+    k1, k2 = {"swizzle": 128}, {"swizzle": 64}      # two kernels' metadata for this argument
+    first = cached(d, k1, None)
+    again = cached(d, k1, None)
+    assert again == first == encode(d, k1) and again is not first
+    del calls[-1]
+    assert len(calls) == 1                            # encoded once for kernel 1
+    assert cached(d, k2, None)[0][2] == 64 and len(calls) == 2
+    theirs = TensorDescriptor(t, list(t.shape), list(t.stride()), [64, 128],
+                              ws._nvmma_layout((64, 128), t.dtype))
+    cached(theirs, k1, None)
+    cached(theirs, k1, None)
+    cached(d, None, None)
+    assert len(calls) == 5                            # not ours, or no metadata: every time
+    assert ws._cache_encodings(encode)._forge_cached
+
+
+def test_plan_key_sees_every_option_change(monkeypatch):
+    """The plan key's cheap reads (the environment's mapping, torch's TF32 getter) change
+    whenever an option does, through os.environ or torch.backends, so a plan made under one
+    value is never used under another."""
+    names = (flu.ENV_SPLIT_GEMM, flu.ENV_NO_TUNE, flu.ENV_FP32_DOT)
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    before = flu._plan_env()
+    for name in names:
+        monkeypatch.setenv(name, "1")
+        assert flu._plan_env() != before, name
+        monkeypatch.delenv(name)
+        assert flu._plan_env() == before, name
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for value in (not flag, flag):
+            torch.backends.cuda.matmul.allow_tf32 = value
+            assert flu._mm_tf32() is value
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+
 def test_launch_cache_option_fails_fast(monkeypatch):
     monkeypatch.setenv(launch_cache.ENV_LAUNCH_CACHE, "yes")
     with pytest.raises(ValueError, match="FORGE_LAUNCH_CACHE must be 0 or 1"):
@@ -154,6 +208,14 @@ def test_gpu_launch_cache_triton_kernel(monkeypatch):
 
 
 # ============================================================================ launch plans
+@pytest.fixture
+def no_plans(monkeypatch):
+    """An empty plan table for the test: the tests count the plans they make and use, and a
+    plan an earlier test in the process left for a freed weight of the same layout, at the
+    address the allocator hands this test's weight, is (rightly) taken by its first call."""
+    monkeypatch.setattr(flu, "_PLANS", type(flu._PLANS)())
+
+
 def _reset(p, s, p0, s0):
     # same addresses, same values: what a plan is keyed by (a training step's weights)
     p.copy_(p0)
@@ -161,6 +223,7 @@ def _reset(p, s, p0, s0):
         t.copy_(u)
 
 
+@pytest.mark.usefixtures("no_plans")
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["ws", "triton"])
@@ -215,6 +278,7 @@ def test_gpu_launch_plan_repeats_the_checked_launch(monkeypatch, kind):
         assert ((a - c).norm() / c.norm()).item() <= 1e-6
 
 
+@pytest.mark.usefixtures("no_plans")
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_op_plan_equals_the_first_call(monkeypatch):
@@ -237,6 +301,7 @@ def test_gpu_op_plan_equals_the_first_call(monkeypatch):
     assert not torch.equal(outs[0][0], p0)
 
 
+@pytest.mark.usefixtures("no_plans")
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["ws", "triton"])
@@ -269,6 +334,46 @@ def test_gpu_launch_plan_takes_each_calls_activations(monkeypatch, kind):
         for u, v in zip(outs[i], (p, *s)):
             assert torch.equal(u, v), (kind, i)
     assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[1][0], outs[3][0])
+
+
+class _NoEncodingCache(dict):
+    """Stands in for the WS module's encoding cache: never hits, keeps nothing."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_cached_descriptor_encodings_write_what_fresh_ones_do(monkeypatch):
+    """The WS launches reuse each descriptor's encoding (Triton's launcher would encode it on
+    every call): over activations that move and come back, the updates are bit for bit those of
+    launches whose descriptors are all encoded afresh."""
+    ws = _ws()
+    from triton.backends.nvidia import driver
+    cfg = flu._GPU_WS_CONFIGS[0]
+    prog = rules.adamw_program()
+    dy, x, p, s = _case(64, seed=7)
+    dy2, x2, _, _ = _case(64, seed=8)
+    why = ws.ws_unsupported_reason(dy, x, p, s)
+    if why:
+        pytest.skip(why)
+    p0, s0 = p.clone(), [t.clone() for t in s]
+    sc = rules.adamw_scalars(1e-2, step=5, device="cpu")
+    seq = ((dy, x), (dy2, x2), (dy, x), (dy2, x))
+    outs = []
+    for a, b in seq:
+        _reset(p, s, p0, s0)
+        flu.fused_linear_update_triton(a, b, p, s, sc, prog, config=cfg, seed=0)
+        outs.append([t.clone() for t in (p, *s)])
+    assert getattr(driver.make_tensordesc_arg, "_forge_cached", False)
+    assert len(ws._ENCODED) >= 5
+    monkeypatch.setattr(ws, "_ENCODED", _NoEncodingCache())
+    for i, (a, b) in enumerate(seq):
+        _reset(p, s, p0, s0)
+        flu.fused_linear_update_triton(a, b, p, s, sc, prog, config=cfg, seed=0)
+        for u, v in zip(outs[i], (p, *s)):
+            assert torch.equal(u, v), i
 
 
 class _RecordingKernel:

@@ -78,6 +78,7 @@ tensors (unit last stride, 16-byte aligned rows and base pointers).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import inspect
@@ -253,6 +254,46 @@ def _install_l2_hint_hook() -> None:
         if make_ptx is not None:
             stages["ptx"] = lambda src, metadata: add_l2_hints(make_ptx(src, metadata))
     knobs.runtime.add_stages_inspection_hook = hook
+
+
+# Triton's launcher encodes every host-side TensorDescriptor into a CUtensorMap on every launch
+# (nvidia driver.py's make_tensordesc_arg: fill_tma_descriptor), 5 per WS launch, 245 a step of
+# the 953M Llama at 1×512 (profile: benchmarks/results/diag_e2e_step_L16_1x512_bf16_b.txt). This
+# module's descriptors are immutable functions of (address, shape, strides, dtype, block)
+# (_desc_of), so their encoding for one kernel's metadata never changes: keep it. Keyed by the
+# descriptor's and the metadata's identity, both held by the entry (no id reuse while cached);
+# any other descriptor (Inductor's, a user's) goes through Triton's function unchanged.
+_ENCODED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_ENCODED_MAX = 8192
+
+
+def _cache_encodings(encode):
+    def make_tensordesc_arg(arg, metadata, *rest):
+        if metadata is None or not isinstance(getattr(arg, "base", None), _DescBase):
+            return encode(arg, metadata, *rest)
+        key = (id(arg), id(metadata))
+        hit = _ENCODED.get(key)
+        if hit is None or hit[0] is not arg or hit[1] is not metadata:
+            hit = _ENCODED[key] = (arg, metadata, encode(arg, metadata, *rest))
+            while len(_ENCODED) > _ENCODED_MAX:
+                _ENCODED.popitem(last=False)
+        return list(hit[2])
+    make_tensordesc_arg._forge_cached = True
+    return make_tensordesc_arg
+
+
+@functools.lru_cache(maxsize=None)
+def _install_encoding_cache() -> None:
+    """Wrap the NVIDIA driver's ``make_tensordesc_arg`` with ``_cache_encodings`` (before this
+    module's first launcher is built: a launcher may bind the function when it is made)."""
+    try:
+        from triton.backends.nvidia import driver
+    except ImportError:
+        return
+    encode = getattr(driver, "make_tensordesc_arg", None)
+    if encode is None or getattr(encode, "_forge_cached", False):
+        return
+    driver.make_tensordesc_arg = _cache_encodings(encode)
 
 
 def _gl(expr: str) -> str:
@@ -1262,6 +1303,7 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
     if k is None:
         if l2 and not _tma_takes("cache_policy"):
             _install_l2_hint_hook()
+        _install_encoding_cache()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
                             mma_pending, prefetch, prefetch_gemm, mma, cluster, load_warp,
                             tma_store, fast_ieee, roll)
