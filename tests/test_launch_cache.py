@@ -336,6 +336,41 @@ def test_gpu_launch_plan_takes_each_calls_activations(monkeypatch, kind):
     assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[1][0], outs[3][0])
 
 
+@pytest.mark.usefixtures("no_plans")
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["ws", "triton"])
+def test_gpu_launch_plan_takes_each_calls_scalar_pointers(monkeypatch, kind):
+    """GPU scalars at other addresses (a compiled step's bias corrections, fresh temporaries
+    each step) run the plan made for the first ones, and the plan reads theirs: bit for bit
+    what the full path writes for them."""
+    cfg = flu._GPU_WS_CONFIGS[0] if kind == "ws" else flu._GPU_CONFIGS[0]
+    prog = rules.adamw_program()
+    dy, x, p, s = _case(64, seed=9)
+    if cfg.WS:
+        why = _ws().ws_unsupported_reason(dy, x, p, s)
+        if why:
+            pytest.skip(why)
+    p0, s0 = p.clone(), [t.clone() for t in s]
+    sca = rules.adamw_scalars(1e-2, step=5, device="cuda")
+    scb = rules.adamw_scalars(3e-2, step=6, device="cuda")
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(sca, scb))
+    made0, hits0 = flu.PLAN_STATS["made"], flu.PLAN_STATS["hits"]
+    outs = []
+    for sc in (sca, scb, sca):
+        _reset(p, s, p0, s0)
+        flu.fused_linear_update_triton(dy, x, p, s, sc, prog, config=cfg, seed=0)
+        outs.append([t.clone() for t in (p, *s)])
+    assert flu.PLAN_STATS["made"] - made0 == 1 and flu.PLAN_STATS["hits"] - hits0 == 2
+    monkeypatch.setenv(launch_cache.ENV_LAUNCH_CACHE, "0")      # the full path, no plans
+    for i, sc in enumerate((sca, scb, sca)):
+        _reset(p, s, p0, s0)
+        flu.fused_linear_update_triton(dy, x, p, s, sc, prog, config=cfg, seed=0)
+        for u, v in zip(outs[i], (p, *s)):
+            assert torch.equal(u, v), (kind, i)
+    assert not torch.equal(outs[0][0], outs[1][0])
+
+
 class _NoEncodingCache(dict):
     """Stands in for the WS module's encoding cache: never hits, keeps nothing."""
 
@@ -426,6 +461,45 @@ def test_plan_ws_slots_rebuild_each_calls_descriptors(monkeypatch):
     assert moved[0].base.data_ptr() == dy2.data_ptr() and moved[1].base.data_ptr() == x2.data_ptr()
     assert same[0] is vals[0] and same[1] is vals[1]
     assert moved[2:] == same[2:] == vals[2:]
+
+
+def test_plan_passes_each_calls_scalar_pointers():
+    """Scalars read by pointer (GPU tensors: under torch.compile the optimizer is capturable and
+    its bias corrections are a step's temporaries, at other addresses from step to step) are
+    keyed by address mod 16 only, and a plan passes each call's addresses at their slots and
+    the values of the scalars passed by value. Built on CPU tensors (no launch)."""
+    prog = rules.adamw_program()
+    cfg = flu._GPU_CONFIGS[0]
+    dy, x, p = torch.zeros(4, 8), torch.zeros(4, 6), torch.zeros(8, 6)
+    s = [torch.zeros_like(p), torch.zeros_like(p)]
+    sc = [torch.tensor(float(v)) for v in rules.adamw_scalars(1e-3, step=1)]
+    for pointers in (True, False):
+        k, _, args, kwargs = flu._launch_args(dy, x, p, s, sc, prog, cfg, "ieee", 0,
+                                              scalar_pointers=pointers)
+        names = list(k.arg_names)
+        by_value, by_pointer = flu._scalar_slots(names, kwargs, len(sc))
+        at = [names.index(f"sc{i}") for i in range(len(sc))]
+        assert (by_pointer, by_value)[not pointers] == tuple(zip(at, range(len(sc))))
+        assert not (by_value, by_pointer)[not pointers]
+        vals = list(args) + [kwargs.get(n) for n in names[len(args):]]
+        vals = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v in vals)
+        ck = _RecordingKernel()
+        plan = flu._Plan(ck, (1, 1, 1), vals, names.index("seed"), by_value, False,
+                         flu._operand_slots(dy, x, args, cfg), (dy.data_ptr(), x.data_ptr()),
+                         by_pointer)
+        sc2 = [t * 2 for t in sc]
+        plan.run(sc2, 0, dy, x)
+        plan.run(sc, 0, dy, x)
+        moved, same = ck.calls
+        if pointers:
+            assert [moved[a] for a in at] == [t.data_ptr() for t in sc2]
+            assert [same[a] for a in at] == [t.data_ptr() for t in sc]
+        else:
+            assert [moved[a] for a in at] == [float(t) for t in sc2]
+            assert [same[a] for a in at] == [float(t) for t in sc]
+        assert all(moved[a] != same[a] for a in at)
+        assert [v for i, v in enumerate(moved) if i not in at] == \
+            [v for i, v in enumerate(same) if i not in at]
 
 
 def test_plan_triton_slots_take_each_calls_pointers():

@@ -1226,14 +1226,17 @@ PLAN_STATS = {"hits": 0, "made": 0}
 
 class _Plan:
     """One launch's compiled kernel, grid and argument values (signature order); per call the
-    seed (position ``seed_at``) and the scalars passed by value (``by_value``: (position, scalar
-    index)) are set."""
-    __slots__ = ("ck", "grid", "vals", "seed_at", "by_value", "bf16", "operands", "ptrs")
+    seed (position ``seed_at``), the scalars passed by value (``by_value``: (position, scalar
+    index)) and the addresses of those passed by pointer (``by_pointer``, the same pairs) are
+    set."""
+    __slots__ = ("ck", "grid", "vals", "seed_at", "by_value", "bf16", "operands", "ptrs",
+                 "by_pointer")
 
-    def __init__(self, ck, grid, vals, seed_at, by_value, bf16, operands, ptrs):
+    def __init__(self, ck, grid, vals, seed_at, by_value, bf16, operands, ptrs, by_pointer=()):
         self.ck, self.grid, self.vals, self.seed_at = ck, grid, vals, seed_at
         self.by_value, self.bf16 = by_value, bf16
         self.operands, self.ptrs = operands, ptrs
+        self.by_pointer = by_pointer
 
     def run(self, scalars, seed: Optional[int], dy: Tensor, x: Tensor):
         vals = list(self.vals)
@@ -1244,6 +1247,8 @@ class _Plan:
         vals[self.seed_at] = seed if seed is not None else _default_seed(self.bf16)
         for at, i in self.by_value:
             vals[at] = float(scalars[i])
+        for at, i in self.by_pointer:
+            vals[at] = scalars[i].data_ptr()
         PLAN_STATS["hits"] += 1
         self.ck[self.grid](*vals)
         return self.ck
@@ -1252,12 +1257,14 @@ class _Plan:
 def _plan_key(dy, x, param, state, scalars, program, config, scalar_pointers) -> Optional[tuple]:
     """Everything the checks, the tuned-config lookup and the launch arguments read: each
     tensor's address, shape, strides, dtype and device; each scalar's kind (a GPU tensor's
-    address, dtype, shape and device; a CPU tensor's dtype and shape or a number's type: their
-    values are read per call); the program, the config asked for, the options read from the
-    environment and torch's TF32 flag. None (no plan) off the GPU.
+    address mod 16, dtype, shape and device; a CPU tensor's dtype and shape or a number's type:
+    their values are read per call); the program, the config asked for, the options read from
+    the environment and torch's TF32 flag. None (no plan) off the GPU.
     dY and X (activations: the caching allocator may hand a step other addresses than the last)
-    are keyed by their address mod 16 only, what the checks (TMA's 16-byte base) and Triton's
-    pointer specialisation read of it; the plan passes each call's own (``_Plan.run``)."""
+    and GPU scalars (a step's temporaries when the optimizer is capturable, as Dynamo makes it
+    for GPU parameters: its bias corrections come from a GPU ``step``) are keyed by their
+    address mod 16 only, what the checks (TMA's 16-byte base) and Triton's pointer
+    specialisation read of it; the plan passes each call's own (``_Plan.run``)."""
     if not param.is_cuda:
         return None
     return (tuple((t.data_ptr() % 16, t.shape, t.stride(), t.dtype, t.get_device())
@@ -1269,9 +1276,10 @@ def _plan_key(dy, x, param, state, scalars, program, config, scalar_pointers) ->
 
 
 def _scalar_key(s):
-    # a GPU tensor is read through its address; a CPU tensor or a number by value, per call
+    # a GPU tensor is read through its address (each call's: _Plan.run), a CPU tensor or a
+    # number by value, per call; a GPU address mod 16 is what Triton specialises a pointer on
     if isinstance(s, Tensor):
-        return (s.data_ptr() if s.is_cuda else None, s.dtype, s.shape, s.get_device())
+        return (s.data_ptr() % 16 if s.is_cuda else None, s.dtype, s.shape, s.get_device())
     return type(s)
 
 
@@ -1287,14 +1295,22 @@ def _plan(key: Optional[tuple]) -> "Optional[_Plan]":
     return plan
 
 
+def _scalar_slots(names, kwargs, n: int) -> Tuple[tuple, tuple]:
+    """(by_value, by_pointer) of a plan: the (position among ``names``, scalar index) of each
+    scalar passed by value and of each passed by pointer (its SCALAR_PTR_i flag)."""
+    slots = ([], [])
+    for i in range(n):
+        slots[bool(kwargs[f"SCALAR_PTR_{i}"])].append((names.index(f"sc{i}"), i))
+    return tuple(slots[0]), tuple(slots[1])
+
+
 def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool,
                    operands: tuple) -> None:
     bound = launch_cache.bound(jit, args, kwargs)
     if bound is None or ck is None:
         return
     names, vals = bound
-    by_value = [(names.index(f"sc{i}"), i) for i in range(len(scalars))
-                if not kwargs[f"SCALAR_PTR_{i}"]]
+    by_value, by_pointer = _scalar_slots(names, kwargs, len(scalars))
     # tensors by address (Triton's launcher takes an int for a pointer): a plan keeps no
     # weight or state alive, and one for a freed tensor is right for a new tensor the key
     # describes the same way (the descriptors, _desc_of, work the same way)
@@ -1310,7 +1326,7 @@ def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool,
     for at, which, make in operands:
         ptrs[which] = vals[at] if make is None else vals[at].base.data_ptr()
     _PLANS[key] = _Plan(ck, launch_cache.grid3(grid), vals, names.index("seed"), by_value,
-                        bf16, operands, tuple(ptrs))
+                        bf16, operands, tuple(ptrs), by_pointer)
     PLAN_STATS["made"] += 1
     while len(_PLANS) > _PLANS_MAX:
         _PLANS.popitem(last=False)
