@@ -488,7 +488,8 @@ def test_gpu_compiled_step_reuses_its_launch_plans():
                 held.append(out)
             held.append(torch.empty(64 * (i + 1), device="cuda"))
     _assert_close(model, ref, opt, ref_opt)
-    assert all(opt.state[p]["step"].is_cuda for p in model.parameters())
+    assert all(opt.state[p]["step"].is_cuda for p in model.parameters()), \
+        {n: opt.state[p]["step"].device for n, p in model.named_parameters()}
     n = len(_fused_in(reports))
     _fused_names_ok(model, _fused_in(reports))
     assert made[0] >= n and made[1:] == [0] * 7, made

@@ -160,6 +160,14 @@ def _case(T, N=512, K=768, seed=0):
     return dy, x, p, s
 
 
+@pytest.fixture
+def no_plans(monkeypatch):
+    """An empty plan table for the test: the tests count the plans they make and use, and a
+    plan an earlier test in the process left for a freed weight of the same layout, at the
+    address the allocator hands this test's weight, is (rightly) taken by its first call."""
+    monkeypatch.setattr(flu, "_PLANS", type(flu._PLANS)())
+
+
 # (T, scalars on): T=1 is specialised as a constant, 65 is not a multiple of 16, and the
 # scalars switch between values (CPU tensors) and pointers (GPU tensors); then it comes back
 SEQUENCE = [(64, "cuda"), (1, "cuda"), (65, "cuda"), (64, "cpu"), (1, "cuda"), (65, "cpu"),
@@ -169,7 +177,8 @@ SEQUENCE = [(64, "cuda"), (1, "cuda"), (65, "cuda"), (64, "cpu"), (1, "cuda"), (
 def _sequence_matches_uncached(monkeypatch, config):
     """SEQUENCE through Triton's dispatch, then through the cache twice: equal bit for bit."""
     prog = rules.adamw_program()
-    hits0 = launch_cache.STATS["hits"]
+    hits0, plan_hits0 = launch_cache.STATS["hits"], flu.PLAN_STATS["hits"]
+    keep = []       # every weight stays alive: no address comes back, so no plan applies
     for i, (T, dev) in enumerate(SEQUENCE):
         dy, x, p, s = _case(T, seed=i)
         sc = rules.adamw_scalars(1e-2 * (i + 1), step=i + 1, device=dev)
@@ -183,6 +192,7 @@ def _sequence_matches_uncached(monkeypatch, config):
             p1, s1 = p.clone(), [t.clone() for t in s]
             flu.fused_linear_update_triton(dy, x, p1, s1, sc, prog, config=config)
             out.append([p1, *s1])
+        keep.append(out)
         for a, b, c in zip(*out):
             assert torch.equal(a, b) and torch.equal(a, c), (T, dev, (a - c).abs().max())
         # and the update is the right one (fp64 reference; bf16 products are exact)
@@ -192,14 +202,17 @@ def _sequence_matches_uncached(monkeypatch, config):
             assert ((a.double() - b).norm() / b.norm()).item() <= 1e-5, (T, dev)
     # every case after the first ran twice through the cache; each repeat is a hit
     assert launch_cache.STATS["hits"] - hits0 >= len(SEQUENCE)
+    assert flu.PLAN_STATS["hits"] == plan_hits0
 
 
+@pytest.mark.usefixtures("no_plans")
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_launch_cache_ws_kernel(monkeypatch):
     _sequence_matches_uncached(monkeypatch, flu._GPU_WS_CONFIGS[0])
 
 
+@pytest.mark.usefixtures("no_plans")
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_launch_cache_triton_kernel(monkeypatch):
@@ -208,14 +221,6 @@ def test_gpu_launch_cache_triton_kernel(monkeypatch):
 
 
 # ============================================================================ launch plans
-@pytest.fixture
-def no_plans(monkeypatch):
-    """An empty plan table for the test: the tests count the plans they make and use, and a
-    plan an earlier test in the process left for a freed weight of the same layout, at the
-    address the allocator hands this test's weight, is (rightly) taken by its first call."""
-    monkeypatch.setattr(flu, "_PLANS", type(flu._PLANS)())
-
-
 def _reset(p, s, p0, s0):
     # same addresses, same values: what a plan is keyed by (a training step's weights)
     p.copy_(p0)
