@@ -46,6 +46,26 @@ def main() -> int:
     step, keep = B.make_method(a.method, model, "inductor", B.forward_context(a.amp, dev.type))
     data = B.make_batches(cfg, batch, seq, a.warmup + a.steps, dev)
     gc_t = {"n": 0, "s": 0.0, "t0": 0.0, "gen2": 0}
+    # host time inside the op's two paths: a plan's launch, and the full path (checks, tuned
+    # config, arguments, launch cache)
+    op_t = {"plan": 0.0, "full": 0.0, "nfull": 0}
+    plan_run, full = flu._Plan.run, flu._triton_checked
+
+    def timed_plan_run(self, *args):
+        t = time.perf_counter()
+        try:
+            return plan_run(self, *args)
+        finally:
+            op_t["plan"] += time.perf_counter() - t
+
+    def timed_full(*args):
+        t = time.perf_counter()
+        try:
+            return full(*args)
+        finally:
+            op_t["full"] += time.perf_counter() - t
+            op_t["nfull"] += 1
+    flu._Plan.run, flu._triton_checked = timed_plan_run, timed_full
 
     def on_gc(phase, info):
         if phase == "start":
@@ -69,7 +89,7 @@ def main() -> int:
     def counters():
         return (flu.PLAN_STATS["made"], flu.PLAN_STATS["hits"], launch_cache.STATS["hits"],
                 launch_cache.STATS["misses"], len(ws._ENCODED) if ws is not None else -1,
-                gc_t["n"], gc_t["gen2"], gc_t["s"])
+                gc_t["n"], gc_t["gen2"], gc_t["s"], op_t["plan"], op_t["full"], op_t["nfull"])
     times = {"bench": [], "diag": []}
     held = None
     for i in range(a.warmup, a.warmup + a.steps):
@@ -90,7 +110,8 @@ def main() -> int:
         times[mode].append(ms)
         lines.append(f"step {i} {mode:5s} {ms:7.2f} ms  plans made {d[0]:3d} used {d[1]:3d}  "
                      f"launch cache hits {d[2]:3d} misses {d[3]:3d}  encodings kept {c1[4]:5d} "
-                     f"(+{d[4]})  gc {d[5]} (gen2 {d[6]}) {1e3 * d[7]:.2f} ms")
+                     f"(+{d[4]})  gc {d[5]} (gen2 {d[6]}) {1e3 * d[7]:.2f} ms  in plans "
+                     f"{1e3 * d[8]:.2f} ms, full path {d[10]}x {1e3 * d[9]:.2f} ms")
         print(lines[-1], flush=True)
     for mode, ts in times.items():
         if ts:
