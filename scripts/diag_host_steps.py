@@ -51,17 +51,17 @@ def main() -> int:
     op_t = {"plan": 0.0, "full": 0.0, "nfull": 0}
     plan_run, full = flu._Plan.run, flu._triton_checked
 
-    def timed_plan_run(self, *args):
+    def timed_plan_run(self, *args, **kwargs):
         t = time.perf_counter()
         try:
-            return plan_run(self, *args)
+            return plan_run(self, *args, **kwargs)
         finally:
             op_t["plan"] += time.perf_counter() - t
 
-    def timed_full(*args):
+    def timed_full(*args, **kwargs):
         t = time.perf_counter()
         try:
-            return full(*args)
+            return full(*args, **kwargs)
         finally:
             op_t["full"] += time.perf_counter() - t
             op_t["nfull"] += 1
