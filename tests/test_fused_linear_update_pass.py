@@ -588,6 +588,9 @@ def test_cudagraphs_pass_every_scalar_on_the_weights_device(cudagraphs):
         assert len(sources) == len(set(sources)) == 3
         lr_copy = next(c for c in copies if c.args[0].op == "placeholder")
         assert all(lr_copy in op.args[4] for op in ops)
+        # each op's copies precede it, the one made for the other op included (the pass moves
+        # a copy that sits after an op in front of it); lint checks every use follows its def
+        gm.graph.lint()
         assert ctx.report.scalar_copies == 3          # what explain() reports
         from forge_compile.explain import ExplainReport
         text = str(ExplainReport(graph_count=1, graph_breaks=[], recompiles=0,

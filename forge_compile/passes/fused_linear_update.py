@@ -896,9 +896,12 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
         op = graph.call_function(FUSED_OP, (dy, x, param, list(state) + fresh, scal, prog.dumps()))
         op.meta["val"] = None
     if scalar_copies:
-        # a copy made for an earlier op may sit after this one (an op right after the inputs)
+        # a copy made for an earlier op may sit after this one (an op right after the inputs);
+        # FX keeps each node's place in graph order as its _sort_key (torch >= 2.5): only the
+        # copies past the op are looked for, so the scan stops at the last of them instead of
+        # walking to the graph's end for every op
         made = set(scalar_copies.values())
-        late = {c for c in scal if c in made}
+        late = {c for c in scal if c in made and _after(c, op)}
         n = op.next
         while late and n.op != "root":
             if n in late:
@@ -921,6 +924,12 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
                 cands.discard(n)
                 graph.erase_node(n)
                 changed = True
+
+
+def _after(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether ``a`` may come after ``b`` in graph order (True where FX keeps no order key)."""
+    ka, kb = getattr(a, "_sort_key", None), getattr(b, "_sort_key", None)
+    return ka is None or kb is None or ka > kb
 
 
 def _fake_scalar(like):
