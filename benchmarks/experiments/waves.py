@@ -28,19 +28,16 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
 
 from benchmarks.bench_fused_linear_update import forge_bytes, make_case  # noqa: E402
 from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
 from allocations import interleaved  # noqa: E402
 from bench_fused_linear_update_tma import save_rows, study_setup  # noqa: E402
+import test_fused_linear_update as ref  # noqa: E402
 
 KS = (3968, 4096, 4224)
 RTOL = 1e-5
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def main():
@@ -57,15 +54,12 @@ def main():
         c = cs[4096]
         cfg = flu.tuned_config(c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
         for K, ck in cs.items():
-            dy, x, sc, prog = ck["dy"], ck["x"], ck["scalars"], ck["prog"]
-            p, st = ck["p"].clone(), [s.clone() for s in ck["state"]]
-            flu.fused_linear_update_triton(dy, x, p, st, sc, prog, config=cfg, seed=0)
-            rp, rst = ck["p"].double(), [s.double() for s in ck["state"]]
-            flu.fused_linear_update_reference(dy.double(), x.double(), rp, rst, sc, prog)
-            for name, u, v in zip(("W", "m", "v"), [p, *st], [rp, *rst]):
-                err = _rel(u, v)
-                if not err <= RTOL:
-                    bad.append(f"T={T} K={K} {name}: relative error {err:.2e} > {RTOL}")
+            err = ref._errors(ck["prog"], ck["dy"], ck["x"], ck["p"], ck["state"], ck["scalars"],
+                              lambda *a: flu.fused_linear_update_triton(*a, config=cfg, seed=0))
+            if not err.pop("finite"):
+                bad.append(f"T={T} K={K}: non-finite output")
+            bad += [f"T={T} K={K} {name}: relative error {e:.2e} > {RTOL}"
+                    for name, e in err.items() if not e <= RTOL]
         cases[T] = (cs, cfg)
     rows, emit, bw = study_setup(bad, t0)                  # exits 1 on a failure
     for T, (cs, cfg) in cases.items():
