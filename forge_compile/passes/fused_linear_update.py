@@ -852,9 +852,7 @@ def _on_device(graph, s: torch.fx.Node, device: torch.device,
             # prims.device_put, not aten._to_copy: the pass runs after Inductor's decompositions,
             # and _to_copy has only a decomposition there (no lowering: Inductor asserts)
             c = graph.call_function(prims.device_put.default, (s, device))
-        mode = getattr(v, "fake_mode", None)
-        with mode if mode is not None else contextlib.nullcontext():
-            c.meta["val"] = torch.empty((), dtype=v.dtype, device=device)
+        c.meta["val"] = _fake_scalar(v, v.dtype, device)
         copies[key] = c
         report.scalar_copies += 1
     return copies[key]
@@ -932,9 +930,8 @@ def _after(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     return ka is None or kb is None or ka > kb
 
 
-def _fake_scalar(like):
+def _fake_scalar(like, dtype=torch.float64, device=None):
+    """A 0-d ``dtype`` value on ``device`` (default: ``like``'s), in ``like``'s fake mode."""
     mode = getattr(like, "fake_mode", None)
-    if mode is None:
-        return torch.empty((), dtype=torch.float64, device=like.device)
-    with mode:
-        return torch.empty((), dtype=torch.float64, device=like.device)
+    with mode if mode is not None else contextlib.nullcontext():
+        return torch.empty((), dtype=dtype, device=like.device if device is None else device)
