@@ -68,6 +68,14 @@ def _setup(kind, opt_name, foreach=None):
     return model, ref, opt, ref_opt, loss_fn, data
 
 
+def _setup_on(kind, device):
+    """``_setup`` with both models on ``device`` and their AdamW optimizers made there."""
+    model, ref, _, _, loss_fn, data = _setup(kind, "adamw")
+    model, ref = model.to(device), ref.to(device)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    return model, ref, opt, ref_opt, loss_fn, data
+
+
 def _rel(a, b):
     a, b = a.double(), b.double()
     den = b.norm()
@@ -356,9 +364,7 @@ def test_lite_mode_would_skip_the_rewrite_and_fails_fast():
 def _run_mode(kind, mode, device, steps):
     """forge with torch.compile's ``mode`` against eager AdamW on ``device``; the reports and
     the number of CUDA graphs recorded."""
-    model, ref, opt, ref_opt, loss_fn, data = _setup(kind, "adamw")
-    model, ref = model.to(device), ref.to(device)
-    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    model, ref, opt, ref_opt, loss_fn, data = _setup_on(kind, device)
     compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge", mode=mode)
     eager = _make_step(ref, ref_opt, loss_fn)
     losses = []
@@ -439,9 +445,7 @@ def test_gpu_reduce_overhead_follows_an_lr_schedule(kind):
     (down.weight's exp_avg; forge 5.2e-6 too) and forge 1.4e-5 in 12 on the H100, the compiled
     capturable AdamW's fp32 rounding grown by large Adam steps (scripts/gpu_lr_schedule_check.py
     measures it beside a stale lr's drift)."""
-    model, ref, _, _, loss_fn, data = _setup(kind, "adamw")
-    model, ref = model.cuda(), ref.cuda()
-    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    model, ref, opt, ref_opt, loss_fn, data = _setup_on(kind, "cuda")
     opt.param_groups[0]["lr"] = ref_opt.param_groups[0]["lr"] = 1e-3
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: 0.7 ** i) for o in (opt, ref_opt)]
     compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge", mode="reduce-overhead")
@@ -473,9 +477,7 @@ def test_gpu_compiled_step_reuses_its_launch_plans(monkeypatch):
     # counted from an empty plan table: an earlier test's freed weights may have left plans at
     # the addresses these weights get, which their first calls would (rightly) take
     monkeypatch.setattr(flu, "_PLANS", type(flu._PLANS)())
-    model, ref, _, _, loss_fn, data = _setup("mlp", "adamw")
-    model, ref = model.cuda(), ref.cuda()
-    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    model, ref, opt, ref_opt, loss_fn, data = _setup_on("mlp", "cuda")
     compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge")
     eager = _make_step(ref, ref_opt, loss_fn)
     held, made, hits = [], [], []
@@ -493,7 +495,8 @@ def test_gpu_compiled_step_reuses_its_launch_plans(monkeypatch):
     _assert_close(model, ref, opt, ref_opt)
     assert all(opt.state[p]["step"].is_cuda for p in model.parameters()), \
         {n: opt.state[p]["step"].device for n, p in model.named_parameters()}
-    n = len(_fused_in(reports))
-    _fused_names_ok(model, _fused_in(reports))
+    fused = _fused_in(reports)
+    n = len(fused)
+    _fused_names_ok(model, fused)
     assert made[0] >= n and made[1:] == [0] * 7, made
     assert hits[1:] == [n] * 7, hits
