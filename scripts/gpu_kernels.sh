@@ -72,6 +72,8 @@ study() {
 # is T=512 limited by AdamW's math or the memory system?
 # e.g. STUDY_ARGS="--roll --shapes 4096x4096,11008x4096" (stream_ceiling.py --help)
 [[ $WHAT == stream ]] && study stream_ceiling stream_ceiling.py "${STUDY_TIMEOUT:-400}" ${STUDY_ARGS:-}
+[[ $WHAT == operand-bytes ]] && study operand_bytes operand_bytes.py "${STUDY_TIMEOUT:-400}" \
+  ${STUDY_ARGS:-}
 if [[ $WHAT == ncu-stream ]]; then
   # what the GEMM adds beside the W/state stream (docs/kernels.md, "Ninth session"): the same
   # kernel fused, with skip_gemm and with skip_epilogue, 4096² AdamW at T = NCU_T (default 512;

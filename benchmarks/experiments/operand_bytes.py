@@ -1,0 +1,160 @@
+"""Study run 56: how fast would the T=2048 rows be with fewer dY/X bytes per W element,
+if that cost no synchronisation? (docs/kernels.md, "Twenty-fourth session".)
+
+Why: the T=2048 rows miss 0.6× (AdamW) and 80% of copy bandwidth (all) by what the GEMM's
+operand loads add beside the W/state stream: per 128×128 tile 1 MiB of dY/X from L2 beside
+384 KiB of W/state (runs 28b, 29, 32). Every scheme that reads each operand byte from L2 fewer
+times (CTA-pair multicast, runs 36-38; larger tiles, run 16) has been slower, but each also
+paid a cost of its own (cross-CTA waits, a starved ring). This run prices the bytes alone: the
+tuned kernel's source with its ring loads thinned, so that on some T steps a slot keeps the
+operand tile it held before and only the remaining bytes are waited for. The wgmma, the
+hand-off and the stream are unchanged; the gradient is wrong (that is the point: it measures
+time, nothing else), so these variants are never checked against the reference. The same
+harness's unthinned build is checked (fp64 reference, 1e-5) and timed beside them.
+
+Variants: the fraction of the operand bytes still loaded
+  full 1.0, x_half 0.75 (X every 2nd step: what CTA pairs multicasting X could save, with
+  perfect overlap), both_half 0.5 (dY and X every 2nd step: 2×2 clusters multicasting both),
+  both_quarter 0.25, none 0.0 (no ring loads at all: the wgmma on stale tiles),
+  and the stream alone (``skip_gemm``) as the floor. An upper bound: a multicast still fills
+  each CTA's shared memory, the thinned ring does not.
+    python benchmarks/experiments/operand_bytes.py [--out PATH] [--rounds 4] [--shapes 4096x4096]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.dirname(os.path.abspath(__file__))]
+
+from benchmarks.bench_fused_linear_update import forge_bytes, make_case  # noqa: E402
+from forge_compile.kernels import fused_linear_update as flu  # noqa: E402
+from forge_compile.kernels import fused_linear_update_ws as ws  # noqa: E402
+from allocations import interleaved  # noqa: E402
+from bench_fused_linear_update_tma import save_rows, study_setup  # noqa: E402
+import test_fused_linear_update as ref  # noqa: E402
+
+RTOL = 1e-5
+# variant -> (period P, what a step with step % P != 0 loads: "dy" or nothing); every step
+# with step % P == 0 loads dY and X; P = 0: no step loads anything
+VARIANTS = {"full": (1, None), "x_half": (2, "dy"), "both_half": (2, None),
+            "both_quarter": (4, None), "none": (0, None)}
+_ISSUE = re.compile(r"@gluon\.jit\ndef _issue_gemm\(step, gstep, off_n, off_k, dy_desc, x_desc, "
+                    r"dy_smem, x_smem, ld_bar,\n.*?\n(?=\n)", re.S)
+
+
+def operand_frac(period: int, off: str) -> float:
+    """The fraction of the dY/X bytes a variant still loads (dY and X tiles are equal here)."""
+    if period == 0:
+        return 0.0
+    return (1 + (period - 1) * (0.5 if off == "dy" else 0.0)) / period
+
+
+def thinned_source(src: str, period: int, off: str) -> str:
+    """``src`` with ``_issue_gemm`` loading dY and X on steps ``step % period == 0`` and only
+    ``off`` ("dy" or None: nothing) on the others; the slot's barrier waits for the bytes
+    actually loaded (an arrival alone where nothing is)."""
+    m = _ISSUE.search(src)
+    if m is None:
+        raise RuntimeError("the generated source has no single-CTA _issue_gemm to thin "
+                           "(WS_CLUSTER=2?)")
+    body = m.group(0)
+    loads = [ln.strip() for ln in body.splitlines() if ln.strip().startswith("tma.")]
+    dy_load = next(ln for ln in loads if "(dy_desc" in ln)
+    x_load = next(ln for ln in loads if "(x_desc" in ln)
+    head = body[:body.index("    mbarrier.expect")]
+    both = ["mbarrier.expect(bar, dy_desc.block_type.nbytes + x_desc.block_type.nbytes)",
+            dy_load, x_load]
+    other = (["mbarrier.expect(bar, dy_desc.block_type.nbytes)", dy_load] if off == "dy"
+             else ["mbarrier.arrive(bar, count=1)"])
+    if period == 0:
+        out = head + "".join(f"    {ln}\n" for ln in other)
+    else:
+        out = (head + f"    if step % {period} == 0:\n" + "".join(f"        {ln}\n" for ln in both)
+               + "    else:\n" + "".join(f"        {ln}\n" for ln in other))
+    return src[:m.start()] + out.rstrip("\n") + src[m.end():]
+
+
+def build(cfg, prog, period: int, off: str):
+    prog = flu.load_program(prog)
+    ws._kernel(prog, *ws.kernel_args(cfg))        # installs the L2-hint and encoding hooks
+    src = ws.kernel_source(prog, *ws.kernel_args(cfg))
+    if period != 1:
+        src2 = thinned_source(src, period, off)
+        if src2 == src:
+            raise RuntimeError("thinning left the source unchanged")
+        src = src2
+    return flu._import_generated(src, "flu_ws_thin")._fused_linear_update_ws_kernel
+
+
+def launcher(k, c, cfg, skip_gemm=False):
+    _, grid, args, kwargs = ws.ws_launch_args(c["dy"], c["x"], c["p"], c["state"], c["scalars"],
+                                              c["prog"], cfg, 0, skip_gemm=skip_gemm)
+    return lambda: k[grid](*args, **kwargs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                  "operand_bytes.jsonl"))
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tokens", default="2048")
+    ap.add_argument("--optimizers", default="adamw,sgd_momentum")
+    ap.add_argument("--shapes", default="4096x4096")
+    a = ap.parse_args()
+    t0 = time.time()
+    bad, cases = [], []
+    for shape in a.shapes.split(","):
+        N, K = map(int, shape.split("x"))
+        for T in map(int, a.tokens.split(",")):
+            for opt in a.optimizers.split(","):
+                c = make_case(N, K, T, opt)
+                cfg = flu.tuned_config(c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"])
+                if not cfg.WS:
+                    print(f"{opt} {N}x{K} T={T}: the tuner picked a non-WS config {cfg}; skipped",
+                          flush=True)
+                    continue
+                kernels = {v: build(cfg, c["prog"], *e) for v, e in VARIANTS.items()}
+                # the harness's own unthinned build against the fp64 reference
+                full = kernels["full"]
+
+                def run_full(dy, x, p, st, sc, prog, full=full):
+                    _, grid, args, kwargs = ws.ws_launch_args(dy, x, p, st, sc, prog, cfg, 0)
+                    full[grid](*args, **kwargs)
+                err = ref._errors(c["prog"], c["dy"], c["x"], c["p"], c["state"], c["scalars"],
+                                  run_full)
+                if not err.pop("finite"):
+                    bad.append(f"{opt} T={T}: non-finite output")
+                bad += [f"{opt} T={T} {name}: relative error {e:.2e} > {RTOL}"
+                        for name, e in err.items() if not e <= RTOL]
+                cases.append((N, K, T, opt, c, cfg, kernels))
+    rows, emit, bw = study_setup(bad, t0)                  # exits 1 on a failure
+    for N, K, T, opt, c, cfg, kernels in cases:
+        keep = [t.clone() for t in (c["p"], *c["state"])]
+        fns = {v: launcher(k, c, cfg) for v, k in kernels.items()}
+        fns["stream"] = launcher(kernels["full"], c, cfg, skip_gemm=True)
+        fns["shipped"] = lambda c=c: flu.fused_linear_update_triton(
+            c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], seed=0)
+        times, med = interleaved({0: fns}, a.rounds)
+        med, times = med[0], times[0]
+        nbytes = forge_bytes(N, K, T, len(c["state"]))
+        for v, ms in med.items():
+            frac = operand_frac(*VARIANTS[v]) if v in VARIANTS else None
+            emit(study="operand_bytes", optimizer=opt, N=N, K=K, T=T, variant=v,
+                 operand_frac=frac, config=str(cfg), ms=round(ms, 4),
+                 frac_copy_bw=round(nbytes / (ms * 1e-3) / 1e9 / bw, 3),
+                 samples=[round(t, 4) for t in times[v]])
+        print(f"{opt} {N}x{K} T={T}: " + ", ".join(f"{v} {ms:.4f}" for v, ms in med.items()),
+              flush=True)
+        for t, k in zip((c["p"], *c["state"]), keep):      # the thinned runs wrote garbage
+            t.copy_(k)
+    save_rows(rows, a.out, t0)
+
+
+if __name__ == "__main__":
+    main()
