@@ -16,7 +16,8 @@ Variants: the fraction of the operand bytes still loaded
   full 1.0, x_half 0.75 (X every 2nd step: what CTA pairs multicasting X could save, with
   perfect overlap), both_half 0.5 (dY and X every 2nd step: 2×2 clusters multicasting both),
   both_quarter 0.25, none 0.0 (no ring loads at all: the wgmma on stale tiles),
-  and the stream alone (``skip_gemm``) as the floor. An upper bound: a multicast still fills
+  and the stream alone (``skip_gemm`` with a constant gradient, STREAM_GRAD, handed over
+  per tile) as the floor. An upper bound: a multicast still fills
   each CTA's shared memory, the thinned ring does not.
     python benchmarks/experiments/operand_bytes.py [--out PATH] [--rounds 4] [--shapes 4096x4096]
 """
@@ -80,7 +81,23 @@ def thinned_source(src: str, period: int, off: str) -> str:
     return src[:m.start()] + out.rstrip("\n") + src[m.end():]
 
 
-def build(cfg, prog, period: int, off: str):
+_ACC_INIT = "acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)"
+# the stream's constant gradient: AdamW's m and v stay normal (a zero gradient decays m
+# through the subnormals to 0, and the T=2048 pick's fast IEEE path falls back on zeros: the
+# ninth session's "epilogue alone" trap)
+STREAM_GRAD = 1e-3
+
+
+def const_grad_source(src: str) -> str:
+    """``src`` with every tile's accumulator starting at STREAM_GRAD instead of 0: launched
+    with ``skip_gemm`` (no T loop), the stream and the hand-off alone, on a non-zero gradient."""
+    if src.count(_ACC_INIT) != 1:
+        raise RuntimeError(f"expected one {_ACC_INIT!r} in the generated source")
+    return src.replace(_ACC_INIT, "acc = gl.full([BLOCK_N, BLOCK_K], "
+                                  f"{STREAM_GRAD}, gl.float32, mma)")
+
+
+def build(cfg, prog, period: int, off: str, const_grad: bool = False):
     prog = flu.load_program(prog)
     ws._kernel(prog, *ws.kernel_args(cfg))        # installs the L2-hint and encoding hooks
     src = ws.kernel_source(prog, *ws.kernel_args(cfg))
@@ -89,6 +106,8 @@ def build(cfg, prog, period: int, off: str):
         if src2 == src:
             raise RuntimeError("thinning left the source unchanged")
         src = src2
+    if const_grad:
+        src = const_grad_source(src)
     return flu._import_generated(src, "flu_ws_thin")._fused_linear_update_ws_kernel
 
 
@@ -137,7 +156,8 @@ def main():
     for N, K, T, opt, c, cfg, kernels in cases:
         keep = [t.clone() for t in (c["p"], *c["state"])]
         fns = {v: launcher(k, c, cfg) for v, k in kernels.items()}
-        fns["stream"] = launcher(kernels["full"], c, cfg, skip_gemm=True)
+        fns["stream"] = launcher(build(cfg, c["prog"], 1, None, const_grad=True), c, cfg,
+                                 skip_gemm=True)
         fns["shipped"] = lambda c=c: flu.fused_linear_update_triton(
             c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], seed=0)
         times, med = interleaved({0: fns}, a.rounds)
