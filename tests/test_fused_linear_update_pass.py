@@ -195,6 +195,59 @@ def test_update_ordered_after_last_read_of_weight():
     assert diff < 1e-5        # dx computed with the OLD weight, as in eager
 
 
+# -- Inductor's shape padding (fx_passes/pad_mm.py): on CUDA, where its timing (or
+# force_shape_pad) says so, mm(A, B) with an unaligned dimension becomes
+# mm(constant_pad_nd(A), constant_pad_nd(B)) sliced back to A·B's shape (an fp32 row is aligned
+# at 4 elements: N = 20 → 24 is not padded, T = 37 → 40 and an odd N = 19 → 20 are)
+
+def _pad(t, rows, cols):
+    return aten.constant_pad_nd(t, [0, cols, 0, rows])
+
+
+def _sgd_padded(trim_from=0):
+    def f(dy, x, w, buf):
+        n = w.shape[0]
+        g = aten.mm(_pad(dy.t(), 1, 3), _pad(x, 3, 0))[trim_from:trim_from + n]   # [N, K]
+        b = buf * 0.9 + g
+        dx = aten.mm(_pad(dy, 3, 1), _pad(w, 1, 0))[:-3]       # dX = dY·W, padded the same way
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dx,)
+    return f
+
+
+def test_fires_through_inductors_shape_padding():
+    args = _inputs((T, 19), (T, K), (19, K), (19, K))
+    gm, ctx, diff = _run_both(_sgd_padded(), args, _SGD_NAMES)
+    assert list(ctx.report.fused) == ["w"], ctx.report.unfused
+    op = next(n for n in gm.graph.nodes if n.target is FUSED)
+    # the op reads dY and X themselves: their padded copies and the padded GEMM are gone
+    assert [a.op for a in op.args[:2]] == ["placeholder", "placeholder"], op.args[:2]
+    assert _count(gm, aten.mm.default) == 1                  # dX's
+    assert _count(gm, aten.constant_pad_nd.default) == 2     # dX's operands
+    assert diff < 1e-5
+
+
+def test_update_ordered_after_the_gemm_that_reads_a_padded_weight():
+    # dX reads W through constant_pad_nd: Inductor computes the pad lazily, when the mm is
+    # lowered, or inside a kernel fused with another pad; the in-place update must follow the mm,
+    # not only the pad (on the CPU with pad_mm forced it ran before, and dX read the new W)
+    args = _inputs((T, 19), (T, K), (19, K), (19, K))
+    gm, ctx, diff = _run_both(_sgd_padded(), args, _SGD_NAMES)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    op = next(n for n in gm.graph.nodes if n.target is FUSED)
+    dx = next(n for n in gm.graph.nodes if n.target is aten.mm.default)
+    assert order[dx] < order[op]
+    assert diff < 1e-5
+
+
+def test_refuses_a_slice_of_a_padded_gemm_that_is_not_its_product():
+    # rows 1..N of the padded product are not A·B: the update reads a slice, not the gradient
+    why = _refused(_sgd_padded(trim_from=1), _inputs((T, 19), (T, K), (19, K), (19, K)),
+                   _SGD_NAMES)
+    assert "gradient is not a GEMM" in why and "slice" in why
+
+
 def test_lr_is_a_runtime_scalar():
     def f(dy, x, w, buf, lr):
         g = torch.mm(dy.t(), x)

@@ -6,7 +6,9 @@ functional graph) the pass:
 1. walks back from ``new_W`` through elementwise ops to the gradient, and accepts it only if the
    gradient is one ``mm`` seen through views/transposes/casts/copies
    (``mm(permute(dY), X)`` in Inductor's post-grad graph, ``mm → permute → permute →
-   copy(empty, ·)`` in the raw AOT graph, ``_to_copy(mm_bf16, fp32)`` under autocast);
+   copy(empty, ·)`` in the raw AOT graph, ``_to_copy(mm_bf16, fp32)`` under autocast, and
+   Inductor's shape padding of it, ``slice(mm(constant_pad_nd(A), constant_pad_nd(B)))``,
+   taken off: the op reads A and B);
 2. collects the update region: every elementwise node computed from the gradient, the sinks
    (``copy_`` of W and of the optimizer state) they feed, and the grad-independent elementwise nodes
    (``mul(W, 1 - lr·wd)``, ``mul(v, β2)``) those read;
@@ -230,6 +232,56 @@ def _cast_ok(n: torch.fx.Node) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype in _FLOAT_DTYPES
 
 
+def _zero_padded(n) -> Tuple[object, Tuple[int, int]]:
+    """(source, (rows, columns) appended) when ``n`` = constant_pad_nd(source, pad, 0) appends
+    zeros at the end of a 2-D source's dimensions only (Inductor's pad_mat1/pad_mat2); (n, (0, 0))
+    for anything else."""
+    if not (isinstance(n, torch.fx.Node) and n.op == "call_function"
+            and n.target is aten.constant_pad_nd.default):
+        return n, (0, 0)
+    src, pad = n.args[0], list(n.args[1])
+    value = n.args[2] if len(n.args) > 2 else n.kwargs.get("value", 0)
+    shape = _shape(src) if isinstance(src, torch.fx.Node) else None
+    # pad lists the last dimension first, (before, after) each: [before1, after1, before0, after0]
+    if (value != 0 or shape is None or len(shape) != 2 or len(pad) not in (2, 4)
+            or any(pad[0::2]) or any(p < 0 for p in pad)):
+        return n, (0, 0)
+    return src, (pad[3] if len(pad) == 4 else 0, pad[1])
+
+
+def _gemm_operands(mm: torch.fx.Node) -> Tuple[Tuple[object, object], Tuple[int, int]]:
+    """((A, B), (rows, columns)) of an mm with Inductor's shape padding (fx_passes/pad_mm.py,
+    on CUDA where its timing or ``force_shape_pad`` says so) taken off: mm(pad(A), pad(B)) is
+    A·B with ``rows`` zero rows and ``columns`` zero columns appended, when the zeros appended to
+    A's columns meet those appended to B's rows (the contracted dimension: they add exact zeros).
+    Unpadded operands come back as they are, with (0, 0)."""
+    (a, (am, ak)), (b, (bk, bn)) = (_zero_padded(x) for x in mm.args[:2])
+    sa, sb = (_shape(x) if isinstance(x, torch.fx.Node) else None for x in (a, b))
+    if sa is None or sb is None or sa[1] != sb[0] or ak != bk:
+        return tuple(mm.args[:2]), (0, 0)
+    return (a, b), (am, bn)
+
+
+def _trimmed_gemm(n: torch.fx.Node) -> Optional[torch.fx.Node]:
+    """The mm when ``n`` is pad_mm's slices of it back to the unpadded product's shape (each
+    slice from 0 in steps of 1, every node of the chain read by the next one only), else None."""
+    out = _shape(n)
+    while n.op == "call_function" and n.target is aten.slice.Tensor:
+        dim, start, _, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
+        if dim not in (0, 1, -1, -2) or start not in (0, None) or step != 1:
+            return None
+        src = n.args[0]
+        if not isinstance(src, torch.fx.Node) or len(src.users) != 1:
+            return None
+        n = src
+    if n.op != "call_function" or n.target is not aten.mm.default or out is None:
+        return None
+    (a, b), (rows, cols) = _gemm_operands(n)
+    if (rows or cols) and out == (_shape(a)[0], _shape(b)[1]):
+        return n
+    return None
+
+
 def _fold(op: str, args) -> float:
     from forge_compile.epilogue import _TORCH_OPS
     t = [torch.tensor(a, dtype=torch.float64) for a in args]
@@ -265,7 +317,9 @@ class _Analysis:
 
     # -- 1. find the gradient GEMM ----------------------------------------------------------------
     def _grad_source(self, n: torch.fx.Node) -> Tuple[Optional[torch.fx.Node], int]:
-        """(mm, transposes) if ``n`` is an mm seen through transparent nodes, else (None, 0)."""
+        """(gemm, transposes) if ``n`` is an mm seen through transparent nodes, else (None, 0).
+        ``gemm``: the mm, or the slice that cuts Inductor's shape padding off one
+        (``_trimmed_gemm``)."""
         flips = 0
         while n.op == "call_function" and n.target in _TRANSPARENT:
             f = _flips(n)
@@ -278,6 +332,8 @@ class _Analysis:
                 return None, 0
         if n.op == "call_function" and n.target is aten.mm.default:
             return n, flips
+        if n.op == "call_function" and _trimmed_gemm(n) is not None:
+            return n, flips     # Inductor's padded mm cut back: the unpadded product
         return None, 0
 
     def _reads_gemm(self, f: torch.fx.Node, wshape) -> bool:
@@ -344,7 +400,10 @@ class _Analysis:
         if wshape is None or len(wshape) != 2:
             raise Refused("not a 2-D weight", f"shape {wshape}: a bias or norm parameter has no gradient GEMM")
         mm = self.find_gemm(self.sinks_by_dest[dest].args[1], wshape)
-        self.mm = mm
+        # the gradient's value: the mm, or the slice cutting Inductor's padding off it; the op
+        # reads the unpadded operands (a padded copy of dY or X then dies with the mm)
+        self.gemm = mm
+        self.operands = _gemm_operands(_trimmed_gemm(mm) or mm)[0]
         # E: the gradient and its transparent copies; F: everything computed from it.
         grad_nodes: Dict[torch.fx.Node, int] = {mm: 0}
         work = [mm]
@@ -623,7 +682,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         changed = True
         # the gradient the update reads: the GEMM's output, or its cast up (autocast's bf16 GEMM
         # cast to fp32: eager holds the fp32 one in .grad until the step)
-        gemm_dtype, update_dtype = _val(a.mm).dtype, _val(param).dtype
+        gemm_dtype, update_dtype = _val(a.gemm).dtype, _val(param).dtype
         gbytes = math.prod(a.wshape) * max(gemm_dtype.itemsize, update_dtype.itemsize)
         counters["forge_compile"]["fused"] += 1
         note = _precision_note(gemm_dtype, update_dtype)
@@ -732,7 +791,7 @@ def _plan(a: _Analysis, names, dup):
     # inference graphs before forge's pass) sinks each view, and the weight-gradient mm with it,
     # to just before its first reader, the optimizer at the end of the graph; _rewrite rebuilds
     # the views at the fused op
-    ready = [x for src in a.mm.args for x in _view_chain_inputs(src)]
+    ready = [x for src in a.operands for x in _view_chain_inputs(src)]
     pos = a.facts.latest([last] + ready + list(a.scalar_nodes) + [param] + state)
     return param, state, prog, pos
 
@@ -868,7 +927,7 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
     CUDA-graph partition)."""
     anchor = pos.next
     with graph.inserting_before(anchor):
-        A, B = (_rebuild_views(graph, src) for src in a.mm.args)
+        A, B = (_rebuild_views(graph, src) for src in a.operands)
         if a.parity == 0:       # grad = A·B  → dy = Aᵀ, x = B
             dy, x = _transpose_node(graph, A), B
         else:                   # grad = (A·B)ᵀ = Bᵀ·Aᵀ → dy = B, x = Aᵀ
@@ -879,7 +938,7 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
                 scal.append(s)
             else:
                 t = graph.call_function(aten.scalar_tensor.default, (s,), {"dtype": torch.float64})
-                t.meta["val"] = _fake_scalar(_val(a.mm))
+                t.meta["val"] = _fake_scalar(_val(a.gemm))
                 scal.append(t)
         if scalar_copies is not None:
             scal = [_on_device(graph, t, _val(param).device, scalar_copies, report)

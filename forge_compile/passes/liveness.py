@@ -35,6 +35,27 @@ def is_view(n: torch.fx.Node) -> bool:
         and not schema.returns[0].alias_info.is_write
 
 
+# ATen ops Inductor runs as extern kernels at their place in the graph (its lowerings of mm,
+# addmm, bmm, baddbmm and convolution call the library on realised inputs)
+_EXTERN = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default, torch.ops.aten.convolution.default}
+
+
+def _runs_in_place(n: torch.fx.Node) -> bool:
+    """Whether Inductor reads ``n``'s inputs where ``n`` stands: an extern GEMM or convolution,
+    an op that writes an input, or one outside aten/prims (a custom op: a fallback kernel).
+    Placeholders and the output are where they are."""
+    if n.op != "call_function":
+        return True
+    if n.target in _EXTERN:
+        return True
+    schema = getattr(n.target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return True
+    ns = getattr(n.target, "namespace", None)
+    return ns is not None and ns not in ("aten", "prims")
+
+
 class GraphFacts:
     """networkx view of one FX graph plus node positions; rebuild after the graph changes."""
 
@@ -74,16 +95,41 @@ class GraphFacts:
     def last_reader(self, tensors: Iterable[torch.fx.Node],
                     exclude: Set[torch.fx.Node]) -> Optional[torch.fx.Node]:
         """The last node in graph order reading any of ``tensors`` (or a view of them),
-        outside ``exclude``: ``dX = mm(dY, permute(permute(W)))`` reads W at the mm."""
-        best = None
+        outside ``exclude``: ``dX = mm(dY, permute(permute(W)))`` reads W at the mm. A reader
+        that Inductor may compute later than where it stands counts where its consumers are
+        (``settles``): ``mm(pad(dY), constant_pad_nd(permute(W)))``, Inductor's shape padding
+        of dX, reads W at the mm."""
+        best, memo = None, {}
         for t in tensors:
             for a in self.aliases(t):
                 for u in self.dg.successors(a):
                     if u in exclude or (is_view(u) and u is not a):
                         continue
+                    u = self.settles(u, exclude, memo)
                     if best is None or self.order[u] > self.order[best]:
                         best = u
         return best
+
+    def settles(self, u: torch.fx.Node, exclude: Set[torch.fx.Node],
+                memo: Dict[torch.fx.Node, torch.fx.Node]) -> torch.fx.Node:
+        """The last node by which ``u`` has surely read its inputs: ``u`` itself when Inductor
+        runs it where it stands (an extern GEMM, a custom or mutating op, a fallback), else the
+        latest of that over its readers outside ``exclude``. Inductor lowers pointwise ops,
+        padding and reductions lazily: such a value is computed when a consumer realises it,
+        or inside the consumer's kernel. With Inductor's shape padding forced on the CPU
+        (torch 2.13), a constant_pad_nd of W that the fused op followed in the graph ran after
+        it, in one kernel with the pad of dY, and dX read the updated weight."""
+        if u in memo:
+            return memo[u]
+        memo[u] = u             # a DAG: only guards a second visit
+        if not _runs_in_place(u):
+            for v in self.dg.successors(u):
+                if v.op == "output" or v in exclude:
+                    continue
+                w = self.settles(v, exclude, memo)
+                if self.order[w] > self.order[memo[u]]:
+                    memo[u] = w
+        return memo[u]
 
     def latest(self, nodes: Iterable[torch.fx.Node]) -> Optional[torch.fx.Node]:
         """The node of ``nodes`` that comes last in graph order."""
