@@ -241,6 +241,24 @@ def test_update_ordered_after_the_gemm_that_reads_a_padded_weight():
     assert diff < 1e-5
 
 
+def test_padded_rows_that_are_part_of_the_gradient_stay():
+    # a weight with a row per padded row (no slice back): the zero rows are the gradient's own,
+    # so the op reads the padded operands as they are (taking the pads off would give a 19-row
+    # gradient for 20 rows)
+    def f(dy, x, w, buf):
+        g = aten.mm(_pad(dy.t(), 1, 3), _pad(x, 3, 0))                      # [20, K]
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dy.sum(),)
+    gm, ctx, diff = _run_both(f, _inputs((T, 19), (T, K), (20, K), (20, K)), _SGD_NAMES)
+    assert list(ctx.report.fused) == ["w"], ctx.report.unfused
+    op = next(n for n in gm.graph.nodes if n.target is FUSED)
+    assert _count(gm, aten.constant_pad_nd.default) == 2
+    assert tuple(op.args[0].meta["val"].shape) == (T + 3, 20), op.args[0]
+    assert diff < 1e-5
+
+
 def test_refuses_a_slice_of_a_padded_gemm_that_is_not_its_product():
     # rows 1..N of the padded product are not A·B: the update reads a slice, not the gradient
     why = _refused(_sgd_padded(trim_from=1), _inputs((T, 19), (T, K), (19, K), (19, K)),

@@ -267,6 +267,8 @@ def _trimmed_gemm(n: torch.fx.Node) -> Optional[torch.fx.Node]:
     slice from 0 in steps of 1, every node of the chain read by the next one only), else None."""
     out = _shape(n)
     while n.op == "call_function" and n.target is aten.slice.Tensor:
+        if n.kwargs:
+            return None
         dim, start, _, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
         if dim not in (0, 1, -1, -2) or start not in (0, None) or step != 1:
             return None
@@ -280,6 +282,17 @@ def _trimmed_gemm(n: torch.fx.Node) -> Optional[torch.fx.Node]:
     if (rows or cols) and out == (_shape(a)[0], _shape(b)[1]):
         return n
     return None
+
+
+def _product_operands(gemm: torch.fx.Node) -> Tuple[object, object]:
+    """(A, B) whose product is the gradient value ``gemm`` (an mm, or ``_trimmed_gemm``'s
+    slice of one): padding is taken off only where the product stays the same; an mm whose
+    padded rows or columns are part of the value keeps its padded operands."""
+    mm = _trimmed_gemm(gemm)
+    if mm is not None:
+        return _gemm_operands(mm)[0]
+    operands, appended = _gemm_operands(gemm)
+    return operands if appended == (0, 0) else tuple(gemm.args[:2])
 
 
 def _fold(op: str, args) -> float:
@@ -403,7 +416,7 @@ class _Analysis:
         # the gradient's value: the mm, or the slice cutting Inductor's padding off it; the op
         # reads the unpadded operands (a padded copy of dY or X then dies with the mm)
         self.gemm = mm
-        self.operands = _gemm_operands(_trimmed_gemm(mm) or mm)[0]
+        self.operands = _product_operands(mm)
         # E: the gradient and its transparent copies; F: everything computed from it.
         grad_nodes: Dict[torch.fx.Node, int] = {mm: 0}
         work = [mm]
