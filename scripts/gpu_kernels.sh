@@ -103,6 +103,22 @@ if [[ $WHAT == ncu-stream ]]; then
       | grep -E "$FILTER"
   done 2>&1 | tee "$OUT/ncu_stream.log"
 fi
+if [[ $WHAT == ncu-operands ]]; then
+  # run 56's variants under ncu (docs/kernels.md, "Twenty-fourth session"): every unit's share
+  # of its peak (SpeedOfLight's breakdown) and the memory tables, AdamW 4096² T=2048, the
+  # 11th WS candidate; NCU_VARIANTS: operand_bytes.py's variant names
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for v in ${NCU_VARIANTS:-full x_half none stream}; do
+    echo "== ncu $v"
+    timeout 150 "$NCU" --target-processes all -k 'regex:_fused_linear_update_ws_kernel' \
+      --launch-skip 2 --launch-count 1 --clock-control none --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+      --print-details all $PY benchmarks/experiments/operand_bytes.py --ncu-variant "$v" \
+      --tokens 2048 --optimizers adamw > "$OUT/ncu_operands_$v.log" 2>&1
+    grep -E "Duration|Throughput|Shared|shared|l1tex__data|lts__t|xbar|Busy|==ERR|rror" \
+      "$OUT/ncu_operands_$v.log" | head -60
+  done
+fi
 if [[ $WHAT == all || $WHAT == profile ]]; then
   # host time per launch, launch cache off/on, and through the op (scripts/profile_launch.py)
   timeout 300 $PY scripts/profile_launch.py > "$OUT/profile_launch.txt" 2>&1

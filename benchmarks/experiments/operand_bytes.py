@@ -117,6 +117,22 @@ def launcher(k, c, cfg, skip_gemm=False):
     return lambda: k[grid](*args, **kwargs)
 
 
+def ncu_launches(a):
+    """The launches ncu profiles (scripts/gpu_kernels.sh ncu-operands): one variant, 4 calls."""
+    import torch
+    N, K = map(int, a.shapes.split(",")[0].split("x"))
+    c = make_case(N, K, int(a.tokens.split(",")[0]), a.optimizers.split(",")[0])
+    cfg = flu._GPU_WS_CONFIGS[a.ws]
+    if a.ncu_variant == "stream":
+        run = launcher(build(cfg, c["prog"], 1, None, const_grad=True), c, cfg, skip_gemm=True)
+    else:
+        run = launcher(build(cfg, c["prog"], *VARIANTS[a.ncu_variant]), c, cfg)
+    for _ in range(4):
+        run()
+    torch.cuda.synchronize()
+    print(f"{a.ncu_variant}: 4 launches of {cfg}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
@@ -125,7 +141,15 @@ def main():
     ap.add_argument("--tokens", default="2048")
     ap.add_argument("--optimizers", default="adamw,sgd_momentum")
     ap.add_argument("--shapes", default="4096x4096")
+    ap.add_argument("--ncu-variant", choices=[*VARIANTS, "stream"],
+                    help="for ncu: launch only this variant 4 times (the first shape, token "
+                         "count and optimizer; config --ws) and exit")
+    ap.add_argument("--ws", type=int, default=10,
+                    help="with --ncu-variant: the WS candidate (_GPU_WS_CONFIGS index; the "
+                         "tuner's pick at T=2048 in run 56)")
     a = ap.parse_args()
+    if a.ncu_variant:
+        return ncu_launches(a)
     t0 = time.time()
     bad, cases = [], []
     for shape in a.shapes.split(","):
