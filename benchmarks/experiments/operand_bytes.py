@@ -13,10 +13,10 @@ time, nothing else), so these variants are never checked against the reference. 
 harness's unthinned build is checked (fp64 reference, 1e-5) and timed beside them.
 
 Variants: the fraction of the operand bytes still loaded
-  full 1.0, x_half 0.75 (X in every 2nd ring round: what CTA pairs multicasting X could save,
-  with perfect overlap), both_half 0.5 (dY and X every 2nd round: 2×2 clusters multicasting
-  both), both_quarter 0.25, none 0.0 (the first round only: the wgmma on the same tiles
-  ever after),
+  full 1.0, x_half 0.75 (X on every 2nd step: what CTA pairs multicasting X could save,
+  with perfect overlap), both_half 0.5 (dY and X every 2nd step: 2×2 clusters multicasting
+  both), both_quarter 0.25, none 0.0 (the first ring round only: the wgmma on the same
+  tiles ever after),
   and the stream alone (``skip_gemm`` with a constant gradient, STREAM_GRAD, handed over
   per tile) as the floor. An upper bound: a multicast still fills
   each CTA's shared memory, the thinned ring does not.
@@ -42,11 +42,14 @@ from bench_fused_linear_update_tma import save_rows, study_setup  # noqa: E402
 import test_fused_linear_update as ref  # noqa: E402
 
 RTOL = 1e-5
-# variant -> (period P, what the other ring rounds load: "dy" or nothing). A ring slot is
-# refilled once per round of STAGES steps; in every P-th round (gstep // STAGES % P == 0) it
-# loads dY and X, in the others only ``off``. P = 0: only the first round loads (each slot
-# once per launch), so no slot ever holds bytes that were never loaded: a never-written slot
-# held zeros under ncu, and AdamW's fast IEEE path falls back on a zero gradient
+# variant -> (period P, what the other steps load: "dy" or nothing). Ring step gstep loads dY
+# and X when (gstep + gstep // STAGES) % P == 0, else only ``off``: every P-th step (the
+# savings spread evenly, as a multicast's are) and, the phase moving by one each round of the
+# ring, every slot in every P-th round, so no slot ever holds bytes that were never loaded. P
+# = 0: only the first round loads (each slot once per launch). Two earlier schemes were
+# biased (docs/kernels.md, "Twenty-fourth session"): by step parity, half the slots were
+# never loaded and held zeros, a zero product draws less power and AdamW's fast IEEE path
+# falls back on a zero gradient; by whole rounds, the loads came in bursts
 VARIANTS = {"full": (1, None), "x_half": (2, "dy"), "both_half": (2, None),
             "both_quarter": (4, None), "none": (0, None)}
 _ISSUE = re.compile(r"@gluon\.jit\ndef _issue_gemm\(step, gstep, off_n, off_k, dy_desc, x_desc, "
@@ -61,10 +64,10 @@ def operand_frac(period: int, off: str) -> float:
 
 
 def thinned_source(src: str, period: int, off: str) -> str:
-    """``src`` with ``_issue_gemm`` loading dY and X in every ``period``-th round of the ring
-    and only ``off`` ("dy" or None: nothing) in the others (``period`` 0: the first round
-    only); the slot's barrier waits for the bytes actually loaded (an arrival alone where
-    nothing is)."""
+    """``src`` with ``_issue_gemm`` loading dY and X on every ``period``-th ring step (see
+    VARIANTS) and only ``off`` ("dy" or None: nothing) on the others (``period`` 0: the first
+    round only); the slot's barrier waits for the bytes actually loaded (an arrival alone
+    where nothing is)."""
     m = _ISSUE.search(src)
     if m is None:
         raise RuntimeError("the generated source has no single-CTA _issue_gemm to thin "
@@ -78,7 +81,8 @@ def thinned_source(src: str, period: int, off: str) -> str:
             dy_load, x_load]
     other = (["mbarrier.expect(bar, dy_desc.block_type.nbytes)", dy_load] if off == "dy"
              else ["mbarrier.arrive(bar, count=1)"])
-    cond = "gstep < STAGES" if period == 0 else f"(gstep // STAGES) % {period} == 0"
+    cond = ("gstep < STAGES" if period == 0
+            else f"(gstep + gstep // STAGES) % {period} == 0")
     out = (head + f"    if {cond}:\n" + "".join(f"        {ln}\n" for ln in both)
            + "    else:\n" + "".join(f"        {ln}\n" for ln in other))
     return src[:m.start()] + out.rstrip("\n") + src[m.end():]
