@@ -74,6 +74,8 @@ study() {
 [[ $WHAT == stream ]] && study stream_ceiling stream_ceiling.py "${STUDY_TIMEOUT:-400}" ${STUDY_ARGS:-}
 [[ $WHAT == operand-bytes ]] && study operand_bytes operand_bytes.py "${STUDY_TIMEOUT:-400}" \
   ${STUDY_ARGS:-}
+[[ $WHAT == operand-clocks ]] && study operand_bytes_clocks operand_bytes.py \
+  "${STUDY_TIMEOUT:-400}" --clocks --tokens 2048 --optimizers adamw,sgd_momentum ${STUDY_ARGS:-}
 if [[ $WHAT == ncu-stream ]]; then
   # what the GEMM adds beside the W/state stream (docs/kernels.md, "Ninth session"): the same
   # kernel fused, with skip_gemm and with skip_epilogue, 4096² AdamW at T = NCU_T (default 512;

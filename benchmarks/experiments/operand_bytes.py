@@ -104,7 +104,37 @@ def const_grad_source(src: str) -> str:
                                   f"{STREAM_GRAD}, gl.float32, mma)")
 
 
-def build(cfg, prog, period: int, off: str, const_grad: bool = False):
+_CLOCK_ASM = {"cycles": "mov.u64 $0, %clock64;", "ns": "mov.u64 $0, %globaltimer;"}
+
+
+def _read_clock(kind: str, dest: str) -> str:
+    # the program id is a dummy operand: it makes the result a scalar of the program
+    return (f"    {dest} = gl.inline_asm_elementwise({_CLOCK_ASM[kind]!r}, '=l,r', [clk_pid], "
+            "dtype=gl.int64, is_pure=False, pack=1)\n")
+
+
+def clock_source(src: str) -> str:
+    """``src`` with each CTA adding its SM cycles (``%clock64``) and nanoseconds
+    (``%globaltimer``) from its start to the end of its partitions into ``clk_ptr`` (a new
+    argument after the strides: int64 [2 · programs]): over many launches, their ratio is the
+    SM clock the kernel ran at, under whatever protocol launches it."""
+    i = src.rindex("@gluon.jit")
+    head, kern = src[:i], src[i:]
+    at = kern.index("SCALAR_PTR_0: gl.constexpr")
+    kern = kern[:at] + "clk_ptr, " + kern[at:]
+    body = kern.index("):\n", at) + 3
+    start = ("    clk_pid = gl.program_id(0)\n" + _read_clock("cycles", "clk_c0")
+             + _read_clock("ns", "clk_t0"))
+    kern = kern[:body] + start + kern[body:]
+    end_at = kern.index("    ], [", kern.index("gl.warp_specialize(["))
+    end_at = kern.index("\n", end_at) + 1
+    end = (_read_clock("cycles", "clk_c1") + _read_clock("ns", "clk_t1")
+           + "    gl.atomic_add(clk_ptr + 2 * clk_pid, clk_c1 - clk_c0)\n"
+           + "    gl.atomic_add(clk_ptr + 2 * clk_pid + 1, clk_t1 - clk_t0)\n")
+    return head + kern[:end_at] + end + kern[end_at:]
+
+
+def build(cfg, prog, period: int, off: str, const_grad: bool = False, clocks: bool = False):
     prog = flu.load_program(prog)
     ws._kernel(prog, *ws.kernel_args(cfg))        # installs the L2-hint and encoding hooks
     src = ws.kernel_source(prog, *ws.kernel_args(cfg))
@@ -115,6 +145,8 @@ def build(cfg, prog, period: int, off: str, const_grad: bool = False):
         src = src2
     if const_grad:
         src = const_grad_source(src)
+    if clocks:
+        src = clock_source(src)
     return flu._import_generated(src, "flu_ws_thin")._fused_linear_update_ws_kernel
 
 
@@ -122,6 +154,55 @@ def launcher(k, c, cfg, skip_gemm=False):
     _, grid, args, kwargs = ws.ws_launch_args(c["dy"], c["x"], c["p"], c["state"], c["scalars"],
                                               c["prog"], cfg, 0, skip_gemm=skip_gemm)
     return lambda: k[grid](*args, **kwargs)
+
+
+def clock_runs(a, t0):
+    """``--clocks``: each variant's SM clock while it runs (``clock_source``: cycles over
+    nanoseconds summed over every CTA and launch), under the benchmark's ``do_bench`` (a 256 MB
+    memset before each call) and back to back (200 calls, no memset), with its do_bench time."""
+    import torch
+    from triton.testing import do_bench
+    rows, emit, bw = study_setup([], t0)
+    names = a.clock_variants.split(",")
+    for shape in a.shapes.split(","):
+        N, K = map(int, shape.split("x"))
+        T = int(a.tokens.split(",")[0])
+        for opt in a.optimizers.split(","):
+            c = make_case(N, K, T, opt)
+            cfg = flu._GPU_WS_CONFIGS[a.ws]
+            keep = [t.clone() for t in (c["p"], *c["state"])]
+            for v in names:
+                stream = v == "stream"
+                k = build(cfg, c["prog"], *(VARIANTS["full"] if stream else VARIANTS[v]),
+                          const_grad=stream, clocks=True)
+                _, grid, args, kwargs = ws.ws_launch_args(
+                    c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], cfg, 0,
+                    skip_gemm=stream)
+                clk = torch.zeros(2 * grid[0], dtype=torch.int64, device="cuda")
+                args = (*args, clk)
+
+                def run(k=k, args=args, kwargs=kwargs, grid=grid):
+                    k[grid](*args, **kwargs)
+                run()
+                out = {}
+                for mode in ("do_bench", "back_to_back"):
+                    clk.zero_()
+                    torch.cuda.synchronize()
+                    if mode == "do_bench":
+                        ms = do_bench(run, warmup=25, rep=100, quantiles=[0.5])
+                    else:
+                        for _ in range(200):
+                            run()
+                    torch.cuda.synchronize()
+                    cyc, ns = clk[0::2].sum().item(), clk[1::2].sum().item()
+                    out[mode] = cyc / ns
+                emit(study="operand_bytes_clocks", optimizer=opt, N=N, K=K, T=T, variant=v,
+                     config=str(cfg), ms=round(ms, 4),
+                     sm_GHz_do_bench=round(out["do_bench"], 3),
+                     sm_GHz_back_to_back=round(out["back_to_back"], 3))
+                for t, kk in zip((c["p"], *c["state"]), keep):
+                    t.copy_(kk)
+    save_rows(rows, a.out, t0)
 
 
 def ncu_launches(a):
@@ -154,10 +235,15 @@ def main():
     ap.add_argument("--ws", type=int, default=10,
                     help="with --ncu-variant: the WS candidate (_GPU_WS_CONFIGS index; the "
                          "tuner's pick at T=2048 in run 56)")
+    ap.add_argument("--clocks", action="store_true",
+                    help="the SM clock each variant runs at (clock_runs; config --ws)")
+    ap.add_argument("--clock-variants", default="full,x_half,none,stream")
     a = ap.parse_args()
     if a.ncu_variant:
         return ncu_launches(a)
     t0 = time.time()
+    if a.clocks:
+        return clock_runs(a, t0)
     bad, cases = [], []
     for shape in a.shapes.split(","):
         N, K = map(int, shape.split("x"))
