@@ -1,5 +1,6 @@
-"""Study run 56: how fast would the T=2048 rows be with fewer dY/X bytes per W element,
-if that cost no synchronisation? (docs/kernels.md, "Twenty-fourth session".)
+"""Study runs 56-57: how fast would the T=2048 rows be with fewer dY/X bytes per W element,
+if that cost no synchronisation, and at what SM clock does each variant run? (docs/kernels.md,
+"Twenty-fourth session".)
 
 Why: the T=2048 rows miss 0.6× (AdamW) and 80% of copy bandwidth (all) by what the GEMM's
 operand loads add beside the W/state stream: per 128×128 tile 1 MiB of dY/X from L2 beside
@@ -20,7 +21,11 @@ Variants: the fraction of the operand bytes still loaded
   and the stream alone (``skip_gemm`` with a constant gradient, STREAM_GRAD, handed over
   per tile) as the floor. An upper bound: a multicast still fills
   each CTA's shared memory, the thinned ring does not.
+Run 57 (``--clocks``): each variant's SM clock while it runs, from ``%clock64`` over
+``%globaltimer`` summed in the kernel (``clock_source``), under ``do_bench`` and back to back.
+``--ncu-variant V``: only V's launches, for ncu (``scripts/gpu_kernels.sh ncu-operands``).
     python benchmarks/experiments/operand_bytes.py [--out PATH] [--rounds 4] [--shapes 4096x4096]
+        [--clocks] [--ncu-variant V]
 """
 from __future__ import annotations
 
