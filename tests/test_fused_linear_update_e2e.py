@@ -265,10 +265,8 @@ def test_inductor_adamw_static_proof(kind):
 def _padded_lm_run(device, steps=8):
     """TinyLM AdamW through Inductor with its shape padding forced on every GEMM (VOCAB = 29
     and T·B = 21 are unaligned: the head's gradient becomes slice(mm(pad(dYᵀ), pad(X))) and
-    dX = dY·W reads a pad of W); (fused names, unfused reasons), checked against eager."""
-    model, ref, opt, ref_opt, loss_fn, data = _setup("lm", "adamw")
-    model, ref = model.to(device), ref.to(device)
-    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    dX = dY·W reads a pad of W), checked against eager; the fused parameters."""
+    model, ref, opt, ref_opt, loss_fn, data = _setup_on("lm", device)
     compiled = forge_compile.compile(_make_step(model, opt, loss_fn), inner="inductor")
     eager = _make_step(ref, ref_opt, loss_fn)
     with listen() as reports, torch._inductor.config.patch(force_shape_pad=True,

@@ -40,7 +40,7 @@ from forge_compile import patterns as _patterns
 from forge_compile.context import FusedParam, PassContext
 from forge_compile.epilogue import GRAD, PARAM, OPS, EpilogueProgram, Instr
 from forge_compile.kernels.fused_linear_update import fused_linear_update_  # noqa: F401 (registers op)
-from forge_compile.passes.liveness import GraphFacts, is_view
+from forge_compile.passes.liveness import GraphFacts, is_mutation, is_view
 
 __all__ = ["fuse_linear_updates", "Refused", "lower_rules"]
 
@@ -842,12 +842,6 @@ def _rebuild_views(graph: torch.fx.Graph, n: torch.fx.Node) -> torch.fx.Node:
     return out
 
 
-def _is_mutation(n: torch.fx.Node) -> bool:
-    """An op that writes one of its inputs (copy_, and the fused op: its schema says so)."""
-    schema = getattr(n.target, "_schema", None)
-    return n.op == "call_function" and schema is not None and schema.is_mutable
-
-
 def _hoist_step_scalars(facts: GraphFacts, scalars: List[torch.fx.Node]) -> bool:
     """Move the per-step scalars an update reads (bias corrections from the step counter, the LR
     times weight decay: 0-d ops on graph inputs) to the start of the graph.
@@ -871,10 +865,10 @@ def _hoist_step_scalars(facts: GraphFacts, scalars: List[torch.fx.Node]) -> bool
             return ok[n]
         ok[n] = False
         if n.op in ("placeholder", "get_attr"):
-            mutated_before = any(_is_mutation(u) and order[u] < limit for u in n.users)
+            mutated_before = any(is_mutation(u) and order[u] < limit for u in n.users)
             ok[n] = not mutated_before
             return ok[n]
-        if n.op != "call_function" or n.is_impure() or _is_mutation(n):
+        if n.op != "call_function" or n.is_impure() or is_mutation(n):
             return False
         v = _val(n)
         if isinstance(v, torch.Tensor) and v.dim() != 0:

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import networkx as nx
 import torch
 
-__all__ = ["GraphFacts", "is_view"]
+__all__ = ["GraphFacts", "is_mutation", "is_view"]
 
 
 def is_view(n: torch.fx.Node) -> bool:
@@ -35,6 +35,12 @@ def is_view(n: torch.fx.Node) -> bool:
         and not schema.returns[0].alias_info.is_write
 
 
+def is_mutation(n: torch.fx.Node) -> bool:
+    """An op that writes one of its inputs (copy_, and the fused op: its schema says so)."""
+    schema = getattr(n.target, "_schema", None)
+    return n.op == "call_function" and schema is not None and schema.is_mutable
+
+
 # ATen ops Inductor runs as extern kernels at their place in the graph (its lowerings of mm,
 # addmm, bmm, baddbmm and convolution call the library on realised inputs)
 _EXTERN = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
@@ -45,12 +51,7 @@ def _runs_in_place(n: torch.fx.Node) -> bool:
     """Whether Inductor reads ``n``'s inputs where ``n`` stands: an extern GEMM or convolution,
     an op that writes an input, or one outside aten/prims (a custom op: a fallback kernel).
     Placeholders and the output are where they are."""
-    if n.op != "call_function":
-        return True
-    if n.target in _EXTERN:
-        return True
-    schema = getattr(n.target, "_schema", None)
-    if schema is not None and schema.is_mutable:
+    if n.op != "call_function" or n.target in _EXTERN or is_mutation(n):
         return True
     ns = getattr(n.target, "namespace", None)
     return ns is not None and ns not in ("aten", "prims")
