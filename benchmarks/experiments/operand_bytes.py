@@ -121,7 +121,7 @@ def _read_clock(kind: str, dest: str) -> str:
 def clock_source(src: str) -> str:
     """``src`` with each CTA adding its SM cycles (``%clock64``) and nanoseconds
     (``%globaltimer``) from its start to the end of its partitions into ``clk_ptr`` (a new
-    argument after the strides: int64 [2 · programs]): over many launches, their ratio is the
+    argument after the strides: int64, two per program): over many launches, their ratio is the
     SM clock the kernel ran at, under whatever protocol launches it."""
     i = src.rindex("@gluon.jit")
     head, kern = src[:i], src[i:]
@@ -155,9 +155,17 @@ def build(cfg, prog, period: int, off: str, const_grad: bool = False, clocks: bo
     return flu._import_generated(src, "flu_ws_thin")._fused_linear_update_ws_kernel
 
 
-def launcher(k, c, cfg, skip_gemm=False):
+def variant_launcher(cfg, c, v: str, clk=None):
+    """One call of variant ``v`` (a VARIANTS name, or "stream": the stream and hand-off alone on
+    STREAM_GRAD) on the case ``c``; with ``clk`` (int64, two per SM) the ``clock_source`` build
+    adding its cycles and nanoseconds there."""
+    stream = v == "stream"
+    k = build(cfg, c["prog"], *VARIANTS["full" if stream else v], const_grad=stream,
+              clocks=clk is not None)
     _, grid, args, kwargs = ws.ws_launch_args(c["dy"], c["x"], c["p"], c["state"], c["scalars"],
-                                              c["prog"], cfg, 0, skip_gemm=skip_gemm)
+                                              c["prog"], cfg, 0, skip_gemm=stream)
+    if clk is not None:
+        args = (*args, clk)
     return lambda: k[grid](*args, **kwargs)
 
 
@@ -169,6 +177,8 @@ def clock_runs(a, t0):
     from triton.testing import do_bench
     rows, emit, bw = study_setup([], t0)
     names = a.clock_variants.split(",")
+    clk = torch.zeros(2 * torch.cuda.get_device_properties(0).multi_processor_count,
+                      dtype=torch.int64, device="cuda")
     for shape in a.shapes.split(","):
         N, K = map(int, shape.split("x"))
         T = int(a.tokens.split(",")[0])
@@ -177,17 +187,7 @@ def clock_runs(a, t0):
             cfg = flu._GPU_WS_CONFIGS[a.ws]
             keep = [t.clone() for t in (c["p"], *c["state"])]
             for v in names:
-                stream = v == "stream"
-                k = build(cfg, c["prog"], *(VARIANTS["full"] if stream else VARIANTS[v]),
-                          const_grad=stream, clocks=True)
-                _, grid, args, kwargs = ws.ws_launch_args(
-                    c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], cfg, 0,
-                    skip_gemm=stream)
-                clk = torch.zeros(2 * grid[0], dtype=torch.int64, device="cuda")
-                args = (*args, clk)
-
-                def run(k=k, args=args, kwargs=kwargs, grid=grid):
-                    k[grid](*args, **kwargs)
+                run = variant_launcher(cfg, c, v, clk)
                 run()
                 out = {}
                 for mode in ("do_bench", "back_to_back"):
@@ -216,10 +216,7 @@ def ncu_launches(a):
     N, K = map(int, a.shapes.split(",")[0].split("x"))
     c = make_case(N, K, int(a.tokens.split(",")[0]), a.optimizers.split(",")[0])
     cfg = flu._GPU_WS_CONFIGS[a.ws]
-    if a.ncu_variant == "stream":
-        run = launcher(build(cfg, c["prog"], 1, None, const_grad=True), c, cfg, skip_gemm=True)
-    else:
-        run = launcher(build(cfg, c["prog"], *VARIANTS[a.ncu_variant]), c, cfg)
+    run = variant_launcher(cfg, c, a.ncu_variant)
     for _ in range(4):
         run()
     torch.cuda.synchronize()
@@ -260,9 +257,8 @@ def main():
                     print(f"{opt} {N}x{K} T={T}: the tuner picked a non-WS config {cfg}; skipped",
                           flush=True)
                     continue
-                kernels = {v: build(cfg, c["prog"], *e) for v, e in VARIANTS.items()}
                 # the harness's own unthinned build against the fp64 reference
-                full = kernels["full"]
+                full = build(cfg, c["prog"], *VARIANTS["full"])
 
                 def run_full(dy, x, p, st, sc, prog, full=full):
                     _, grid, args, kwargs = ws.ws_launch_args(dy, x, p, st, sc, prog, cfg, 0)
@@ -273,13 +269,11 @@ def main():
                     bad.append(f"{opt} T={T}: non-finite output")
                 bad += [f"{opt} T={T} {name}: relative error {e:.2e} > {RTOL}"
                         for name, e in err.items() if not e <= RTOL]
-                cases.append((N, K, T, opt, c, cfg, kernels))
+                cases.append((N, K, T, opt, c, cfg))
     rows, emit, bw = study_setup(bad, t0)                  # exits 1 on a failure
-    for N, K, T, opt, c, cfg, kernels in cases:
+    for N, K, T, opt, c, cfg in cases:
         keep = [t.clone() for t in (c["p"], *c["state"])]
-        fns = {v: launcher(k, c, cfg) for v, k in kernels.items()}
-        fns["stream"] = launcher(build(cfg, c["prog"], 1, None, const_grad=True), c, cfg,
-                                 skip_gemm=True)
+        fns = {v: variant_launcher(cfg, c, v) for v in [*VARIANTS, "stream"]}
         fns["shipped"] = lambda c=c: flu.fused_linear_update_triton(
             c["dy"], c["x"], c["p"], c["state"], c["scalars"], c["prog"], seed=0)
         times, med = interleaved({0: fns}, a.rounds)
