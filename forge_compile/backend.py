@@ -36,7 +36,12 @@ def _source_name(node: torch.fx.Node) -> Optional[str]:
     return name() if callable(name) else name   # a method in older torch, a property in newer
 
 
-_MODULE_PATH = re.compile(r"\._modules\['([^']+)'\]|\._(?:parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)")
+# A module attribute path as Dynamo writes its source: ``._modules['0']``, or
+# ``.__dict__['_modules']['0']`` where the module is traced unspecialised (e.g. a step that calls
+# ``model.train()``), the same for ``_parameters``/``_buffers``, or a plain ``.name``.
+_MODULE_PATH = re.compile(r"\.(?:__dict__\[')?_modules(?:'\])?\['([^']+)'\]"
+                          r"|\.(?:__dict__\[')?_(?:parameters|buffers)(?:'\])?\['([^']+)'\]"
+                          r"|\.([A-Za-z_]\w*)")
 _ROOT = re.compile(r"^(?:L|G)\['([^']+)'\]")
 
 
@@ -62,6 +67,17 @@ def pretty_name(source: Optional[str]) -> Optional[str]:
     return ".".join(parts)
 
 
+def _parameter_name(source: Optional[str]) -> Optional[str]:
+    """A parameter's module path, or, where its source is no plain path, the source without
+    brackets: the pass tells parameters from optimizer state and other inputs by the brackets
+    (``opt.state[...]``, ``L['x']``), so a parameter must never keep them, or it would be skipped
+    without a word."""
+    name = pretty_name(source)
+    if name is None or "[" not in name:
+        return name
+    return re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", name).replace("..", ".").lstrip(".")
+
+
 def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> List[Optional[str]]:
     """User-facing name of each input of the ATen graph AOTAutograd makes from ``gm``.
 
@@ -73,7 +89,7 @@ def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Li
     by_id = {}
     for node, ex in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs):
         src = _source_name(node)
-        name = pretty_name(src) if isinstance(ex, torch.nn.Parameter) else src
+        name = _parameter_name(src) if isinstance(ex, torch.nn.Parameter) else src
         names.append(name)
         if isinstance(ex, torch.Tensor):
             by_id[id(ex)] = name
@@ -183,6 +199,7 @@ class ForgeBackend:
         report = CompileReport(graph_index=self.compiles,
                                frame_compile_id=getattr(cid, "frame_compile_id", None))
         report.input_names = graph_input_names(gm, example_inputs)
+        report.detached_outputs = capture.detached_outputs()
         ctx = PassContext(options=options, input_names=list(report.input_names), report=report,
                           cudagraphs=(options.inner == "inductor"
                                       and _cudagraphs(mode_patches, example_inputs)))

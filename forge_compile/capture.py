@@ -17,7 +17,9 @@ What is patched and why (each row is one entry of ``PATCHES``):
 
 | target | why |
 |---|---|
-| ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` for its tracing only |
+| ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` and ``capture_scalar_outputs`` for its tracing only (a ``loss.item()`` read in the step, to log it or return it, would otherwise split the step before the backward and nothing could be fused) |
+| ``TensorVariable.method_backward`` | break the graph before a ``loss.backward()`` whose loss was built before the frame began (a graph break earlier in the step, e.g. a Python branch on ``loss.item()``): Dynamo traces that backward as a no-op, no gradient at all, and the step would silently not train; the backward then runs eagerly |
+| ``OutputGraph._validate_outputs_safe_for_autograd_nodes`` (torch 2.13) | a returned tensor whose graph the traced ``loss.backward()`` consumed (``return loss``) comes back detached, with a logged line, instead of a restart that splits the step at the backward (``_detach_consumed_outputs``) |
 | ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there); trace Adam/AdamW ``fused=True`` through ``_functional_fused_adam`` (below) where torch.optim's ``torch.compiler.disable``d ``_fused_adam`` would break the graph |
 | ``OptimizerVariable.var_getattr`` | trace ``zero_grad`` (its ``@_disable_dynamo`` wrapper is unwrapped) and an LR scheduler's ``step`` wrapper (lr_scheduler.py is force-skipped) |
 | ``OptimizerVariable.graph_break_if_pending_mutation`` | the pending mutation is the traced ``.grad``; handled by ``_init_group`` below |
@@ -94,7 +96,8 @@ def is_forge_tracing() -> bool:
 @contextlib.contextmanager
 def forge_tracing():
     """Switch the forge behaviour of the patched Dynamo on for the enclosed tracing."""
-    with _counted("tracing"), torch._dynamo.config.patch(trace_autograd_ops=True):
+    with _counted("tracing"), torch._dynamo.config.patch(trace_autograd_ops=True,
+                                                         capture_scalar_outputs=True):
         yield
 
 
@@ -148,10 +151,23 @@ _USE_GRAD_CODE = _optim_mod._use_grad_for_differentiable(lambda self: None).__co
 def _make_run(orig):
     def run(self):
         if is_forge_backend(getattr(self.output, "compiler_fn", None)):
+            _tls.detached = []
+            _allow_scalar_outputs(self.output)
             with forge_tracing():
                 return orig(self)
         return orig(self)
     return run
+
+
+def _allow_scalar_outputs(output) -> None:
+    """Give the frame's shape environment the setting ``capture_scalar_outputs=True`` would
+    have given it: it was made before the frame was known to be forge's, and without it a
+    ``loss.item()`` in the step (logging the loss, returning it as a float) splits the step
+    before the backward, so that nothing can be fused."""
+    shape_env = getattr(getattr(output, "fake_mode", None), "shape_env", None)
+    settings = getattr(shape_env, "settings", None)
+    if settings is not None and not settings.allow_scalar_outputs:
+        shape_env.settings = dataclasses.replace(settings, allow_scalar_outputs=True)
 
 
 def _make_skip_call(orig):
@@ -272,6 +288,13 @@ USED_BEFORE_BACKWARD = (
     "graph")
 
 
+SPLIT_BEFORE_BACKWARD = (
+    "forge: a graph break before loss.backward() split the step (see explain().graph_breaks: "
+    "e.g. a Python branch on loss.item(), or printing it), so the forward's weight-gradient "
+    "GEMMs are in another graph and no update can be fused. Move that code after opt.step(), "
+    "or return the loss and read it outside the step")
+
+
 def _break_if_used_before_backward(self, tx) -> None:
     # Stock Dynamo bug (torch 2.13, also with backend="eager"): touching opt.param_groups before
     # the forward marks the parameters static, they become graph constants, and loss.backward()
@@ -281,14 +304,18 @@ def _break_if_used_before_backward(self, tx) -> None:
         return
     if any(p.grad is not None for g in self.value.param_groups for p in g["params"]):
         return    # gradients from earlier calls (accumulation across calls): nothing to trace
-    log.warning(USED_BEFORE_BACKWARD)
+    _break_for(USED_BEFORE_BACKWARD, "forge: optimizer used before backward",
+               "call opt.zero_grad(set_to_none=True) after opt.step()")
+
+
+def _break_for(why: str, gb: str, hint: str) -> None:
+    """Log ``why`` and break the graph here (the rest runs eagerly, then in a new frame)."""
+    log.warning(why)
     from torch._dynamo import exc
     try:
-        exc.unimplemented(gb_type="forge: optimizer used before backward",
-                          context=type(self.value).__name__, explanation=USED_BEFORE_BACKWARD,
-                          hints=["call opt.zero_grad(set_to_none=True) after opt.step()"])
+        exc.unimplemented(gb_type=gb, context="", explanation=why, hints=[hint])
     except TypeError:     # an older unimplemented(msg) signature
-        raise exc.Unsupported(USED_BEFORE_BACKWARD)
+        raise exc.Unsupported(why)
 
 
 def _rejects_tensor_lr(opt: torch.optim.Optimizer, group: dict) -> Optional[str]:
@@ -491,6 +518,85 @@ def _make_method_backward(orig):
     return method_backward
 
 
+RETURNED_DETACHED = (
+    "forge: the step returns {names} after loss.backward() consumed its autograd graph; it is "
+    "returned detached (requires_grad=False), as one fused graph needs, instead of splitting "
+    "the step there (which would leave every weight unfused). Return {first}.detach() to say so")
+
+
+def detached_outputs() -> List[str]:
+    """The outputs the last forge trace on this thread returned detached (see
+    ``_make_validate_outputs``); read by the backend for the compile's report."""
+    return list(getattr(_tls, "detached", ()))
+
+
+def _make_validate_outputs(orig):
+    def validate(self, rv, tx):
+        if is_forge_tracing():
+            _tls.detached = _detach_consumed_outputs(self, rv, tx)
+        return orig(self, rv, tx)
+    return validate
+
+
+def _detach_consumed_outputs(output, rv, tx) -> List[str]:
+    """Replace, in ``rv`` (the graph's outputs), each tensor whose autograd graph the traced
+    ``loss.backward()`` consumed by its ``detach()``; return their names.
+
+    Stock Dynamo (torch 2.13) restarts the trace with a graph break at the backward instead, so
+    that the returned tensor keeps a grad_fn. That splits ``return loss`` steps, the most common
+    way to write one, into a forward-backward graph and an optimizer graph, and nothing can be
+    fused. Eager's returned loss can only be read, not backpropagated again (its graph is freed:
+    "Trying to backward through the graph a second time"), so the detached value reads the same;
+    only ``requires_grad``/``grad_fn`` differ, which the log says."""
+    consumed = getattr(output, "autograd_grad_consumed_grad_fns", None)
+    if not consumed:
+        return []
+    from torch._dynamo.output_graph import collect_reachable_grad_fns
+    from torch._dynamo.variables.tensor import TensorVariable
+    done: Dict[int, Any] = {}
+    names: List[str] = []
+    for i, var in enumerate(rv):
+        if id(var) in done:
+            rv[i] = done[id(var)]
+            continue
+        if not isinstance(var, TensorVariable) or not var.requires_grad:
+            continue
+        fake = var.as_proxy().node.meta.get("example_value")
+        if getattr(fake, "grad_fn", None) is None:
+            continue
+        if not collect_reachable_grad_fns([(fake, None)]) & consumed:
+            continue
+        names.append(str(var.source.name) if var.source else var.as_proxy().node.name)
+        rv[i] = done[id(var)] = var.call_method(tx, "detach", [], {})
+    if names:
+        log.warning(RETURNED_DETACHED.format(names=", ".join(names), first=names[0]))
+    return names
+
+
+def _optional_output_patch() -> List[Patch]:
+    from torch._dynamo import output_graph
+    if not hasattr(output_graph.OutputGraph, "_validate_outputs_safe_for_autograd_nodes"):
+        return []
+    return [Patch(output_graph.OutputGraph, "_validate_outputs_safe_for_autograd_nodes",
+                  _make_validate_outputs,
+                  "return a loss whose graph backward() consumed detached, not split the step")]
+
+
+def _make_backward_guard(orig):
+    def method_backward(self, tx, *args, **kwargs):
+        if is_forge_tracing() and self.source is not None and _built_outside(self):
+            _break_for(SPLIT_BEFORE_BACKWARD, "forge: step split before backward",
+                       "move the code that breaks the graph after opt.step()")
+        return orig(self, tx, *args, **kwargs)
+    return method_backward
+
+
+def _built_outside(var) -> bool:
+    """A frame input with a grad_fn: its autograd graph was built before this frame began."""
+    fake = var.as_proxy().node.meta.get("example_value")
+    return getattr(fake, "grad_fn", None) is not None
+
+
 def _optional_remat_patch() -> List[Patch]:
     try:
         from torch._functorch._activation_checkpointing import (
@@ -511,7 +617,11 @@ def _optional_remat_patch() -> List[Patch]:
 def _build_patches() -> List[Patch]:
     symbolic_convert, builder, functions, optimizer = _dynamo_modules()
     OV = optimizer.OptimizerVariable
-    return _optional_remat_patch() + [
+    from torch._dynamo.variables.tensor import TensorVariable
+    return _optional_remat_patch() + _optional_output_patch() + [
+        Patch(TensorVariable, "method_backward", _make_backward_guard,
+              "break before a backward of a loss built before the frame (Dynamo traces it as "
+              "a no-op: no gradient at all)"),
         Patch(symbolic_convert.InstructionTranslator, "run", _make_run,
               "detect forge frames; trace_autograd_ops=True while tracing them"),
         Patch(functions.SkipFunctionVariable, "call_function", _make_skip_call,

@@ -60,6 +60,9 @@ class CompileReport:
     # under CUDA graphs: the host-to-device copies of per-step scalars the rewrite added (each
     # runs on every call, outside the graphs)
     scalar_copies: int = 0
+    # outputs of the step returned detached: their autograd graph was consumed by the traced
+    # loss.backward() (capture._detach_consumed_outputs), e.g. ``return loss``
+    detached_outputs: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def gradient_bytes_eliminated(self) -> int:

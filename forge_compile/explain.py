@@ -66,6 +66,12 @@ class ExplainReport:
         return sum(f.gradient_bytes for f in self.fused.values())
 
     @property
+    def detached_outputs(self) -> List[str]:
+        """Outputs of the step returned detached: the traced loss.backward() consumed their
+        autograd graph (e.g. ``return loss``), and a grad_fn on them would split the step."""
+        return [n for r in self.compiles for n in r.detached_outputs]
+
+    @property
     def graph(self) -> Optional[str]:
         """The rewritten ATen graph of the last compile (None when no pass ran)."""
         for r in reversed(self.compiles):
@@ -87,6 +93,10 @@ class ExplainReport:
         lines = [f"forge_compile.explain: {self.graph_count} graph(s), "
                  f"{len(self.graph_breaks)} graph break(s), {self.recompiles} recompile(s)"]
         lines += [f"  break: {b}" for b in self.graph_breaks]
+        detached = self.detached_outputs
+        if detached:
+            lines.append(f"returned detached (requires_grad=False): {', '.join(detached)}; "
+                         f"loss.backward() consumed their autograd graph inside the step")
         fused, unfused = self.fused, self.unfused
         if self.compiles and all(r.graph_before is None for r in self.compiles):
             lines.append("fusion off (fuse=False) or no forge pass ran: nothing was rewritten")

@@ -330,6 +330,121 @@ def _stock_graph_count(backend: str) -> tuple:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
+def _returns_loss_step(model, opt):
+    def train_step(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss             # not detached: the most common way to write a step
+    return train_step
+
+
+def test_returned_loss_comes_back_detached_in_one_fused_graph(caplog):
+    """``return loss`` (its graph consumed by loss.backward()): stock Dynamo splits the step at
+    the backward, which would leave every weight unfused. Forge returns it detached instead: one
+    graph, every Linear weight fused, the same loss values and training as eager, and the log and
+    explain() say so."""
+    import torch._dynamo.utils as dutils
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    step = forge_compile.compile(_returns_loss_step(model, opt), inner="aot_eager")
+    ref_step = _returns_loss_step(ref_model, ref_opt)
+    with caplog.at_level("WARNING", logger="forge_compile"):
+        report = forge_compile.explain(step, *batch(0))
+    ref_loss = ref_step(*batch(0))
+    assert report.graph_count == 1 and report.graph_breaks == []
+    assert sorted(report.fused) == ["0.weight", "2.weight"]
+    assert report.detached_outputs == ["loss"]
+    assert "returned detached (requires_grad=False): loss" in str(report)
+    assert any("returned detached" in r.getMessage() for r in caplog.records)
+    assert not report.result.requires_grad and ref_loss.requires_grad
+    assert rel(report.result, ref_loss) <= RTOL_FP32
+    breaks = sum(dutils.counters["graph_break"].values())
+    for i in range(1, 6):
+        loss, ref_loss = step(*batch(i)), ref_step(*batch(i))
+        assert rel(loss, ref_loss) <= RTOL_FP32, f"step {i}: loss {loss} vs {ref_loss}"
+    assert sum(dutils.counters["graph_break"].values()) == breaks
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+def test_loss_item_in_the_step_stays_one_fused_graph():
+    """``loss.item()`` read inside the step (logged before the backward, returned as a float):
+    stock Dynamo breaks the graph at it, which puts the forward and the backward in different
+    graphs and leaves every weight unfused. Forge traces it as a symbolic scalar: one graph, the
+    Linear weights fused, the same floats and training as eager."""
+    import torch._dynamo.utils as dutils
+
+    def item_step(model, opt, log):
+        def train_step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            log.append(loss.item())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+        return train_step
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    seen, ref_seen = [], []
+    step = forge_compile.compile(item_step(model, opt, seen), inner="aot_eager")
+    ref_step = item_step(ref_model, ref_opt, ref_seen)
+    report = forge_compile.explain(step, *batch(0))
+    returned = [report.result] + [step(*batch(i)) for i in range(1, 6)]
+    ref_returned = [ref_step(*batch(i)) for i in range(6)]
+    assert report.graph_count == 1 and report.graph_breaks == []
+    assert sum(dutils.counters["graph_break"].values()) == 0
+    assert sorted(report.fused) == ["0.weight", "2.weight"]
+    assert all(isinstance(v, float) for v in returned + seen)
+    assert len(seen) == 6
+    for a, b in zip(seen + returned, ref_seen + ref_returned):
+        assert abs(a - b) <= RTOL_FP32 * abs(b), (a, b)
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+def test_a_branch_on_the_loss_before_backward_runs_the_backward_eagerly(caplog):
+    """A Python branch on ``loss.item()`` before the backward breaks the graph, and the resumed
+    frame's ``loss.backward()`` has a loss built in the graph before: Dynamo (torch 2.13,
+    trace_autograd_ops) traces that as a no-op, no gradient at all, and the optimizer then
+    skipped every parameter: a step that silently did not train. Forge breaks the graph at
+    that backward instead, so it runs eagerly: eager-equal training, nothing fused, and the
+    reason names the split."""
+    def branch_step(model, opt):
+        def train_step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if loss.item() > 1e6:
+                loss = loss * 0.5
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        return train_step
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    step = forge_compile.compile(branch_step(model, opt), inner="aot_eager")
+    ref_step = branch_step(ref_model, ref_opt)
+    with caplog.at_level("WARNING", logger="forge_compile"):
+        report = forge_compile.explain(step, *batch(0))
+    ref_step(*batch(0))
+    for i in range(1, 4):
+        assert rel(step(*batch(i)), ref_step(*batch(i))) <= RTOL_FP32
+    assert report.fused == {}
+    messages = [r.getMessage() for r in caplog.records]
+    assert capture.SPLIT_BEFORE_BACKWARD in messages, messages
+    assert capture.USED_BEFORE_BACKWARD not in messages
+    assert any("forge: step split before backward" in b for b in report.graph_breaks)
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+def test_returned_loss_keeps_its_graph_under_other_backends():
+    """The detach acts on forge frames only: stock torch.compile of the same step returns a loss
+    that still requires grad, as eager's does."""
+    torch._dynamo.reset()
+    model, opt, _ = make("adamw", False, schedule=False)
+    loss = torch.compile(_returns_loss_step(model, opt), backend="aot_eager")(*batch(0))
+    assert loss.requires_grad
+
+
 def test_other_backends_see_stock_dynamo():
     """With forge installed, backend="inductor" behaves exactly as without it (graphs, breaks)."""
     assert capture.installed()
@@ -374,6 +489,33 @@ def test_explain_names_parameters_by_module_path():
     assert params <= set(names), names
     for p in params:
         assert f"opt.state[{p}].exp_avg" in names and f"opt.state[{p}].exp_avg_sq" in names
+
+
+def test_a_step_that_calls_model_train_is_fused_and_named():
+    """``model.train()`` inside the step makes Dynamo trace the model unspecialised, and its
+    parameters' sources read ``.__dict__['_modules']['0'].__dict__['_parameters']['weight']``.
+    They were left out of the rewrite without a word (no name without brackets counted as a
+    parameter); now they are named by module path and fused."""
+    model, opt, _ = make("adamw", False, schedule=False)
+
+    def train_step(x, y):
+        model.train()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    report = forge_compile.explain(forge_compile.compile(train_step, inner="aot_eager"), *batch(0))
+    assert report.graph_count == 1 and report.graph_breaks == []
+    assert sorted(report.fused) == ["0.weight", "2.weight"]
+    assert sorted(report.unfused) == ["0.bias", "2.bias"]
+
+
+def test_unparsed_parameter_sources_lose_their_brackets():
+    from forge_compile.backend import _parameter_name
+    assert _parameter_name("G['m'].__dict__['_modules']['0'].__dict__['_parameters']['w']") == "0.w"
+    assert _parameter_name("L['m'].blocks[0]._parameters['w']") == "L.m.blocks.0._parameters.w"
+    assert _parameter_name("G['opt'].param_groups[0]['params'][1]") == "G.opt.param_groups.0.params.1"
 
 
 def test_explain_saves_the_rewritten_graph(tmp_path):
