@@ -18,7 +18,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | target | why |
 |---|---|
 | ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` and ``capture_scalar_outputs`` for its tracing only (a ``loss.item()`` read in the step, to log it or return it, would otherwise split the step before the backward and nothing could be fused) |
-| ``TensorVariable.method_backward`` | break the graph before a ``loss.backward()`` whose loss was built before the frame began (a graph break earlier in the step, e.g. a Python branch on ``loss.item()``): Dynamo traces that backward as a no-op, no gradient at all, and the step would silently not train; the backward then runs eagerly |
+| ``TensorVariable.method_backward`` | (1) break the graph before a ``loss.backward()`` whose loss was built before the frame began (a graph break earlier in the step, e.g. a Python branch on ``loss.item()``): Dynamo traces that backward as a no-op, no gradient at all, and the step would silently not train; the backward then runs eagerly; (2) torch 2.11 only: AOTAutograd applies the remat pass of activation checkpointing to a forward-loss-backward graph, but torch 2.11's pass finds the backward only by the annotation ``{"remat_pass_tag": "is_backward"}``, so the traced ``loss.backward()`` runs under ``fx.traceback.annotate`` with it; without it every checkpointed activation stays live (measured at 4×1024 on the 953M Llama: 20.3 GiB peak vs 14.7 eager). torch 2.13 marks traced backward nodes itself (``autograd_backward``) |
 | ``OutputGraph._validate_outputs_safe_for_autograd_nodes`` (torch 2.13) | a returned tensor whose graph the traced ``loss.backward()`` consumed (``return loss``) comes back detached, with a logged line, instead of a restart that splits the step at the backward (``_detach_consumed_outputs``) |
 | ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there); trace Adam/AdamW ``fused=True`` through ``_functional_fused_adam`` (below) where torch.optim's ``torch.compiler.disable``d ``_fused_adam`` would break the graph |
 | ``OptimizerVariable.var_getattr`` | trace ``zero_grad`` (its ``@_disable_dynamo`` wrapper is unwrapped) and an LR scheduler's ``step`` wrapper (lr_scheduler.py is force-skipped) |
@@ -26,7 +26,6 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | ``OptimizerVariable.call_method`` (``_init_group``) | run the real ``_init_group`` with zero-memory placeholder grads for params whose ``.grad`` is a traced value, so the first call already updates (else every param is skipped: a graph that never trains) and the optimizer state exists before tracing |
 | ``OptimizerVariable.wrap_tensor`` | map each placeholder back to its traced gradient |
 | ``remat_using_tags_for_fwd_loss_bwd_graph_pass.has_recomputable_rng_ops`` | activation checkpointing inside the one graph refuses any op tagged ``nondeterministic_seeded`` in a recompute region, and the SDPA kernels carry that tag for their dropout even at ``dropout_p=0``; a dropout-free SDPA recomputes deterministically, so it is not counted. A real RNG op (dropout) would fail the whole compile: the checkpoint tags are dropped instead (activations kept) with a logged warning (forge compiles only) |
-| ``TensorVariable.method_backward`` (torch 2.11 only) | AOTAutograd applies the remat pass of activation checkpointing to a forward-loss-backward graph, but torch 2.11's pass finds the backward only by the annotation ``{"remat_pass_tag": "is_backward"}``, so the traced ``loss.backward()`` runs under ``fx.traceback.annotate`` with it; without it every checkpointed activation stays live (measured at 4×1024 on the 953M Llama: 20.3 GiB peak vs 14.7 eager). torch 2.13 marks traced backward nodes itself (``autograd_backward``) |
 
 Two changes to the optimizer object itself, made on its first forge trace, with their reasons:
 - a float ``lr`` becomes a 0-d float32 CPU tensor in ``param_groups`` (what PyTorch recommends
@@ -506,16 +505,6 @@ def _make_has_recomputable_rng_ops(orig):
 _REMAT_BACKWARD_TAG = {"remat_pass_tag": "is_backward"}
 
 
-def _make_method_backward(orig):
-    def method_backward(self, tx, *args, **kwargs):
-        if not is_forge_tracing():
-            return orig(self, tx, *args, **kwargs)
-        # Every node Dynamo creates for loss.backward() (the autograd.grad call and the .grad
-        # accumulation) carries the tag; AOTAutograd copies a node's "custom" meta onto the ATen
-        # nodes it traces from it (fx/proxy.py, preserve_node_meta), where the remat pass looks.
-        with torch.fx.traceback.annotate(_REMAT_BACKWARD_TAG), torch.fx.traceback.preserve_node_meta():
-            return orig(self, tx, *args, **kwargs)
-    return method_backward
 
 
 RETURNED_DETACHED = (
@@ -582,12 +571,22 @@ def _optional_output_patch() -> List[Patch]:
                   "return a loss whose graph backward() consumed detached, not split the step")]
 
 
-def _make_backward_guard(orig):
+def _make_method_backward(orig):
+    tag = _backward_needs_remat_tag()
+
     def method_backward(self, tx, *args, **kwargs):
-        if is_forge_tracing() and self.source is not None and _built_outside(self):
+        if not is_forge_tracing():
+            return orig(self, tx, *args, **kwargs)
+        if self.source is not None and _built_outside(self):
             _break_for(SPLIT_BEFORE_BACKWARD, "forge: step split before backward",
                        "move the code that breaks the graph after opt.step()")
-        return orig(self, tx, *args, **kwargs)
+        if not tag:
+            return orig(self, tx, *args, **kwargs)
+        # Every node Dynamo creates for loss.backward() (the autograd.grad call and the .grad
+        # accumulation) carries the tag; AOTAutograd copies a node's "custom" meta onto the ATen
+        # nodes it traces from it (fx/proxy.py, preserve_node_meta), where the remat pass looks.
+        with torch.fx.traceback.annotate(_REMAT_BACKWARD_TAG), torch.fx.traceback.preserve_node_meta():
+            return orig(self, tx, *args, **kwargs)
     return method_backward
 
 
@@ -607,11 +606,17 @@ def _optional_remat_patch() -> List[Patch]:
     if hasattr(remat, "has_recomputable_rng_ops"):
         patches.append(Patch(remat, "has_recomputable_rng_ops", _make_has_recomputable_rng_ops,
                              "checkpointed dropout-free SDPA is not an RNG op"))
-    if not hasattr(remat, "_collect_backward_regions"):      # torch 2.11: tag-found backward
-        from torch._dynamo.variables.tensor import TensorVariable
-        patches.append(Patch(TensorVariable, "method_backward", _make_method_backward,
-                             "tag the traced backward so torch 2.11's remat pass finds it"))
     return patches
+
+
+def _backward_needs_remat_tag() -> bool:
+    """torch 2.11: its remat pass finds the traced backward only by a tag (see above)."""
+    try:
+        from torch._functorch._activation_checkpointing import (
+            remat_using_tags_for_fwd_loss_bwd_graph_pass as remat)
+    except ImportError:
+        return False
+    return not hasattr(remat, "_collect_backward_regions")
 
 
 def _build_patches() -> List[Patch]:
@@ -619,9 +624,11 @@ def _build_patches() -> List[Patch]:
     OV = optimizer.OptimizerVariable
     from torch._dynamo.variables.tensor import TensorVariable
     return _optional_remat_patch() + _optional_output_patch() + [
-        Patch(TensorVariable, "method_backward", _make_backward_guard,
+        Patch(TensorVariable, "method_backward", _make_method_backward,
               "break before a backward of a loss built before the frame (Dynamo traces it as "
-              "a no-op: no gradient at all)"),
+              "a no-op: no gradient at all)" + ("; tag the traced backward so torch 2.11's "
+                                               "remat pass finds it"
+                                               if _backward_needs_remat_tag() else "")),
         Patch(symbolic_convert.InstructionTranslator, "run", _make_run,
               "detect forge frames; trace_autograd_ops=True while tracing them"),
         Patch(functions.SkipFunctionVariable, "call_function", _make_skip_call,
