@@ -17,7 +17,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 
 | target | why |
 |---|---|
-| ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` and ``capture_scalar_outputs`` for its tracing only (a ``loss.item()`` read in the step, to log it or return it, would otherwise split the step before the backward and nothing could be fused) |
+| ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` for its tracing only |
 | ``TensorVariable.method_backward`` | (1) break the graph before a ``loss.backward()`` whose loss was built before the frame began (a graph break earlier in the step, e.g. a Python branch on ``loss.item()``): Dynamo traces that backward as a no-op, no gradient at all, and the step would silently not train; the backward then runs eagerly; (2) torch 2.11 only: AOTAutograd applies the remat pass of activation checkpointing to a forward-loss-backward graph, but torch 2.11's pass finds the backward only by the annotation ``{"remat_pass_tag": "is_backward"}``, so the traced ``loss.backward()`` runs under ``fx.traceback.annotate`` with it; without it every checkpointed activation stays live (measured at 4×1024 on the 953M Llama: 20.3 GiB peak vs 14.7 eager). torch 2.13 marks traced backward nodes itself (``autograd_backward``) |
 | ``OutputGraph._validate_outputs_safe_for_autograd_nodes`` (torch 2.13) | a returned tensor whose graph the traced ``loss.backward()`` consumed (``return loss``) comes back detached, with a logged line, instead of a restart that splits the step at the backward (``_detach_consumed_outputs``) |
 | ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there); trace Adam/AdamW ``fused=True`` through ``_functional_fused_adam`` (below) where torch.optim's ``torch.compiler.disable``d ``_fused_adam`` would break the graph |
@@ -95,8 +95,7 @@ def is_forge_tracing() -> bool:
 @contextlib.contextmanager
 def forge_tracing():
     """Switch the forge behaviour of the patched Dynamo on for the enclosed tracing."""
-    with _counted("tracing"), torch._dynamo.config.patch(trace_autograd_ops=True,
-                                                         capture_scalar_outputs=True):
+    with _counted("tracing"), torch._dynamo.config.patch(trace_autograd_ops=True):
         yield
 
 
@@ -151,22 +150,10 @@ def _make_run(orig):
     def run(self):
         if is_forge_backend(getattr(self.output, "compiler_fn", None)):
             _tls.detached = []
-            _allow_scalar_outputs(self.output)
             with forge_tracing():
                 return orig(self)
         return orig(self)
     return run
-
-
-def _allow_scalar_outputs(output) -> None:
-    """Give the frame's shape environment the setting ``capture_scalar_outputs=True`` would
-    have given it: it was made before the frame was known to be forge's, and without it a
-    ``loss.item()`` in the step (logging the loss, returning it as a float) splits the step
-    before the backward, so that nothing can be fused."""
-    shape_env = getattr(getattr(output, "fake_mode", None), "shape_env", None)
-    settings = getattr(shape_env, "settings", None)
-    if settings is not None and not settings.allow_scalar_outputs:
-        shape_env.settings = dataclasses.replace(settings, allow_scalar_outputs=True)
 
 
 def _make_skip_call(orig):
@@ -289,7 +276,7 @@ USED_BEFORE_BACKWARD = (
 
 SPLIT_BEFORE_BACKWARD = (
     "forge: a graph break before loss.backward() split the step (see explain().graph_breaks: "
-    "e.g. a Python branch on loss.item(), or printing it), so the forward's weight-gradient "
+    "e.g. loss.item() read before the backward), so the forward's weight-gradient "
     "GEMMs are in another graph and no update can be fused. Move that code after opt.step(), "
     "or return the loss and read it outside the step")
 

@@ -22,7 +22,10 @@ class listen:
         return self.reports
 
     def __exit__(self, *exc) -> None:
-        current_reports().remove(self.reports)
+        # by identity: nested listeners hold equal lists (the same reports), and list.remove
+        # would take the outer one's
+        listeners = current_reports()
+        listeners.pop(next(i for i, r in enumerate(listeners) if r is self.reports))
 
 
 @dataclasses.dataclass

@@ -368,51 +368,22 @@ def test_returned_loss_comes_back_detached_in_one_fused_graph(caplog):
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
-def test_loss_item_in_the_step_stays_one_fused_graph():
-    """``loss.item()`` read inside the step (logged before the backward, returned as a float):
-    stock Dynamo breaks the graph at it, which puts the forward and the backward in different
-    graphs and leaves every weight unfused. Forge traces it as a symbolic scalar: one graph, the
-    Linear weights fused, the same floats and training as eager."""
-    import torch._dynamo.utils as dutils
-
-    def item_step(model, opt, log):
-        def train_step(x, y):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            log.append(loss.item())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.item()
-        return train_step
-    model, opt, _ = make("adamw", False, schedule=False)
-    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
-    seen, ref_seen = [], []
-    step = forge_compile.compile(item_step(model, opt, seen), inner="aot_eager")
-    ref_step = item_step(ref_model, ref_opt, ref_seen)
-    report = forge_compile.explain(step, *batch(0))
-    returned = [report.result] + [step(*batch(i)) for i in range(1, 6)]
-    ref_returned = [ref_step(*batch(i)) for i in range(6)]
-    assert report.graph_count == 1 and report.graph_breaks == []
-    assert sum(dutils.counters["graph_break"].values()) == 0
-    assert sorted(report.fused) == ["0.weight", "2.weight"]
-    assert all(isinstance(v, float) for v in returned + seen)
-    assert len(seen) == 6
-    for a, b in zip(seen + returned, ref_seen + ref_returned):
-        assert abs(a - b) <= RTOL_FP32 * abs(b), (a, b)
-    assert_same_training(model, opt, ref_model, ref_opt)
-
-
-def test_a_branch_on_the_loss_before_backward_runs_the_backward_eagerly(caplog):
-    """A Python branch on ``loss.item()`` before the backward breaks the graph, and the resumed
-    frame's ``loss.backward()`` has a loss built in the graph before: Dynamo (torch 2.13,
-    trace_autograd_ops) traces that as a no-op, no gradient at all, and the optimizer then
+@pytest.mark.parametrize("read", ["log", "branch"])
+def test_a_loss_read_before_backward_runs_the_backward_eagerly(read, caplog):
+    """``loss.item()`` before the backward (logged, or a Python branch on it) breaks the graph,
+    and the resumed frame's ``loss.backward()`` has a loss built in the graph before: Dynamo
+    (trace_autograd_ops) traces that as a no-op, no gradient at all, and the optimizer then
     skipped every parameter: a step that silently did not train. Forge breaks the graph at
     that backward instead, so it runs eagerly: eager-equal training, nothing fused, and the
     reason names the split."""
     def branch_step(model, opt):
+        seen = []
+
         def train_step(x, y):
             loss = torch.nn.functional.mse_loss(model(x), y)
-            if loss.item() > 1e6:
+            if read == "log":
+                seen.append(loss.item())
+            elif loss.item() > 1e6:
                 loss = loss * 0.5
             loss.backward()
             opt.step()
