@@ -64,13 +64,15 @@ def make(opt_name: str, foreach: bool, seed: int = 0, schedule: bool = True):
     return model, opt, sched
 
 
-def train_step_fn(model, opt):
+def train_step_fn(model, opt, detach: bool = True):
+    """The step as the README writes it; ``detach=False`` returns the loss with its autograd
+    graph, the most common way to write one."""
     def train_step(x, y):
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach() if detach else loss
     return train_step
 
 
@@ -330,16 +332,6 @@ def _stock_graph_count(backend: str) -> tuple:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
-def _returns_loss_step(model, opt):
-    def train_step(x, y):
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss             # not detached: the most common way to write a step
-    return train_step
-
-
 def test_returned_loss_comes_back_detached_in_one_fused_graph(caplog):
     """``return loss`` (its graph consumed by loss.backward()): stock Dynamo splits the step at
     the backward, which would leave every weight unfused. Forge returns it detached instead: one
@@ -348,8 +340,8 @@ def test_returned_loss_comes_back_detached_in_one_fused_graph(caplog):
     import torch._dynamo.utils as dutils
     model, opt, _ = make("adamw", False, schedule=False)
     ref_model, ref_opt, _ = make("adamw", False, schedule=False)
-    step = forge_compile.compile(_returns_loss_step(model, opt), inner="aot_eager")
-    ref_step = _returns_loss_step(ref_model, ref_opt)
+    step = forge_compile.compile(train_step_fn(model, opt, detach=False), inner="aot_eager")
+    ref_step = train_step_fn(ref_model, ref_opt, detach=False)
     with caplog.at_level("WARNING", logger="forge_compile"):
         report = forge_compile.explain(step, *batch(0))
     ref_loss = ref_step(*batch(0))
@@ -412,7 +404,7 @@ def test_returned_loss_keeps_its_graph_under_other_backends():
     that still requires grad, as eager's does."""
     torch._dynamo.reset()
     model, opt, _ = make("adamw", False, schedule=False)
-    loss = torch.compile(_returns_loss_step(model, opt), backend="aot_eager")(*batch(0))
+    loss = torch.compile(train_step_fn(model, opt, detach=False), backend="aot_eager")(*batch(0))
     assert loss.requires_grad
 
 
