@@ -291,15 +291,15 @@ def _break_if_used_before_backward(self, tx) -> None:
     if any(p.grad is not None for g in self.value.param_groups for p in g["params"]):
         return    # gradients from earlier calls (accumulation across calls): nothing to trace
     _break_for(USED_BEFORE_BACKWARD, "forge: optimizer used before backward",
-               "call opt.zero_grad(set_to_none=True) after opt.step()")
+               "call opt.zero_grad(set_to_none=True) after opt.step()", type(self.value).__name__)
 
 
-def _break_for(why: str, gb: str, hint: str) -> None:
+def _break_for(why: str, gb: str, hint: str, context: str = "") -> None:
     """Log ``why`` and break the graph here (the rest runs eagerly, then in a new frame)."""
     log.warning(why)
     from torch._dynamo import exc
     try:
-        exc.unimplemented(gb_type=gb, context="", explanation=why, hints=[hint])
+        exc.unimplemented(gb_type=gb, context=context, explanation=why, hints=[hint])
     except TypeError:     # an older unimplemented(msg) signature
         raise exc.Unsupported(why)
 
@@ -490,8 +490,6 @@ def _make_has_recomputable_rng_ops(orig):
 # your backward region with fx.traceback.annotate({"remat_pass_tag": "is_backward"})"); torch 2.13
 # finds it by node.meta["autograd_backward"], which its Dynamo sets on a traced autograd.grad.
 _REMAT_BACKWARD_TAG = {"remat_pass_tag": "is_backward"}
-
-
 
 
 RETURNED_DETACHED = (
