@@ -252,6 +252,31 @@ def test_misuse_matches_eager(case, caplog):
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make("adamw", False)[0].parameters()))
 
 
+def test_micro_batches_accumulated_in_one_step_are_refused_with_that_reason():
+    """Two micro-batches' backward in one step: each weight's update reads the sum of two
+    gradient GEMMs. Fusing the sum would keep every micro-batch's activations alive until the
+    update, which is what accumulation avoids: refused, eager-equal, and the reason says so."""
+    def accum_step(model, opt):
+        def train_step(x, y):
+            for xs, ys in zip(x.chunk(2), y.chunk(2)):
+                (torch.nn.functional.mse_loss(model(xs), ys) / 2).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return train_step
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    step = forge_compile.compile(accum_step(model, opt), inner="aot_eager")
+    ref_step = accum_step(ref_model, ref_opt)
+    report = forge_compile.explain(step, *batch(0))
+    ref_step(*batch(0))
+    for i in range(1, 4):
+        step(*batch(i))
+        ref_step(*batch(i))
+    assert report.graph_count == 1 and report.fused == {}
+    assert "micro-batches" in report.unfused["0.weight"], report.unfused
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
 def test_gradient_accumulation_across_calls():
     """micro-steps that only backward (grads accumulate in .grad), then a step+zero_grad call."""
     model, opt, _ = make("sgd_momentum", False, schedule=False)

@@ -404,7 +404,9 @@ class _Analysis:
         if len(mms) > 1:
             raise Refused("several gradient GEMMs",
                           f"the update reads {len(mms)} GEMMs ({', '.join(m.name for m in mms)}): "
-                          "a shared/tied weight")
+                          "a shared/tied weight, or gradients accumulated over micro-batches in "
+                          "the step (fusing their sum would keep every micro-batch's activations "
+                          "alive until the update)")
         return mms.pop()
 
     # -- 2./3. region and proof -------------------------------------------------------------------
