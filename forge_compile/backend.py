@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any, Dict, List, Optional
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
@@ -78,6 +79,19 @@ def _parameter_name(source: Optional[str]) -> Optional[str]:
     return re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", name).replace("..", ".").lstrip(".")
 
 
+# id(parameter) -> (weak reference, module path) of every parameter a forge graph named
+_PARAM_NAMES: Dict[int, Tuple["weakref.ref", str]] = {}
+
+
+def _remember_parameter(p: torch.Tensor, name: str) -> None:
+    _PARAM_NAMES[id(p)] = (weakref.ref(p), name)
+
+
+def _known_parameter(p: torch.Tensor) -> Optional[str]:
+    entry = _PARAM_NAMES.get(id(p))
+    return entry[1] if entry is not None and entry[0]() is p else None
+
+
 def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> List[Optional[str]]:
     """User-facing name of each input of the ATen graph AOTAutograd makes from ``gm``.
 
@@ -93,15 +107,23 @@ def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Li
         names.append(name)
         if isinstance(ex, torch.Tensor):
             by_id[id(ex)] = name
-    lifted: List[Optional[str]] = []
+    for t, name in zip(example_inputs, names):
+        if isinstance(t, torch.nn.Parameter) and name is not None:
+            _remember_parameter(t, name)
     attrs = {**dict(gm.named_parameters(remove_duplicate=False)),
              **dict(gm.named_buffers(remove_duplicate=False))}
+    # parameters lifted as attributes (they reach the frame only through opt.param_groups, e.g.
+    # an optimizer-only graph after a graph break) take the name an earlier graph gave them
+    for t in attrs.values():
+        if isinstance(t, torch.nn.Parameter) and _known_parameter(t) is not None:
+            by_id[id(t)] = _known_parameter(t)
+    lifted: List[Optional[str]] = []
     for attr, t in attrs.items():
         owner = capture.state_owner(t)
         if owner is not None and id(owner[0]) in by_id:
             lifted.append(f"opt.state[{by_id[id(owner[0])]}].{owner[1]}")
         else:
-            lifted.append(attr)
+            lifted.append(by_id.get(id(t), attr))
     return lifted + names
 
 

@@ -421,6 +421,10 @@ def test_a_loss_read_before_backward_runs_the_backward_eagerly(read, caplog):
     assert capture.SPLIT_BEFORE_BACKWARD in messages, messages
     assert capture.USED_BEFORE_BACKWARD not in messages
     assert any("forge: step split before backward" in b for b in report.graph_breaks)
+    # the optimizer graph after the split gets its parameters through opt.param_groups: they are
+    # named by module path (an earlier graph named them), their gradient as coming from outside
+    assert sorted(report.unfused) == ["0.bias", "0.weight", "2.bias", "2.weight"], report.unfused
+    assert "computed before this graph" in report.unfused["0.weight"]
     assert_same_training(model, opt, ref_model, ref_opt)
 
 

@@ -369,11 +369,14 @@ class _Analysis:
         stack = [value]
         mms: Set[torch.fx.Node] = set()
         foreign: List[torch.fx.Node] = []
+        outside: List[str] = []     # gradients read as graph inputs (.grad of an earlier graph)
         while stack:
             n = stack.pop()
             if not isinstance(n, torch.fx.Node) or n in seen:
                 continue
             seen.add(n)
+            if n.op == "placeholder" and (self.names.get(n) or "").endswith(".grad"):
+                outside.append(self.names[n])
             if n.op != "call_function" or _is_scalar_tensor(n) or _shape(n) != wshape:
                 continue
             mm, _ = self._grad_source(n)
@@ -399,6 +402,10 @@ class _Analysis:
             raise Refused("gradient is not a GEMM",
                           f"the update reads {f.name} = {_op_name(f)} (bias, norm or embedding "
                           f"gradient, or a non-elementwise update)")
+        if not mms and outside:
+            raise Refused("gradient computed outside the graph",
+                          f"the update reads {outside[0]}, computed before this graph (its "
+                          "backward ran in another graph or eagerly, e.g. after a graph break)")
         if not mms:
             raise Refused("no gradient", "the update of this tensor reads no gradient")
         if len(mms) > 1:
