@@ -18,7 +18,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | target | why |
 |---|---|
 | ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` for its tracing only |
-| ``TensorVariable.method_backward`` | (1) break the graph before a ``loss.backward()`` whose loss was built before the frame began (a graph break earlier in the step, e.g. a Python branch on ``loss.item()``): Dynamo traces that backward as a no-op, no gradient at all, and the step would silently not train; the backward then runs eagerly; (2) torch 2.11 only: AOTAutograd applies the remat pass of activation checkpointing to a forward-loss-backward graph, but torch 2.11's pass finds the backward only by the annotation ``{"remat_pass_tag": "is_backward"}``, so the traced ``loss.backward()`` runs under ``fx.traceback.annotate`` with it; without it every checkpointed activation stays live (measured at 4×1024 on the 953M Llama: 20.3 GiB peak vs 14.7 eager). torch 2.13 marks traced backward nodes itself (``autograd_backward``) |
+| ``TensorVariable.method_backward`` | (1) break the graph before a ``loss.backward()`` whose loss depends on an autograd graph built before the frame began (a graph break earlier in the step, e.g. ``loss.item()`` read before the backward, or a forward run outside the compiled step): Dynamo traces that backward as a no-op where the frame holds no leaf, no gradient at all, and the step would silently not train; the backward then runs eagerly; (2) torch 2.11 only: AOTAutograd applies the remat pass of activation checkpointing to a forward-loss-backward graph, but torch 2.11's pass finds the backward only by the annotation ``{"remat_pass_tag": "is_backward"}``, so the traced ``loss.backward()`` runs under ``fx.traceback.annotate`` with it; without it every checkpointed activation stays live (measured at 4×1024 on the 953M Llama: 20.3 GiB peak vs 14.7 eager). torch 2.13 marks traced backward nodes itself (``autograd_backward``) |
 | ``OutputGraph._validate_outputs_safe_for_autograd_nodes`` (torch 2.13) | a returned tensor whose graph the traced ``loss.backward()`` consumed (``return loss``) comes back detached, with a logged line, instead of a restart that splits the step at the backward (``_detach_consumed_outputs``) |
 | ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there); trace Adam/AdamW ``fused=True`` through ``_functional_fused_adam`` (below) where torch.optim's ``torch.compiler.disable``d ``_fused_adam`` would break the graph |
 | ``OptimizerVariable.var_getattr`` | trace ``zero_grad`` (its ``@_disable_dynamo`` wrapper is unwrapped) and an LR scheduler's ``step`` wrapper (lr_scheduler.py is force-skipped) |
@@ -275,10 +275,11 @@ USED_BEFORE_BACKWARD = (
 
 
 SPLIT_BEFORE_BACKWARD = (
-    "forge: a graph break before loss.backward() split the step (see explain().graph_breaks: "
-    "e.g. loss.item() read before the backward), so the forward's weight-gradient "
-    "GEMMs are in another graph and no update can be fused. Move that code after opt.step(), "
-    "or return the loss and read it outside the step")
+    "forge: loss.backward() reaches an autograd graph built before this graph (a graph break "
+    "before the backward, see explain().graph_breaks, e.g. loss.item() read there; or a "
+    "forward run outside the compiled step), so the weight-gradient GEMMs are not in this graph "
+    "and no update can be fused; the backward runs eagerly. Move the forward and the backward "
+    "into one compiled step, with nothing that breaks the graph between them")
 
 
 def _break_if_used_before_backward(self, tx) -> None:
@@ -562,9 +563,9 @@ def _make_method_backward(orig):
     def method_backward(self, tx, *args, **kwargs):
         if not is_forge_tracing():
             return orig(self, tx, *args, **kwargs)
-        if self.source is not None and _built_outside(self):
-            _break_for(SPLIT_BEFORE_BACKWARD, "forge: step split before backward",
-                       "move the code that breaks the graph after opt.step()")
+        if _built_outside(self):
+            _break_for(SPLIT_BEFORE_BACKWARD, "forge: backward of a graph built outside",
+                       "compile forward and backward in one step, no graph break between them")
         if not tag:
             return orig(self, tx, *args, **kwargs)
         # Every node Dynamo creates for loss.backward() (the autograd.grad call and the .grad
@@ -576,9 +577,22 @@ def _make_method_backward(orig):
 
 
 def _built_outside(var) -> bool:
-    """A frame input with a grad_fn: its autograd graph was built before this frame began."""
-    fake = var.as_proxy().node.meta.get("example_value")
-    return getattr(fake, "grad_fn", None) is not None
+    """Whether ``var`` (the loss) depends on a frame input with a grad_fn: part of its autograd
+    graph was built before this frame began (a graph break earlier in the step, or a forward run
+    outside the compiled function). Dynamo's traced backward cannot reach through it, and where
+    the frame holds no leaf it traces the backward as a no-op."""
+    stack, seen = [var.as_proxy().node], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            if getattr(node.meta.get("example_value"), "grad_fn", None) is not None:
+                return True
+            continue
+        stack.extend(node.all_input_nodes)
+    return False
 
 
 def _optional_remat_patch() -> List[Patch]:
