@@ -262,6 +262,13 @@ def _make_var_getattr(orig):
             fn = type(self.value).zero_grad
             inner = getattr(fn, "__wrapped__", None)
             if inner is not None and fn is torch.optim.Optimizer.zero_grad:
+                if _used_before_backward(self, tx):
+                    # stock Dynamo breaks the graph at the call and zero_grad runs eagerly. The
+                    # traced inner function would break inside it instead (at param_groups,
+                    # below), where Dynamo cannot rebuild the call: it gave up on the whole
+                    # frame, and once failed with an AssertionError
+                    log.warning(USED_BEFORE_BACKWARD)
+                    return orig(self, tx, name)
                 from torch._dynamo.variables.functions import UserMethodVariable
                 return UserMethodVariable(inner, self)
         return orig(self, tx, name)
@@ -287,12 +294,18 @@ def _break_if_used_before_backward(self, tx) -> None:
     # the forward marks the parameters static, they become graph constants, and loss.backward()
     # then silently computes nothing. Break the graph here instead: the optimizer call runs
     # eagerly, the rest of the step is traced in a new frame, and the result equals eager.
-    if _pending_grads(self, tx):
+    if not _used_before_backward(self, tx):
         return
-    if any(p.grad is not None for g in self.value.param_groups for p in g["params"]):
-        return    # gradients from earlier calls (accumulation across calls): nothing to trace
     _break_for(USED_BEFORE_BACKWARD, "forge: optimizer used before backward",
                "call opt.zero_grad(set_to_none=True) after opt.step()", type(self.value).__name__)
+
+
+def _used_before_backward(self, tx) -> bool:
+    """The optimizer is used with no gradient traced in this frame and none from earlier calls
+    (gradients accumulated across calls leave nothing to trace, which is fine)."""
+    if _pending_grads(self, tx):
+        return False
+    return not any(p.grad is not None for g in self.value.param_groups for p in g["params"])
 
 
 def _break_for(why: str, gb: str, hint: str, context: str = "") -> None:
@@ -347,7 +360,11 @@ def _make_pending(orig):
     return graph_break_if_pending_mutation
 
 
-# id(placeholder tensor) -> the traced gradient VariableTracker it stands for
+# id(placeholder tensor) -> (the placeholder, the traced gradient VariableTracker it stands for),
+# for the length of one _init_group call. The placeholder is held so that no other tensor can
+# take its id meanwhile; an entry that outlived its call (a trace that raised, e.g. a restart)
+# once handed a later trace a stale VariableTracker for whatever tensor reused that id (Dynamo
+# then failed with "'model' not in cell_and_freevars", a closure cell of the earlier frame).
 _PLACEHOLDERS: Dict[int, Any] = {}
 
 
@@ -409,11 +426,11 @@ def _make_call_method(orig):
         from torch._dynamo.variables import optimizer as ovars
         from torch._dynamo.variables.constant import ConstantVariable
         pending = _pending_grads(self, tx)
+        placeholders = []
         try:
             self.move_step_if_cpu()
             py_args, py_kwargs = self.get_python_args(*args, **kwargs)
             saved = {p: p.grad for p in pending}
-            placeholders = []
             try:
                 for p, vt in pending.items():
                     if vt is None:        # traced value is None: _init_group must skip p
@@ -423,7 +440,7 @@ def _make_call_method(orig):
                     ph = torch.empty((), dtype=p.dtype, device=p.device).expand_as(p)
                     p.grad = ph
                     placeholders.append(ph)
-                    _PLACEHOLDERS[id(ph)] = vt
+                    _PLACEHOLDERS[id(ph)] = (ph, vt)
                 _prefill_sgd_momentum(self.value, [p for p, vt in pending.items() if vt is not None])
                 ret_val = self.value._init_group(*py_args, **py_kwargs)
                 _record_state_owners(self.value)
@@ -432,22 +449,22 @@ def _make_call_method(orig):
                     p.grad = g0           # real state back before guards are installed
             self.map_sources_and_install_guards(tx)
             self.update_list_args(tx, args, kwargs, py_args, py_kwargs)
-            for ph in placeholders:
-                _PLACEHOLDERS.pop(id(ph), None)
             tx.store_global_weakref_by_id(f"__optimizer_{id(self.value)}", self.value)
             self.create_finalizer(tx)
             return ConstantVariable.create(ret_val)
         except (ovars.ArgMappingException, ovars.GuardInstallException):
-            _PLACEHOLDERS.clear()
             return orig(self, tx, name, args, kwargs)
+        finally:
+            for ph in placeholders:       # also when the trace raised (a restart, a break)
+                _PLACEHOLDERS.pop(id(ph), None)
     return call_method
 
 
 def _make_wrap_tensor(orig):
     def wrap_tensor(self, tx, tensor_value):
-        vt = _PLACEHOLDERS.get(id(tensor_value))
-        if vt is not None:
-            return vt
+        entry = _PLACEHOLDERS.get(id(tensor_value))
+        if entry is not None and entry[0] is tensor_value:
+            return entry[1]
         return orig(self, tx, tensor_value)
     return wrap_tensor
 

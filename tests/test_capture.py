@@ -277,6 +277,40 @@ def test_micro_batches_accumulated_in_one_step_are_refused_with_that_reason():
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+def test_zero_grad_before_the_forward_falls_back_cleanly_after_another_step():
+    """``opt.zero_grad(set_to_none=False)`` at the top of a step, compiled after another step
+    (``model.zero_grad()`` at the top, two calls): forge used to trace zero_grad's inner function
+    and break the graph inside it, where Dynamo cannot rebuild the call, and this sequence
+    raised ``AssertionError: 'model' not in cell_and_freevars`` from the user's step. Stock
+    Dynamo now breaks at the call: eager-equal, with the reason logged."""
+    def model_zero_first(model, opt):
+        def train_step(x, y):
+            model.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return train_step
+
+    def opt_zero_first(model, opt):
+        def train_step(x, y):
+            opt.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return train_step
+    for make_step in (model_zero_first, opt_zero_first):
+        torch._dynamo.reset()
+        model, opt, _ = make("adamw", False, schedule=False)
+        ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+        step = torch.compile(make_step(model, opt), backend="forge")
+        ref_step = make_step(ref_model, ref_opt)
+        for i in range(2):
+            assert rel(step(*batch(i)), ref_step(*batch(i))) <= RTOL_FP32
+        assert_same_training(model, opt, ref_model, ref_opt)
+
+
 def test_gradient_accumulation_across_calls():
     """micro-steps that only backward (grads accumulate in .grad), then a step+zero_grad call."""
     model, opt, _ = make("sgd_momentum", False, schedule=False)
