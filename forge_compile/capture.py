@@ -19,6 +19,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 |---|---|
 | ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` for its tracing only |
 | ``TensorVariable.method_backward`` | (1) break the graph before a ``loss.backward()`` whose loss depends on an autograd graph built before the frame began (a graph break earlier in the step, e.g. ``loss.item()`` read before the backward, or a forward run outside the compiled step): Dynamo traces that backward as a no-op where the frame holds no leaf, no gradient at all, and the step would silently not train; the backward then runs eagerly; (2) torch 2.11 only: AOTAutograd applies the remat pass of activation checkpointing to a forward-loss-backward graph, but torch 2.11's pass finds the backward only by the annotation ``{"remat_pass_tag": "is_backward"}``, so the traced ``loss.backward()`` runs under ``fx.traceback.annotate`` with it; without it every checkpointed activation stays live (measured at 4×1024 on the 953M Llama: 20.3 GiB peak vs 14.7 eager). torch 2.13 marks traced backward nodes itself (``autograd_backward``) |
+| ``TensorVariable.method_attr_grad`` / ``method_attr_requires_grad`` (torch 2.13) | return a fresh ``ConstantVariable`` where Dynamo returns its shared None/True/False: ``var_getattr`` sets the source of the result, and on the shared object that source outlived the trace (a later compile loaded ``L['model']…grad`` in a frame without ``model`` and raised an AssertionError) |
 | ``OutputGraph._validate_outputs_safe_for_autograd_nodes`` (torch 2.13) | a returned tensor whose graph the traced ``loss.backward()`` consumed (``return loss``) comes back detached, with a logged line, instead of a restart that splits the step at the backward (``_detach_consumed_outputs``) |
 | ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there); trace Adam/AdamW ``fused=True`` through ``_functional_fused_adam`` (below) where torch.optim's ``torch.compiler.disable``d ``_fused_adam`` would break the graph |
 | ``OptimizerVariable.var_getattr`` | trace ``zero_grad`` (its ``@_disable_dynamo`` wrapper is unwrapped) and an LR scheduler's ``step`` wrapper (lr_scheduler.py is force-skipped) |
@@ -565,6 +566,42 @@ def _detach_consumed_outputs(output, rv, tx) -> List[str]:
     return names
 
 
+_SHARED_CONSTANTS = ("CONSTANT_VARIABLE_NONE", "CONSTANT_VARIABLE_TRUE", "CONSTANT_VARIABLE_FALSE")
+
+
+def _make_fresh_constant(orig):
+    def method_attr(self, tx):
+        result = orig(self, tx)
+        if is_forge_tracing() and _is_shared_constant(result):
+            from torch._dynamo.variables.constant import ConstantVariable
+            return ConstantVariable(result.value)
+        return result
+    return method_attr
+
+
+def _is_shared_constant(v) -> bool:
+    from torch._dynamo.variables import constant
+    return any(v is getattr(constant, n, None) for n in _SHARED_CONSTANTS)
+
+
+def _optional_constant_patches() -> List[Patch]:
+    """torch 2.13 hands out one shared ConstantVariable for None, True and False, and
+    ``TensorVariable.var_getattr`` sets the source of what ``p.grad`` / ``p.requires_grad``
+    returns, that shared object included: a traced ``p.grad`` read after ``p.grad = None`` (forge
+    traces zero_grad and _init_group, which do both) left the process-wide None carrying
+    ``L['model']._modules['2']._parameters['bias'].grad``. A later compile that reconstructed a
+    None then loaded that source, and failed ("'model' not in cell_and_freevars") in a frame
+    without it."""
+    from torch._dynamo.variables import constant
+    from torch._dynamo.variables.tensor import TensorVariable
+    if not hasattr(constant, "CONSTANT_VARIABLE_NONE"):
+        return []
+    return [Patch(TensorVariable, name, _make_fresh_constant,
+                  "a fresh None/True/False for p.%s: var_getattr sets its source" % name[12:])
+            for name in ("method_attr_grad", "method_attr_requires_grad")
+            if hasattr(TensorVariable, name)]
+
+
 def _optional_output_patch() -> List[Patch]:
     from torch._dynamo import output_graph
     if not hasattr(output_graph.OutputGraph, "_validate_outputs_safe_for_autograd_nodes"):
@@ -639,7 +676,7 @@ def _build_patches() -> List[Patch]:
     symbolic_convert, builder, functions, optimizer = _dynamo_modules()
     OV = optimizer.OptimizerVariable
     from torch._dynamo.variables.tensor import TensorVariable
-    return _optional_remat_patch() + _optional_output_patch() + [
+    return _optional_remat_patch() + _optional_output_patch() + _optional_constant_patches() + [
         Patch(TensorVariable, "method_backward", _make_method_backward,
               "break before a backward of a loss built before the frame (Dynamo traces it as "
               "a no-op: no gradient at all)" + ("; tag the traced backward so torch 2.11's "

@@ -279,10 +279,11 @@ def test_micro_batches_accumulated_in_one_step_are_refused_with_that_reason():
 
 def test_zero_grad_before_the_forward_falls_back_cleanly_after_another_step():
     """``opt.zero_grad(set_to_none=False)`` at the top of a step, compiled after another step
-    (``model.zero_grad()`` at the top, two calls): forge used to trace zero_grad's inner function
-    and break the graph inside it, where Dynamo cannot rebuild the call, and this sequence
-    raised ``AssertionError: 'model' not in cell_and_freevars`` from the user's step. Stock
-    Dynamo now breaks at the call: eager-equal, with the reason logged."""
+    (``model.zero_grad()`` at the top, two calls): the first step's trace left a source on
+    torch 2.13's shared None, and this sequence raised ``AssertionError: 'model' not in
+    cell_and_freevars`` from the user's step (capture._optional_constant_patches). Also: forge
+    traced zero_grad's inner function and broke the graph inside it, where Dynamo cannot rebuild
+    the call, and the whole frame fell back to eager; stock Dynamo now breaks at the call."""
     def model_zero_first(model, opt):
         def train_step(x, y):
             model.zero_grad()
@@ -300,6 +301,7 @@ def test_zero_grad_before_the_forward_falls_back_cleanly_after_another_step():
             opt.step()
             return loss.detach()
         return train_step
+    from torch._dynamo.variables.constant import ConstantVariable
     for make_step in (model_zero_first, opt_zero_first):
         torch._dynamo.reset()
         model, opt, _ = make("adamw", False, schedule=False)
@@ -309,6 +311,11 @@ def test_zero_grad_before_the_forward_falls_back_cleanly_after_another_step():
         for i in range(2):
             assert rel(step(*batch(i)), ref_step(*batch(i))) <= RTOL_FP32
         assert_same_training(model, opt, ref_model, ref_opt)
+        # torch 2.13 shares one None/True/False VariableTracker process-wide: a trace must not
+        # leave a source on it (the AssertionError above came from a None that still carried
+        # model_zero_first's L['model']...bias.grad into the next compile)
+        for value in (None, True, False):
+            assert ConstantVariable.create(value).source is None, value
 
 
 def test_gradient_accumulation_across_calls():
