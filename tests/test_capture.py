@@ -426,6 +426,14 @@ def test_returned_loss_comes_back_detached_in_one_fused_graph(caplog):
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+def _backward_and_step(loss, opt):
+    """The end of a step: backward, update, zero_grad (a helper a step calls: Dynamo inlines it)."""
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 @pytest.mark.parametrize("read", ["log", "branch"])
 def test_a_loss_read_before_backward_runs_the_backward_eagerly(read, caplog):
     """``loss.item()`` before the backward (logged, or a Python branch on it) breaks the graph,
@@ -443,10 +451,7 @@ def test_a_loss_read_before_backward_runs_the_backward_eagerly(read, caplog):
                 seen.append(loss.item())
             elif loss.item() > 1e6:
                 loss = loss * 0.5
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
+            return _backward_and_step(loss, opt)
         return train_step
     model, opt, _ = make("adamw", False, schedule=False)
     ref_model, ref_opt, _ = make("adamw", False, schedule=False)
@@ -476,11 +481,7 @@ def test_a_forward_run_outside_the_compiled_step_trains_as_eager(caplog):
     eagerly: eager-equal, with the reason logged."""
     def loss_step(opt):
         def train_step(out, y):
-            loss = torch.nn.functional.mse_loss(out, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
+            return _backward_and_step(torch.nn.functional.mse_loss(out, y), opt)
         return train_step
     model, opt, _ = make("adamw", False, schedule=False)
     ref_model, ref_opt, _ = make("adamw", False, schedule=False)
