@@ -19,8 +19,8 @@ What is patched and why (each row is one entry of ``PATCHES``):
 |---|---|
 | ``InstructionTranslator.run`` | detect a forge frame; turn on ``trace_autograd_ops`` for its tracing only |
 | ``TensorVariable.method_backward`` | (1) break the graph before a ``loss.backward()`` whose loss depends on an autograd graph built before the frame began (a graph break earlier in the step, e.g. ``loss.item()`` read before the backward, or a forward run outside the compiled step): Dynamo traces that backward as a no-op where the frame holds no leaf, no gradient at all, and the step would silently not train; the backward then runs eagerly; (2) torch 2.11 only: AOTAutograd applies the remat pass of activation checkpointing to a forward-loss-backward graph, but torch 2.11's pass finds the backward only by the annotation ``{"remat_pass_tag": "is_backward"}``, so the traced ``loss.backward()`` runs under ``fx.traceback.annotate`` with it; without it every checkpointed activation stays live (measured at 4×1024 on the 953M Llama: 20.3 GiB peak vs 14.7 eager). torch 2.13 marks traced backward nodes itself (``autograd_backward``) |
-| ``TensorVariable.method_attr_grad`` / ``method_attr_requires_grad`` (torch 2.13) | return a fresh ``ConstantVariable`` where Dynamo returns its shared None/True/False: ``var_getattr`` sets the source of the result, and on the shared object that source outlived the trace (a later compile loaded ``L['model']…grad`` in a frame without ``model`` and raised an AssertionError) |
-| ``OutputGraph._validate_outputs_safe_for_autograd_nodes`` (torch 2.13) | a returned tensor whose graph the traced ``loss.backward()`` consumed (``return loss``) comes back detached, with a logged line, instead of a restart that splits the step at the backward (``_detach_consumed_outputs``) |
+| ``TensorVariable.method_attr_grad`` / ``method_attr_requires_grad`` | return a fresh ``ConstantVariable`` where Dynamo returns its shared None/True/False: ``var_getattr`` sets the source of the result, and on the shared object that source outlived the trace (a later compile loaded ``L['model']…grad`` in a frame without ``model`` and raised an AssertionError) |
+| ``OutputGraph._validate_outputs_safe_for_autograd_nodes`` | a returned tensor whose graph the traced ``loss.backward()`` consumed (``return loss``) comes back detached, with a logged line, instead of a restart that splits the step at the backward (``_detach_consumed_outputs``) |
 | ``SkipFunctionVariable.call_function`` | lift the ``torch._dynamo.graph_break()`` calls in ``optim.optimizer._use_grad`` (only there); trace Adam/AdamW ``fused=True`` through ``_functional_fused_adam`` (below) where torch.optim's ``torch.compiler.disable``d ``_fused_adam`` would break the graph |
 | ``OptimizerVariable.var_getattr`` | trace ``zero_grad`` (its ``@_disable_dynamo`` wrapper is unwrapped) and an LR scheduler's ``step`` wrapper (lr_scheduler.py is force-skipped) |
 | ``OptimizerVariable.graph_break_if_pending_mutation`` | the pending mutation is the traced ``.grad``; handled by ``_init_group`` below |
@@ -535,7 +535,7 @@ def _detach_consumed_outputs(output, rv, tx) -> List[str]:
     """Replace, in ``rv`` (the graph's outputs), each tensor whose autograd graph the traced
     ``loss.backward()`` consumed by its ``detach()``; return their names.
 
-    Stock Dynamo (torch 2.13) restarts the trace with a graph break at the backward instead, so
+    Stock Dynamo (torch 2.11 and 2.13) restarts the trace with a graph break at the backward, so
     that the returned tensor keeps a grad_fn. That splits ``return loss`` steps, the most common
     way to write one, into a forward-backward graph and an optimizer graph, and nothing can be
     fused. Eager's returned loss can only be read, not backpropagated again (its graph is freed:
@@ -585,9 +585,9 @@ def _is_shared_constant(v) -> bool:
 
 
 def _optional_constant_patches() -> List[Patch]:
-    """torch 2.13 hands out one shared ConstantVariable for None, True and False, and
-    ``TensorVariable.var_getattr`` sets the source of what ``p.grad`` / ``p.requires_grad``
-    returns, that shared object included: a traced ``p.grad`` read after ``p.grad = None`` (forge
+    """Dynamo (torch 2.11 and 2.13) hands out one shared ConstantVariable for None, True and
+    False, and ``TensorVariable.var_getattr`` sets the source of what ``p.grad`` /
+    ``p.requires_grad`` returns, that shared object included: a traced ``p.grad`` read after ``p.grad = None`` (forge
     traces zero_grad and _init_group, which do both) left the process-wide None carrying
     ``L['model']._modules['2']._parameters['bias'].grad``. A later compile that reconstructed a
     None then loaded that source, and failed ("'model' not in cell_and_freevars") in a frame
