@@ -318,6 +318,32 @@ def test_zero_grad_before_the_forward_falls_back_cleanly_after_another_step():
             assert ConstantVariable.create(value).source is None, value
 
 
+def test_a_forward_after_the_update_in_the_step_is_refused_with_that_reason():
+    """An evaluation forward of the updated model inside the step reads the new weights: the
+    fused op writes them in place and nothing orders that read after it yet, so the weights
+    are refused, named as such (it said "gradient read outside the update"), eager-equal."""
+    def eval_after_step(model, opt):
+        def train_step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                after = torch.nn.functional.mse_loss(model(x), y)
+            return loss.detach(), after
+        return train_step
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    step = forge_compile.compile(eval_after_step(model, opt), inner="aot_eager")
+    ref_step = eval_after_step(ref_model, ref_opt)
+    report = forge_compile.explain(step, *batch(0))
+    ref_out = ref_step(*batch(0))
+    assert rel(report.result[1], ref_out[1]) <= RTOL_FP32
+    assert report.fused == {}
+    assert report.unfused["0.weight"].startswith("updated value read in the step: the new 0.weight")
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
 def test_gradient_accumulation_across_calls():
     """micro-steps that only backward (grads accumulate in .grad), then a step+zero_grad call."""
     model, opt, _ = make("sgd_momentum", False, schedule=False)

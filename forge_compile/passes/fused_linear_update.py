@@ -466,6 +466,15 @@ class _Analysis:
                                    or _patterns._lookup(u.target) is not None))
                 if not admissible:
                     what = _op_name(u)
+                    written = [d for d, c in self.sinks_by_dest.items() if c.args[1] is n]
+                    if written:
+                        # the new value of W (or of its state), read again in the step: the
+                        # fused op writes it in place, and nothing orders such a read after it yet
+                        d = written[0]
+                        raise Refused("updated value read in the step",
+                                      f"the new {self.names.get(d) or d.name} ({n.name}) is read "
+                                      f"by {u.name} = {what}: the weight is used after opt.step() "
+                                      "in the same step (e.g. an evaluation forward)")
                     cat = "gradient read outside the update"
                     if "norm" in what:
                         cat = "gradient read by a norm (clip_grad_norm_ / LAMB / logging)"
