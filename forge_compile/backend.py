@@ -268,10 +268,21 @@ class ForgeBackend:
         from torch._functorch.aot_autograd import aot_module_simplified
         from torch._inductor.decomposition import select_decomp_table
 
+        # AOTAutograd compiles a backward lazily and runs it as Python: where that happens in an
+        # eager backward inside a frame Dynamo executes (a step split before its backward),
+        # Dynamo traced this function (two graph breaks in explain(), at GraphModule.graph and
+        # make_boxed_func) and the backward graph's own forward (one more forge compile of an
+        # already compiled graph). Neither is user code.
+        @torch._disable_dynamo
         def inner(g: torch.fx.GraphModule, _inputs):
             if ctx.options.fuse:
                 g = _run_forge_passes(g, ctx)
-            return make_boxed_func(g.forward)
+            forward = g.forward
+
+            @torch._disable_dynamo
+            def run(*args):
+                return forward(*args)
+            return make_boxed_func(run)
 
         # keep_inference_input_mutations: parameter/state updates stay in-graph as copy_ nodes
         # (what Inductor also sees), instead of extra outputs copied back outside the graph.

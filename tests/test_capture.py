@@ -493,6 +493,11 @@ def test_a_loss_read_before_backward_runs_the_backward_eagerly(read, caplog):
     assert capture.SPLIT_BEFORE_BACKWARD in messages, messages
     assert capture.USED_BEFORE_BACKWARD not in messages
     assert any("forge: backward of a graph built outside" in b for b in report.graph_breaks)
+    # two graphs (before the break; the optimizer after the eager backward) and no break in
+    # forge's own backend code: with inner="aot_eager" Dynamo used to trace the lazily compiled
+    # backward (one more graph) and the backend function compiling it (two more breaks)
+    assert report.graph_count == 2, [c.input_names[:3] for c in report.compiles]
+    assert not any("marked as skipped" in b for b in report.graph_breaks), report.graph_breaks
     # the optimizer graph after the split gets its parameters through opt.param_groups: they are
     # named by module path (an earlier graph named them), their gradient as coming from outside
     assert sorted(report.unfused) == ["0.bias", "0.weight", "2.bias", "2.weight"], report.unfused
