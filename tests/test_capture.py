@@ -497,7 +497,9 @@ def test_a_loss_read_before_backward_runs_the_backward_eagerly(read, caplog):
     # forge's own backend code: with inner="aot_eager" Dynamo used to trace the lazily compiled
     # backward (one more graph) and the backend function compiling it (two more breaks)
     assert report.graph_count == 2, [c.input_names[:3] for c in report.compiles]
-    assert not any("marked as skipped" in b for b in report.graph_breaks), report.graph_breaks
+    # (torch 2.11 also breaks at the user's list.append there: user code, so not asserted on)
+    assert not any(f in b for b in report.graph_breaks
+                   for f in ("make_boxed_func", "GraphModule.graph")), report.graph_breaks
     # the optimizer graph after the split gets its parameters through opt.param_groups: they are
     # named by module path (an earlier graph named them), their gradient as coming from outside
     assert sorted(report.unfused) == ["0.bias", "0.weight", "2.bias", "2.weight"], report.unfused
