@@ -252,6 +252,18 @@ def test_misuse_matches_eager(case, caplog):
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make("adamw", False)[0].parameters()))
 
 
+def _explained_pair(make_step):
+    """Two identical AdamW MLPs: the forge step (inner="aot_eager") on one, its first call
+    explained, and the eager step on the other, its first call run. Returns (report, eager
+    result, (model, opt, step), (ref_model, ref_opt, ref_step))."""
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    step = forge_compile.compile(make_step(model, opt), inner="aot_eager")
+    ref_step = make_step(ref_model, ref_opt)
+    report = forge_compile.explain(step, *batch(0))
+    return report, ref_step(*batch(0)), (model, opt, step), (ref_model, ref_opt, ref_step)
+
+
 def test_micro_batches_accumulated_in_one_step_are_refused_with_that_reason():
     """Two micro-batches' backward in one step: each weight's update reads the sum of two
     gradient GEMMs. Fusing the sum would keep every micro-batch's activations alive until the
@@ -263,12 +275,7 @@ def test_micro_batches_accumulated_in_one_step_are_refused_with_that_reason():
             opt.step()
             opt.zero_grad(set_to_none=True)
         return train_step
-    model, opt, _ = make("adamw", False, schedule=False)
-    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
-    step = forge_compile.compile(accum_step(model, opt), inner="aot_eager")
-    ref_step = accum_step(ref_model, ref_opt)
-    report = forge_compile.explain(step, *batch(0))
-    ref_step(*batch(0))
+    report, _, (model, opt, step), (ref_model, ref_opt, ref_step) = _explained_pair(accum_step)
     for i in range(1, 4):
         step(*batch(i))
         ref_step(*batch(i))
@@ -332,12 +339,7 @@ def test_a_forward_after_the_update_in_the_step_is_refused_with_that_reason():
                 after = torch.nn.functional.mse_loss(model(x), y)
             return loss.detach(), after
         return train_step
-    model, opt, _ = make("adamw", False, schedule=False)
-    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
-    step = forge_compile.compile(eval_after_step(model, opt), inner="aot_eager")
-    ref_step = eval_after_step(ref_model, ref_opt)
-    report = forge_compile.explain(step, *batch(0))
-    ref_out = ref_step(*batch(0))
+    report, ref_out, (model, opt, _), (ref_model, ref_opt, _) = _explained_pair(eval_after_step)
     assert rel(report.result[1], ref_out[1]) <= RTOL_FP32
     assert report.fused == {}
     assert report.unfused["0.weight"].startswith("updated value read in the step: the new 0.weight")
