@@ -84,7 +84,9 @@ _PARAM_NAMES: Dict[int, Tuple["weakref.ref", str]] = {}
 
 
 def _remember_parameter(p: torch.Tensor, name: str) -> None:
-    _PARAM_NAMES[id(p)] = (weakref.ref(p), name)
+    # the entry goes with the parameter (a process that builds many models keeps no dead ones)
+    key = id(p)
+    _PARAM_NAMES[key] = (weakref.ref(p, lambda _, key=key: _PARAM_NAMES.pop(key, None)), name)
 
 
 def _known_parameter(p: torch.Tensor) -> Optional[str]:

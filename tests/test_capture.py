@@ -605,6 +605,20 @@ def test_a_step_that_calls_model_train_is_fused_and_named():
     assert sorted(report.unfused) == ["0.bias", "2.bias"]
 
 
+def test_remembered_parameter_names_go_with_their_parameters():
+    """The names graphs give parameters (for later graphs that see them only through
+    opt.param_groups) are dropped when the parameter dies: no entry outlives its model."""
+    import gc
+    from forge_compile import backend
+    p = torch.nn.Parameter(torch.zeros(3))
+    backend._remember_parameter(p, "blocks.0.w")
+    assert backend._known_parameter(p) == "blocks.0.w"
+    key = id(p)
+    del p
+    gc.collect()
+    assert key not in backend._PARAM_NAMES
+
+
 def test_unparsed_parameter_sources_lose_their_brackets():
     from forge_compile.backend import _parameter_name
     assert _parameter_name("G['m'].__dict__['_modules']['0'].__dict__['_parameters']['w']") == "0.w"
