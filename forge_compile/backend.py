@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.utils.weak import WeakIdKeyDictionary
 
 from forge_compile import capture
 from forge_compile.kernels import fused_linear_update as fused_linear_update_kernels
@@ -79,19 +79,9 @@ def _parameter_name(source: Optional[str]) -> Optional[str]:
     return re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r".\1", name).replace("..", ".").lstrip(".")
 
 
-# id(parameter) -> (weak reference, module path) of every parameter a forge graph named
-_PARAM_NAMES: Dict[int, Tuple["weakref.ref", str]] = {}
-
-
-def _remember_parameter(p: torch.Tensor, name: str) -> None:
-    # the entry goes with the parameter (a process that builds many models keeps no dead ones)
-    key = id(p)
-    _PARAM_NAMES[key] = (weakref.ref(p, lambda _, key=key: _PARAM_NAMES.pop(key, None)), name)
-
-
-def _known_parameter(p: torch.Tensor) -> Optional[str]:
-    entry = _PARAM_NAMES.get(id(p))
-    return entry[1] if entry is not None and entry[0]() is p else None
+# parameter -> the module path a forge graph named it by, held weakly (an entry goes with its
+# parameter): a later graph that gets the parameter only through opt.param_groups names it so
+_PARAM_NAMES = WeakIdKeyDictionary()
 
 
 def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> List[Optional[str]]:
@@ -109,16 +99,15 @@ def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Li
         names.append(name)
         if isinstance(ex, torch.Tensor):
             by_id[id(ex)] = name
-    for t, name in zip(example_inputs, names):
-        if isinstance(t, torch.nn.Parameter) and name is not None:
-            _remember_parameter(t, name)
+        if isinstance(ex, torch.nn.Parameter) and name is not None:
+            _PARAM_NAMES[ex] = name
     attrs = {**dict(gm.named_parameters(remove_duplicate=False)),
              **dict(gm.named_buffers(remove_duplicate=False))}
     # parameters lifted as attributes (they reach the frame only through opt.param_groups, e.g.
     # an optimizer-only graph after a graph break) take the name an earlier graph gave them
     for t in attrs.values():
-        if isinstance(t, torch.nn.Parameter) and _known_parameter(t) is not None:
-            by_id[id(t)] = _known_parameter(t)
+        if isinstance(t, torch.nn.Parameter) and t in _PARAM_NAMES:
+            by_id[id(t)] = _PARAM_NAMES[t]
     lifted: List[Optional[str]] = []
     for attr, t in attrs.items():
         owner = capture.state_owner(t)

@@ -69,6 +69,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch._dynamo
 import torch.optim.optimizer as _optim_mod
+from torch.utils.weak import WeakIdKeyDictionary
 
 log = logging.getLogger("forge_compile")
 
@@ -361,11 +362,10 @@ def _make_pending(orig):
     return graph_break_if_pending_mutation
 
 
-# id(placeholder tensor) -> (the placeholder, the traced gradient VariableTracker it stands for),
-# for the length of one _init_group call. The placeholder is held so that no other tensor can
-# take its id meanwhile; an entry that outlived its call (a trace that raised, e.g. a restart)
-# once handed a later trace a stale VariableTracker for whatever tensor reused that id (Dynamo
-# then failed with "'model' not in cell_and_freevars", a closure cell of the earlier frame).
+# id(placeholder tensor) -> the traced gradient VariableTracker it stands for, for the length of
+# one _init_group call (the call's own list keeps each placeholder alive, so no other tensor can
+# take its id meanwhile). Entries go when the call ends, also when the trace raises: one left
+# behind would hand a later trace a stale VariableTracker for a tensor that reused the id.
 _PLACEHOLDERS: Dict[int, Any] = {}
 
 
@@ -382,9 +382,10 @@ def _pending_grads(self, tx) -> Dict[torch.Tensor, Any]:
     return pending
 
 
-# id(optimizer state tensor) -> (weakref to the tensor, weakref to its parameter, state key):
-# lets the backend name the state tensors Dynamo lifts as graph attributes ("opt.state[w].exp_avg").
-_STATE_OWNERS: Dict[int, Any] = {}
+# optimizer state tensor -> (weakref to its parameter, state key), held weakly (an entry goes with
+# its tensor): lets the backend name the state tensors Dynamo lifts as graph attributes
+# ("opt.state[w].exp_avg").
+_STATE_OWNERS = WeakIdKeyDictionary()
 
 
 def _record_state_owners(opt: torch.optim.Optimizer) -> None:
@@ -392,16 +393,14 @@ def _record_state_owners(opt: torch.optim.Optimizer) -> None:
     for p, st in opt.state.items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                _STATE_OWNERS[id(v)] = (weakref.ref(v), weakref.ref(p), k)
+                _STATE_OWNERS[v] = (weakref.ref(p), k)
 
 
 def state_owner(t: torch.Tensor):
     """(parameter, state key) of an optimizer state tensor seen by a forge trace, else None."""
-    entry = _STATE_OWNERS.get(id(t))
-    if entry is None or entry[0]() is not t:
-        return None
-    p = entry[1]()
-    return None if p is None else (p, entry[2])
+    entry = _STATE_OWNERS.get(t)
+    p = None if entry is None else entry[0]()
+    return None if p is None else (p, entry[1])
 
 
 def _prefill_sgd_momentum(opt: torch.optim.Optimizer, params: List[torch.Tensor]) -> None:
@@ -441,7 +440,7 @@ def _make_call_method(orig):
                     ph = torch.empty((), dtype=p.dtype, device=p.device).expand_as(p)
                     p.grad = ph
                     placeholders.append(ph)
-                    _PLACEHOLDERS[id(ph)] = (ph, vt)
+                    _PLACEHOLDERS[id(ph)] = vt
                 _prefill_sgd_momentum(self.value, [p for p, vt in pending.items() if vt is not None])
                 ret_val = self.value._init_group(*py_args, **py_kwargs)
                 _record_state_owners(self.value)
@@ -463,9 +462,9 @@ def _make_call_method(orig):
 
 def _make_wrap_tensor(orig):
     def wrap_tensor(self, tx, tensor_value):
-        entry = _PLACEHOLDERS.get(id(tensor_value))
-        if entry is not None and entry[0] is tensor_value:
-            return entry[1]
+        vt = _PLACEHOLDERS.get(id(tensor_value))
+        if vt is not None:
+            return vt
         return orig(self, tx, tensor_value)
     return wrap_tensor
 
@@ -587,8 +586,9 @@ def _is_shared_constant(v) -> bool:
 def _optional_constant_patches() -> List[Patch]:
     """Dynamo (torch 2.11 and 2.13) hands out one shared ConstantVariable for None, True and
     False, and ``TensorVariable.var_getattr`` sets the source of what ``p.grad`` /
-    ``p.requires_grad`` returns, that shared object included: a traced ``p.grad`` read after ``p.grad = None`` (forge
-    traces zero_grad and _init_group, which do both) left the process-wide None carrying
+    ``p.requires_grad`` returns, that shared object included: a traced ``p.grad`` read after
+    ``p.grad = None`` (forge traces zero_grad and _init_group, which do both) left the
+    process-wide None carrying
     ``L['model']._modules['2']._parameters['bias'].grad``. A later compile that reconstructed a
     None then loaded that source, and failed ("'model' not in cell_and_freevars") in a frame
     without it."""
@@ -649,27 +649,29 @@ def _built_outside(var) -> bool:
     return False
 
 
-def _optional_remat_patch() -> List[Patch]:
-    try:
-        from torch._functorch._activation_checkpointing import (
-            remat_using_tags_for_fwd_loss_bwd_graph_pass as remat)
-    except ImportError:       # older torch: no fwd-loss-bwd remat pass, nothing to patch
-        return []
-    patches = []
-    if hasattr(remat, "has_recomputable_rng_ops"):
-        patches.append(Patch(remat, "has_recomputable_rng_ops", _make_has_recomputable_rng_ops,
-                             "checkpointed dropout-free SDPA is not an RNG op"))
-    return patches
-
-
-def _backward_needs_remat_tag() -> bool:
-    """torch 2.11: its remat pass finds the traced backward only by a tag (see above)."""
+def _remat_pass():
+    """torch's remat pass of a forward-loss-backward graph (a module), or None in a torch that
+    has none."""
     try:
         from torch._functorch._activation_checkpointing import (
             remat_using_tags_for_fwd_loss_bwd_graph_pass as remat)
     except ImportError:
-        return False
-    return not hasattr(remat, "_collect_backward_regions")
+        return None
+    return remat
+
+
+def _optional_remat_patch() -> List[Patch]:
+    remat = _remat_pass()
+    if remat is None or not hasattr(remat, "has_recomputable_rng_ops"):
+        return []
+    return [Patch(remat, "has_recomputable_rng_ops", _make_has_recomputable_rng_ops,
+                  "checkpointed dropout-free SDPA is not an RNG op")]
+
+
+def _backward_needs_remat_tag() -> bool:
+    """torch 2.11: its remat pass finds the traced backward only by a tag (see above)."""
+    remat = _remat_pass()
+    return remat is not None and not hasattr(remat, "_collect_backward_regions")
 
 
 def _build_patches() -> List[Patch]:
