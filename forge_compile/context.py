@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional
 
+from forge_compile.epilogue import ROUNDINGS
+
 __all__ = ["ForgeOptions", "FusedParam", "CompileReport", "PassContext", "current_reports"]
 
 _INNER_COMPILERS = ("inductor", "aot_eager")
@@ -15,6 +17,9 @@ class ForgeOptions:
 
     fuse: bool = True            # False: capture the whole step as one graph, rewrite nothing
     inner: str = "inductor"      # "inductor", or "aot_eager" (no codegen: fast CPU tests)
+    # how a fused bf16 weight's new value is rounded to bf16: "stochastic" (FORGE's default:
+    # unbiased, so updates below half an ulp still accumulate) or "nearest" (eager's rounding)
+    bf16_rounding: str = "stochastic"
 
     @staticmethod
     def from_kwargs(**kwargs) -> "ForgeOptions":
@@ -29,6 +34,9 @@ class ForgeOptions:
                              f"use one of {', '.join(map(repr, _INNER_COMPILERS))}")
         if not isinstance(opts.fuse, bool):
             raise TypeError(f"forge_compile: fuse must be True or False, got {opts.fuse!r}")
+        if opts.bf16_rounding not in ROUNDINGS:
+            raise ValueError(f"forge_compile: bf16_rounding={opts.bf16_rounding!r} is not "
+                             f"supported; use one of {', '.join(map(repr, ROUNDINGS))}")
         return opts
 
 

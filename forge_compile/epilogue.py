@@ -18,10 +18,11 @@ from typing import Dict, Mapping, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["Instr", "EpilogueProgram", "OPS", "run_epilogue", "GRAD", "PARAM"]
+__all__ = ["Instr", "EpilogueProgram", "OPS", "run_epilogue", "GRAD", "PARAM", "ROUNDINGS"]
 
 GRAD = "grad"
 PARAM = "param"
+ROUNDINGS = ("stochastic", "nearest")     # EpilogueProgram.param_rounding
 
 Arg = Union[str, float, int, bool]
 
@@ -77,6 +78,10 @@ class EpilogueProgram:
     scalars: Tuple[str, ...]                 # per-step 0-d inputs, in call order
     ops: Tuple[Instr, ...]                   # SSA, topologically ordered
     outputs: Tuple[Tuple[str, str], ...]     # (tensor input overwritten, value name); never GRAD
+    # how a bf16 weight's new value is rounded (fp32/fp64 weights: unused; state is always
+    # rounded to nearest, as eager does): "stochastic" (unbiased: an update below half a bf16
+    # ulp still moves the weight in expectation, FORGE's choice) or "nearest" (eager's rounding)
+    param_rounding: str = "stochastic"
 
     def __post_init__(self):
         self.validate()
@@ -103,6 +108,9 @@ class EpilogueProgram:
             if ins.out in defined:
                 raise ValueError(f"{ins.out!r} defined twice")
             defined.add(ins.out)
+        if self.param_rounding not in ROUNDINGS:
+            raise ValueError(f"param_rounding={self.param_rounding!r}: use one of "
+                             f"{', '.join(map(repr, ROUNDINGS))}")
         for dst, val in self.outputs:
             if dst == GRAD or dst not in self.tensors:
                 raise ValueError(f"output {dst!r} must overwrite the param or a state tensor")
@@ -115,10 +123,12 @@ class EpilogueProgram:
         # launch, and building it costs ~30 us (2-core CPU, AdamW)
         s = self.__dict__.get("_dumps")
         if s is None:
-            s = json.dumps(
-                {"tensors": self.tensors, "scalars": self.scalars,
+            d = {"tensors": self.tensors, "scalars": self.scalars,
                  "ops": [[i.out, i.op, list(i.args)] for i in self.ops],
-                 "outputs": self.outputs}, separators=(",", ":"))
+                 "outputs": self.outputs}
+            if self.param_rounding != "stochastic":     # the default keeps older strings valid
+                d["param_rounding"] = self.param_rounding
+            s = json.dumps(d, separators=(",", ":"))
             object.__setattr__(self, "_dumps", s)
         return s
 
@@ -128,12 +138,15 @@ class EpilogueProgram:
         return EpilogueProgram(
             tensors=tuple(d["tensors"]), scalars=tuple(d["scalars"]),
             ops=tuple(Instr(o, op, tuple(a)) for o, op, a in d["ops"]),
-            outputs=tuple((k, v) for k, v in d["outputs"]))
+            outputs=tuple((k, v) for k, v in d["outputs"]),
+            param_rounding=d.get("param_rounding", "stochastic"))
 
     def __str__(self) -> str:
         lines = [f"epilogue({', '.join(self.tensors)}; scalars: {', '.join(self.scalars) or '-'})"]
         lines += [f"  {i.out} = {i.op}({', '.join(map(str, i.args))})" for i in self.ops]
         lines += [f"  {dst} <- {val}" for dst, val in self.outputs]
+        if self.param_rounding != "stochastic":
+            lines.append(f"  (a bf16 {PARAM} is rounded to {self.param_rounding})")
         return "\n".join(lines)
 
 

@@ -376,10 +376,18 @@ def test_gradient_accumulation_across_calls():
 # --- backend registration and isolation ---------------------------------------------------------
 
 def test_unknown_option_fails_fast():
-    with pytest.raises(TypeError, match="unknown option 'fusee'; valid options: fuse, inner"):
+    with pytest.raises(TypeError, match="unknown option 'fusee'; valid options: fuse, inner, "
+                                        "bf16_rounding"):
         forge_compile.compile(lambda: None, fusee=False)
     with pytest.raises(ValueError, match="inner='tvm' is not supported"):
         forge_compile.compile(lambda: None, inner="tvm")
+    with pytest.raises(ValueError, match="bf16_rounding='up' is not supported; use one of "
+                                         "'stochastic', 'nearest'"):
+        forge_compile.compile(lambda: None, bf16_rounding="up")
+    # the same check through torch.compile(options=...), at the first compile
+    with pytest.raises(Exception, match="bf16_rounding='up' is not supported"):
+        torch.compile(lambda x: x + 1, backend="forge", options={"bf16_rounding": "up"})(
+            torch.ones(2))
 
 
 @pytest.mark.parametrize("var,value", [("FORGE_SPLIT_GEMM_MB", "lots"),

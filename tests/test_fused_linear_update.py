@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -63,7 +64,8 @@ def _rules(device=None, step=3):
     }
 
 
-def _inputs(prog, N, K, T, dtype, device, param_dtype=torch.float32, seed=0):
+def _inputs(prog, N, K, T, dtype, device, param_dtype=torch.float32, seed=0,
+            state_dtype=torch.float32):
     g = torch.Generator(device="cpu").manual_seed(seed)
     dy = torch.randn(T, N, generator=g).to(device=device, dtype=dtype)
     x = torch.randn(T, K, generator=g).div_(math.sqrt(T)).to(device=device, dtype=dtype)
@@ -71,7 +73,7 @@ def _inputs(prog, N, K, T, dtype, device, param_dtype=torch.float32, seed=0):
     state = []
     for name in prog.state:
         s = torch.randn(N, K, generator=g)
-        state.append((s.abs() if name == "exp_avg_sq" else s).to(device))
+        state.append((s.abs() if name == "exp_avg_sq" else s).to(device, state_dtype))
     return dy, x, p, state
 
 
@@ -1349,6 +1351,16 @@ def _interpreter_cases():
         return _sr_stats(prog, dy, x, p, s, sc, launcher(big))
     cases["bf16-weights-sr"] = bf16_weights
 
+    def bf16_model(rounding):
+        # a pure-bf16 model (bf16 weight and state: torch.optim's state takes the weight's dtype)
+        prog, sc = _rules()["adamw"]
+        prog = dataclasses.replace(prog, param_rounding=rounding)
+        dy, x, p, s = _inputs(prog, 256, 256, 32, torch.bfloat16, "cpu",
+                              param_dtype=torch.bfloat16, state_dtype=torch.bfloat16)
+        return _bf16_model_stats(prog, dy, x, p, s, sc, launcher(big))
+    for rounding in ("nearest", "stochastic"):
+        cases[f"bf16-model-{rounding}"] = functools.partial(bf16_model, rounding)
+
     def op_dispatch():
         prog, sc = _rules()["adamw"]
         dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
@@ -1391,7 +1403,42 @@ def _sr_stats(prog, dy, x, p, s, sc, run):
             "state_rel": max(_rel(a, b) for a, b in zip(s1, s2))}
 
 
+def _bf16_model_stats(prog, dy, x, p, s, sc, run):
+    """A pure-bf16 model's update (bf16 weight and state): each output's largest error in bf16
+    ulps of the fp64 reference, less the fp32 arithmetic's allowance (2^-18 of the operands'
+    magnitude: 1/1024 of a bf16 ulp, too little to hide a second rounding); the weight's mean
+    signed error in ulps and whether stochastic rounding moved any element off the nearest."""
+    p1, s1 = p.clone(), [t.clone() for t in s]
+    run(dy, x, p1, s1, sc, prog.dumps())
+    p2, s2 = p.double(), [t.double() for t in s]
+    flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, sc, prog.dumps())
+    out = {}
+    for name, new, ref, old in [("param", p1, p2, p)] + list(zip(prog.state, s1, s2, s)):
+        ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref)[1] - 8)
+        e = (new.double() - ref) / ulp
+        slack = 2.0 ** -18 * (ref.abs() + old.double().abs()) / ulp
+        out[name] = (e.abs() - slack).clamp_min(0).max().item()
+        if name == "param":
+            out["mean_err_ulp"], out["n"] = e.mean().item(), e.numel()
+            out["off_nearest"] = bool((new.double() != ref.to(torch.bfloat16).double()).any())
+        out["finite"] = out.get("finite", True) and bool(torch.isfinite(new).all())
+    return out
+
+
+def _check_bf16_model(res, rounding):
+    assert res["finite"], res
+    assert res["param"] <= (1.0 if rounding == "stochastic" else 0.5), res
+    assert all(v <= 0.5 for k, v in res.items() if k not in (
+        "param", "mean_err_ulp", "n", "off_nearest", "finite")), res
+    assert res["off_nearest"] == (rounding == "stochastic"), res
+    if rounding == "stochastic":        # unbiased: mean 0, each error's std ≤ 0.5 ulp
+        assert abs(res["mean_err_ulp"]) <= 6 * 0.5 / math.sqrt(res["n"]), res
+
+
 def _check_interp(name, res):
+    if name.startswith("bf16-model-"):
+        _check_bf16_model(res, name[len("bf16-model-"):])
+        return
     if name == "bf16-weights-sr":
         assert res["max_err_ulp"] <= 1.0, res
         assert abs(res["mean_err_ulp"]) <= 6 * 0.5 / math.sqrt(res["n"]), res
@@ -1618,6 +1665,31 @@ def test_gpu_bf16_weights_stochastic_rounding(ws):
     res = _sr_stats(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
         *a, config=cfg))
     _check_interp("bf16-weights-sr", res)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("kernel", ["autotuned", "plain", "warp-specialised"])
+@pytest.mark.parametrize("rule", ["sgd_momentum", "adamw", "lion"])
+def test_gpu_bf16_model(rule, kernel, rounding):
+    """A pure-bf16 model's update (bf16 W and state) on every kernel: the weight within 0.5
+    ulp (nearest) or 1 ulp and unbiased (stochastic), the state within 0.5 ulp, ragged and
+    even shapes."""
+    prog, sc = _rules("cuda")[rule]
+    prog = dataclasses.replace(prog, param_rounding=rounding)
+    for shape in GPU_SHAPES:
+        dy, x, p, s = _inputs(prog, *shape, torch.bfloat16, "cuda", param_dtype=torch.bfloat16,
+                              state_dtype=torch.bfloat16, seed=_seed(rule, shape))
+        cfg = None
+        if kernel == "plain":
+            cfg = flu.candidate_configs(dy)[0]
+        elif kernel == "warp-specialised":
+            _ws_or_skip(dy, x, p, s)
+            cfg = flu._GPU_WS_CONFIGS[-1]
+        res = _bf16_model_stats(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
+            *a, config=cfg))
+        _check_bf16_model(res, rounding)
 
 
 @gpu

@@ -57,6 +57,7 @@ __all__ = [
     "fused_linear_update_", "fused_linear_update_reference", "fused_linear_update_triton",
     "triton_unsupported_reason", "kernel_source", "load_program", "KernelConfig",
     "tuned_config", "candidate_configs", "split_gemm_unsupported_reason",
+    "round_bf16_stochastic", "stochastic_rounding",
 ]
 
 # A 256×256 fp32 tile is 256 KiB: it stays in L2 on the CPU, and the T-long reduction per tile
@@ -176,8 +177,9 @@ def _fold(op: str, consts: List[float]):
 class _Epilogue:
     """Straight-line Triton code for one program over one tile (or one column chunk of it)."""
 
-    def __init__(self, prog: EpilogueProgram):
+    def __init__(self, prog: EpilogueProgram, interpreted: bool = False):
         self.prog = prog
+        self.interpreted = interpreted      # stores round to bf16 through _TO_STORED
         self.tensor_names = [PARAM] + list(prog.state)
         self.ptr = {PARAM: "p_ptr", **{n: f"s{i}_ptr" for i, n in enumerate(prog.state)}}
         self.strides = {PARAM: ("s_p_n", "s_p_k"),
@@ -276,11 +278,13 @@ class _Epilogue:
                         f"{ind}    o_{v} = _round_bf16_stochastic(o_{v}, seed, "
                         f"rn[:, None] * K + {rk}[None, :])"]
             ptr = self.ptr[dst]
+            val = (f"_to_stored(o_{v}, {ptr})" if self.interpreted else
+                   f"o_{v}.to({ptr}.dtype.element_ty)")
             out += [f"{ind}if EVEN_NK:",
-                    f"{ind}    tl.store({ptr} + off_{v}, o_{v}.to({ptr}.dtype.element_ty), "
+                    f"{ind}    tl.store({ptr} + off_{v}, {val}, "
                     f"eviction_policy=\"evict_first\")",
                     f"{ind}else:",
-                    f"{ind}    tl.store({ptr} + off_{v}, o_{v}.to({ptr}.dtype.element_ty), "
+                    f"{ind}    tl.store({ptr} + off_{v}, {val}, "
                     f"mask={mask}, eviction_policy=\"evict_first\")"]
         return out
 
@@ -310,6 +314,20 @@ def _round_bf16_stochastic(x, seed, offs):
     rounded = ((bits + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
     finite = (bits & 0x7F800000) != 0x7F800000
     return tl.where(finite, rounded, x)
+'''
+
+
+# Triton's interpreter casts fp32 to bf16 by truncation (Triton 3.9, runtime/interpreter.py:
+# cast_impl passes no rounding mode to _convert_float), where the GPU rounds to nearest even
+# (cvt.rn.bf16.f32): an interpreted kernel's bf16 weight or state was up to 1 ulp off, always
+# toward zero. Interpreted sources round here first, so the truncating cast is exact.
+_TO_STORED = '''@triton.jit
+def _to_stored(x, ptr):
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rne = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = tl.where(x == x, rne, x)
+    return x.to(ptr.dtype.element_ty)
 '''
 
 
@@ -363,7 +381,7 @@ def kernel_source(program: Union[str, EpilogueProgram]) -> str:
     prog = load_program(program)
     n_state = len(prog.state)
     n_scalar = len(prog.scalars)
-    ep = _Epilogue(prog)
+    ep = _Epilogue(prog, interpreted=_interpreting())
     full = ("", "rk", "mask_nk", "[BLOCK_N, BLOCK_K]")
     prefetch = ep.shared_offset("        ", "", "rk") + ep.loads("        ", "", "rk", "mask_nk")
     epi = ["    if PREFETCH:"] + ep.compute_store("        ", *full)
@@ -415,7 +433,7 @@ PROGRAM = {prog.dumps()!r}
 
 
 {_ROUND_BF16_STOCHASTIC}
-
+{_TO_STORED if ep.interpreted else ""}
 @triton.jit(do_not_specialize=["seed"])
 def _fused_linear_update_kernel(
     dy_ptr, x_ptr, g_ptr, p_ptr, {state_ptrs}{scal_args}seed,
@@ -1010,7 +1028,7 @@ def _run(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, 
     ck = launch_cache.launch(k, grid, *args, **kwargs)
     if plan_key is not None:        # the launch a repeated call makes again (_Plan)
         _remember_plan(plan_key, k, ck, grid, args, kwargs, scalars,
-                       param.dtype == torch.bfloat16, _operand_slots(dy, x, args, cfg))
+                       stochastic_rounding(param, prog), _operand_slots(dy, x, args, cfg))
     return ck
 
 
@@ -1131,7 +1149,7 @@ def _launch_args(dy, x, param, state, scalars, prog, cfg: KernelConfig, precisio
         # 32×32 dot, fp16 fine): interpreted runs upcast the operands, which is exact.
         DOT_F32=(dy.dtype != x.dtype or dy.dtype == torch.float32 or dy.device.type == "cpu"),
         INPUT_PRECISION=precision,
-        STOCHASTIC_ROUND=(param.dtype == torch.bfloat16),
+        STOCHASTIC_ROUND=stochastic_rounding(param, prog),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
     )
 
@@ -1143,9 +1161,15 @@ def triton_cdiv(a: int, b: int) -> int:
 _SEED = random.Random(0x5EED)
 
 
-def _default_seed(bf16_weight: bool) -> int:
-    # a fresh stochastic-rounding stream per call for bf16 weights; fp32 weights never read it
-    return _SEED.getrandbits(31) if bf16_weight else 0
+def stochastic_rounding(param: Tensor, prog: EpilogueProgram) -> bool:
+    """Whether the weight's new value is stochastically rounded (a bf16 weight whose program
+    asks for it; fp32/fp64 weights and the state are always rounded to nearest)."""
+    return param.dtype == torch.bfloat16 and prog.param_rounding == "stochastic"
+
+
+def _default_seed(stochastic: bool) -> int:
+    # a fresh stochastic-rounding stream per call; a kernel that rounds to nearest never reads it
+    return _SEED.getrandbits(31) if stochastic else 0
 
 
 def fused_linear_update_triton(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
@@ -1189,7 +1213,7 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
     precision = _input_precision(dy, x)
     cfg = config or tuned_config(dy, x, param, state, scalars, program)
     if seed is None:
-        seed = _default_seed(param.dtype == torch.bfloat16)
+        seed = _default_seed(stochastic_rounding(param, prog))
     if cfg.SPLIT_GEMM_MB:
         why = split_gemm_unsupported_reason(dy, x)
         if why is not None:
@@ -1391,6 +1415,11 @@ def _fused_linear_update_tiled(dy: Tensor, x: Tensor, param: Tensor, state: List
     cdt = _compute_dtype(param)
     names = prog.state
     N, K = param.shape
+    # the kernels' Philox stream cannot be replayed by torch: the CPU draws its own noise, from
+    # a generator seeded like the kernels' seed (a fresh stream per call, reproducible per run)
+    noise = None
+    if stochastic_rounding(param, prog):
+        noise = torch.Generator(device=param.device).manual_seed(_default_seed(True))
     for n0 in range(0, N, TILE_N):
         n1 = min(n0 + TILE_N, N)
         dyt = dy[:, n0:n1].t().to(cdt)
@@ -1403,12 +1432,28 @@ def _fused_linear_update_tiled(dy: Tensor, x: Tensor, param: Tensor, state: List
             new = run_epilogue(prog, tiles, scalars)
             for name, val in new.items():
                 dst = param if name == PARAM else state[names.index(name)]
+                if name == PARAM and noise is not None:
+                    val = round_bf16_stochastic(val.to(torch.float32), noise)
                 dst[n0:n1, k0:k1].copy_(val)
+
+
+def round_bf16_stochastic(x: Tensor, generator: torch.Generator) -> Tensor:
+    """fp32 ``x`` rounded to bf16 stochastically, as the kernels' ``_round_bf16_stochastic``: add
+    uniform 16-bit noise below the bf16 lsb, then truncate (E[result] = x; inf/NaN kept)."""
+    bits = x.contiguous().view(torch.int32)
+    # sign-magnitude bits: adding to the magnitude rounds away from zero for either sign, and
+    # cannot overflow int32 for a finite x (0x7F7FFFFF + 0xFFFF < 2^31)
+    r = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32,
+                      device=x.device)
+    rounded = ((bits + r) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
 
 
 def fused_linear_update_reference(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                                   scalars: List[Tensor], program: str) -> None:
-    """Unfused ground truth: the whole gradient materialised, then the epilogue, then writes."""
+    """Unfused ground truth: the whole gradient materialised, then the epilogue, then writes
+    (rounded to nearest: fp64 copies give the exact update a stochastically rounded one
+    brackets)."""
     prog = load_program(program)
     _check(dy, x, param, state, prog)
     cdt = _compute_dtype(param)

@@ -92,7 +92,7 @@ from forge_compile.epilogue import PARAM
 from forge_compile.kernels import launch_cache
 from forge_compile.kernels.fused_linear_update import (
     _ROUND_BF16_STOCHASTIC, _Epilogue, _import_generated, column_split, load_program,
-    scalar_args)
+    scalar_args, stochastic_rounding)
 
 __all__ = ["kernel_source", "ws_unsupported_reason", "fused_linear_update_ws",
            "ws_shared_memory_bytes", "ws_fits"]
@@ -1564,7 +1564,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
         SPLIT=cfg.EPI_SPLIT, STAGES=cfg.num_stages, SLOTS=max(cfg.WS_SLOTS, 1),
         GROUP_N=cfg.GROUP_N, EVEN_NK=(N % (cl * cfg.BLOCK_N) == 0 and K % cfg.BLOCK_K == 0),
         SAME_STRIDES=all(s.stride(0) == param.stride(0) for s in state),
-        STOCHASTIC_ROUND=(param.dtype == torch.bfloat16), SKIP_GEMM=skip_gemm,
+        STOCHASTIC_ROUND=stochastic_rounding(param, prog), SKIP_GEMM=skip_gemm,
         ACC_LAYOUT=acc_layout(cfg, acc_swizzled),
         MMA_REGS=_MMA_REGS[cfg.WS_MMA_WARPS], num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
         **({"num_ctas": 2} if cl == 2 else {}))

@@ -50,6 +50,10 @@ prims = torch.ops.prims
 FUSED_OP = torch.ops.forge_compile.fused_linear_update_.default
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+# weight/state dtypes the fused update writes; it computes in fp32 (fp64 for fp64 weights), and a
+# bf16 weight's new value is rounded once (ForgeOptions.bf16_rounding). fp16 weights are left to
+# eager: fp16 training without a GradScaler overflows where the fp32 epilogue would not.
+_UPDATE_DTYPES = _FLOAT_DTYPES + (torch.bfloat16,)
 
 
 class Refused(Exception):
@@ -213,10 +217,22 @@ def _flips(n: torch.fx.Node) -> Optional[int]:
     return 0
 
 
-def _precision_note(gemm_dtype: torch.dtype, update_dtype: torch.dtype) -> str:
-    """Where the fused update differs from eager's by design: a GEMM in bf16/fp16 (autocast, or
-    low-precision operands) whose gradient eager rounds to that dtype before casting it up for an
-    fp32/fp64 update; the fused op hands its fp32 accumulator to the update instead. "" if none."""
+def _precision_note(gemm_dtype: torch.dtype, update_dtype: torch.dtype,
+                    rounding: str = "stochastic") -> str:
+    """Where the fused update differs from eager's by design, "" if nowhere:
+    - a GEMM in bf16/fp16 (autocast, or low-precision operands) whose gradient eager rounds to
+      that dtype before casting it up for an fp32/fp64 update; the fused op hands its fp32
+      accumulator to the update instead;
+    - a bf16 weight (and state): eager rounds the gradient and each optimizer op's result to
+      bf16; the fused update computes in fp32 and rounds once, the weight as ``rounding`` says."""
+    if update_dtype is torch.bfloat16:
+        how = ("to nearest, as eager does" if rounding == "nearest" else
+               "stochastically (unbiased, within one bf16 ulp of the fp32 value; eager rounds to "
+               "nearest: options={'bf16_rounding': 'nearest'} does too)")
+        return ("bf16 weight: updated in fp32 from the unrounded fp32 gradient and rounded once, "
+                "where eager rounds the gradient and every optimizer op's result to bf16 (as "
+                "torch.compile's Inductor does, intermediate values stay fp32); the state is "
+                f"rounded to nearest, the weight {how}")
     if gemm_dtype not in (torch.bfloat16, torch.float16) or update_dtype not in _FLOAT_DTYPES:
         return ""
     short = {torch.bfloat16: "bf16", torch.float16: "fp16"}[gemm_dtype]
@@ -575,9 +591,10 @@ class _Analysis:
             raise Refused("per-element input computed outside the update",
                           f"{n.name} = {_op_name(n)} (shape {_shape(n)})")
         v = _val(n)
-        if v.dtype not in _FLOAT_DTYPES + (torch.bool,):
+        if v.dtype not in _UPDATE_DTYPES + (torch.bool,):
             raise Refused("update computed in low precision",
-                          f"{n.name} is {v.dtype}; the fused epilogue computes in fp32")
+                          f"{n.name} is {v.dtype}; the fused epilogue computes in fp32 for "
+                          "fp32, fp64 and bf16 weights only")
         if n.target in _TRANSPARENT:
             if n.target in _PERMUTES + _TS + _TRANSPOSES and _flips(n) != 0:
                 raise Refused("transposed state", n.name)
@@ -683,6 +700,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
     done: Set[torch.fx.Node] = set()
     changed = False
     scalar_copies = {} if ctx is not None and ctx.cudagraphs else None
+    rounding = ctx.options.bf16_rounding if ctx is not None else "stochastic"
     for dest in list(sinks):
         if dest in done or not isinstance(_val(dest), torch.Tensor) or _val(dest).dim() == 0:
             continue
@@ -699,7 +717,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
             if dest in dup:
                 raise Refused("written twice", f"{name} has several copy_ nodes")
             a.analyse(dest)
-            plan = _plan(a, names, dup)
+            plan = _plan(a, names, dup, rounding)
         except Refused as r:
             _record_refusal(ctx, name, r, dest)
             continue
@@ -716,7 +734,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         gemm_dtype, update_dtype = _val(a.gemm).dtype, _val(param).dtype
         gbytes = math.prod(a.wshape) * max(gemm_dtype.itemsize, update_dtype.itemsize)
         counters["forge_compile"]["fused"] += 1
-        note = _precision_note(gemm_dtype, update_dtype)
+        note = _precision_note(gemm_dtype, update_dtype, prog.param_rounding)
         if ctx is not None:
             ctx.report.fused[pname] = FusedParam(name=pname, shape=tuple(a.wshape),
                                                  gradient_bytes=gbytes, rule=str(prog),
@@ -734,8 +752,9 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
     return gm
 
 
-def _plan(a: _Analysis, names, dup):
-    """Pick param/state, build the program, find the insertion point (hazard check)."""
+def _plan(a: _Analysis, names, dup, rounding: str = "stochastic"):
+    """Pick param/state, build the program, find the insertion point (hazard check);
+    ``rounding``: a bf16 weight's (ForgeOptions.bf16_rounding)."""
     dests = [s.args[0] for s in sorted(a.sinks, key=a.facts.order.__getitem__)]
     for d in dests:
         if d in dup:
@@ -764,9 +783,14 @@ def _plan(a: _Analysis, names, dup):
     param = params[0]
     state = [d for d in dests if d is not param] + reads
     for t in [param] + state:
-        if _val(t).dtype is not _val(param).dtype or _val(t).dtype not in _FLOAT_DTYPES:
+        if _val(t).dtype not in _UPDATE_DTYPES:
             raise Refused("update computed in low precision",
-                          f"{names.get(t) or t.name} is {_val(t).dtype}; epilogue computes in fp32")
+                          f"{names.get(t) or t.name} is {_val(t).dtype}; the fused update "
+                          "writes fp32, fp64 and bf16 weights and state only")
+        if _val(t).dtype is not _val(param).dtype:
+            raise Refused("state dtype differs from the weight's",
+                          f"{names.get(t) or t.name} is {_val(t).dtype}, the weight "
+                          f"{_val(param).dtype}")
     labels = {param: PARAM}
     used = {GRAD, PARAM}
     for i, s in enumerate(state):
@@ -798,7 +822,10 @@ def _plan(a: _Analysis, names, dup):
         outputs.append((lab, v))
     scalars = tuple(f"s{i}" for i in range(len(a.scalar_nodes)))
     prog = EpilogueProgram(tensors=(GRAD, PARAM) + tuple(labels[s] for s in state) + tuple(new_labels),
-                           scalars=scalars, ops=ops, outputs=tuple(outputs))
+                           scalars=scalars, ops=ops, outputs=tuple(outputs),
+                           # fp32/fp64 weights keep the default: one program (and kernel) each
+                           param_rounding=(rounding if _val(param).dtype is torch.bfloat16
+                                           else "stochastic"))
     # hazards: the op overwrites param/state; every outside reader must come first
     mutated = [param] + state
     inside = a.region | a.sinks | set(a.grad_nodes) | a.F | ({a.out_node} if a.new_state else set())
