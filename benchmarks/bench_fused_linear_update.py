@@ -10,10 +10,15 @@ Per row (N×K weight, T tokens, optimizer), medians of ``triton.testing.do_bench
   forge_ms   ``fused_linear_update_triton`` (autotuned, tuning done before timing)
 Bytes moved by forge: W and each state tensor read and written once (fp32), dy and x read once;
 ``roofline_frac`` = forge GB/s over the device-to-device copy bandwidth measured in the same run.
+``--weights bfloat16``: a pure-bf16 model (W and state in bf16, rows keyed ``weights``); the anchor
+is then what eager's ``fused=True`` optimizer runs there, the bf16 mm straight into the bf16 grad
+and ``torch._fused_adamw_`` / ``_fused_sgd_`` on bf16 tensors (``mm_bf16``); forge rounds W
+stochastically (the default ``bf16_rounding``).
 
 Appends one JSON object per row to benchmarks/results/fused_linear_update.jsonl (``--out``).
     python benchmarks/bench_fused_linear_update.py [--quick] [--out PATH]
     python benchmarks/bench_fused_linear_update.py --operands float32 --tokens 512,4096,16384
+    python benchmarks/bench_fused_linear_update.py --quick --weights bfloat16
     python benchmarks/bench_fused_linear_update.py --plot docs/fused_linear_update.png
       (CPU: the jsonl's latest bf16 run as a chart, against the issue's targets)
 """
@@ -49,8 +54,9 @@ def zero_grad_adamw_scalars(beta1: float = 0.9999, device="cuda"):
 
 
 def make_case(N: int, K: int, T: int, optimizer: str, device="cuda", seed=0,
-              operands=torch.bfloat16):
-    """One setup shared by every timed variant: inputs, weight, state, program, scalars."""
+              operands=torch.bfloat16, weights=torch.float32):
+    """One setup shared by every timed variant: inputs, weight, state (``weights`` dtype),
+    program, scalars."""
     g = torch.Generator(device=device).manual_seed(seed)
     dy = torch.randn(T, N, device=device, generator=g).to(operands)
     x = torch.randn(T, K, device=device, generator=g).div_(T ** 0.5).to(operands)
@@ -66,8 +72,8 @@ def make_case(N: int, K: int, T: int, optimizer: str, device="cuda", seed=0,
         scalars = rules.sgd_scalars(LR, MOMENTUM, device=device)
     else:
         raise ValueError(optimizer)
-    return dict(dy=dy, x=x, p=p, state=state, prog=prog, scalars=scalars,
-                grad=torch.empty(N, K, device=device),
+    return dict(dy=dy, x=x, p=p.to(weights), state=[t.to(weights) for t in state], prog=prog,
+                scalars=scalars, grad=torch.empty(N, K, device=device),
                 step=torch.tensor(10.0, device=device))
 
 
@@ -97,6 +103,11 @@ def anchor_fns(c, optimizer):
     """name -> callable for the unfused baselines (mm into an fp32 grad, then torch's fused opt)."""
     dy, x, grad = c["dy"], c["x"], c["grad"]
     fns = {}
+    if c["p"].dtype == torch.bfloat16:      # a pure-bf16 model: eager's bf16 .grad, as it is
+        def mm_bf16():
+            optimizer_step(c, optimizer, torch.mm(dy.t(), x))
+        fns["mm_bf16"] = mm_bf16
+        return fns
     if dy.dtype == torch.float32:       # an fp32 model: cuBLAS SGEMM straight into the grad
         def mm_fp32():
             optimizer_step(c, optimizer, torch.mm(dy.t(), x, out=grad))
@@ -123,11 +134,12 @@ def copy_bandwidth_GBps() -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def forge_bytes(N, K, T, n_state, elt=2):
-    return N * K * 4 * 2 * (1 + n_state) + T * (N + K) * elt
+def forge_bytes(N, K, T, n_state, elt=2, w_elt=4):
+    return N * K * w_elt * 2 * (1 + n_state) + T * (N + K) * elt
 
 
-def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16):
+def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16,
+        weights=torch.float32):
     from triton.testing import do_bench
     import triton
     dev = torch.cuda.get_device_name()
@@ -139,13 +151,14 @@ def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16):
     for optimizer in optimizers:
         for (N, K) in shapes:
             for T in tokens:
-                c = make_case(N, K, T, optimizer, operands=operands)
+                c = make_case(N, K, T, optimizer, operands=operands, weights=weights)
                 dy, x = c["dy"], c["x"]
                 mm_q = do_bench(lambda: torch.mm(dy.t(), x), warmup=25, rep=rep,
                                 quantiles=QUANTILES)
                 anchors = {k: do_bench(f, warmup=25, rep=rep, quantiles=QUANTILES)
                            for k, f in anchor_fns(c, optimizer).items()}
-                anchor_kind = "mm_fp32" if operands == torch.float32 else "mm_bf16+cast"
+                anchor_kind = ("mm_bf16" if weights == torch.bfloat16 else
+                               "mm_fp32" if operands == torch.float32 else "mm_bf16+cast")
                 best_kind = min(anchors, key=lambda k: anchors[k][0])
 
                 def forge(c=c):          # bound now: `del c` ends each row
@@ -154,11 +167,13 @@ def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16):
                 ck = forge()                 # autotunes (on scratch copies) + compiles
                 cfg = flu.tuned_config(dy, x, c["p"], c["state"], c["scalars"], c["prog"])
                 forge_q = do_bench(forge, warmup=25, rep=rep, quantiles=QUANTILES)
-                nbytes = forge_bytes(N, K, T, len(c["state"]), elt=dy.element_size())
+                nbytes = forge_bytes(N, K, T, len(c["state"]), elt=dy.element_size(),
+                                     w_elt=c["p"].element_size())
                 f_ms = forge_q[0]
                 row = dict(
                     gpu=dev, torch=torch.__version__, triton=triton.__version__, date=date,
                     optimizer=optimizer, N=N, K=K, T=T, operands=str(operands).split(".")[-1],
+                    **({"weights": "bfloat16"} if weights == torch.bfloat16 else {}),
                     mm_ms=round(mm_q[0], 4), anchor_ms=round(anchors[anchor_kind][0], 4),
                     forge_ms=round(f_ms, 4),
                     forge_GBps=round(nbytes / f_ms / 1e6, 1),
@@ -213,7 +228,8 @@ def markdown(rows) -> str:
     lines = [head]
     for r in rows:
         cfg = config_label(r["config"])
-        opt = r["optimizer"] + ("/fp32" if r.get("operands") == "float32" else "")
+        opt = r["optimizer"] + ("/fp32" if r.get("operands") == "float32" else "") + (
+            "/bf16 W" if r.get("weights") == "bfloat16" else "")
         lines.append(f"| {opt} | {r['N']}×{r['K']} | {r['T']} | {r['mm_ms']:.3f} | "
                      f"{r['anchor_ms']:.3f} | {r['anchor_best_ms']:.3f} | {r['forge_ms']:.3f} | "
                      f"{r['forge_vs_anchor']:.2f} | {r['forge_vs_best_anchor']:.2f} | "
@@ -258,8 +274,8 @@ def us_per_call(fn, n: int = 300, profile=None) -> float:
 
 
 def _precompile_one(args):
-    optimizer, idx = args
-    c = make_case(1024, 1024, 512, optimizer)
+    optimizer, idx, weights = args
+    c = make_case(1024, 1024, 512, optimizer, weights=weights)
     cfg = _PRECOMPILED[idx]
     if cfg.WS and cfg not in flu.candidate_configs(c["dy"], c["x"], c["p"], c["state"]):
         return f"{optimizer} {idx} not a candidate here (shared memory)"
@@ -272,11 +288,11 @@ def _precompile_one(args):
         return f"{optimizer} {idx} FAILED {type(e).__name__}: {str(e)[:200]}"
 
 
-def precompile(optimizers, workers=8):
+def precompile(optimizers, workers=8, weights=torch.float32):
     """Compile every candidate config in parallel processes (fills Triton's disk cache), so the
     sequential autotuning only loads kernels. Shapes divisible by 16 share one specialization."""
     import multiprocessing as mp
-    jobs = [(o, i) for o in optimizers for i in range(len(_PRECOMPILED))]
+    jobs = [(o, i, weights) for o in optimizers for i in range(len(_PRECOMPILED))]
     with mp.get_context("spawn").Pool(workers) as pool:
         for r in pool.imap_unordered(_precompile_one, jobs):
             print("precompile", r, flush=True)
@@ -291,7 +307,7 @@ def plot(jsonl: str, png: str, gpu: str = "") -> None:
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(jsonl) if line.strip()]
     rows = [r for r in rows if r.get("operands", "bfloat16") == "bfloat16"
-            and gpu in r["gpu"]]
+            and "weights" not in r and gpu in r["gpu"]]
     if not rows:
         raise SystemExit(f"no bf16 rows on a GPU named like {gpu!r} in {jsonl}")
     last = rows[-1]["date"]
@@ -334,6 +350,8 @@ def main():
     ap.add_argument("--operands", default="bfloat16", choices=["bfloat16", "float32"],
                     help="dtype of dY and X (float32: an fp32 model; IEEE fp32 dots vs SGEMM)")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="T values")
+    ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of W and its state (bfloat16: a pure-bf16 model)")
     ap.add_argument("--ncu-row", default=None, metavar="OPT,N,K,T",
                     help="launch only forge's kernel for one row, 3 times (for ncu "
                          "--launch-skip 2 --launch-count 1); uses the tuning cache")
@@ -364,12 +382,12 @@ def main():
         print("ncu row", a.ncu_row, cfg, "regs", getattr(ck, "n_regs", None),
               "spills", getattr(ck, "n_spills", None), "smem", ck.metadata.shared)
         return
-    operands = getattr(torch, a.operands)
+    operands, weights = getattr(torch, a.operands), getattr(torch, a.weights)
     if a.precompile and operands == torch.bfloat16:     # the precompiled variants are bf16's
-        precompile(a.optimizers.split(","), a.precompile)
+        precompile(a.optimizers.split(","), a.precompile, weights)
     shapes = SHAPES[:1] if a.quick else SHAPES
     run(shapes, [int(t) for t in a.tokens.split(",")], a.optimizers.split(","), a.out, a.rep,
-        operands)
+        operands, weights)
 
 
 if __name__ == "__main__":

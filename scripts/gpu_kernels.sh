@@ -2,7 +2,7 @@
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
 #   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|pingpong|
-#                                store-policy|all]
+#                                store-policy|bf16-weights|all]
 #   (default all; stream, ncu-stream, ws-study, pingpong and store-policy: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
@@ -50,6 +50,18 @@ if [[ $WHAT == all || $WHAT == bench ]]; then
     | grep -v -e '^{' -e 'forge autotune' 
   rc=$(( rc | $? ))
   cp "$FORGE_COMPILE_CACHE_DIR/tuning.json" "$OUT/" 2>/dev/null || true
+fi
+# a pure-bf16 model's fused update (W and state in bf16): the kernels' and the compiled step's
+# GPU tests, then the 4096² rows against eager's fused optimizer on bf16 tensors
+if [[ $WHAT == bf16-weights ]]; then
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -rfE -p no:cacheprovider \
+    -k "bf16_model or bf16_weights" tests/test_fused_linear_update.py \
+    tests/test_fused_linear_update_e2e.py 2>&1 | tee "$OUT/gpu_bf16_tests.log" | tail -15
+  rc=$?
+  FORGE_AUTOTUNE_LOG=1 timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_fused_linear_update.py \
+    --quick --weights bfloat16 --out "$OUT/fused_linear_update.jsonl" ${BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_bf16_weights.log" | grep -v -e '^{' -e 'forge autotune'
+  rc=$(( rc | $? ))
 fi
 # one study script: study NAME SCRIPT TIMEOUT [ARGS...]: its rows in $OUT/NAME.jsonl, its log in
 # $OUT/NAME.log, shown without the JSON rows and the tuner's log lines
