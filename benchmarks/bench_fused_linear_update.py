@@ -25,6 +25,7 @@ Appends one JSON object per row to benchmarks/results/fused_linear_update.jsonl 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -54,9 +55,9 @@ def zero_grad_adamw_scalars(beta1: float = 0.9999, device="cuda"):
 
 
 def make_case(N: int, K: int, T: int, optimizer: str, device="cuda", seed=0,
-              operands=torch.bfloat16, weights=torch.float32):
+              operands=torch.bfloat16, weights=torch.float32, rounding="stochastic"):
     """One setup shared by every timed variant: inputs, weight, state (``weights`` dtype),
-    program, scalars."""
+    program (a bf16 W rounded as ``rounding`` says), scalars."""
     g = torch.Generator(device=device).manual_seed(seed)
     dy = torch.randn(T, N, device=device, generator=g).to(operands)
     x = torch.randn(T, K, device=device, generator=g).div_(T ** 0.5).to(operands)
@@ -72,6 +73,8 @@ def make_case(N: int, K: int, T: int, optimizer: str, device="cuda", seed=0,
         scalars = rules.sgd_scalars(LR, MOMENTUM, device=device)
     else:
         raise ValueError(optimizer)
+    if weights == torch.bfloat16:
+        prog = dataclasses.replace(prog, param_rounding=rounding)
     return dict(dy=dy, x=x, p=p.to(weights), state=[t.to(weights) for t in state], prog=prog,
                 scalars=scalars, grad=torch.empty(N, K, device=device),
                 step=torch.tensor(10.0, device=device))
@@ -139,7 +142,7 @@ def forge_bytes(N, K, T, n_state, elt=2, w_elt=4):
 
 
 def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16,
-        weights=torch.float32):
+        weights=torch.float32, rounding="stochastic"):
     from triton.testing import do_bench
     import triton
     dev = torch.cuda.get_device_name()
@@ -151,7 +154,8 @@ def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16,
     for optimizer in optimizers:
         for (N, K) in shapes:
             for T in tokens:
-                c = make_case(N, K, T, optimizer, operands=operands, weights=weights)
+                c = make_case(N, K, T, optimizer, operands=operands, weights=weights,
+                              rounding=rounding)
                 dy, x = c["dy"], c["x"]
                 mm_q = do_bench(lambda: torch.mm(dy.t(), x), warmup=25, rep=rep,
                                 quantiles=QUANTILES)
@@ -173,7 +177,8 @@ def run(shapes, tokens, optimizers, out_path, rep, operands=torch.bfloat16,
                 row = dict(
                     gpu=dev, torch=torch.__version__, triton=triton.__version__, date=date,
                     optimizer=optimizer, N=N, K=K, T=T, operands=str(operands).split(".")[-1],
-                    **({"weights": "bfloat16"} if weights == torch.bfloat16 else {}),
+                    **({"weights": "bfloat16", "bf16_rounding": rounding}
+                       if weights == torch.bfloat16 else {}),
                     mm_ms=round(mm_q[0], 4), anchor_ms=round(anchors[anchor_kind][0], 4),
                     forge_ms=round(f_ms, 4),
                     forge_GBps=round(nbytes / f_ms / 1e6, 1),
@@ -229,7 +234,7 @@ def markdown(rows) -> str:
     for r in rows:
         cfg = config_label(r["config"])
         opt = r["optimizer"] + ("/fp32" if r.get("operands") == "float32" else "") + (
-            "/bf16 W" if r.get("weights") == "bfloat16" else "")
+            f"/bf16 W {r['bf16_rounding']}" if r.get("weights") == "bfloat16" else "")
         lines.append(f"| {opt} | {r['N']}×{r['K']} | {r['T']} | {r['mm_ms']:.3f} | "
                      f"{r['anchor_ms']:.3f} | {r['anchor_best_ms']:.3f} | {r['forge_ms']:.3f} | "
                      f"{r['forge_vs_anchor']:.2f} | {r['forge_vs_best_anchor']:.2f} | "
@@ -238,7 +243,7 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-_PRECOMPILED = flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS
+_PRECOMPILED = flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS + flu._GPU_WS_BF16_CONFIGS
 
 
 def host_us_per_launch(cfg, n: int = 300, profile=None, launch=None) -> float:
@@ -274,8 +279,8 @@ def us_per_call(fn, n: int = 300, profile=None) -> float:
 
 
 def _precompile_one(args):
-    optimizer, idx, weights = args
-    c = make_case(1024, 1024, 512, optimizer, weights=weights)
+    optimizer, idx, weights, rounding = args
+    c = make_case(1024, 1024, 512, optimizer, weights=weights, rounding=rounding)
     cfg = _PRECOMPILED[idx]
     if cfg.WS and cfg not in flu.candidate_configs(c["dy"], c["x"], c["p"], c["state"]):
         return f"{optimizer} {idx} not a candidate here (shared memory)"
@@ -288,11 +293,11 @@ def _precompile_one(args):
         return f"{optimizer} {idx} FAILED {type(e).__name__}: {str(e)[:200]}"
 
 
-def precompile(optimizers, workers=8, weights=torch.float32):
+def precompile(optimizers, workers=8, weights=torch.float32, rounding="stochastic"):
     """Compile every candidate config in parallel processes (fills Triton's disk cache), so the
     sequential autotuning only loads kernels. Shapes divisible by 16 share one specialization."""
     import multiprocessing as mp
-    jobs = [(o, i, weights) for o in optimizers for i in range(len(_PRECOMPILED))]
+    jobs = [(o, i, weights, rounding) for o in optimizers for i in range(len(_PRECOMPILED))]
     with mp.get_context("spawn").Pool(workers) as pool:
         for r in pool.imap_unordered(_precompile_one, jobs):
             print("precompile", r, flush=True)
@@ -352,6 +357,8 @@ def main():
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="T values")
     ap.add_argument("--weights", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of W and its state (bfloat16: a pure-bf16 model)")
+    ap.add_argument("--bf16-rounding", default="stochastic", choices=["stochastic", "nearest"],
+                    help="with --weights bfloat16: how forge rounds W (bf16_rounding)")
     ap.add_argument("--ncu-row", default=None, metavar="OPT,N,K,T",
                     help="launch only forge's kernel for one row, 3 times (for ncu "
                          "--launch-skip 2 --launch-count 1); uses the tuning cache")
@@ -384,10 +391,10 @@ def main():
         return
     operands, weights = getattr(torch, a.operands), getattr(torch, a.weights)
     if a.precompile and operands == torch.bfloat16:     # the precompiled variants are bf16's
-        precompile(a.optimizers.split(","), a.precompile, weights)
+        precompile(a.optimizers.split(","), a.precompile, weights, a.bf16_rounding)
     shapes = SHAPES[:1] if a.quick else SHAPES
     run(shapes, [int(t) for t in a.tokens.split(",")], a.optimizers.split(","), a.out, a.rep,
-        operands, weights)
+        operands, weights, a.bf16_rounding)
 
 
 if __name__ == "__main__":

@@ -54,14 +54,20 @@ fi
 # a pure-bf16 model's fused update (W and state in bf16): the kernels' and the compiled step's
 # GPU tests, then the 4096² rows against eager's fused optimizer on bf16 tensors
 if [[ $WHAT == bf16-weights ]]; then
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu -q -rfE -p no:cacheprovider \
+  XDIST=""
+  $PY -c 'import xdist' 2>/dev/null && XDIST="-n 8"
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -m gpu $XDIST -q -rfE -p no:cacheprovider \
     -k "bf16_model or bf16_weights" tests/test_fused_linear_update.py \
     tests/test_fused_linear_update_e2e.py 2>&1 | tee "$OUT/gpu_bf16_tests.log" | tail -15
   rc=$?
-  FORGE_AUTOTUNE_LOG=1 timeout "${BENCH_TIMEOUT:-300}" $PY benchmarks/bench_fused_linear_update.py \
-    --quick --weights bfloat16 --out "$OUT/fused_linear_update.jsonl" ${BENCH_ARGS:-} 2>&1 \
-    | tee "$OUT/bench_bf16_weights.log" | grep -v -e '^{' -e 'forge autotune'
-  rc=$(( rc | $? ))
+  for rounding in ${BF16_ROUNDINGS:-stochastic nearest}; do
+    FORGE_AUTOTUNE_LOG=1 timeout "${BENCH_TIMEOUT:-300}" $PY \
+      benchmarks/bench_fused_linear_update.py --quick --weights bfloat16 \
+      --bf16-rounding "$rounding" --out "$OUT/fused_linear_update.jsonl" ${BENCH_ARGS:-} 2>&1 \
+      | tee "$OUT/bench_bf16_weights_$rounding.log" | grep -v -e '^{' -e 'forge autotune' \
+      -e '^precompile'
+    rc=$(( rc | $? ))
+  done
 fi
 # one study script: study NAME SCRIPT TIMEOUT [ARGS...]: its rows in $OUT/NAME.jsonl, its log in
 # $OUT/NAME.log, shown without the JSON rows and the tuner's log lines

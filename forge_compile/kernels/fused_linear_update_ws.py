@@ -1340,7 +1340,7 @@ def acc_block(cfg) -> list:
 
 
 def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
-                           op_bytes: int = 2) -> int:
+                           op_bytes: int = 2, state_dtype: torch.dtype = torch.float32) -> int:
     """Shared memory of one CTA (the GEMM ring, the accumulator hand-off, the W/state ring)."""
     ring = cfg.num_stages * cfg.BLOCK_T * (cfg.BLOCK_N + cfg.BLOCK_K) * op_bytes
     # the hand-off buffer: acc_block for the row paths, every column chunk at once otherwise
@@ -1350,14 +1350,16 @@ def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
     st = 0
     if cfg.WS != "regs":
         rows, cols = state_block(cfg)
-        st = cfg.WS_SLOTS * rows * cols * (param_dtype.itemsize + 4 * n_state)
+        st = cfg.WS_SLOTS * rows * cols * (param_dtype.itemsize + state_dtype.itemsize * n_state)
     return ring + acc + st + 1024      # + barriers and alignment
 
 
-def ws_fits(cfg, param_dtype: torch.dtype, n_state: int) -> bool:
+def ws_fits(cfg, param_dtype: torch.dtype, n_state: int,
+            state_dtype: torch.dtype = torch.float32) -> bool:
     """Whether the config's shared memory holds this W dtype and number of state tensors (the
     estimate is 0.5-8 KB above what Triton allocates, measured on the shipped configs)."""
-    return ws_shared_memory_bytes(cfg, param_dtype, n_state) <= _SMEM_LIMIT
+    return ws_shared_memory_bytes(cfg, param_dtype, n_state,
+                                  state_dtype=state_dtype) <= _SMEM_LIMIT
 
 
 @functools.lru_cache(maxsize=None)
@@ -1513,9 +1515,11 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     if cfg.WS_PREFETCH and lines > 32 * cfg.num_warps:
         raise ValueError(f"WS_PREFETCH: a chunk has {lines} 128-byte lines, more than the "
                          f"{32 * cfg.num_warps} epilogue threads: use a larger EPI_SPLIT")
-    if not ws_fits(cfg, param.dtype, len(state)):
+    sdt = state[0].dtype if state else torch.float32
+    if not ws_fits(cfg, param.dtype, len(state), sdt):
         raise ValueError(
-            f"this WS config needs {ws_shared_memory_bytes(cfg, param.dtype, len(state))} B of "
+            f"this WS config needs "
+            f"{ws_shared_memory_bytes(cfg, param.dtype, len(state), state_dtype=sdt)} B of "
             f"shared memory with {len(state)} state tensors, over the {_SMEM_LIMIT} B an "
             "sm_90 CTA has: use fewer WS_SLOTS, num_stages or a larger EPI_SPLIT")
     if cfg.WS_LOAD_WARP not in (0, 1):
