@@ -72,7 +72,7 @@ row measured (runs 36-38: without the load warp the GEMM alone 3-22%, with it 0-
 refill waits for both CTAs.
 
 Same math as the Triton kernel: the same generated epilogue (``_Epilogue``), the fp32
-accumulator used directly, bf16 weights stochastically rounded with the same Philox stream.
+accumulator used directly, bf16 weights stochastically rounded with the same noise (the same hash of seed and index).
 Needs an sm_90 GPU, Triton with Gluon's Hopper API, bf16/fp16 operands and TMA-compatible
 tensors (unit last stride, 16-byte aligned rows and base pointers).
 """
@@ -571,8 +571,7 @@ def module_head(prog, generator: str, l2: str = "", cluster: int = 1,
             "    tma, mbarrier, fence_async_shared, warpgroup_mma, warpgroup_mma_wait)",
             *policies, *libdevice, "",
             f"PROGRAM = {prog.dumps()!r}", "",
-            _gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit")
-            .replace("gl.randint", "tl.randint"),
+            _gl(_ROUND_BF16_STOCHASTIC).replace("@triton.jit", "@gluon.jit"),
             gemm_helpers(l2, cluster)] + ([fast_ieee_source()] if fast_ieee else [])
 
 

@@ -218,15 +218,18 @@ def _flips(n: torch.fx.Node) -> Optional[int]:
 
 
 def _precision_note(gemm_dtype: torch.dtype, update_dtype: torch.dtype,
-                    rounding: str = "stochastic") -> str:
+                    rounding: str = "stochastic", replayed: bool = False) -> str:
     """Where the fused update differs from eager's by design, "" if nowhere:
     - a GEMM in bf16/fp16 (autocast, or low-precision operands) whose gradient eager rounds to
       that dtype before casting it up for an fp32/fp64 update; the fused op hands its fp32
       accumulator to the update instead;
     - a bf16 weight (and state): eager rounds the gradient and each optimizer op's result to
-      bf16; the fused update computes in fp32 and rounds once, the weight as ``rounding`` says."""
+      bf16; the fused update computes in fp32 and rounds once, the weight as ``rounding`` says
+      (``replayed``: to nearest because the step replays from CUDA graphs)."""
     if update_dtype is torch.bfloat16:
-        how = ("to nearest, as eager does" if rounding == "nearest" else
+        how = ("to nearest, as eager does (stochastic rounding needs a fresh seed each step, "
+               "and a CUDA-graph replay repeats the one of its capture)" if replayed else
+               "to nearest, as eager does" if rounding == "nearest" else
                "stochastically (unbiased, within one bf16 ulp of the fp32 value; eager rounds to "
                "nearest: options={'bf16_rounding': 'nearest'} does too)")
         return ("bf16 weight: updated in fp32 from the unrounded fp32 gradient and rounded once, "
@@ -701,6 +704,12 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
     changed = False
     scalar_copies = {} if ctx is not None and ctx.cudagraphs else None
     rounding = ctx.options.bf16_rounding if ctx is not None else "stochastic"
+    # stochastic rounding draws a fresh seed on the host at each call; a CUDA-graph replay
+    # repeats the one drawn at capture, so every step would round each weight the same way
+    # (biased where the same small update recurs): there bf16 weights round to nearest
+    replayed = rounding == "stochastic" and ctx is not None and ctx.cudagraphs
+    if replayed:
+        rounding = "nearest"
     for dest in list(sinks):
         if dest in done or not isinstance(_val(dest), torch.Tensor) or _val(dest).dim() == 0:
             continue
@@ -734,7 +743,7 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         gemm_dtype, update_dtype = _val(a.gemm).dtype, _val(param).dtype
         gbytes = math.prod(a.wshape) * max(gemm_dtype.itemsize, update_dtype.itemsize)
         counters["forge_compile"]["fused"] += 1
-        note = _precision_note(gemm_dtype, update_dtype, prog.param_rounding)
+        note = _precision_note(gemm_dtype, update_dtype, prog.param_rounding, replayed)
         if ctx is not None:
             ctx.report.fused[pname] = FusedParam(name=pname, shape=tuple(a.wshape),
                                                  gradient_bytes=gbytes, rule=str(prog),
