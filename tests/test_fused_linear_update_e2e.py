@@ -158,6 +158,33 @@ def test_transformer_matches_eager(opt_name):
     assert last.unfused_bytes == {n: params[n].numel() * 4 for n in unfused}
 
 
+def test_fused_true_adamw_compiles_under_inductor():
+    """fused=True AdamW through Inductor: the decomposed update chains of the parameters left
+    unfused (norms, embedding) are lowered by Inductor like the rest. They held aten.rsub and
+    aten.lerp.Scalar until the twenty-sixth session, which Inductor cannot lower after its
+    decompositions ran: every such step failed to compile."""
+    model, fused, unfused, _ = _run("lm", "adamw_fused", inner="inductor", steps=3)
+    _fused_names_ok(model, fused)
+    assert unfused, "the LM's norms and embedding keep their (decomposed) chains in the graph"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_true_adamw_compiles_under_inductor():
+    """The same on CUDA, where the decomposition takes eager's fp32 constants (1-β in fp32)."""
+    model, ref, _, _, loss_fn, data = _setup_on("lm", "cuda")
+    opt, ref_opt = (make_optimizer("adamw_fused", m.parameters()) for m in (model, ref))
+    compiled = forge_compile.compile(_make_step(model, opt, loss_fn))
+    eager = _make_step(ref, ref_opt, loss_fn)
+    with listen() as reports:
+        for i in range(3):
+            batch = [t.cuda() for t in data(i)]
+            compiled(*batch)
+            eager(*batch)
+    _fused_names_ok(model, _fused_in(reports))
+    _assert_close(model, ref, opt, ref_opt)
+
+
 def test_transformer_foreach_adam_matches_eager():
     model, fused, unfused, _ = _run("lm", "adam", foreach=True)
     _fused_names_ok(model, fused)
@@ -345,7 +372,7 @@ def test_autocast_bf16_gemm_fused_with_fp32_gradient():
 # operands' magnitude (64 fp32 ulps, 1/1024 of a bf16 ulp: it cannot hide a second rounding).
 # Eager's bf16 step rounds the gradient and each op's result to bf16; this test would see that.
 BF16_N, BF16_K, BF16_T = 40, 48, 24
-BF16_OPTIMIZERS = ["adamw", "adam", "sgd", "lion"]
+BF16_OPTIMIZERS = ["adamw", "adamw_fused", "adam", "sgd", "lion"]
 
 
 def _bf16_linear(device, opt_name):

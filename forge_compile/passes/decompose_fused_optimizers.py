@@ -53,11 +53,29 @@ def _f32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
+def _one_minus(e: _Emitter, x: torch.fx.Node) -> torch.fx.Node:
+    """1 - x as (-x) + 1 (the same IEEE result): aten.rsub has no Inductor lowering (Inductor
+    decomposes it before the post-grad passes run), and a node this pass emits is lowered as it
+    is: with rsub.Scalar every fused=True Adam(W) step failed to compile under Inductor
+    ("both a fallback and a decomp for same op: aten.rsub.Scalar", torch 2.13)."""
+    return e(aten.add.Tensor, e(aten.neg.default, x), 1)
+
+
+def _lerp(e: _Emitter, a: torch.fx.Node, b: torch.fx.Node, w: float) -> torch.fx.Node:
+    """lerp(a, b, w) for a constant w in ATen's two-sided form (w < 0.5: a + w·(b - a), else
+    b - (1 - w)·(b - a)) from ops Inductor lowers: aten.lerp.Scalar is decomposed before the
+    post-grad passes, and Inductor refuses it after them (as rsub, _one_minus)."""
+    d = e(aten.sub.Tensor, b, a)
+    if abs(w) < 0.5:
+        return e(aten.add.Tensor, a, e(aten.mul.Tensor, d, w))
+    return e(aten.sub.Tensor, b, e(aten.mul.Tensor, d, 1 - w))
+
+
 def _adam_chain(e: _Emitter, mode: str, p, g, m, v, vmax, step, kw) -> Dict[str, torch.fx.Node]:
     """One parameter of _fused_adam(w): returns the new values {param, exp_avg, exp_avg_sq, max}."""
     lr, b1, b2, wd, eps = kw["lr"], kw["beta1"], kw["beta2"], kw["weight_decay"], kw["eps"]
-    bc1 = e(aten.rsub.Scalar, e(aten.pow.Scalar, b1, step), 1)
-    bc2 = e(aten.rsub.Scalar, e(aten.pow.Scalar, b2, step), 1)
+    bc1 = _one_minus(e, e(aten.pow.Scalar, b1, step))
+    bc2 = _one_minus(e, e(aten.pow.Scalar, b2, step))
     step_size = e(aten.div.Tensor, lr, bc1) if isinstance(lr, torch.fx.Node) else \
         e(aten.mul.Tensor, e(aten.reciprocal.default, bc1), lr)
     bc2_sqrt = e(aten.sqrt.default, bc2)
@@ -65,7 +83,7 @@ def _adam_chain(e: _Emitter, mode: str, p, g, m, v, vmax, step, kw) -> Dict[str,
         g = e(aten.neg.default, g)
     if wd != 0:
         if mode == "adamw":
-            decay = e(aten.rsub.Scalar, e(aten.mul.Tensor, lr, wd), 1) if isinstance(lr, torch.fx.Node) \
+            decay = _one_minus(e, e(aten.mul.Tensor, lr, wd)) if isinstance(lr, torch.fx.Node) \
                 else 1 - lr * wd
             p = e(aten.mul.Tensor, p, decay)
         else:
@@ -80,7 +98,7 @@ def _adam_chain(e: _Emitter, mode: str, p, g, m, v, vmax, step, kw) -> Dict[str,
         v_keep = _f32(b2)
         v_new = _f32(1 - v_keep)
     else:
-        m2 = e(aten.lerp.Scalar, m, g, 1 - b1)
+        m2 = _lerp(e, m, g, 1 - b1)
         v_keep, v_new = b2, 1 - b2
     v2 = e(aten.add.Tensor, e(aten.mul.Tensor, v, v_keep),
            e(aten.mul.Tensor, e(aten.mul.Tensor, g, g), v_new))
