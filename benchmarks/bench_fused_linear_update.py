@@ -243,7 +243,7 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-_PRECOMPILED = flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS + flu._GPU_WS_BF16_CONFIGS
+_PRECOMPILED = flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS
 
 
 def host_us_per_launch(cfg, n: int = 300, profile=None, launch=None) -> float:

@@ -711,17 +711,6 @@ _GPU_WS_CONFIGS = (
     KernelConfig(128, 128, 32, 8, 8, EPI_SPLIT=16, maxnreg=128, WS="epi_rows", WS_SLOTS=2,
                  WS_L2="gemm_last", WS_LOAD_WARP=1, WS_ROLL=4, WS_FAST_IEEE=1),
 )
-# A pure-bf16 model (bf16 W and state: 6 bytes an element for AdamW, not 12): the T=512 and
-# T=2048 picks above hold half the W/state bytes in flight with the same slots, and the
-# bf16 rows ran at the fp32 rows' time (4096² AdamW T=512 0.157 ms against 0.155 with fp32
-# W/state, H100, 04:08 UTC), so the stream is latency-bound there. These keep the bytes in
-# flight with twice the slots; with fp32 W/state they do not fit (ws_fits).
-_GPU_WS_BF16_CONFIGS = (
-    KernelConfig(128, 128, 32, 8, 6, EPI_SPLIT=8, maxnreg=128, WS="epi_rows_grab", WS_SLOTS=8,
-                 WS_L2="gemm_last", WS_LOAD_WARP=1, WS_ROLL=2, WS_FAST_IEEE=1),
-    KernelConfig(128, 128, 32, 8, 8, EPI_SPLIT=16, maxnreg=128, WS="epi_rows", WS_SLOTS=4,
-                 WS_L2="gemm_last", WS_LOAD_WARP=1, WS_ROLL=4, WS_FAST_IEEE=1),
-)
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
 # Measured (H100, AdamW, 4096×4096): the best fused config is 14-16% slower than cuBLAS SGEMM
@@ -781,9 +770,11 @@ def candidate_configs(dy: Tensor, x: Optional[Tensor] = None, param: Optional[Te
     ws = ()
     if param is not None and _ws_ok(dy, x, param, state or []):
         from forge_compile.kernels.fused_linear_update_ws import ws_fits
+        # bf16 state takes half the slots' bytes: more configs fit (ws5 with AdamW's two
+        # states, for one). Twice the slots for bf16 W/state measured no faster (0.111 against
+        # 0.110 ms at 4096² AdamW T=512; 0.183 against 0.163 at T=2048; H100, 04:27 UTC).
         sdt = state[0].dtype if state else torch.float32
-        cands = _GPU_WS_CONFIGS + (_GPU_WS_BF16_CONFIGS if param.dtype == torch.bfloat16 else ())
-        ws = tuple(c for c in cands if ws_fits(c, param.dtype, len(state or []), sdt))
+        ws = tuple(c for c in _GPU_WS_CONFIGS if ws_fits(c, param.dtype, len(state or []), sdt))
     return _GPU_CONFIGS + split + ws
 
 
