@@ -1415,14 +1415,18 @@ def _interpreter_cases():
     return cases
 
 
+def _bf16_ulp(ref):
+    """bf16's ulp at each element of fp64 ``ref``: 2^(exponent - 7) (8 significant bits)."""
+    return torch.ldexp(torch.ones_like(ref), torch.frexp(ref)[1] - 8)
+
+
 def _sr_stats(prog, dy, x, p, s, sc, run):
     """Stochastic rounding of bf16 weights: max error in ulps and the mean signed error."""
     p1, s1 = p.clone(), [t.clone() for t in s]
     run(dy, x, p1, s1, sc, prog.dumps())
     p2, s2 = p.double(), [t.double() for t in s]
     flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, sc, prog.dumps())
-    # bf16 ulp at the reference value: 2^(exponent - 7)
-    ulp = torch.ldexp(torch.ones_like(p2), torch.frexp(p2)[1] - 8)
+    ulp = _bf16_ulp(p2)
     e = (p1.double() - p2) / ulp
     near = p2.to(torch.bfloat16).double()
     return {"max_err_ulp": e.abs().max().item(), "mean_err_ulp": e.mean().item(),
@@ -1456,7 +1460,7 @@ def _bf16_model_stats(prog, dy, x, p, s, sc, run):
     flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, sc, prog.dumps())
     out = {}
     for name, new, ref, old in [("param", p1, p2, p)] + list(zip(prog.state, s1, s2, s)):
-        ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref)[1] - 8)
+        ulp = _bf16_ulp(ref)
         e = (new.double() - ref) / ulp
         slack = 2.0 ** -18 * (ref.abs() + old.double().abs()) / ulp
         out[name] = (e.abs() - slack).clamp_min(0).max().item()

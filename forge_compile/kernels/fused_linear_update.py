@@ -772,7 +772,7 @@ def candidate_configs(dy: Tensor, x: Optional[Tensor] = None, param: Optional[Te
         from forge_compile.kernels.fused_linear_update_ws import ws_fits
         # bf16 state takes half the slots' bytes: more configs fit (ws5 with AdamW's two
         # states, for one). Twice the slots for bf16 W/state measured no faster (0.111 against
-        # 0.110 ms at 4096² AdamW T=512; 0.183 against 0.163 at T=2048; H100, 04:27 UTC).
+        # 0.110 ms at 4096² AdamW T=512; 0.165 against 0.163 at T=2048; H100, 04:27 UTC).
         sdt = state[0].dtype if state else torch.float32
         ws = tuple(c for c in _GPU_WS_CONFIGS if ws_fits(c, param.dtype, len(state or []), sdt))
     return _GPU_CONFIGS + split + ws
@@ -1433,9 +1433,9 @@ def _fused_linear_update_tiled(dy: Tensor, x: Tensor, param: Tensor, state: List
     names = prog.state
     N, K = param.shape
     # the kernels' stochastic rounding, bit for bit (their noise hash, their element indices)
-    if seed is None:
-        seed = _default_seed(stochastic_rounding(param, prog))
     stochastic = stochastic_rounding(param, prog)
+    if seed is None:
+        seed = _default_seed(stochastic)
     for n0 in range(0, N, TILE_N):
         n1 = min(n0 + TILE_N, N)
         dyt = dy[:, n0:n1].t().to(cdt)
