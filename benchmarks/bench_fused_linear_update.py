@@ -349,6 +349,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "fused_linear_update.jsonl"))
     ap.add_argument("--quick", action="store_true", help="4096×4096 only")
+    ap.add_argument("--shapes", default=None, metavar="NxK,...",
+                    help="weight shapes instead of the issue's three, e.g. 2048x2048,32000x2048 "
+                         "(bench_e2e's Llama)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     ap.add_argument("--precompile", type=int, default=8, help="parallel compile workers (0: off)")
@@ -389,10 +392,17 @@ def main():
         print("ncu row", a.ncu_row, cfg, "regs", getattr(ck, "n_regs", None),
               "spills", getattr(ck, "n_spills", None), "smem", ck.metadata.shared)
         return
+    shapes = SHAPES[:1] if a.quick else SHAPES
+    if a.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in a.shapes.split(",")]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            ap.error(f"--shapes {a.shapes!r}: give N×K pairs as NxK,NxK, e.g. 2048x2048,5632x2048")
     operands, weights = getattr(torch, a.operands), getattr(torch, a.weights)
     if a.precompile and operands == torch.bfloat16:     # the precompiled variants are bf16's
         precompile(a.optimizers.split(","), a.precompile, weights, a.bf16_rounding)
-    shapes = SHAPES[:1] if a.quick else SHAPES
     run(shapes, [int(t) for t in a.tokens.split(",")], a.optimizers.split(","), a.out, a.rep,
         operands, weights, a.bf16_rounding)
 

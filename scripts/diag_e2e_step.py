@@ -70,7 +70,7 @@ def main() -> int:
     say(lines.pop())
     for method in a.methods.split(","):
         torch._dynamo.reset()
-        model = B.build_model(cfg, dev, ckpt)
+        model = B.build_model(cfg, dev, ckpt, amp=a.amp)
         step, keep = B.make_method(method, model, "inductor", B.forward_context(a.amp, dev.type))
         data = B.make_batches(cfg, batch, seq, 2 + a.steps + 2, dev)
         t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def main() -> int:
     cfg = B.llama_config(a.tiny, a.layers)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model = B.build_model(cfg, dev, ckpt)
+    model = B.build_model(cfg, dev, ckpt, amp=a.amp)
     step, keep = B.make_method(a.method, model, "inductor", B.forward_context(a.amp, dev.type))
     data = B.make_batches(cfg, batch, seq, a.warmup + a.steps, dev)
     gc_t = {"n": 0, "s": 0.0, "t0": 0.0, "gen2": 0}

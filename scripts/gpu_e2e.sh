@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU device: the end-to-end benchmark (953M HF Llama + AdamW, forge vs eager / fused /
 # optimizer-in-backward / torch.compile / floor), forge-vs-eager correctness, and the docs table.
-#   bash scripts/gpu_e2e.sh [all|bench|eager|compiled|correctness|render]   (default all)
+#   bash scripts/gpu_e2e.sh [all|bench|eager|compiled|correctness|render|diag]   (default all)
 # eager = the cheap methods for every config, compiled = compile_inductor + forge (each compile of
 # the 16-layer model takes a minute or two); bench = both. Run the stages as separate commands
 # when one command may last at most 10 minutes. Rows are appended to
@@ -51,6 +51,13 @@ if [[ $WHAT == all || $WHAT == correctness ]]; then
     2>&1 | tee "$OUT/correctness.log" | tail -60
   rc=$(( rc | $? ))
   cp "$RES"/e2e_correctness*.json "$OUT/" 2>/dev/null || true
+fi
+# where one step's time goes (scripts/diag_e2e_step.py: GPU kernel time per step and the top
+# kernels, under torch.profiler), e.g. DIAG_ARGS="--layers 16 --amp bf16w"; not in all
+if [[ $WHAT == diag ]]; then
+  timeout "${DIAG_TIMEOUT:-540}" $PY scripts/diag_e2e_step.py --out "$OUT" ${DIAG_ARGS:-} 2>&1 \
+    | tee "$OUT/diag.log" | tail -120
+  rc=$(( rc | $? ))
 fi
 if [[ $WHAT == all || $WHAT == render ]]; then
   for amp in none bf16; do

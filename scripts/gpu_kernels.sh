@@ -2,7 +2,7 @@
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
 #   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|pingpong|
-#                                store-policy|bf16-weights|all]
+#                                store-policy|bf16-weights|llama-shapes|all]
 #   (default all; stream, ncu-stream, ws-study, pingpong and store-policy: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
@@ -66,6 +66,19 @@ if [[ $WHAT == bf16-weights ]]; then
       --bf16-rounding "$rounding" --out "$OUT/fused_linear_update.jsonl" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/bench_bf16_weights_$rounding.log" | grep -v -e '^{' -e 'forge autotune' \
       -e '^precompile'
+    rc=$(( rc | $? ))
+  done
+fi
+# the 953M Llama's weight shapes (benchmarks/bench_e2e.py: q/k/v/o 2048², gate/up 5632×2048,
+# down 2048×5632, lm_head 32000×2048) at its 1×512 step's T, AdamW: bf16 weights and state
+# (stochastic rounding), then fp32 weights (bf16 autocast's operands); LLAMA_TOKENS (default 512)
+if [[ $WHAT == llama-shapes ]]; then
+  for w in bfloat16 float32; do
+    FORGE_AUTOTUNE_LOG=1 timeout "${BENCH_TIMEOUT:-300}" $PY \
+      benchmarks/bench_fused_linear_update.py --weights $w --optimizers adamw \
+      --shapes 2048x2048,5632x2048,2048x5632,32000x2048 --tokens "${LLAMA_TOKENS:-512}" \
+      --out "$OUT/fused_linear_update.jsonl" ${BENCH_ARGS:-} 2>&1 \
+      | tee "$OUT/bench_llama_shapes_$w.log" | grep -v -e '^{' -e 'forge autotune' -e '^precompile'
     rc=$(( rc | $? ))
   done
 fi

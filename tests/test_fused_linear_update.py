@@ -1603,6 +1603,27 @@ def test_gpu_split_gemm_candidates_follow_the_option(monkeypatch):
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_gpu_tuner_clock_keeps_the_hosts_time_out():
+    """The autotuner times a candidate's GPU time, not its launch path's host time: a launch
+    whose host path takes 2 ms before it queues a ~10 µs kernel reads under 0.5 ms, where
+    triton's do_bench reads the 2 ms (the slow host's WS launches read 0.12-0.14 ms there,
+    and the tuner picked slower Triton kernels)."""
+    import time
+
+    from triton.testing import do_bench
+    a = torch.empty(1 << 20, device="cuda")
+
+    def slow_host_launch():
+        time.sleep(0.002)
+        a.add_(1.0)
+    assert do_bench(slow_host_launch, warmup=1, rep=20) > 1.5      # the leak this prevents
+    gpu = flu.gpu_time_ms(slow_host_launch, rep_ms=5)
+    alone = flu.gpu_time_ms(lambda: a.add_(1.0), rep_ms=5)
+    assert 0 < gpu < 0.5 and gpu < 3 * alone + 0.02, (gpu, alone)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_gpu_tuned_config_survives_tf32_flag_flip(monkeypatch):
     """fp32 operands with IEEE dots pinned: tuned with TF32 off (split-GEMM may win), then
     launched with it on, where torch.mm would be tf32 and the split config no longer applies:

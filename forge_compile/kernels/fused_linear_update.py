@@ -890,6 +890,58 @@ def _final_pick(finals: Sequence[KernelConfig], time_ms, log=None) -> KernelConf
     return finals[min(range(len(finals)), key=med.__getitem__)]
 
 
+# The autotuner's clock reads the GPU's time of a launch, never the host's. triton's do_bench
+# records its start event right after the L2 flush, then the host enqueues the launch: a launch
+# whose host path outlasts the flush (~85 µs for the 256 MB flush on an H100) is timed with its
+# host time in it. On one lease's host (H100, 2026-11-25, tuning inside the 16-layer bf16
+# Llama's first step) every warp-specialised candidate read 0.12-0.14 ms through its full
+# launch path and Triton's kernels 0.07, and the tuner picked a Triton kernel for 112 of the
+# 113 weights; on the next lease's host the same 2048² AdamW T=512 row read 0.036 ms for the
+# warp-specialised pick and 0.040 for that Triton config. Here the GPU spins
+# (torch.cuda._sleep) after each flush for twice the longest host time a call took, plus
+# _SPIN_MARGIN_S, so the start event is reached only once the launch is queued.
+_SPIN_MARGIN_S = 50e-6
+_SPIN_HZ = 2.0e9            # cycles a second the spin assumes: the H100's 1.98 GHz top clock or
+                            # more, so at any lower clock it spins longer, never shorter
+_TUNE_SAMPLES = (10, 200)   # fewest and most timed launches per candidate
+
+
+def gpu_time_ms(fn, rep_ms: float = 25.0, warmup: int = 5) -> float:
+    """Median GPU time of ``fn()`` (one launch) in ms, L2 flushed before each, with the host's
+    launch time kept out of it (see above). ``rep_ms``: about how much GPU time of ``fn`` to
+    sample, as do_bench's ``rep``."""
+    import time
+
+    from triton import runtime
+    driver = runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    fn()
+    torch.cuda.synchronize()
+    host = 0.0
+    for _ in range(warmup):
+        t = time.perf_counter()
+        fn()
+        host = max(host, time.perf_counter() - t)
+    torch.cuda.synchronize()
+    spin = int((2 * host + _SPIN_MARGIN_S) * _SPIN_HZ)
+
+    def sample(n: int) -> List[float]:
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(n)]
+        for start, end in ev:
+            driver.clear_cache(cache)
+            torch.cuda._sleep(spin)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in ev]
+
+    estimate = statistics.median(sample(_TUNE_SAMPLES[0]))
+    n = min(max(int(rep_ms / max(estimate, 1e-3)), _TUNE_SAMPLES[0]), _TUNE_SAMPLES[1])
+    return statistics.median(sample(n))
+
+
 def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
                  scalars: Sequence, program: Union[str, EpilogueProgram]) -> KernelConfig:
     """The config the launcher uses for these arguments (tuning it now if not known yet)."""
@@ -914,16 +966,18 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     if cfg is not None:
         _FAST[fast] = cfg
         return cfg
-    from triton.testing import do_bench
     # Time each candidate on scratch copies of the mutated tensors: tuning never touches the
     # caller's weight or state. Happens once per key per machine (in memory + tuning.json).
     p2 = param.clone()
     s2 = [s.clone() for s in state]
     log = os.environ.get(ENV_TUNE_LOG) == "1"
+    if log and dy.is_cuda and dy.dtype != torch.float32 and not ws:
+        from forge_compile.kernels.fused_linear_update_ws import ws_unsupported_reason
+        print(f"[forge autotune] {key} warp-specialised kernel left out: "
+              f"{ws_unsupported_reason(dy, x, param, state)}", file=sys.stderr)
 
     def time_ms(c: KernelConfig) -> float:
-        return do_bench(lambda: _run(dy, x, p2, s2, scalars, prog, c, precision, 0),
-                        warmup=5, rep=25, quantiles=[0.5])
+        return gpu_time_ms(lambda: _run(dy, x, p2, s2, scalars, prog, c, precision, 0))
     timed = []
     for c in cands:
         try:
