@@ -897,12 +897,13 @@ def _final_pick(finals: Sequence[KernelConfig], time_ms, log=None) -> KernelConf
 # Llama's first step) every warp-specialised candidate read 0.12-0.14 ms through its full
 # launch path and Triton's kernels 0.07, and the tuner picked a Triton kernel for 112 of the
 # 113 weights; on the next lease's host the same 2048² AdamW T=512 row read 0.036 ms for the
-# warp-specialised pick and 0.040 for that Triton config. Here the GPU spins
-# (torch.cuda._sleep) after each flush for twice the longest host time a call took, plus
-# _SPIN_MARGIN_S, so the start event is reached only once the launch is queued.
-_SPIN_MARGIN_S = 50e-6
-_SPIN_HZ = 2.0e9            # cycles a second the spin assumes: the H100's 1.98 GHz top clock or
-                            # more, so at any lower clock it spins longer, never shorter
+# warp-specialised pick and 0.040 for that Triton config. Here the flush is repeated until it
+# outlasts twice the longest host time a call took, plus _FLUSH_MARGIN_S, so the start event is
+# reached only once the launch is queued. The GPU stays busy meanwhile, as under do_bench and in
+# a training step: with an idle spin (torch.cuda._sleep) there instead, the tuner read
+# 5632×2048 bf16 AdamW T=512 at 0.093 ms where the bench's do_bench read 0.084 for the same
+# config (H100, two leases).
+_FLUSH_MARGIN_S = 50e-6
 _TUNE_SAMPLES = (10, 200)   # fewest and most timed launches per candidate
 
 
@@ -922,15 +923,21 @@ def gpu_time_ms(fn, rep_ms: float = 25.0, warmup: int = 5) -> float:
         t = time.perf_counter()
         fn()
         host = max(host, time.perf_counter() - t)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        driver.clear_cache(cache)
+    end.record()
     torch.cuda.synchronize()
-    spin = int((2 * host + _SPIN_MARGIN_S) * _SPIN_HZ)
+    flush_s = max(start.elapsed_time(end) / 5e3, 1e-6)
+    flushes = max(1, math.ceil((2 * host + _FLUSH_MARGIN_S) / flush_s))
 
     def sample(n: int) -> List[float]:
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(n)]
         for start, end in ev:
-            driver.clear_cache(cache)
-            torch.cuda._sleep(spin)
+            for _ in range(flushes):
+                driver.clear_cache(cache)
             start.record()
             fn()
             end.record()
