@@ -893,16 +893,20 @@ def _final_pick(finals: Sequence[KernelConfig], time_ms, log=None) -> KernelConf
 # The autotuner's clock reads the GPU's time of a launch, never the host's. triton's do_bench
 # records its start event right after the L2 flush, then the host enqueues the launch: a launch
 # whose host path outlasts the flush (~85 µs for the 256 MB flush on an H100) is timed with its
-# host time in it. On one lease's host (H100, 2026-11-25, tuning inside the 16-layer bf16
-# Llama's first step) every warp-specialised candidate read 0.12-0.14 ms through its full
-# launch path and Triton's kernels 0.07, and the tuner picked a Triton kernel for 112 of the
-# 113 weights; on the next lease's host the same 2048² AdamW T=512 row read 0.036 ms for the
-# warp-specialised pick and 0.040 for that Triton config. Here the flush is repeated until it
-# outlasts twice the longest host time a call took, plus _FLUSH_MARGIN_S, so the start event is
-# reached only once the launch is queued. The GPU stays busy meanwhile, as under do_bench and in
-# a training step: with an idle spin (torch.cuda._sleep) there instead, the tuner read
-# 5632×2048 bf16 AdamW T=512 at 0.093 ms where the bench's do_bench read 0.084 for the same
-# config (H100, two leases).
+# host time in it. The tuner times each candidate through its full launch path (no plan yet),
+# which for a warp-specialised launch took longer than a small shape's kernel. H100, torch 2.11,
+# 2026-11-25 (benchmarks/results/tuner_clock_2048sq_bf16w.txt, tuner_log_L16_*):
+# - in one 16-layer bf16 Llama step, every WS candidate for 2048² AdamW T=512 read 0.12-0.14 ms
+#   and Triton's kernels 0.07, and 112 of the 113 weights got a Triton kernel; with a GPU-only
+#   clock (the idle-spin variant below) the same step picked WS everywhere, 0.0356 ms there;
+# - with fp32 W (bf16 operands), do_bench read 0.087-0.14 ms for the WS candidates and picked a
+#   Triton kernel at 0.053; this clock reads the WS pick at 0.047.
+# Here the flush is repeated until it outlasts twice the longest host time a call took, plus
+# _FLUSH_MARGIN_S, so the start event is reached only once the launch is queued; where the host
+# kept up (AdamW 4096² T=512), both clocks agree: 0.1552 against the bench's 0.1547 ms. The GPU
+# stays busy meanwhile, as under do_bench and in a training step: with an idle spin
+# (torch.cuda._sleep) there instead, the tuner read 5632×2048 bf16 AdamW T=512 at 0.093 ms
+# where the bench's do_bench read 0.084 for the same config.
 _FLUSH_MARGIN_S = 50e-6
 _TUNE_SAMPLES = (10, 200)   # fewest and most timed launches per candidate
 
