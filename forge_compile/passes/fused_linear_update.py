@@ -435,6 +435,71 @@ class _Analysis:
                           "alive until the update)")
         return mms.pop()
 
+    def _late_reads(self, grad_nodes, F: Set[torch.fx.Node], sinks: Set[torch.fx.Node],
+                    escapes) -> List[Tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]:
+        """The step's reads of the updated weight or state (an evaluation forward after
+        ``opt.step()``, a log of the new exp_avg): [(reader, new value, its tensor)]. Each
+        reader is made to read the tensor itself, which the fused op has updated in place by
+        then (_rewrite; _plan checks that the op comes first).
+        Such a read may go through elementwise ops that the walk took into ``F`` (autocast's
+        bf16 cast of the new weight) and that no sink needs: those leave ``F`` and stay in the
+        graph, computed after the op. Refused when a reader outside the update reads anything
+        else of it: the gradient, an intermediate of the rule, or the old weight beside the new
+        one (which the op has overwritten by then)."""
+        new_of = {s.args[1]: s.args[0] for s in sinks}
+        needed: Set[torch.fx.Node] = set()
+        work = list(new_of)
+        while work:
+            m = work.pop()
+            if m not in needed and (m in F or m in grad_nodes):
+                needed.add(m)
+                work.extend(m.all_input_nodes)
+        written = {s.args[0] for s in sinks}
+        late: Set[torch.fx.Node] = set()          # F nodes computed from new values only
+        for m in sorted(F - needed, key=self.facts.order.__getitem__):
+            if all(x in new_of or x in late
+                   or (x not in F and x not in grad_nodes and x not in written)
+                   for x in m.all_input_nodes):
+                late.add(m)
+        dangling = F - needed
+        for u, n in escapes:
+            if n in new_of or n in late:
+                continue
+            what = _op_name(u)
+            if n in dangling:
+                old = self._old_read(n, dangling, written)
+                if old is not None:
+                    raise Refused("old and new value read after the update",
+                                  f"{u.name} = {what} reads {n.name}, computed from the new and "
+                                  f"the old {self.names.get(old) or old.name} (e.g. the update's "
+                                  "size, w - w_before, where the clone of w_before was a no-op "
+                                  "in the functional graph): the fused op overwrites it first")
+            cat = "gradient read outside the update"
+            if "norm" in what:
+                cat = "gradient read by a norm (clip_grad_norm_ / LAMB / logging)"
+            raise Refused(cat, f"{n.name} is read by {u.name} = {what}")
+        F -= late
+        readers = late | {u for u, _ in escapes}
+        return [(r, n, new_of[n]) for r in sorted(readers, key=self.facts.order.__getitem__)
+                for n in dict.fromkeys(r.all_input_nodes) if n in new_of]
+
+    @staticmethod
+    def _old_read(n: torch.fx.Node, dangling: Set[torch.fx.Node],
+                  written: Set[torch.fx.Node]) -> Optional[torch.fx.Node]:
+        """The written tensor whose old value ``n`` reads through ``dangling`` nodes, if any."""
+        seen, work = set(), [n]
+        while work:
+            m = work.pop()
+            if m in seen:
+                continue
+            seen.add(m)
+            for x in m.all_input_nodes:
+                if x in written:
+                    return x
+                if x in dangling:
+                    work.append(x)
+        return None
+
     # -- 2./3. region and proof -------------------------------------------------------------------
     def analyse(self, dest: torch.fx.Node):
         wshape = _shape(dest)
@@ -451,6 +516,7 @@ class _Analysis:
         F: Set[torch.fx.Node] = set()
         sinks: Set[torch.fx.Node] = set()
         new_state: List[torch.fx.Node] = []
+        escapes: List[Tuple[torch.fx.Node, torch.fx.Node]] = []   # (reader, value it reads)
         while work:
             n = work.pop()
             for u in n.users:
@@ -484,24 +550,13 @@ class _Analysis:
                               and (u.target in lower_rules or u.target in _TRANSPARENT
                                    or _patterns._lookup(u.target) is not None))
                 if not admissible:
-                    what = _op_name(u)
-                    written = [d for d, c in self.sinks_by_dest.items() if c.args[1] is n]
-                    if written:
-                        # the new value of W (or of its state), read again in the step: the
-                        # fused op writes it in place, and nothing orders such a read after it yet
-                        d = written[0]
-                        raise Refused("updated value read in the step",
-                                      f"the new {self.names.get(d) or d.name} ({n.name}) is read "
-                                      f"by {u.name} = {what}: the weight is used after opt.step() "
-                                      "in the same step (e.g. an evaluation forward)")
-                    cat = "gradient read outside the update"
-                    if "norm" in what:
-                        cat = "gradient read by a norm (clip_grad_norm_ / LAMB / logging)"
-                    raise Refused(cat, f"{n.name} is read by {u.name} = {what}")
+                    escapes.append((u, n))      # judged once the region is known (_late_reads)
+                    continue
                 F.add(u)
                 work.append(u)
         if not sinks:
             raise Refused("no update", "the gradient feeds no parameter/state update")
+        self.late_reads = self._late_reads(grad_nodes, F, sinks, escapes)
         self.grad_nodes, self.F, self.sinks = grad_nodes, F, sinks
         self.new_state = list(dict.fromkeys(new_state))
         self.out_node = next(n for n in self.facts.graph.nodes if n.op == "output")
@@ -537,7 +592,9 @@ class _Analysis:
         # liveness proof (networkx): gradient and gradient-derived values are read only inside
         grad_dep = set(grad_nodes) | F
         esc = self.facts.escapes(grad_dep, allowed=self.region | sinks | set(grad_nodes))
-        esc = [(v, r) for v, r in esc if not (r is self.out_node and v in self.new_state)]
+        late = {(n, r) for r, n, _ in self.late_reads}     # rewired to the updated tensor
+        esc = [(v, r) for v, r in esc
+               if not (r is self.out_node and v in self.new_state) and (v, r) not in late]
         if esc:
             v, r = esc[0]
             raise Refused("gradient read outside the update", f"{v.name} is read by {r.name} = {_op_name(r)}")
@@ -839,7 +896,9 @@ def _plan(a: _Analysis, names, dup, rounding: str = "stochastic"):
     mutated = [param] + state
     inside = a.region | a.sinks | set(a.grad_nodes) | a.F | ({a.out_node} if a.new_state else set())
     # region nodes that stay in the graph (read outside): they read the old W, so stay before
-    kept = {n for n in a.region if any(u not in inside for u in n.users)}
+    # (a late read of the new weight/state is rewired to the updated tensor: not such a reader)
+    rewired = {(n, r) for r, n, _ in a.late_reads}
+    kept = {n for n in a.region if any(u not in inside and (n, u) not in rewired for u in n.users)}
     work = list(kept)
     while work:
         for x in work.pop().all_input_nodes:
@@ -860,6 +919,13 @@ def _plan(a: _Analysis, names, dup, rounding: str = "stochastic"):
     # the views at the fused op
     ready = [x for src in a.operands for x in _view_chain_inputs(src)]
     pos = a.facts.latest([last] + ready + list(a.scalar_nodes) + [param] + state)
+    early = [r for r, _, _ in a.late_reads if a.facts.order[r] <= a.facts.order[pos]]
+    if early:
+        r, n, d = next(x for x in a.late_reads if x[0] is early[0])
+        raise Refused("updated value read before the update can run",
+                      f"the new {names.get(d) or d.name} ({n.name}) is read by {r.name} = "
+                      f"{_op_name(r)}, which comes before {pos.name}, the last node the fused "
+                      "update waits for")
     return param, state, prog, pos
 
 
@@ -1028,6 +1094,11 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
             n = n.next
     for (n, _), buf in zip(a.new_outputs, fresh):
         a.out_node.replace_input_with(n, buf)
+    # reads of the new weight/state later in the step read the tensor the op updated in place;
+    # they come after the op in graph order (_plan), which Inductor keeps for a read of a buffer
+    # a fallback kernel mutates
+    for r, n, d in a.late_reads:
+        r.replace_input_with(n, d)
     for s in a.sinks:
         graph.erase_node(s)
     # erase what became dead: the gradient chain, the region, their constant leaves
