@@ -378,7 +378,8 @@ def main():
         return
     if a.ncu_row:
         opt, N, K, T = a.ncu_row.split(",")
-        c = make_case(int(N), int(K), int(T), opt)
+        c = make_case(int(N), int(K), int(T), opt, weights=getattr(torch, a.weights),
+                      rounding=a.bf16_rounding)
         cfg = None
         if a.ncu_config:
             kind, idx = a.ncu_config.split(":")

@@ -2,7 +2,7 @@
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
 #   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|pingpong|
-#                                store-policy|bf16-weights|llama-shapes|all]
+#                                store-policy|bf16-weights|llama-shapes|ncu-bf16|all]
 #   (default all; stream, ncu-stream, ws-study, pingpong and store-policy: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
@@ -157,6 +157,32 @@ if [[ $WHAT == all || $WHAT == profile ]]; then
   timeout 300 $PY scripts/profile_launch.py > "$OUT/profile_launch.txt" 2>&1
   rc=$(( rc | $? ))
   grep "^==" "$OUT/profile_launch.txt"
+fi
+if [[ $WHAT == ncu-bf16 ]]; then
+  # Why the bf16-weight kernel streams at 51-68% of copy on the Llama's shapes (docs/README.md,
+  # "bf16 weights"): the same ncu sections as "ncu" on bf16 W/state rows with the WS pick there
+  # (ws:9, NCU_CONFIG to change it), then the warp-stall samples per SASS opcode
+  # (scripts/ncu_stalls.py) of the first row
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  ROWS=(${NCU_ROWS:-adamw,5632,2048,512 adamw,4096,4096,512})
+  for row in "${ROWS[@]}"; do
+    echo "== ncu bf16 W $row ${NCU_CONFIG:-ws:9}"
+    timeout 120 "$NCU" --target-processes all -k 'regex:_fused_linear_update(_ws)?_kernel' \
+      --launch-skip 2 --launch-count 1 --clock-control none \
+      --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section InstructionStats \
+      $PY benchmarks/bench_fused_linear_update.py --precompile 0 --weights bfloat16 \
+      --ncu-row "$row" --ncu-config "${NCU_CONFIG:-ws:9}" 2>&1 | tee -a "$OUT/ncu_bf16_full.log" \
+      | grep -E "ncu row|DRAM Throughput|Compute \(SM\)|Duration|Registers|Issue Slots|Issued Warp|No Eligible|Active Warps|Eligible Warps|Stall|Executed Ipc|==ERR|rror"
+  done 2>&1 | tee "$OUT/ncu_bf16.log"
+  timeout 150 "$NCU" --target-processes all -k 'regex:_fused_linear_update(_ws)?_kernel' \
+    --launch-skip 2 --launch-count 1 --section SourceCounters -o "$OUT/ncu_bf16_src" \
+    $PY benchmarks/bench_fused_linear_update.py --precompile 0 --weights bfloat16 \
+    --ncu-row "${ROWS[0]}" --ncu-config "${NCU_CONFIG:-ws:9}" > /dev/null 2>&1
+  "$NCU" --import "$OUT/ncu_bf16_src.ncu-rep" --page source --csv --print-source sass \
+    > "$OUT/ncu_bf16_src.csv" 2>/dev/null && $PY scripts/ncu_stalls.py --parse "$OUT/ncu_bf16_src.csv" \
+    | tee "$OUT/ncu_bf16_stalls.txt" | head -30
+  rm -f "$OUT/ncu_bf16_src.ncu-rep"
 fi
 if [[ $WHAT == all || $WHAT == ncu ]]; then
   # Evidence for the memory-bound rows: DRAM throughput, occupancy, registers, warp stalls of
