@@ -1,11 +1,17 @@
-"""Small models and optimizers shared by the forge end-to-end tests (CPU-sized)."""
+"""Small models and optimizers shared by the forge end-to-end tests (CPU-sized), and the
+bf16 ulp their tolerances are stated in."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["MLP", "Block", "TinyLM", "Lion", "LambLike", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["MLP", "Block", "TinyLM", "Lion", "LambLike", "make_optimizer", "OPTIMIZERS", "bf16_ulp"]
+
+
+def bf16_ulp(ref: torch.Tensor) -> torch.Tensor:
+    """bf16's ulp at each element of fp64 ``ref``: 2^(exponent - 7) (8 significant bits)."""
+    return torch.ldexp(torch.ones_like(ref), torch.frexp(ref)[1] - 8)
 
 
 class MLP(nn.Module):

@@ -30,6 +30,7 @@ import torch
 from forge_compile import rules
 from forge_compile.epilogue import OPS, EpilogueProgram, Instr
 from forge_compile.kernels import fused_linear_update as flu
+from forge_models import bf16_ulp
 
 # (operand dtype, rtol). fp32 operands, IEEE dot: fp32 rounding of the T-long dot and of ~10
 # epilogue ops, ≤ ~1e-6 measured; 1e-5 is the issue's bound. bf16 operands: a bf16×bf16
@@ -1374,16 +1375,14 @@ def _interpreter_cases():
         dy, x, p, s = _inputs(prog, 200, 300, 32, torch.bfloat16, "cpu",
                               param_dtype=torch.bfloat16, state_dtype=torch.bfloat16)
         dy, x = _exact_gemm_operands(dy, x)
-        res = _bf16_model_stats(prog, dy, x, p, s, sc, launcher(big, seed=11))
+        kernel = []
+        res = _bf16_model_stats(prog, dy, x, p, s, sc, launcher(big, seed=11), kernel)
         # the CPU path (tiled torch) rounds with the kernels' noise: the same bits, same seed
-        outs = []
-        for run in (lambda *a: flu.fused_linear_update_triton(*a, prog, config=big, seed=11),
-                    lambda *a: flu._fused_linear_update_tiled(*a, prog, seed=11)):
-            p1, s1 = p.clone(), [t.clone() for t in s]
-            run(dy, x, p1, s1, sc)
-            outs.append([p1, *s1])
+        p1, s1 = p.clone(), [t.clone() for t in s]
+        flu._fused_linear_update_tiled(dy, x, p1, s1, sc, prog, seed=11)
         res["finite"] = res["finite"] and all(
-            torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(*outs))
+            torch.equal(a.view(torch.int16), b.view(torch.int16))
+            for a, b in zip(kernel, [p1, *s1]))
         return res
     for rounding in ("nearest", "stochastic"):
         cases[f"bf16-model-{rounding}"] = functools.partial(bf16_model, rounding)
@@ -1415,18 +1414,13 @@ def _interpreter_cases():
     return cases
 
 
-def _bf16_ulp(ref):
-    """bf16's ulp at each element of fp64 ``ref``: 2^(exponent - 7) (8 significant bits)."""
-    return torch.ldexp(torch.ones_like(ref), torch.frexp(ref)[1] - 8)
-
-
 def _sr_stats(prog, dy, x, p, s, sc, run):
     """Stochastic rounding of bf16 weights: max error in ulps and the mean signed error."""
     p1, s1 = p.clone(), [t.clone() for t in s]
     run(dy, x, p1, s1, sc, prog.dumps())
     p2, s2 = p.double(), [t.double() for t in s]
     flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, sc, prog.dumps())
-    ulp = _bf16_ulp(p2)
+    ulp = bf16_ulp(p2)
     e = (p1.double() - p2) / ulp
     near = p2.to(torch.bfloat16).double()
     return {"max_err_ulp": e.abs().max().item(), "mean_err_ulp": e.mean().item(),
@@ -1447,20 +1441,23 @@ def _exact_gemm_operands(dy, x):
             grid(x, 2.0 * math.sqrt(x.shape[0])).div(64).to(x.dtype))
 
 
-def _bf16_model_stats(prog, dy, x, p, s, sc, run):
+def _bf16_model_stats(prog, dy, x, p, s, sc, run, outputs=None):
     """A pure-bf16 model's update (bf16 weight and state): each output's largest error in bf16
     ulps of the fp64 reference, less the fp32 arithmetic's allowance (2^-18 of the operands'
     magnitude: 1/1024 of a bf16 ulp, too little to hide a second rounding); over the weight's
     elements where that allowance is under 1% of an ulp (not those that cancel to near 0, whose
     few ulps of fp32 error would swamp a mean), its mean signed error in ulps and the fraction
-    off the nearest bf16 value."""
+    off the nearest bf16 value. ``outputs``: a list the updated weight and state are appended
+    to."""
     p1, s1 = p.clone(), [t.clone() for t in s]
     run(dy, x, p1, s1, sc, prog.dumps())
+    if outputs is not None:
+        outputs.extend([p1, *s1])
     p2, s2 = p.double(), [t.double() for t in s]
     flu.fused_linear_update_reference(dy.double(), x.double(), p2, s2, sc, prog.dumps())
     out = {}
     for name, new, ref, old in [("param", p1, p2, p)] + list(zip(prog.state, s1, s2, s)):
-        ulp = _bf16_ulp(ref)
+        ulp = bf16_ulp(ref)
         e = (new.double() - ref) / ulp
         slack = 2.0 ** -18 * (ref.abs() + old.double().abs()) / ulp
         out[name] = (e.abs() - slack).clamp_min(0).max().item()

@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 import forge_compile
 from forge_compile.explain import listen
 
-from forge_models import OPTIMIZERS, MLP, TinyLM, make_optimizer
+from forge_models import OPTIMIZERS, MLP, TinyLM, bf16_ulp, make_optimizer
 
 STEPS = 20
 RTOL = 1e-5
@@ -413,7 +413,7 @@ def _bf16_ulps(new, ref, *old):
     """(new - ref) in bf16 ulps of ref where the fp32 arithmetic's allowance (see above) is
     under 1% of an ulp (for a mean: elements that cancel to near 0 excluded), and |new - ref|
     in ulps less that allowance (for a bound)."""
-    ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref)[1] - 8)
+    ulp = bf16_ulp(ref)
     slack = 2.0 ** -18 * sum((o.double().abs() for o in old), ref.abs()) / ulp
     e = (new.double() - ref) / ulp
     return e[slack <= 1e-2], torch.clamp(e.abs() - slack, min=0)

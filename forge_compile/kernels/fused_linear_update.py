@@ -769,11 +769,11 @@ def candidate_configs(dy: Tensor, x: Optional[Tensor] = None, param: Optional[Te
         return split + _GPU_F32_CONFIGS
     ws = ()
     if param is not None and _ws_ok(dy, x, param, state or []):
-        from forge_compile.kernels.fused_linear_update_ws import ws_fits
+        from forge_compile.kernels.fused_linear_update_ws import state_dtype, ws_fits
         # bf16 state takes half the slots' bytes: more configs fit (ws5 with AdamW's two
         # states, for one). Twice the slots for bf16 W/state measured no faster (0.111 against
         # 0.110 ms at 4096² AdamW T=512; 0.165 against 0.163 at T=2048; H100, 04:27 UTC).
-        sdt = state[0].dtype if state else torch.float32
+        sdt = state_dtype(state or [])
         ws = tuple(c for c in _GPU_WS_CONFIGS if ws_fits(c, param.dtype, len(state or []), sdt))
     return _GPU_CONFIGS + split + ws
 

@@ -1353,6 +1353,12 @@ def ws_shared_memory_bytes(cfg, param_dtype: torch.dtype, n_state: int,
     return ring + acc + st + 1024      # + barriers and alignment
 
 
+def state_dtype(state: List[Tensor]) -> torch.dtype:
+    """The dtype of a weight's optimizer state (one dtype, the pass checks), as ws_fits takes
+    it; fp32 when there is none."""
+    return state[0].dtype if state else torch.float32
+
+
 def ws_fits(cfg, param_dtype: torch.dtype, n_state: int,
             state_dtype: torch.dtype = torch.float32) -> bool:
     """Whether the config's shared memory holds this W dtype and number of state tensors (the
@@ -1514,7 +1520,7 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
     if cfg.WS_PREFETCH and lines > 32 * cfg.num_warps:
         raise ValueError(f"WS_PREFETCH: a chunk has {lines} 128-byte lines, more than the "
                          f"{32 * cfg.num_warps} epilogue threads: use a larger EPI_SPLIT")
-    sdt = state[0].dtype if state else torch.float32
+    sdt = state_dtype(state)
     if not ws_fits(cfg, param.dtype, len(state), sdt):
         raise ValueError(
             f"this WS config needs "
