@@ -901,13 +901,18 @@ def _final_pick(finals: Sequence[KernelConfig], time_ms, log=None) -> KernelConf
 #   clock (the idle-spin variant below) the same step picked WS everywhere, 0.0356 ms there;
 # - with fp32 W (bf16 operands), do_bench read 0.087-0.14 ms for the WS candidates and picked a
 #   Triton kernel at 0.053; this clock reads the WS pick at 0.047.
-# Here the flush is repeated until it outlasts twice the longest host time a call took, plus
+# Here the flush is repeated until it outlasts twice the host time a call takes, plus
 # _FLUSH_MARGIN_S, so the start event is reached only once the launch is queued; where the host
 # kept up (AdamW 4096² T=512), both clocks agree: 0.1552 against the bench's 0.1547 ms. The GPU
 # stays busy meanwhile, as under do_bench and in a training step: with an idle spin
 # (torch.cuda._sleep) there instead, the tuner read 5632×2048 bf16 AdamW T=512 at 0.093 ms
 # where the bench's do_bench read 0.084 for the same config.
 _FLUSH_MARGIN_S = 50e-6
+# The host time is the median of the warm-up calls: one garbage-collector pause among them
+# (tens of ms in a process holding a compiled 16-layer model) would otherwise set hundreds of
+# flushes per sample for that candidate. A call slower than the window is one sample high, and
+# the median takes care of it. At most _MAX_FLUSHES (~5.4 ms at ~85 µs a flush).
+_MAX_FLUSHES = 64
 _TUNE_SAMPLES = (10, 200)   # fewest and most timed launches per candidate
 
 
@@ -922,11 +927,12 @@ def gpu_time_ms(fn, rep_ms: float = 25.0, warmup: int = 5) -> float:
     cache = driver.get_empty_cache_for_benchmark()
     fn()
     torch.cuda.synchronize()
-    host = 0.0
+    hosts = []
     for _ in range(warmup):
         t = time.perf_counter()
         fn()
-        host = max(host, time.perf_counter() - t)
+        hosts.append(time.perf_counter() - t)
+    host = statistics.median(hosts)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(5):
@@ -934,7 +940,7 @@ def gpu_time_ms(fn, rep_ms: float = 25.0, warmup: int = 5) -> float:
     end.record()
     torch.cuda.synchronize()
     flush_s = max(start.elapsed_time(end) / 5e3, 1e-6)
-    flushes = max(1, math.ceil((2 * host + _FLUSH_MARGIN_S) / flush_s))
+    flushes = min(max(1, math.ceil((2 * host + _FLUSH_MARGIN_S) / flush_s)), _MAX_FLUSHES)
 
     def sample(n: int) -> List[float]:
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
