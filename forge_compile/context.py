@@ -50,6 +50,9 @@ class FusedParam:
     rule: str                    # the epilogue program, printable
     # where the update differs from eager's by design, why and by how much ("": it does not)
     precision_note: str = ""
+    # nodes that read the updated weight or state later in the step (an evaluation forward
+    # after opt.step()): they read it after the fused op updated it in place
+    read_after_update: int = 0
 
 
 @dataclasses.dataclass

@@ -111,6 +111,8 @@ class ExplainReport:
             block = split.get(tuple(f.shape))
             lines.append(f"  {n} {tuple(f.shape)} ({f.gradient_bytes:,} B)" + (
                 f", split-GEMM: ≤ {block:,} B of it live at a time" if block else "") + (
+                f", its new value read later in the step by {f.read_after_update} node(s), "
+                "after the fused update" if f.read_after_update else "") + (
                 ", differs from eager: see below" if f.precision_note else ""))
             if f.precision_note:
                 notes.setdefault(f.precision_note, []).append(n)

@@ -346,6 +346,8 @@ def test_a_forward_after_the_update_in_the_step_reads_the_fused_update():
     report, ref_out, (model, opt, step), (ref_model, ref_opt, ref_step) = \
         _explained_pair(_eval_after_step)
     assert set(report.fused) == {"0.weight", "2.weight"}, report.unfused
+    assert all(f.read_after_update >= 1 for f in report.fused.values()), report.fused
+    assert "its new value read later in the step" in str(report)
     assert rel(report.result[1], ref_out[1]) <= RTOL_FP32
     for i in range(1, 4):
         out, ref = step(*batch(i)), ref_step(*batch(i))
@@ -395,7 +397,7 @@ def test_the_update_size_against_a_clone_is_refused_with_that_reason(inner, reas
     ref_step = update_size(ref_model, ref_opt)
     report = forge_compile.explain(step, *batch(0))
     ref_out = ref_step(*batch(0))
-    assert "2.weight" in report.fused
+    assert "2.weight" in report.fused and report.fused["2.weight"].read_after_update == 0
     assert report.unfused["0.weight"].startswith(reason), report.unfused
     assert 0 < report.result[1] and rel(report.result[1], ref_out[1]) <= RTOL_FP32
     assert_same_training(model, opt, ref_model, ref_opt)

@@ -801,14 +801,18 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         gbytes = math.prod(a.wshape) * max(gemm_dtype.itemsize, update_dtype.itemsize)
         counters["forge_compile"]["fused"] += 1
         note = _precision_note(gemm_dtype, update_dtype, prog.param_rounding, replayed)
+        late_readers = len({r for r, _, _ in a.late_reads})
         if ctx is not None:
             ctx.report.fused[pname] = FusedParam(name=pname, shape=tuple(a.wshape),
                                                  gradient_bytes=gbytes, rule=str(prog),
-                                                 precision_note=note)
+                                                 precision_note=note,
+                                                 read_after_update=late_readers)
             ctx.report.unfused.pop(pname, None)
             ctx.report.unfused_bytes.pop(pname, None)
-        log.info("forge_compile: fused %s %s (%d gradient bytes never materialised)%s",
-                 pname, tuple(a.wshape), gbytes, f"; {note}" if note else "")
+        log.info("forge_compile: fused %s %s (%d gradient bytes never materialised)%s%s",
+                 pname, tuple(a.wshape), gbytes,
+                 f"; its new value is read later in the step by {late_readers} node(s), after "
+                 "the fused update" if late_readers else "", f"; {note}" if note else "")
     if changed:
         # dead allocations left over (the .grad buffers of the AOT graph: empty([N, K]) with no
         # user once the gradient chain is gone) would otherwise count as gradient-sized buffers
