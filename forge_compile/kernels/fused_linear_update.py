@@ -999,7 +999,10 @@ def tuned_config(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor],
     for c in cands:
         try:
             ms = time_ms(c)
-        except Exception:   # noqa: BLE001 - e.g. out of shared memory / registers: skip it
+        except Exception as e:   # noqa: BLE001 - e.g. out of shared memory / registers: skip it
+            if log:
+                print(f"[forge autotune] {key} {c} failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
             continue
         if log:
             print(f"[forge autotune] {key} {c} {ms:.4f} ms", file=sys.stderr)
