@@ -982,20 +982,25 @@ def _desc_type(dt, block, cluster=1):
     return f"tensordesc<{dt}[{', '.join(map(str, block))}],{lay!r}>"
 
 
-def _gluon_sm90_compile(fn, sig, const, **options):
+def _gluon_sm90_compile(fn, sig, const, divisible=(), **options):
     """Compile a Gluon kernel for sm_90 on this machine (no GPU needed: Triton's bundled
-    ptxas); ``const`` names the constexprs (added to ``sig``). The CompiledKernel."""
+    ptxas); ``const`` names the constexprs (added to ``sig``); ``divisible`` the arguments
+    known to be multiples of 16 (a pointer's address, an integer), as Triton's launcher
+    specialises them (its stores are then vectorised). The CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     sig = {**sig, **{k: "constexpr" for k in const}}
-    return triton.compile(GluonASTSource(fn, sig, constexprs=const),
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in divisible}
+    return triton.compile(GluonASTSource(fn, sig, constexprs=const, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _sm90_compile(cfg, prog, param_dtype="fp32"):
+def _sm90_compile(cfg, prog, param_dtype="fp32", divisible=False):
     """The warp-specialised kernel of ``cfg`` compiled for sm_90 (``_gluon_sm90_compile``);
-    ``param_dtype`` fp32, bf16 (fp32 state) or "bf16model" (W and state bf16)."""
+    ``param_dtype`` fp32, bf16 (fp32 state) or "bf16model" (W and state bf16); ``divisible``:
+    the W/state pointers and every size and stride as multiples of 16 (what a launch on
+    16-aligned tensors of such shapes compiles)."""
     ws = _ws()
     cl = cfg.WS_CLUSTER      # descriptors replicated over a cluster's CTAs with WS_CLUSTER=2
     n = len(prog.state)
@@ -1021,7 +1026,9 @@ def _sm90_compile(cfg, prog, param_dtype="fp32"):
     opts = {"num_warps": cfg.num_warps, "maxnreg": cfg.maxnreg}
     if cfg.WS_CLUSTER > 1:
         opts["num_ctas"] = cfg.WS_CLUSTER
-    return _gluon_sm90_compile(fn, sig, const, **opts)
+    div = [k for k, v in sig.items() if v.startswith("*") and not k.startswith("sc")
+           or v == "i32" and k != "seed"] if divisible else ()
+    return _gluon_sm90_compile(fn, sig, const, div, **opts)
 
 
 def _bundled_tool(name):
