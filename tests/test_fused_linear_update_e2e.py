@@ -362,6 +362,44 @@ def test_autocast_bf16_gemm_fused_with_fp32_gradient():
     assert "3.9e-03 relative, 2^-8" in text
 
 
+def test_autocast_forward_after_the_step_reads_the_fused_update():
+    """An evaluation forward under autocast after ``opt.step()``, in the step: it reads each new
+    weight through autocast's bf16 cast, an elementwise op of the new weight that no update
+    needs. The cast stays in the graph after the fused op and reads the updated weight; every
+    weight is fused and explain() counts the reader. Against eager: the parameters within the
+    autocast bound above (5e-4), the evaluation loss within 5e-3 (bf16 forward activations,
+    8 significant bits, on parameters that differ by that much)."""
+    torch.manual_seed(0)
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+
+    def make(m, o):
+        def step(x, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            loss = torch.nn.functional.mse_loss(out.float(), y)
+            loss.backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                after = torch.nn.functional.mse_loss(m(x).float(), y)
+            return loss.detach(), after
+        return step
+    compiled = forge_compile.compile(make(model, opt), inner="aot_eager")
+    eager = make(ref, ref_opt)
+    with listen() as reports:
+        for i in range(STEPS):
+            batch = _mlp_data(i)
+            (_, after), (_, ref_after) = compiled(*batch), eager(*batch)
+            assert _rel(after, ref_after) < 5e-3, (i, after, ref_after)
+    fused = _fused_in(reports)
+    _fused_names_ok(model, fused)
+    assert all(f.read_after_update >= 1 for f in fused.values()), fused
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert _rel(p, q) < 5e-4
+
+
 # -- bf16 weights (a pure-bf16 model: weights and optimizer state in bf16) -------------------------
 #
 # One bias-free Linear and loss = sum(Linear(x) * r): dY = r exactly, so the exact gradient is
