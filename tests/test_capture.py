@@ -355,6 +355,25 @@ def test_a_forward_after_the_update_in_the_step_reads_the_fused_update():
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("opt_name", [o for o in OPTIMIZERS if o != "radam"])
+def test_a_forward_after_the_update_with_every_rule(opt_name, foreach):
+    """The evaluation forward after the step with every torch.optim rule (RAdam: see
+    test_one_graph_fresh_optimizer_matches_eager): both weights fused, the step's two losses and
+    the trained model eager-equal over six steps, the first one explained."""
+    model, opt, _ = make(opt_name, foreach, schedule=False)
+    ref_model, ref_opt, _ = make(opt_name, foreach, schedule=False)
+    step = forge_compile.compile(_eval_after_step(model, opt), inner="aot_eager")
+    ref_step = _eval_after_step(ref_model, ref_opt)
+    report = forge_compile.explain(step, *batch(0))
+    ref_out = ref_step(*batch(0))
+    assert set(report.fused) == {"0.weight", "2.weight"}, report.unfused
+    for i in range(6):
+        out, ref = (report.result, ref_out) if i == 0 else (step(*batch(i)), ref_step(*batch(i)))
+        assert rel(out[0], ref[0]) <= RTOL_FP32 and rel(out[1], ref[1]) <= RTOL_FP32, i
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
 def test_a_forward_after_the_update_under_inductor():
     """The same step compiled by Inductor (CPU), three steps: the evaluation forward runs after
     the fused ops (Inductor keeps a read of a buffer after the fallback op that mutates it)."""
