@@ -185,6 +185,37 @@ def test_gpu_fused_true_adamw_compiles_under_inductor():
     _assert_close(model, ref, opt, ref_opt)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_forward_after_the_step_under_inductor():
+    """The LM on CUDA through Inductor, with an evaluation forward after ``opt.step()`` in the
+    step: every Linear weight fused, the forward reads each after its fused op (the Triton or
+    warp-specialised kernel) updated it; the step's losses and the trained model within RTOL of
+    eager (fp32, IEEE dots)."""
+    model, ref, opt, ref_opt, loss_fn, data = _setup_on("lm", "cuda")
+
+    def make(m, o):
+        def step(*batch):
+            loss = loss_fn(m, *batch)
+            loss.backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                after = loss_fn(m, *batch)
+            return loss.detach(), after
+        return step
+    compiled, eager = forge_compile.compile(make(model, opt)), make(ref, ref_opt)
+    with listen() as reports:
+        for i in range(3):
+            batch = [t.cuda() for t in data(i)]
+            out, want = compiled(*batch), eager(*batch)
+            assert _rel(out[0], want[0]) <= RTOL and _rel(out[1], want[1]) <= RTOL, (i, out, want)
+    fused = _fused_in(reports)
+    _fused_names_ok(model, fused)
+    assert all(f.read_after_update >= 1 for f in fused.values()), fused
+    _assert_close(model, ref, opt, ref_opt)
+
+
 def test_transformer_foreach_adam_matches_eager():
     model, fused, unfused, _ = _run("lm", "adam", foreach=True)
     _fused_names_ok(model, fused)
