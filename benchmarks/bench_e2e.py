@@ -130,6 +130,26 @@ def forward_context(amp: str, device_type: str):
     return contextlib.nullcontext
 
 
+def add_model_args(p, layers: int, amp: str) -> None:
+    """The triage scripts' options for this benchmark's Llama (scripts/diag_*.py); ``layers``
+    and ``amp`` their defaults. ``model_setup`` reads them."""
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--config", default="1x512", help="BxS[+ckpt]")
+    p.add_argument("--amp", default=amp, choices=AMPS)
+    p.add_argument("--tiny", action="store_true", help="the 2-layer h64 model (smoke test)")
+    p.add_argument("--device", default="cuda")
+
+
+def model_setup(a):
+    """(cfg, batch, seq, device, build) of ``add_model_args``' options: ``build()`` makes a fresh
+    model in the config's checkpointing and ``--amp``'s dtype."""
+    import torch
+    batch, seq, ckpt = parse_config(a.config)
+    cfg = llama_config(a.tiny, a.layers)
+    dev = torch.device(a.device)
+    return cfg, batch, seq, dev, lambda: build_model(cfg, dev, ckpt, amp=a.amp)
+
+
 def build_model(cfg, device, ckpt: bool, seed: int = 0, amp: str = "none"):
     import torch
     from transformers import LlamaForCausalLM

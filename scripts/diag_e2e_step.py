@@ -35,22 +35,16 @@ def kernel_table(prof, steps: int, top: int):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--config", default="1x512")
-    p.add_argument("--amp", default="bf16", choices=B.AMPS)
+    B.add_model_args(p, layers=4, amp="bf16")
     p.add_argument("--methods", default="eager_fused,compile_inductor,forge")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--out")
     p.add_argument("--cprofile", type=int, default=0,
                    help="also run this many steps under cProfile: the host functions by own time")
-    p.add_argument("--tiny", action="store_true", help="bench_e2e's 2-layer h64 model (smoke test)")
-    p.add_argument("--device", default="cuda")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    batch, seq, ckpt = B.parse_config(a.config)
-    cfg = B.llama_config(a.tiny, a.layers)
-    dev = torch.device(a.device)
+    cfg, batch, seq, dev, build = B.model_setup(a)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     lines = [f"{B.model_name(cfg, a.amp)}, {a.config}, torch {torch.__version__}, "
@@ -70,7 +64,7 @@ def main() -> int:
     say(lines.pop())
     for method in a.methods.split(","):
         torch._dynamo.reset()
-        model = B.build_model(cfg, dev, ckpt, amp=a.amp)
+        model = build()
         step, keep = B.make_method(method, model, "inductor", B.forward_context(a.amp, dev.type))
         data = B.make_batches(cfg, batch, seq, 2 + a.steps + 2, dev)
         t0 = time.perf_counter()

@@ -18,19 +18,13 @@ import bench_e2e as B                                        # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--config", default="1x512")
-    p.add_argument("--amp", default="bf16w", choices=B.AMPS)
+    B.add_model_args(p, layers=2, amp="bf16w")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda")
     p.add_argument("--out")
     a = p.parse_args()
     from forge_compile.kernels import fused_linear_update as flu
-    batch, seq, ckpt = B.parse_config(a.config)
-    cfg = B.llama_config(a.tiny, a.layers)
-    dev = torch.device(a.device)
-    model = B.build_model(cfg, dev, ckpt, amp=a.amp)
+    cfg, batch, seq, dev, build = B.model_setup(a)
+    model = build()
     names = {p.data_ptr(): n for n, p in model.named_parameters()}
     calls = collections.OrderedDict()
     full, tiled = flu._triton_checked, flu._fused_linear_update_tiled

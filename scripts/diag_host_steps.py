@@ -21,14 +21,10 @@ import bench_e2e as B                                        # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--config", default="1x512")
-    p.add_argument("--amp", default="bf16", choices=B.AMPS)
+    B.add_model_args(p, layers=16, amp="bf16")
     p.add_argument("--method", default="forge")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda")
     p.add_argument("--out")
     a = p.parse_args()
     from forge_compile.kernels import fused_linear_update as flu
@@ -38,11 +34,9 @@ def main() -> int:
     except ImportError:
         ws = None
     torch.backends.cuda.matmul.allow_tf32 = False
-    batch, seq, ckpt = B.parse_config(a.config)
-    cfg = B.llama_config(a.tiny, a.layers)
-    dev = torch.device(a.device)
+    cfg, batch, seq, dev, build = B.model_setup(a)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model = B.build_model(cfg, dev, ckpt, amp=a.amp)
+    model = build()
     step, keep = B.make_method(a.method, model, "inductor", B.forward_context(a.amp, dev.type))
     data = B.make_batches(cfg, batch, seq, a.warmup + a.steps, dev)
     gc_t = {"n": 0, "s": 0.0, "t0": 0.0, "gen2": 0}
