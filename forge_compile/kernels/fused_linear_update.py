@@ -933,13 +933,13 @@ def gpu_time_ms(fn, rep_ms: float = 25.0, warmup: int = 5) -> float:
         fn()
         hosts.append(time.perf_counter() - t)
     host = statistics.median(hosts)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    f0, f1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    f0.record()
     for _ in range(5):
         driver.clear_cache(cache)
-    end.record()
+    f1.record()
     torch.cuda.synchronize()
-    flush_s = max(start.elapsed_time(end) / 5e3, 1e-6)
+    flush_s = max(f0.elapsed_time(f1) / 5e3, 1e-6)
     flushes = min(max(1, math.ceil((2 * host + _FLUSH_MARGIN_S) / flush_s)), _MAX_FLUSHES)
 
     def sample(n: int) -> List[float]:

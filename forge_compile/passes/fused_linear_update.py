@@ -455,13 +455,13 @@ class _Analysis:
                 needed.add(m)
                 work.extend(m.all_input_nodes)
         written = {s.args[0] for s in sinks}
+        dangling = F - needed
         late: Set[torch.fx.Node] = set()          # F nodes computed from new values only
-        for m in sorted(F - needed, key=self.facts.order.__getitem__):
+        for m in sorted(dangling, key=self.facts.order.__getitem__):
             if all(x in new_of or x in late
                    or (x not in F and x not in grad_nodes and x not in written)
                    for x in m.all_input_nodes):
                 late.add(m)
-        dangling = F - needed
         for u, n in escapes:
             if n in new_of or n in late:
                 continue
@@ -557,6 +557,8 @@ class _Analysis:
         if not sinks:
             raise Refused("no update", "the gradient feeds no parameter/state update")
         self.late_reads = self._late_reads(grad_nodes, F, sinks, escapes)
+        # (new value, its reader) pairs that _rewrite rewires to the updated tensor
+        self.rewired = {(n, r) for r, n, _ in self.late_reads}
         self.grad_nodes, self.F, self.sinks = grad_nodes, F, sinks
         self.new_state = list(dict.fromkeys(new_state))
         self.out_node = next(n for n in self.facts.graph.nodes if n.op == "output")
@@ -592,9 +594,8 @@ class _Analysis:
         # liveness proof (networkx): gradient and gradient-derived values are read only inside
         grad_dep = set(grad_nodes) | F
         esc = self.facts.escapes(grad_dep, allowed=self.region | sinks | set(grad_nodes))
-        late = {(n, r) for r, n, _ in self.late_reads}     # rewired to the updated tensor
         esc = [(v, r) for v, r in esc
-               if not (r is self.out_node and v in self.new_state) and (v, r) not in late]
+               if not (r is self.out_node and v in self.new_state) and (v, r) not in self.rewired]
         if esc:
             v, r = esc[0]
             raise Refused("gradient read outside the update", f"{v.name} is read by {r.name} = {_op_name(r)}")
@@ -901,8 +902,8 @@ def _plan(a: _Analysis, names, dup, rounding: str = "stochastic"):
     inside = a.region | a.sinks | set(a.grad_nodes) | a.F | ({a.out_node} if a.new_state else set())
     # region nodes that stay in the graph (read outside): they read the old W, so stay before
     # (a late read of the new weight/state is rewired to the updated tensor: not such a reader)
-    rewired = {(n, r) for r, n, _ in a.late_reads}
-    kept = {n for n in a.region if any(u not in inside and (n, u) not in rewired for u in n.users)}
+    kept = {n for n in a.region
+            if any(u not in inside and (n, u) not in a.rewired for u in n.users)}
     work = list(kept)
     while work:
         for x in work.pop().all_input_nodes:
@@ -923,9 +924,9 @@ def _plan(a: _Analysis, names, dup, rounding: str = "stochastic"):
     # the views at the fused op
     ready = [x for src in a.operands for x in _view_chain_inputs(src)]
     pos = a.facts.latest([last] + ready + list(a.scalar_nodes) + [param] + state)
-    early = [r for r, _, _ in a.late_reads if a.facts.order[r] <= a.facts.order[pos]]
-    if early:
-        r, n, d = next(x for x in a.late_reads if x[0] is early[0])
+    early = next((x for x in a.late_reads if a.facts.order[x[0]] <= a.facts.order[pos]), None)
+    if early is not None:
+        r, n, d = early
         raise Refused("updated value read before the update can run",
                       f"the new {names.get(d) or d.name} ({n.name}) is read by {r.name} = "
                       f"{_op_name(r)}, which comes before {pos.name}, the last node the fused "
