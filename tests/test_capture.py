@@ -252,13 +252,13 @@ def test_misuse_matches_eager(case, caplog):
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make("adamw", False)[0].parameters()))
 
 
-def _explained_pair(make_step):
-    """Two identical AdamW MLPs: the forge step (inner="aot_eager") on one, its first call
-    explained, and the eager step on the other, its first call run. Returns (report, eager
-    result, (model, opt, step), (ref_model, ref_opt, ref_step))."""
-    model, opt, _ = make("adamw", False, schedule=False)
-    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
-    step = forge_compile.compile(make_step(model, opt), inner="aot_eager")
+def _explained_pair(make_step, opt_name="adamw", foreach=False, inner="aot_eager"):
+    """Two identical MLPs with ``opt_name`` (default AdamW): the forge step (``inner``) on one,
+    its first call explained, and the eager step on the other, its first call run. Returns
+    (report, eager result, (model, opt, step), (ref_model, ref_opt, ref_step))."""
+    model, opt, _ = make(opt_name, foreach, schedule=False)
+    ref_model, ref_opt, _ = make(opt_name, foreach, schedule=False)
+    step = forge_compile.compile(make_step(model, opt), inner=inner)
     ref_step = make_step(ref_model, ref_opt)
     report = forge_compile.explain(step, *batch(0))
     return report, ref_step(*batch(0)), (model, opt, step), (ref_model, ref_opt, ref_step)
@@ -361,12 +361,8 @@ def test_a_forward_after_the_update_with_every_rule(opt_name, foreach):
     """The evaluation forward after the step with every torch.optim rule (RAdam: see
     test_one_graph_fresh_optimizer_matches_eager): both weights fused, the step's two losses and
     the trained model eager-equal over six steps, the first one explained."""
-    model, opt, _ = make(opt_name, foreach, schedule=False)
-    ref_model, ref_opt, _ = make(opt_name, foreach, schedule=False)
-    step = forge_compile.compile(_eval_after_step(model, opt), inner="aot_eager")
-    ref_step = _eval_after_step(ref_model, ref_opt)
-    report = forge_compile.explain(step, *batch(0))
-    ref_out = ref_step(*batch(0))
+    report, ref_out, (model, opt, step), (ref_model, ref_opt, ref_step) = \
+        _explained_pair(_eval_after_step, opt_name, foreach)
     assert set(report.fused) == {"0.weight", "2.weight"}, report.unfused
     for i in range(6):
         out, ref = (report.result, ref_out) if i == 0 else (step(*batch(i)), ref_step(*batch(i)))
@@ -409,13 +405,8 @@ def test_the_update_size_against_a_clone_is_refused_with_that_reason(inner, reas
             opt.zero_grad(set_to_none=True)
             return loss.detach(), (model[0].weight.detach() - before).norm()
         return train_step
-    torch._dynamo.reset()
-    model, opt, _ = make("adamw", False, schedule=False)
-    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
-    step = forge_compile.compile(update_size(model, opt), inner=inner)
-    ref_step = update_size(ref_model, ref_opt)
-    report = forge_compile.explain(step, *batch(0))
-    ref_out = ref_step(*batch(0))
+    report, ref_out, (model, opt, _), (ref_model, ref_opt, _) = \
+        _explained_pair(update_size, inner=inner)
     assert "2.weight" in report.fused and report.fused["2.weight"].read_after_update == 0
     assert report.unfused["0.weight"].startswith(reason), report.unfused
     assert 0 < report.result[1] and rel(report.result[1], ref_out[1]) <= RTOL_FP32
