@@ -906,7 +906,7 @@ def _final_pick(finals: Sequence[KernelConfig], time_ms, log=None) -> KernelConf
 # kept up (AdamW 4096² T=512), both clocks agree: 0.1552 against the bench's 0.1547 ms. The GPU
 # stays busy meanwhile, as under do_bench and in a training step: with an idle spin
 # (torch.cuda._sleep) there instead, the tuner read 5632×2048 bf16 AdamW T=512 at 0.093 ms
-# where the bench's do_bench read 0.084 for the same config.
+# where the bench's do_bench read 0.084 for the same config (on an earlier lease).
 _FLUSH_MARGIN_S = 50e-6
 # The host time is the median of the warm-up calls: one garbage-collector pause among them
 # (tens of ms in a process holding a compiled 16-layer model) would otherwise set hundreds of
