@@ -1,10 +1,11 @@
 """Static SASS instruction counts of a warp-specialised candidate, fp32 against bf16 W/state
 (no GPU needed: a local sm_90 compile with Triton's bundled ptxas, cuobjdump -sass). Pointers,
 sizes and strides are compiled as multiples of 16, as Triton's launcher specialises them.
-    python scripts/sass_counts.py [--ws 9] [--rule adamw] [--out FILE]
+    python scripts/sass_counts.py [--ws 9] [--vec 8] [--rule adamw] [--out FILE]
 """
 import argparse
 import collections
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,12 +19,15 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ws", type=int, default=9, help="index into _GPU_WS_CONFIGS")
+    p.add_argument("--vec", type=int, default=0, help="WS_VEC (0: the config's)")
     p.add_argument("--rule", default="adamw")
     p.add_argument("--out")
     a = p.parse_args()
     import test_fused_linear_update as T
     from forge_compile.kernels import fused_linear_update as flu
     cfg = flu._GPU_WS_CONFIGS[a.ws]
+    if a.vec:
+        cfg = dataclasses.replace(cfg, WS_VEC=a.vec)
     prog = T._rules()[a.rule][0]
     tool = T._bundled_tool("cuobjdump")
     lines = [f"_GPU_WS_CONFIGS[{a.ws}] = {cfg}, {a.rule}; static SASS counts, whole kernel"]

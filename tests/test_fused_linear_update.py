@@ -360,7 +360,8 @@ def test_tuning_final_round_interleaves_the_finalists():
 
 
 def test_kernel_config_round_trips_through_tuning_json():
-    for cfg in flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS + flu._GPU_SPLIT_CONFIGS:
+    for cfg in (flu._GPU_CONFIGS + flu._GPU_WS_CONFIGS + flu._GPU_WS_2BYTE_CONFIGS
+                + flu._GPU_SPLIT_CONFIGS):
         assert flu.KernelConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
 
 
@@ -924,6 +925,26 @@ def test_ws_cluster_bad_options_fail_fast():
         ws.ws_launch_args(dy, x, p, st, sc, prog, cfg, skip_gemm=True)
 
 
+def test_ws_vec_bad_options_fail_fast():
+    """WS_VEC=8 where the epilogue warps would cover more rows than a chunk has (8 warps at 2
+    rows each against ws10's 8-row chunks), or off the row paths, is refused before anything
+    compiles, naming the fix; the layout it generates puts 8 elements on a thread."""
+    ws = _ws()
+    prog, sc, (dy, x, p, st) = _cpu_adamw_64()
+    with pytest.raises(ValueError, match="covers 2 of a chunk's rows .* more than its 8: use "
+                                         "a smaller EPI_SPLIT or WS_VEC=4"):
+        ws.ws_launch_args(dy, x, p, st, sc, prog,
+                          dataclasses.replace(flu._GPU_WS_CONFIGS[10], WS_VEC=8))
+    for bad in (dict(state="epi", vec=8), dict(state="epi_rows", vec=2)):
+        with pytest.raises(ValueError, match="WS_VEC=.*: 4, or 8 on the row paths"):
+            ws.kernel_source(prog, 8, False, **bad)
+    src = ws.kernel_source(prog, *ws.kernel_args(flu._GPU_WS_2BYTE_CONFIGS[0]))
+    assert ("cl: gl.constexpr = gl.BlockedLayout([1, 8], [VR, 32 // VR], [EPI_WARPS, 1], "
+            "[1, 0])") in src
+    assert "BlockedLayout([1, 8]" not in ws.kernel_source(
+        prog, *ws.kernel_args(flu._GPU_WS_CONFIGS[9]))
+
+
 def test_ws_prefetch_bad_options_fail_fast():
     """WS_PREFETCH that would reach past the next tile, or a chunk with more lines than the
     epilogue has threads, is refused before anything compiles, naming the fix."""
@@ -1089,7 +1110,11 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
     # a pure-bf16 model (W and state bf16): the T=512 and T=2048 picks, and the one-state
     # candidate that AdamW's bf16 state lets fit
     (f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, "bf16model")
-    for i, rule in ((9, "adamw"), (10, "adamw"), (10, "sgd_momentum"), (5, "adamw"))]
+    for i, rule in ((9, "adamw"), (10, "adamw"), (10, "sgd_momentum"), (5, "adamw"))] + [
+    # the 2-byte-W candidate (WS_VEC=8): bf16 W beside fp32 or bf16 state
+    ("vec8", flu._GPU_WS_2BYTE_CONFIGS[0], rule, dt)
+    for rule, dt in (("adamw", "bf16model"), ("lion", "bf16model"), ("adamw", "bf16"),
+                     ("sgd_momentum", "bf16model"))]
 
 
 @pytest.mark.parametrize("name,cfg,rule,param_dtype", _SM90_CASES,
@@ -1968,28 +1993,34 @@ def test_gpu_ws_all_ops_matches_fp64(fast_ieee):
 
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("idx,knobs", [(8, "fast"), (7, "fast"), (1, "fast"), (8, "roll2"),
-                                       (8, "roll2+fast"), (7, "roll2+fast"), (7, "roll4+fast"),
-                                       (6, "roll16"), (4, "roll8+fast")])
-@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_ws_fast_ieee_is_bit_identical(idx, knobs, param_dtype):
-    """The shipped WS config ``idx`` with WS_FAST_IEEE=1 and/or WS_ROLL=r updates W and the
-    state bit for bit as the config itself (ptxas's own div.rn / sqrt.rn, chunks unrolled):
-    every rule and the all-ops program, ragged and even shapes, fp32 and stochastically
-    rounded bf16 weights; with zero gradient rows, zero m and v and a NaN in m, so warps take
-    the fall back inside the kernel too."""
+@pytest.mark.parametrize("idx,knobs,dtypes", [
+    (i, k, d) for i, k in ((8, "fast"), (7, "fast"), (1, "fast"), (8, "roll2"), (8, "roll2+fast"),
+                           (7, "roll2+fast"), (7, "roll4+fast"), (6, "roll16"), (4, "roll8+fast"),
+                           (9, "vec8"), (8, "vec8"), (2, "vec8"))
+    for d in ("fp32", "bf16") + (("bf16model",) if "vec8" in k else ())])
+def test_gpu_ws_fast_ieee_is_bit_identical(idx, knobs, dtypes):
+    """The shipped WS config ``idx`` with WS_FAST_IEEE=1, WS_ROLL=r and/or WS_VEC=8 (the knobs
+    named; the rest as the config has them) updates W and the state bit for bit as the config
+    itself (ptxas's own div.rn / sqrt.rn, chunks unrolled, 4 elements a thread): every rule and
+    the all-ops program, ragged and even shapes, fp32 and stochastically rounded bf16 weights
+    (beside fp32 state, or bf16 state: a pure-bf16 model); with zero gradient rows, zero m and
+    v and a NaN in m, so warps take the fall back inside the kernel too."""
     cfg = flu._GPU_WS_CONFIGS[idx]
     roll = re.search(r"roll(\d+)", knobs)
-    fast = dataclasses.replace(cfg, WS_FAST_IEEE=int("fast" in knobs),
-                               WS_ROLL=int(roll.group(1)) if roll else 0)
+    knob = {"WS_FAST_IEEE": 1} if "fast" in knobs else {}
+    knob.update({"WS_ROLL": int(roll.group(1))} if roll else {})
+    knob.update({"WS_VEC": 8} if "vec8" in knobs else {})
+    fast = dataclasses.replace(cfg, **knob)
+    param_dtype = torch.float32 if dtypes == "fp32" else torch.bfloat16
+    state_dtype = torch.bfloat16 if dtypes == "bf16model" else torch.float32
     cases = {k: v for k, v in _rules("cuda").items()}
     cases["all-ops"] = (_all_ops_program(), rules.scalar_tensors([0.3, 1.5], "cuda"))
     for name, (prog, sc) in cases.items():
         for shape in GPU_SHAPES:
             dy, x, p, st = _inputs(prog, *shape, torch.bfloat16, "cuda", param_dtype,
-                                   seed=_seed(name, shape))
+                                   state_dtype=state_dtype, seed=_seed(name, shape))
             _ws_or_skip(dy, x, p, st)
-            if not _ws().ws_fits(cfg, param_dtype, len(st)):
+            if not _ws().ws_fits(cfg, param_dtype, len(st), state_dtype):
                 continue
             dy[:, :64] = 0                       # gradient rows 0-63 are zero
             if st:

@@ -715,7 +715,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
                   handoff: str = "chunk", l2: str = "", mma_warps: int = 4,
                   mma_pending: int = 1, prefetch: int = 0, prefetch_gemm: int = 0,
                   mma: bool = True, cluster: int = 1, load_warp: bool = False,
-                  tma_store: bool = False, fast_ieee: bool = False, roll: int = 0) -> str:
+                  tma_store: bool = False, fast_ieee: bool = False, roll: int = 0,
+                  vec: int = 4) -> str:
     """The Gluon module source for one epilogue program, SPLIT, PIPE and the W/state path
     (``state``: "regs" = gl.load; "warp" = TMA ring fed by a 1-warp partition; "epi" = TMA ring
     fed by the epilogue warps themselves, SLOTS chunks ahead). ``epilogue=False`` (the study's
@@ -746,7 +747,10 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     ``roll``: 0, the tile's SPLIT chunks unrolled; r >= 2, a runtime loop of r iterations over
     SPLIT / r chunks each ("epi_rows_grab": r = 2, its halves; eighteenth session; "epi_rows":
     any divisor of SPLIT, the chunks read from a [SPLIT, CW, BLOCK_K] view of the hand-off
-    buffer; nineteenth session): less code per tile, for the instruction cache (run 51)."""
+    buffer; nineteenth session): less code per tile, for the instruction cache (run 51).
+    ``vec`` (row paths): elements per epilogue thread along a row, 4 or 8 (8: 16-byte accesses
+    on 2-byte W/state; a warp then covers 256 // BLOCK_K rows, and every epilogue warp needs
+    rows of its own in a chunk: ws_launch_args checks)."""
     if load_warp and (state == "warp" or prefetch_gemm or mma_pending != 1 or not mma):
         raise ValueError("WS_LOAD_WARP=1: not with WS='warp', WS_PREFETCH_GEMM, "
                          "WS_MMA_PENDING=2 or the ring without wgmma")
@@ -770,6 +774,8 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
         raise ValueError(f"WS_ROLL={roll} with EPI_SPLIT={split}: 0 (unrolled) or the loop's "
                          "iterations per tile, a divisor of EPI_SPLIT >= 2 (2 with "
                          "WS='epi_rows_grab', its halves)")
+    if vec not in (4, 8) or (vec == 8 and (state not in _ROW_PATHS or cluster == 2)):
+        raise ValueError(f"WS_VEC={vec}: 4, or 8 on the row paths without WS_CLUSTER=2")
     if mma_warps not in _MMA_REGS:
         raise ValueError(f"mma_warps={mma_warps}: one of {sorted(_MMA_REGS)}")
     if mma_pending not in (1, 2):
@@ -988,7 +994,13 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
     a("                        SLOTS: gl.constexpr, GROUP_N: gl.constexpr, EVEN_NK: gl.constexpr,")
     a("                        SAME_STRIDES: gl.constexpr, STOCHASTIC_ROUND: gl.constexpr,")
     a("                        EPI_WARPS: gl.constexpr):")
-    if rows:
+    if rows and vec == 8:
+        # 8 elements (16 B of bf16) a thread: a warp on VR whole rows, the warps on
+        # EPI_WARPS * VR rows of the chunk's CW (ws_launch_args checks that they fit)
+        a("    CW: gl.constexpr = BLOCK_N // SPLIT")
+        a("    VR: gl.constexpr = 256 // BLOCK_K")
+        a("    cl: gl.constexpr = gl.BlockedLayout([1, 8], [VR, 32 // VR], [EPI_WARPS, 1], [1, 0])")
+    elif rows:
         a("    CW: gl.constexpr = BLOCK_N // SPLIT")
         # a warp per row; with more warps than a chunk has rows (16 warps, 8-row chunks), the
         # rest split the row's 128 columns (2 per thread) rather than hold copies of it
@@ -1295,9 +1307,9 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
             handoff: str = "chunk", l2: str = "", mma_warps: int = 4, mma_pending: int = 1,
             prefetch: int = 0, prefetch_gemm: int = 0, mma: bool = True, cluster: int = 1,
             load_warp: bool = False, tma_store: bool = False, fast_ieee: bool = False,
-            roll: int = 0):
+            roll: int = 0, vec: int = 4):
     key = (prog.dumps(), split, pipe, state, epilogue, handoff, l2, mma_warps, mma_pending,
-           prefetch, prefetch_gemm, mma, cluster, load_warp, tma_store, fast_ieee, roll)
+           prefetch, prefetch_gemm, mma, cluster, load_warp, tma_store, fast_ieee, roll, vec)
     k = _KERNELS.get(key)
     if k is None:
         if l2 and not _tma_takes("cache_policy"):
@@ -1305,7 +1317,7 @@ def _kernel(prog, split: int, pipe: bool, state: str, epilogue: bool = True,
         _install_encoding_cache()
         src = kernel_source(prog, split, pipe, state, epilogue, handoff, l2, mma_warps,
                             mma_pending, prefetch, prefetch_gemm, mma, cluster, load_warp,
-                            tma_store, fast_ieee, roll)
+                            tma_store, fast_ieee, roll, vec)
         k = _KERNELS[key] = _import_generated(src, "flu_ws")._fused_linear_update_ws_kernel
     return k
 
@@ -1317,7 +1329,7 @@ def kernel_args(cfg, epilogue: bool = True, handoff: str = "chunk", mma: bool = 
     return (cfg.EPI_SPLIT, cfg.EPI_PIPE, cfg.WS, epilogue, handoff, cfg.WS_L2, cfg.WS_MMA_WARPS,
             cfg.WS_MMA_PENDING, cfg.WS_PREFETCH, cfg.WS_PREFETCH_GEMM, mma, cfg.WS_CLUSTER,
             bool(cfg.WS_LOAD_WARP), bool(cfg.WS_TMA_STORE), bool(cfg.WS_FAST_IEEE),
-            cfg.WS_ROLL)
+            cfg.WS_ROLL, cfg.WS_VEC or 4)
 
 
 def state_block(cfg) -> list:
@@ -1545,6 +1557,13 @@ def ws_launch_args(dy: Tensor, x: Tensor, param: Tensor, state: List[Tensor], sc
         # with whole 8-row phases per chunk (kernel_source)
         raise ValueError(f"WS_ROLL={cfg.WS_ROLL} with WS='epi_rows': the chunks need a multiple "
                          "of 8 rows (BLOCK_N // EPI_SPLIT) and the swizzled hand-off buffer")
+    if (cfg.WS_VEC or 4) == 8 and (cfg.BLOCK_K not in (64, 128, 256) or cfg.num_warps * 256
+                                   // cfg.BLOCK_K > cfg.BLOCK_N // cfg.EPI_SPLIT):
+        # fewer rows in a chunk than the warps cover: Gluon would replicate, not split, them
+        raise ValueError(f"WS_VEC=8: each of the {cfg.num_warps} epilogue warps covers "
+                         f"{256 // max(cfg.BLOCK_K, 1)} of a chunk's rows (BLOCK_K in 64, 128, "
+                         f"256), more than its {cfg.BLOCK_N // cfg.EPI_SPLIT}: use a smaller "
+                         "EPI_SPLIT or WS_VEC=4")
     cl = cfg.WS_CLUSTER
     if cl == 2:
         if skip_gemm:
