@@ -607,7 +607,8 @@ class KernelConfig:
     # Row paths: elements per thread along a row in the epilogue's layout. 4 (0 = the default):
     # 16-byte fp32 accesses, but only 8-byte ones on bf16/fp16 W/state (LDS.64, STG.E.EF.64:
     # scripts/sass_counts.py, twenty-seventh session); 8: 16-byte accesses on 2-byte W/state,
-    # a warp on 256 // BLOCK_K rows (twenty-eighth session).
+    # a warp on 256 // BLOCK_K rows. A study knob: on ws9 no faster on the Llama's bf16 rows
+    # (within 1% on 10 rows; H100, twenty-eighth session, docs/kernels.md).
     WS_VEC: int = 0
 
 
@@ -716,11 +717,6 @@ _GPU_WS_CONFIGS = (
     KernelConfig(128, 128, 32, 8, 8, EPI_SPLIT=16, maxnreg=128, WS="epi_rows", WS_SLOTS=2,
                  WS_L2="gemm_last", WS_LOAD_WARP=1, WS_ROLL=4, WS_FAST_IEEE=1),
 )
-# 2-byte W (bf16 weights): the T=512 pick with 8 elements a thread along its rows (WS_VEC), so
-# that W and bf16 state move in 16-byte accesses as fp32 does (LDS.128 / STG.E.EF.128 instead
-# of .64: 12 + 12 memory instructions per rolled pass instead of 24 + 24, scripts/sass_counts.py
-# --vec 8). Offered beside the others, not instead: the tuner decides per shape.
-_GPU_WS_2BYTE_CONFIGS = (dataclasses.replace(_GPU_WS_CONFIGS[9], WS_VEC=8),)
 # fp32 operands (an fp32 model): Triton's IEEE fp32 dot runs on FMA units, not tensor cores,
 # and needs twice the shared memory per tile (128×256 / 4 stages asks 288 KiB of the 227 KiB).
 # Measured (H100, AdamW, 4096×4096): the best fused config is 14-16% slower than cuBLAS SGEMM
@@ -784,9 +780,7 @@ def candidate_configs(dy: Tensor, x: Optional[Tensor] = None, param: Optional[Te
         # states, for one). Twice the slots for bf16 W/state measured no faster (0.111 against
         # 0.110 ms at 4096² AdamW T=512; 0.165 against 0.163 at T=2048; H100, 04:27 UTC).
         sdt = state_dtype(state or [])
-        two_byte = _GPU_WS_2BYTE_CONFIGS if param.dtype.itemsize == 2 else ()
-        ws = tuple(c for c in _GPU_WS_CONFIGS + two_byte
-                   if ws_fits(c, param.dtype, len(state or []), sdt))
+        ws = tuple(c for c in _GPU_WS_CONFIGS if ws_fits(c, param.dtype, len(state or []), sdt))
     return _GPU_CONFIGS + split + ws
 
 
