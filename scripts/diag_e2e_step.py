@@ -21,7 +21,8 @@ import bench_e2e as B                                        # noqa: E402
 
 
 def kernel_table(prof, steps: int, top: int):
-    """-> (GPU kernel ms per step, [(ms per step, calls per step, name)] of the top kernels)."""
+    """-> (GPU kernel ms per step, kernel launches per step, [(ms per step, calls per step,
+    name)] of the top kernels)."""
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None)
@@ -30,7 +31,7 @@ def kernel_table(prof, steps: int, top: int):
         if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
             rows.append((t / 1e3 / steps, e.count / steps, e.key))
     rows.sort(reverse=True)
-    return sum(r[0] for r in rows), rows[:top]
+    return sum(r[0] for r in rows), sum(r[1] for r in rows), rows[:top]
 
 
 def main() -> int:
@@ -86,10 +87,11 @@ def main() -> int:
                 step(ids)
             sync()
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float("nan")
-        gpu_ms, top = kernel_table(prof, 2, a.top)
+        gpu_ms, launches, top = kernel_table(prof, 2, a.top)
         wall = 1e3 * statistics.median(times)
         say(f"\n== {method}: {wall:.2f} ms/step (median of {a.steps}; all {[round(1e3 * t, 1) for t in times]}), "
-            f"GPU kernels {gpu_ms:.2f} ms/step ({100 * gpu_ms / wall:.0f}% of the wall), peak "
+            f"GPU kernels {gpu_ms:.2f} ms/step ({100 * gpu_ms / wall:.0f}% of the wall, "
+            f"{launches:.0f} launches), peak "
             f"{peak:.2f} GiB over the timed steps, warm-up {warm:.0f} s")
         for ms, calls, name in top:
             say(f"  {ms:8.3f} ms  {calls:6.1f}x  {name[:110]}")

@@ -70,3 +70,28 @@ def test_idempotent():
     code = gm.code
     unroll_foreach(gm, None)
     assert gm.code == code
+
+
+def test_lists_of_0d_tensors_stay_whole():
+    """Step counters and what the optimizer computes from them (0-d entries only) stay one list
+    op: the matcher reads them as scalars, and one foreach kernel does what would otherwise be a
+    one-element kernel per entry. A list of shaped tensors beside them is still unrolled."""
+    steps = [torch.tensor(3.0), torch.tensor(5.0)]
+    a = _lists()[0]
+
+    def fn(steps, a):
+        bc = torch._foreach_pow(0.9, steps)
+        bc = torch._foreach_sub(bc, 1.0)
+        return list(torch._foreach_neg(bc)) + list(torch._foreach_mul(a, 2.0))
+
+    gm = make_fx(fn, tracing_mode="fake")(steps, a)
+    ref = copy.deepcopy(gm)
+    counters.clear()
+    unroll_foreach(gm, None)
+    kept = sorted(str(n.target) for n in gm.graph.nodes if "_foreach_" in str(n.target))
+    assert kept == ["aten._foreach_neg.default", "aten._foreach_pow.ScalarAndTensor",
+                    "aten._foreach_sub.Scalar"], gm.code
+    assert counters["forge_compile"]["foreach unrolled"] == 1
+    assert not any(k.startswith("foreach kept") for k in counters["forge_compile"])
+    for x, y in zip(gm(steps, a), ref(steps, a)):
+        assert torch.equal(x, y)

@@ -10,6 +10,12 @@ rewritten afterwards still computes the same update as eager.
 Each ``getitem(foreach_node, i)`` is replaced by a new node that keeps the getitem's meta['val'].
 Overloads whose per-element form is not plain (``.Tensor`` scalars given as a 1-D tensor) are left
 alone, and so are the in-place ``_foreach_*_`` ops (a functional graph does not contain them).
+
+List ops whose every entry is 0-d stay whole: the step counters and what the optimizer computes
+from them (bias corrections, Adam's step size). The matcher reads those as the update's scalars,
+not as a chain to match, and unrolled, Inductor ran them as one kernel of one element per
+parameter and op: 113 launches a step on the 953M Llama (0.164 ms of GPU time, H100,
+twenty-seventh session) where one foreach kernel per op does.
 """
 from __future__ import annotations
 
@@ -94,6 +100,16 @@ def _per_element(node: torch.fx.Node, i: int) -> Optional[tuple]:
     return None
 
 
+def _all_scalars(node: torch.fx.Node) -> bool:
+    """Whether list op ``node`` reads and makes 0-d tensors only (meta['val'] known): a reduction
+    such as ``_foreach_norm`` makes 0-d values from shaped ones and is not one."""
+    outs = node.meta.get("val")
+    if not isinstance(outs, (list, tuple)) or not outs:
+        return False
+    vals = [*outs, *(x.meta.get("val") for x in node.all_input_nodes)]
+    return all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in vals)
+
+
 def unroll_foreach(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.fx.GraphModule:
     """Replace every supported ``_foreach_*`` node by per-entry ATen nodes."""
     graph = gm.graph
@@ -105,6 +121,8 @@ def unroll_foreach(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torc
             continue
         users = list(node.users)
         if not all(u.op == "call_function" and u.target is operator.getitem for u in users):
+            continue
+        if _all_scalars(node):
             continue
         plans = {}
         for u in users:
