@@ -409,7 +409,13 @@ def test_the_update_size_against_a_clone_is_refused_with_that_reason(inner, reas
         _explained_pair(update_size, inner=inner)
     assert "2.weight" in report.fused and report.fused["2.weight"].read_after_update == 0
     assert report.unfused["0.weight"].startswith(reason), report.unfused
-    assert 0 < report.result[1] and rel(report.result[1], ref_out[1]) <= RTOL_FP32
+    # w - before is a difference of nearly equal fp32 numbers: w's own rounding in the two
+    # AdamW steps (Inductor's Triton code contracts into FMAs, eager's kernels round each op)
+    # moves an element of it by up to an ulp of w, so the two norms agree to eps·‖w‖, not to
+    # RTOL_FP32 of the norm (CUDA, H100: relative 2.4e-5 of ‖w - before‖ = 0.0113). The
+    # weights themselves are held to RTOL_FP32 below.
+    bound = 2 * torch.finfo(torch.float32).eps * model[0].weight.detach().double().norm()
+    assert 0 < report.result[1] and abs(report.result[1].double() - ref_out[1].double()) <= bound
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
