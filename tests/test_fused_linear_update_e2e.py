@@ -141,8 +141,16 @@ def test_mlp_matches_eager(opt_name):
 
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd_nesterov", "adagrad", "rmsprop", "adamax", "nadam"])
 def test_mlp_foreach_matches_eager(opt_name):
-    model, fused, unfused, _ = _run("mlp", opt_name, foreach=True)
+    model, fused, unfused, last = _run("mlp", opt_name, foreach=True)
     _fused_names_ok(model, fused)
+    # the list ops left in the rewritten graph read and make 0-d tensors only (step counters,
+    # bias corrections: unroll_foreach keeps those whole); every optimizer here but SGD counts
+    # steps
+    kept = [n for n in last.graph_module_after.graph.nodes if "_foreach_" in str(n.target)]
+    for n in kept:
+        vals = [*n.meta["val"], *(x.meta["val"] for x in n.all_input_nodes)]
+        assert all(v.dim() == 0 for v in vals), (n.format_node(), [v.shape for v in vals])
+    assert bool(kept) == (opt_name != "sgd_nesterov"), [str(n.target) for n in kept]
 
 
 # adamw_fused: fused=True's _fused_adamw_ traced (forge_compile.capture) and mapped to its rule
