@@ -14,8 +14,8 @@ alone, and so are the in-place ``_foreach_*_`` ops (a functional graph does not 
 List ops whose every entry is 0-d stay whole: the step counters and what the optimizer computes
 from them (bias corrections, Adam's step size). The matcher reads those as the update's scalars,
 not as a chain to match, and unrolled, Inductor ran them as one kernel of one element per
-parameter and op: 113 launches a step on the 953M Llama (0.164 ms of GPU time, H100,
-twenty-seventh session) where one foreach kernel per op does.
+parameter: on the 953M bf16 Llama (1×512, CUDA graphs, H100) 781 launches a step became 638,
+and the step 15.05 ms 14.74 (docs/README.md, "bf16 weights").
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ def _all_scalars(node: torch.fx.Node) -> bool:
 
 
 def unroll_foreach(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.fx.GraphModule:
-    """Replace every supported ``_foreach_*`` node by per-entry ATen nodes."""
+    """Replace every supported ``_foreach_*`` node by per-entry ATen nodes, except those over
+    0-d tensors only (``_all_scalars``)."""
     graph = gm.graph
     changed = 0
     for node in list(graph.nodes):
