@@ -43,12 +43,15 @@ def _lm_loss(model, idx, tgt):
     return torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), tgt.flatten())
 
 
-def _make_step(model, opt, loss_fn, clip=None, zero_grad=True):
+def _make_step(model, opt, loss_fn, clip=None, zero_grad=True, clip_value=None,
+               clip_foreach=None):
     def step(*batch):
         loss = loss_fn(model, *batch)
         loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value, foreach=clip_foreach)
         opt.step()
         if zero_grad:
             opt.zero_grad(set_to_none=True)
@@ -237,6 +240,23 @@ def test_clip_grad_norm_is_refused_and_exact():
     assert not fused
     assert unfused and all("norm" in why or "outside" in why for why in unfused.values()), unfused
     assert any(k.startswith("refused: ") for k in counters["forge_compile"])
+
+
+@pytest.mark.parametrize("opt_name,foreach,inner", [
+    ("adamw", False, "aot_eager"), ("adamw", True, "aot_eager"), ("sgd_nesterov", True, "aot_eager"),
+    ("adamw", False, "inductor")])
+def test_clip_grad_value_is_fused_and_matches_eager(opt_name, foreach, inner):
+    """clip_grad_value_ clamps each gradient element: elementwise, so the clamp becomes part of
+    the fused update's program (unlike clip_grad_norm_, whose scale needs every gradient first).
+    The clip bites: 10-90% of the first step's gradient elements lie beyond it."""
+    clip = 2e-3
+    model, ref, _, _, loss_fn, data = _setup("mlp", opt_name, foreach)
+    grads = torch.autograd.grad(loss_fn(ref, *data(0)), list(ref.parameters()))
+    share = sum(int((g.abs() > clip).sum()) for g in grads) / sum(g.numel() for g in grads)
+    assert 0.1 < share < 0.9, share     # some elements clipped, some not
+    model, fused, unfused, _ = _run("mlp", opt_name, foreach=foreach, inner=inner, steps=6,
+                                    clip_value=clip, clip_foreach=foreach)
+    _fused_names_ok(model, fused)
 
 
 def test_fresh_sgd_without_weight_decay():
