@@ -288,7 +288,8 @@ SPLIT_BEFORE_BACKWARD = (
     "before the backward, see explain().graph_breaks, e.g. loss.item() read there; or a "
     "forward run outside the compiled step), so the weight-gradient GEMMs are not in this graph "
     "and no update can be fused; the backward runs eagerly. Move the forward and the backward "
-    "into one compiled step, with nothing that breaks the graph between them")
+    "into one compiled step, with nothing that breaks the graph between them (a loss.item() "
+    "the step only returns: torch._dynamo.config.capture_scalar_outputs = True traces it)")
 
 
 def _break_if_used_before_backward(self, tx) -> None:

@@ -611,6 +611,33 @@ def test_a_loss_read_before_backward_runs_the_backward_eagerly(read, caplog):
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_a_loss_item_returned_is_traced_with_capture_scalar_outputs(inner):
+    """The fix SPLIT_BEFORE_BACKWARD names for a ``loss.item()`` the step only returns: with
+    Dynamo's capture_scalar_outputs the read is traced (an unbacked float), the step stays one
+    graph over several steps (no recompile: nothing guards on the value), every weight is fused,
+    and the float returned and the training equal eager's."""
+    def item_step(model, opt):
+        def train_step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            value = loss.item()
+            _backward_and_step(loss, opt)
+            return value
+        return train_step
+    torch._dynamo.reset()
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    ref_step = item_step(ref_model, ref_opt)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), listen() as reports:
+        step = forge_compile.compile(item_step(model, opt), inner=inner)
+        for i in range(4):
+            got, want = step(*batch(i)), ref_step(*batch(i))
+            assert isinstance(got, float) and abs(got - want) <= RTOL_FP32 * abs(want), (i, got, want)
+    assert len(reports) == 1 and set(reports[0].fused) == {"0.weight", "2.weight"}, \
+        [r.unfused for r in reports]
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
 def test_a_forward_run_outside_the_compiled_step_trains_as_eager(caplog):
     """The model's forward outside the compiled function, the loss, backward and optimizer
     inside: the frame holds no leaf, and Dynamo traced the backward as a no-op, so the weights
