@@ -156,6 +156,15 @@ def test_mlp_foreach_matches_eager(opt_name):
     assert bool(kept) == (opt_name != "sgd_nesterov"), [str(n.target) for n in kept]
 
 
+def test_mlp_foreach_under_inductor_matches_eager():
+    """NAdam's 25 list ops over 0-d tensors (its step counters, bias corrections and momentum
+    products) kept whole through Inductor's own lowering on the CPU: eager-equal, every weight
+    fused."""
+    model, fused, unfused, last = _run("mlp", "nadam", foreach=True, inner="inductor", steps=5)
+    _fused_names_ok(model, fused)
+    assert sum("_foreach_" in str(n.target) for n in last.graph_module_after.graph.nodes) == 25
+
+
 # adamw_fused: fused=True's _fused_adamw_ traced (forge_compile.capture) and mapped to its rule
 @pytest.mark.parametrize("opt_name", OPTIMIZERS + ["adamw_fused"])
 def test_transformer_matches_eager(opt_name):
