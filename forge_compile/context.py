@@ -53,6 +53,9 @@ class FusedParam:
     # nodes that read the updated weight or state later in the step (an evaluation forward
     # after opt.step()): they read it after the fused op updated it in place
     read_after_update: int = 0
+    # its gradient's norm (clip_grad_norm_) computed from the GEMM's operands, not the gradient
+    # (passes/grad_norm.py): one more GEMM, and its dY and X held until the clip's scale is known
+    norm_from_operands: bool = False
 
 
 @dataclasses.dataclass

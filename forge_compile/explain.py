@@ -113,6 +113,8 @@ class ExplainReport:
                 f", split-GEMM: ≤ {block:,} B of it live at a time" if block else "") + (
                 f", its new value read later in the step by {f.read_after_update} node(s), "
                 "after the fused update" if f.read_after_update else "") + (
+                ", its norm (clip_grad_norm_) from dY and X: one more GEMM, dY and X held "
+                "until the clip's scale" if f.norm_from_operands else "") + (
                 ", differs from eager: see below" if f.precision_note else ""))
             if f.precision_note:
                 notes.setdefault(f.precision_note, []).append(n)

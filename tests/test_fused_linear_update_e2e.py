@@ -244,10 +244,14 @@ def test_transformer_foreach_adam_matches_eager():
 # -- refusals: eager-equal results and a named reason -----------------------------------------
 
 def test_clip_grad_norm_is_refused_and_exact():
+    """21 tokens through a 24-40-12 MLP: for both weights dY and X take more bytes than the
+    gradient, so the norms keep reading the gradients and both updates are refused for it."""
     counters.clear()
     model, fused, unfused, _ = _run("mlp", "adamw", clip=0.5, steps=6)
     assert not fused
-    assert unfused and all("norm" in why or "outside" in why for why in unfused.values()), unfused
+    assert sorted(unfused) == ["down.weight", "up.weight"], unfused
+    assert all("its norm (clip_grad_norm_) reads the gradient: dY and X" in why
+               for why in unfused.values()), unfused
     assert any(k.startswith("refused: ") for k in counters["forge_compile"])
 
 
@@ -266,6 +270,67 @@ def test_clip_grad_value_is_fused_and_matches_eager(opt_name, foreach, inner):
     model, fused, unfused, _ = _run("mlp", opt_name, foreach=foreach, inner=inner, steps=6,
                                     clip_value=clip, clip_foreach=foreach)
     _fused_names_ok(model, fused)
+
+
+def _clip_norm_check(widths, tokens, want, foreach, inner, device="cpu"):
+    """clip_grad_norm_ (max_norm 0.05) on a ``widths`` MLP, AdamW, ``tokens`` rows a step, 6
+    steps: eager-equal (fp32, RTOL 1e-5), every step's total norm above max_norm (the clip
+    bites), ``want`` fused with their norms from dY and X, the rest refused for the norm."""
+    clip = 0.05
+    torch.manual_seed(0)
+    model = MLP(*widths).to(device)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters(), foreach) for m in (model, ref))
+
+    def make(m, o, norms):
+        def step(x, y):
+            loss = _mlp_loss(m, x, y)
+            loss.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(m.parameters(), clip, foreach=foreach))
+            o.step()
+            o.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+    seen, ref_seen = [], []
+    compiled = forge_compile.compile(make(model, opt, seen), inner=inner)
+    eager = make(ref, ref_opt, ref_seen)
+    g = torch.Generator().manual_seed(5)
+    with listen() as reports:
+        for _ in range(6):
+            x = torch.randn(tokens, widths[0], generator=g).to(device)
+            y = torch.randn(tokens, widths[2], generator=g).to(device)
+            compiled(x, y)
+            eager(x, y)
+    assert min(float(n) for n in ref_seen) > clip, ref_seen
+    _assert_close(model, ref, opt, ref_opt)
+    fused = _fused_in(reports)
+    assert sorted(fused) == want and all(f.norm_from_operands for f in fused.values())
+    unfused = {k: v for r in reports for k, v in r.unfused.items() if k not in fused}
+    assert all("its norm (clip_grad_norm_) reads the gradient" in why
+               for why in unfused.values()), unfused
+
+
+@pytest.mark.parametrize("widths,tokens,want", [
+    ((24, 40, 12), 6, ["down.weight", "up.weight"]),   # dY and X lighter than both gradients
+    ((64, 128, 12), 21, ["up.weight"])])               # down: 21·140 values against 12·128
+@pytest.mark.parametrize("foreach,inner", [(False, "aot_eager"), (True, "aot_eager"),
+                                           (False, "inductor"), (True, "inductor")])
+def test_clip_grad_norm_fused_from_the_operands(widths, tokens, want, foreach, inner):
+    """clip_grad_norm_ where a weight's dY and X take fewer bytes than its gradient: that
+    gradient's norm is computed from them (forge_compile::grad_sqnorm, a second GEMM), and its
+    update is fused with the clip's scale as a scalar; a weight where they take more keeps its
+    gradient and is refused for the norm (_clip_norm_check)."""
+    _clip_norm_check(widths, tokens, want, foreach, inner)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_clip_grad_norm_fused_from_the_operands():
+    """The same on CUDA through Inductor, AdamW and clip_grad_norm_ with their CUDA default
+    (foreach), fp32 with IEEE dots: 256-512-64 at 32 tokens, both weights fused; 64-128-12 at
+    21 tokens, the down projection refused for the norm."""
+    _clip_norm_check((256, 512, 64), 32, ["down.weight", "up.weight"], None, "inductor", "cuda")
+    _clip_norm_check((64, 128, 12), 21, ["up.weight"], None, "inductor", "cuda")
 
 
 def test_fresh_sgd_without_weight_decay():

@@ -330,16 +330,56 @@ def test_refuses_gradient_returned():
     assert "graph output" in why
 
 
-def test_refuses_clip_grad_norm():
-    def f(dy, x, w, buf):
-        g = torch.mm(dy.t(), x)
-        coef = torch.clamp(1.0 / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
-        b = buf * 0.9 + g * coef
-        w.copy_(w - 0.01 * b)
-        buf.copy_(b)
-        return (dy.sum(),)
-    why = _refused(f, _inputs((T, N), (T, K), (N, K), (N, K)), _SGD_NAMES)
+def _clipped_sgd(dy, x, w, buf):
+    g = torch.mm(dy.t(), x)
+    coef = torch.clamp(1.0 / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
+    b = buf * 0.9 + g * coef
+    w.copy_(w - 0.01 * b)
+    buf.copy_(b)
+    return (dy.sum(),)
+
+
+def test_refuses_clip_grad_norm_when_the_operands_outweigh_the_gradient():
+    # T=37 tokens of dY (20) and X (12): 4736 bytes held until the clip's scale, against the
+    # gradient's 960: the norm keeps reading the gradient, and the update is refused for it
+    counters.clear()
+    why = _refused(_clipped_sgd, _inputs((T, N), (T, K), (N, K), (N, K)), _SGD_NAMES)
     assert "norm" in why
+    assert counters["forge_compile"]["grad norm kept: operands larger than the gradient"] == 1
+
+
+def test_fires_clip_grad_norm_from_the_operands():
+    # 4 tokens: dY and X take 512 bytes against the gradient's 960. The norm becomes
+    # sqrt(grad_sqnorm(dYᵀ, X)), the gradient's only reader is its update, which is fused
+    # with the clip's scale as a scalar
+    counters.clear()
+    gm, ctx, diff = _run_both(_clipped_sgd, _inputs((4, N), (4, K), (N, K), (N, K)), _SGD_NAMES)
+    assert _count(gm, FUSED) == 1 and list(ctx.report.fused) == ["w"], ctx.report.unfused
+    assert ctx.report.fused["w"].norm_from_operands
+    assert _count(gm, torch.ops.forge_compile.grad_sqnorm.default) == 1
+    assert _count(gm, aten.linalg_vector_norm.default) == 0 and _count(gm, aten.mm.default) == 0
+    assert counters["forge_compile"]["grad norm from the GEMM operands"] == 1
+    assert diff < 1e-5
+
+
+def test_clip_grad_norm_foreach_keeps_the_other_entries():
+    # _foreach_norm over a weight gradient and a bias gradient (a row sum): the weight's entry
+    # reads the operands, the bias's stays in a _foreach_norm of its own
+    def f(dy, x, w, bias, buf, bbuf):
+        g, gb = torch.mm(dy.t(), x), dy.sum(0)
+        norms = torch._foreach_norm([g, gb], 2.0)
+        coef = torch.clamp(1.0 / (torch.linalg.vector_norm(torch.stack(norms)) + 1e-6), max=1.0)
+        for p, grad, mom in ((w, g, buf), (bias, gb, bbuf)):
+            m = mom * 0.9 + grad * coef
+            mom.copy_(m)
+            p.copy_(p - 0.01 * m)
+        return (dy.sum(),)
+    names = ["dy", "x", "w", "b", "opt.state[w].momentum_buffer", "opt.state[b].momentum_buffer"]
+    gm, ctx, diff = _run_both(f, _inputs((4, N), (4, K), (N, K), (N,), (N, K), (N,)), names)
+    assert list(ctx.report.fused) == ["w"] and "b" in ctx.report.unfused, ctx.report.unfused
+    norms = [n for n in gm.graph.nodes if n.target is aten._foreach_norm.Scalar]
+    assert len(norms) == 1 and len(norms[0].args[0]) == 1, gm.code
+    assert diff < 1e-5
 
 
 def test_refuses_grad_hook_side_output():

@@ -13,6 +13,7 @@ import torch
 from forge_compile.context import PassContext
 from forge_compile.passes.decompose_fused_optimizers import decompose_fused_optimizers
 from forge_compile.passes.fused_linear_update import fuse_linear_updates
+from forge_compile.passes.grad_norm import rewrite_grad_norms
 from forge_compile.passes.unroll_foreach import unroll_foreach
 
 __all__ = ["PASSES", "run_passes"]
@@ -26,7 +27,11 @@ PASSES: List[Pass] = [
     # 2. foreach=True (the GPU default) hides each parameter's update in list ops: one per-element
     #    chain per parameter is what the matcher needs. Value-preserving, so safe if 3. refuses.
     unroll_foreach,
-    # 3. the mutating rewrite, last (STYLE 4): GEMM + update region -> fused_linear_update_.
+    # 3. clip_grad_norm_'s norms of weight gradients read the GEMM's operands, not the
+    #    gradient (a second GEMM): then the gradient has no reader but its update, so 4. may
+    #    fuse it. Value-preserving up to the norm's summation order.
+    rewrite_grad_norms,
+    # 4. the mutating rewrite, last (STYLE 4): GEMM + update region -> fused_linear_update_.
     fuse_linear_updates,
 ]
 

@@ -54,6 +54,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 # bf16 weight's new value is rounded once (ForgeOptions.bf16_rounding). fp16 weights are left to
 # eager: fp16 training without a GradScaler overflows where the fp32 epilogue would not.
 _UPDATE_DTYPES = _FLOAT_DTYPES + (torch.bfloat16,)
+# meta keys of a weight-gradient GEMM whose norm passes/grad_norm.py computes from its operands,
+# or leaves reading the gradient: (bytes of dY and X, bytes of the gradient)
+NORM_FROM_OPERANDS = "forge_norm_from_operands"
+NORM_KEPT = "forge_norm_kept"
 
 
 class Refused(Exception):
@@ -314,6 +318,27 @@ def _product_operands(gemm: torch.fx.Node) -> Tuple[object, object]:
     return operands if appended == (0, 0) else tuple(gemm.args[:2])
 
 
+def grad_source(n: torch.fx.Node) -> Tuple[Optional[torch.fx.Node], int]:
+    """(gemm, transposes) if ``n`` is an mm seen through transparent nodes, else (None, 0).
+    ``gemm``: the mm, or the slice that cuts Inductor's shape padding off one
+    (``_trimmed_gemm``)."""
+    flips = 0
+    while n.op == "call_function" and n.target in _TRANSPARENT:
+        f = _flips(n)
+        if f is None or (n.target in (aten._to_copy.default, prims.convert_element_type.default)
+                         and not _cast_ok(n)):
+            return None, 0
+        flips ^= f
+        n = n.args[_TRANSPARENT[n.target]]
+        if not isinstance(n, torch.fx.Node):
+            return None, 0
+    if n.op == "call_function" and n.target is aten.mm.default:
+        return n, flips
+    if n.op == "call_function" and _trimmed_gemm(n) is not None:
+        return n, flips     # Inductor's padded mm cut back: the unpadded product
+    return None, 0
+
+
 def _fold(op: str, args) -> float:
     from forge_compile.epilogue import _TORCH_OPS
     t = [torch.tensor(a, dtype=torch.float64) for a in args]
@@ -349,24 +374,7 @@ class _Analysis:
 
     # -- 1. find the gradient GEMM ----------------------------------------------------------------
     def _grad_source(self, n: torch.fx.Node) -> Tuple[Optional[torch.fx.Node], int]:
-        """(gemm, transposes) if ``n`` is an mm seen through transparent nodes, else (None, 0).
-        ``gemm``: the mm, or the slice that cuts Inductor's shape padding off one
-        (``_trimmed_gemm``)."""
-        flips = 0
-        while n.op == "call_function" and n.target in _TRANSPARENT:
-            f = _flips(n)
-            if f is None or (n.target in (aten._to_copy.default, prims.convert_element_type.default)
-                             and not _cast_ok(n)):
-                return None, 0
-            flips ^= f
-            n = n.args[_TRANSPARENT[n.target]]
-            if not isinstance(n, torch.fx.Node):
-                return None, 0
-        if n.op == "call_function" and n.target is aten.mm.default:
-            return n, flips
-        if n.op == "call_function" and _trimmed_gemm(n) is not None:
-            return n, flips     # Inductor's padded mm cut back: the unpadded product
-        return None, 0
+        return grad_source(n)
 
     def _reads_gemm(self, f: torch.fx.Node, wshape) -> bool:
         """True when an input of ``f`` is a W-shaped GEMM seen through elementwise ops."""
@@ -786,6 +794,11 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
             a.analyse(dest)
             plan = _plan(a, names, dup, rounding)
         except Refused as r:
+            kept = getattr(a, "gemm", None) is not None and a.gemm.meta.get(NORM_KEPT)
+            if kept:        # passes/grad_norm.py left this gradient's norm reading it: say why
+                r = Refused(r.category, f"{r.detail}; its norm (clip_grad_norm_) reads the "
+                            f"gradient: dY and X ({kept[0]:,} B, held until the clip's scale) "
+                            f"outweigh it ({kept[1]:,} B)")
             _record_refusal(ctx, name, r, dest)
             continue
         param, state, prog, pos = plan
@@ -807,7 +820,9 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
             ctx.report.fused[pname] = FusedParam(name=pname, shape=tuple(a.wshape),
                                                  gradient_bytes=gbytes, rule=str(prog),
                                                  precision_note=note,
-                                                 read_after_update=late_readers)
+                                                 read_after_update=late_readers,
+                                                 norm_from_operands=bool(
+                                                     a.gemm.meta.get(NORM_FROM_OPERANDS)))
             ctx.report.unfused.pop(pname, None)
             ctx.report.unfused_bytes.pop(pname, None)
         log.info("forge_compile: fused %s %s (%d gradient bytes never materialised)%s%s",

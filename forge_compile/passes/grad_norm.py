@@ -1,0 +1,206 @@
+"""Rewrite a weight gradient's 2-norm to read the GEMM's operands instead of the gradient.
+
+``torch.nn.utils.clip_grad_norm_`` computes ``‖g‖`` of every gradient (``_foreach_norm`` over
+the list, or ``linalg_vector_norm`` of each), then scales every gradient by
+``min(max_norm / (total + 1e-6), 1)`` before the update. The scale is an elementwise product with
+a 0-d value, which the fused update takes as a scalar; what kept every weight unfused was the
+norm, a reader of the gradient outside the update. Here each weight gradient's norm becomes
+``sqrt(forge_compile::grad_sqnorm(A, B))`` on the operands of its GEMM ``A·B``
+(forge_compile/kernels/grad_norm.py: a second GEMM, in blocks, the gradient never whole). The
+gradient is then read by its update only and fuse_linear_updates can fuse it; the scale depends
+on dY and X, not on the gradient, so the liveness proof holds.
+
+The cost is memory as well as the GEMM: every such update waits for the last norm, so the
+weight's dY and X stay alive until the backward ends, where without the rewrite its gradient
+would. A norm is rewritten only where the operands take fewer bytes than the gradient (the
+953M Llama: below ~3,000 tokens a step, docs/README.md); the others keep their gradient and
+their norm, and that weight stays unfused with the reason that its norm reads the gradient.
+
+Entries of ``_foreach_norm`` that are not weight gradients (biases, norms, embeddings) stay in
+a ``_foreach_norm`` over them alone.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from typing import List, Optional
+
+import torch
+from torch._dynamo.utils import counters
+
+from forge_compile.context import PassContext
+from forge_compile.kernels.grad_norm import grad_sqnorm  # noqa: F401 (registers the op)
+from forge_compile.passes.fused_linear_update import (NORM_FROM_OPERANDS, NORM_KEPT,
+                                                     _product_operands, grad_source)
+
+__all__ = ["rewrite_grad_norms"]
+
+log = logging.getLogger("forge_compile")
+aten = torch.ops.aten
+SQNORM_OP = torch.ops.forge_compile.grad_sqnorm.default
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _nbytes(n) -> int:
+    v = _val(n)
+    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+
+def _is_two(ord_) -> bool:
+    return isinstance(ord_, (int, float)) and not isinstance(ord_, bool) and ord_ == 2
+
+
+def _operands(g: torch.fx.Node) -> Optional[tuple]:
+    """(gemm, A, B) when ``g`` is a weight gradient A·B (through views and casts up) whose
+    operands take fewer bytes than it, else None (logged and counted where only the bytes
+    decide)."""
+    if not isinstance(g, torch.fx.Node) or not isinstance(_val(g), torch.Tensor):
+        return None
+    gemm, _ = grad_source(g)
+    if gemm is None:
+        return None
+    a, b = _product_operands(gemm)
+    if not all(isinstance(x, torch.fx.Node) and isinstance(_val(x), torch.Tensor)
+               for x in (a, b)):
+        return None
+    held, grad = _nbytes(a) + _nbytes(b), _nbytes(g)
+    if held >= grad:
+        gemm.meta[NORM_KEPT] = (held, grad)
+        counters["forge_compile"]["grad norm kept: operands larger than the gradient"] += 1
+        log.info("forge_compile: the norm of %s reads the gradient: its GEMM's operands "
+                 "(%d bytes, held until the clip's scale is known) take more than the gradient "
+                 "(%d bytes)", g.name, held, grad)
+        return None
+    return gemm, a, b
+
+
+def _cast_like(graph: torch.fx.Graph, out: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+    if _val(like).dtype == torch.float32:
+        return out
+    cast = graph.call_function(aten._to_copy.default, (out,), {"dtype": _val(like).dtype})
+    cast.meta["val"] = _val(like)
+    return cast
+
+
+def _sqnorm_of(graph: torch.fx.Graph, gemm, a, b, like: torch.fx.Node) -> torch.fx.Node:
+    """``grad_sqnorm(a, b)`` in the dtype of the sum of squares ``like`` it replaces."""
+    sq = graph.call_function(SQNORM_OP, (a, b))
+    sq.meta["val"] = _val(a).new_empty((), dtype=torch.float32)
+    gemm.meta[NORM_FROM_OPERANDS] = True
+    counters["forge_compile"]["grad norm from the GEMM operands"] += 1
+    return _cast_like(graph, sq, like)
+
+
+def _norm_of(graph: torch.fx.Graph, gemm, a, b, like: torch.fx.Node) -> torch.fx.Node:
+    """``sqrt(grad_sqnorm(a, b))`` in the dtype of the norm ``like`` it replaces."""
+    sq = graph.call_function(SQNORM_OP, (a, b))
+    sq.meta["val"] = _val(a).new_empty((), dtype=torch.float32)
+    out = graph.call_function(aten.sqrt.default, (sq,))
+    out.meta["val"] = sq.meta["val"]
+    gemm.meta[NORM_FROM_OPERANDS] = True
+    counters["forge_compile"]["grad norm from the GEMM operands"] += 1
+    return _cast_like(graph, out, like)
+
+
+def _rewrite_foreach(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    tensors = list(node.args[0])
+    if not _is_two(node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)) or \
+            node.kwargs.get("dtype") is not None:
+        return False
+    users = {}
+    for u in node.users:
+        if u.op != "call_function" or u.target is not operator.getitem:
+            return False
+        users.setdefault(u.args[1], []).append(u)
+    keep: List[int] = []
+    done = False
+    for i, t in enumerate(tensors):
+        found = _operands(t) if i in users else None
+        if found is None:
+            keep.append(i)
+            continue
+        with graph.inserting_before(users[i][0]):
+            new = _norm_of(graph, *found, like=users[i][0])
+        for u in users[i]:
+            u.replace_all_uses_with(new)
+            graph.erase_node(u)
+        done = True
+    if not done:
+        return False
+    if keep:      # the other entries' norms: one _foreach_norm over them, entries renumbered
+        with graph.inserting_before(node):
+            rest = graph.call_function(node.target, ([tensors[i] for i in keep],)
+                                       + tuple(node.args[1:]), dict(node.kwargs))
+        rest.meta["val"] = [_val(node)[i] for i in keep]
+        for j, i in enumerate(keep):
+            for u in users.get(i, []):
+                u.args = (rest, j)
+    graph.erase_node(node)
+    return True
+
+
+def _rewrite_one(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    # linalg_vector_norm(self, ord=2, dim=None, keepdim=False, *, dtype=None)
+    ord_ = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+    if not _is_two(ord_) or dim is not None or keepdim or node.kwargs.get("dtype") is not None:
+        return False
+    found = _operands(node.args[0])
+    if found is None:
+        return False
+    with graph.inserting_before(node):
+        new = _norm_of(graph, *found, like=node)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return True
+
+
+def _rewrite_sum_of_squares(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    """``sum(pow(g, 2))`` over every dimension: how AOTAutograd decomposes the norm of
+    ``clip_grad_norm_(foreach=False)`` (``pow(·, 0.5)`` follows): the sum becomes
+    ``grad_sqnorm(A, B)``."""
+    sq = node.args[0]
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if (not isinstance(sq, torch.fx.Node) or sq.op != "call_function"
+            or sq.target is not aten.pow.Tensor_Scalar or not _is_two(sq.args[1])
+            or len(sq.users) != 1 or keepdim or node.kwargs.get("dtype") is not None):
+        return False
+    g = sq.args[0]
+    rank = _val(g).dim() if isinstance(_val(g), torch.Tensor) else -1
+    if dims not in (None, []) and sorted(d % rank for d in dims) != list(range(rank)):
+        return False
+    found = _operands(g)
+    if found is None:
+        return False
+    with graph.inserting_before(node):
+        new = _sqnorm_of(graph, *found, like=node)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    graph.erase_node(sq)
+    return True
+
+
+def rewrite_grad_norms(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.fx.GraphModule:
+    """Replace the 2-norm of each weight gradient (``_foreach_norm`` entries, whole-tensor
+    ``linalg_vector_norm``, ``sum(pow(g, 2))``) by ``grad_sqnorm(A, B)`` on its GEMM's
+    operands (its square root where the norm itself was read)."""
+    graph = gm.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten._foreach_norm.Scalar:
+            changed |= _rewrite_foreach(graph, node)
+        elif node.target is aten.linalg_vector_norm.default:
+            changed |= _rewrite_one(graph, node)
+        elif node.target is aten.sum.dim_IntList:
+            changed |= _rewrite_sum_of_squares(graph, node)
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return gm
