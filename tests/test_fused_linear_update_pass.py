@@ -362,6 +362,40 @@ def test_fires_clip_grad_norm_from_the_operands():
     assert diff < 1e-5
 
 
+def test_squares_of_an_activation_are_not_a_gradient_norm():
+    # sum(pow(h, 2)) of a forward product h = X·Wᵀ (an activation penalty) has the norm's form,
+    # but h feeds no update: its squares are summed from h, with no second GEMM
+    def f(dy, x, w, buf):
+        penalty = torch.mm(x, w.t()).pow(2).sum()
+        g = torch.mm(dy.t(), x)
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (penalty,)
+    counters.clear()
+    gm, ctx, diff = _run_both(f, _inputs((4, N), (4, K), (N, K), (N, K)), _SGD_NAMES)
+    assert list(ctx.report.fused) == ["w"]
+    assert _count(gm, torch.ops.forge_compile.grad_sqnorm.default) == 0, gm.code
+    assert _count(gm, aten.sum.default) == 1
+    assert diff < 1e-5
+
+
+def test_hand_written_clip_reads_the_operands():
+    # a clip written by hand: sqrt(Σ (g ** 2).sum()) (aten.sum.default of pow), as in loops
+    # over p.grad; the same rewrite, the same fused update
+    def f(dy, x, w, buf):
+        g = torch.mm(dy.t(), x)
+        coef = torch.clamp(0.1 / ((g ** 2).sum().sqrt() + 1e-6), max=1.0)
+        b = buf * 0.9 + g * coef
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dy.sum(),)
+    gm, ctx, diff = _run_both(f, _inputs((4, N), (4, K), (N, K), (N, K)), _SGD_NAMES)
+    assert list(ctx.report.fused) == ["w"] and ctx.report.fused["w"].norm_from_operands
+    assert _count(gm, aten.pow.Tensor_Scalar) == 0 and _count(gm, aten.mm.default) == 0, gm.code
+    assert diff < 1e-5
+
+
 def test_clip_grad_norm_foreach_keeps_the_other_entries():
     # _foreach_norm over a weight gradient and a bias gradient (a row sum): the weight's entry
     # reads the operands, the bias's stays in a _foreach_norm of its own

@@ -30,8 +30,9 @@ from torch._dynamo.utils import counters
 
 from forge_compile.context import PassContext
 from forge_compile.kernels.grad_norm import grad_sqnorm  # noqa: F401 (registers the op)
-from forge_compile.passes.fused_linear_update import (NORM_FROM_OPERANDS, NORM_KEPT,
-                                                     _product_operands, grad_source)
+from forge_compile.passes.fused_linear_update import (_TRANSPARENT, NORM_FROM_OPERANDS,
+                                                     NORM_KEPT, _product_operands,
+                                                     grad_source, lower_rules)
 
 __all__ = ["rewrite_grad_norms"]
 
@@ -53,14 +54,38 @@ def _is_two(ord_) -> bool:
     return isinstance(ord_, (int, float)) and not isinstance(ord_, bool) and ord_ == 2
 
 
+def _feeds_an_update(g: torch.fx.Node) -> bool:
+    """Whether ``g`` flows through elementwise ops into a ``copy_`` of a graph input of its
+    shape (a parameter or its optimizer state): a weight gradient, not an activation whose
+    squares a loss sums (that one's norm stays: its product is computed anyway)."""
+    shape = tuple(_val(g).shape)
+    seen, stack = set(), [g]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op != "call_function":
+                continue
+            if u.target is aten.copy_.default and u.args[0].op == "placeholder":
+                if isinstance(_val(u.args[0]), torch.Tensor) and \
+                        tuple(_val(u.args[0]).shape) in (shape, shape[::-1]):
+                    return True
+            elif u.target in lower_rules or u.target in _TRANSPARENT or \
+                    u.target is operator.getitem:
+                stack.append(u)
+    return False
+
+
 def _operands(g: torch.fx.Node) -> Optional[tuple]:
-    """(gemm, A, B) when ``g`` is a weight gradient A·B (through views and casts up) whose
-    operands take fewer bytes than it, else None (logged and counted where only the bytes
-    decide)."""
+    """(gemm, A, B) when ``g`` is a weight gradient A·B (through views and casts up) that feeds
+    an update and whose operands take fewer bytes than it, else None (logged and counted where
+    only the bytes decide)."""
     if not isinstance(g, torch.fx.Node) or not isinstance(_val(g), torch.Tensor):
         return None
     gemm, _ = grad_source(g)
-    if gemm is None:
+    if gemm is None or not _feeds_an_update(g):
         return None
     a, b = _product_operands(gemm)
     if not all(isinstance(x, torch.fx.Node) and isinstance(_val(x), torch.Tensor)
@@ -161,11 +186,13 @@ def _rewrite_one(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
 
 def _rewrite_sum_of_squares(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     """``sum(pow(g, 2))`` over every dimension: how AOTAutograd decomposes the norm of
-    ``clip_grad_norm_(foreach=False)`` (``pow(·, 0.5)`` follows): the sum becomes
-    ``grad_sqnorm(A, B)``."""
+    ``clip_grad_norm_(foreach=False)`` (``pow(·, 0.5)`` follows), and a hand-written clip's
+    ``(p.grad ** 2).sum()``: the sum becomes ``grad_sqnorm(A, B)``."""
     sq = node.args[0]
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    whole = node.target is aten.sum.default     # sum(x, *, dtype=None): every dimension
+    dims = None if whole else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+    keepdim = False if whole else (node.args[2] if len(node.args) > 2
+                                   else node.kwargs.get("keepdim", False))
     if (not isinstance(sq, torch.fx.Node) or sq.op != "call_function"
             or sq.target is not aten.pow.Tensor_Scalar or not _is_two(sq.args[1])
             or len(sq.users) != 1 or keepdim or node.kwargs.get("dtype") is not None):
@@ -198,7 +225,7 @@ def rewrite_grad_norms(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> 
             changed |= _rewrite_foreach(graph, node)
         elif node.target is aten.linalg_vector_norm.default:
             changed |= _rewrite_one(graph, node)
-        elif node.target is aten.sum.dim_IntList:
+        elif node.target in (aten.sum.dim_IntList, aten.sum.default):
             changed |= _rewrite_sum_of_squares(graph, node)
     if changed:
         graph.lint()
