@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU device: the end-to-end benchmark (953M HF Llama + AdamW, forge vs eager / fused /
 # optimizer-in-backward / torch.compile / floor), forge-vs-eager correctness, and the docs table.
-#   bash scripts/gpu_e2e.sh [all|bench|eager|compiled|correctness|render|diag]   (default all)
+#   bash scripts/gpu_e2e.sh [all|bench|eager|compiled|correctness|render|diag|clip]   (default all)
 # eager = the cheap methods for every config, compiled = compile_inductor + forge (each compile of
 # the 16-layer model takes a minute or two); bench = both. Run the stages as separate commands
 # when one command may last at most 10 minutes. Rows are appended to
@@ -57,6 +57,13 @@ fi
 if [[ $WHAT == diag ]]; then
   timeout "${DIAG_TIMEOUT:-540}" $PY scripts/diag_e2e_step.py --out "$OUT" ${DIAG_ARGS:-} 2>&1 \
     | tee "$OUT/diag.log" | tail -120
+  rc=$(( rc | $? ))
+fi
+# what clip_grad_norm_ costs per method (scripts/diag_clip.py), e.g. CLIP_ARGS="--amp bf16w";
+# not in all
+if [[ $WHAT == clip ]]; then
+  timeout "${DIAG_TIMEOUT:-540}" $PY scripts/diag_clip.py --out "$OUT" ${CLIP_ARGS:-} 2>&1 \
+    | tee "$OUT/clip.log" | tail -40
   rc=$(( rc | $? ))
 fi
 if [[ $WHAT == all || $WHAT == render ]]; then

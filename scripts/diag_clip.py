@@ -1,0 +1,110 @@
+"""What clip_grad_norm_ costs per method: benchmarks/bench_e2e.py's Llama (default 16 layers,
+1x512, bf16 autocast), AdamW with ``clip_grad_norm_(max_norm)`` between the backward and the
+step. Per method: step time (median of --steps after 2 warm-up steps), peak memory over the timed
+steps, the clip's total norm at the last step; for forge, how many weights were fused and how
+many of them had their norm computed from dY and X (forge_compile/passes/grad_norm.py).
+    python3 scripts/diag_clip.py [--layers 16] [--config 1x512] [--amp bf16] [--max-norm 1.0]
+        [--methods forge,compile_inductor,eager_fused] [--out DIR]
+Methods: forge = torch.compile(step, backend="forge"); compile_inductor = torch.compile(step)
+(stock, the backward in its own graph); eager_fused = AdamW(fused=True) without compiling.
+Writes DIR/diag_clip_CONFIG_AMP.txt when --out is given. --tiny --device cpu: a smoke test.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_e2e as B                                        # noqa: E402
+
+
+def clipped_step(model, opt, max_norm, fwd):
+    # the total norm is returned, not appended to a list: Dynamo guards on a list's length, so
+    # an append recompiles the step every step
+    def step(ids):
+        with fwd():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach(), norm
+    return step
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    B.add_model_args(p, layers=16, amp="bf16")
+    p.add_argument("--max-norm", type=float, default=1.0)
+    p.add_argument("--methods", default="forge,compile_inductor,eager_fused")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--out")
+    a = p.parse_args()
+    from forge_compile.explain import listen
+    cfg, batch, seq, dev, build = B.model_setup(a)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    lines = [f"{B.model_name(cfg, a.amp)}, {a.config}, clip_grad_norm_({a.max_norm}), torch "
+             f"{torch.__version__}, {B.device_name(dev)}"]
+    path = None
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        path = os.path.join(a.out, f"diag_clip_{a.config.replace('+', '_')}_{a.amp}.txt")
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+        if path:                     # rewritten each line: a run cut short keeps what it measured
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
+    say(lines.pop())
+    for method in a.methods.split(","):
+        torch._dynamo.reset()
+        model = build()
+        opt = torch.optim.AdamW(model.parameters(), lr=B.LR, fused=method == "eager_fused")
+        step = clipped_step(model, opt, a.max_norm, B.forward_context(a.amp, dev.type))
+        if method == "forge":
+            step = torch.compile(step, backend="forge")
+        elif method == "compile_inductor":
+            step = torch.compile(step)
+        elif method != "eager_fused":
+            raise SystemExit(f"unknown method {method!r}")
+        data = B.make_batches(cfg, batch, seq, 2 + a.steps, dev)
+        t0 = time.perf_counter()
+        with listen() as reports:
+            for ids in data[:2]:
+                step(ids)
+            sync()
+        warm = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = []
+        for ids in data[2:]:
+            sync()
+            t = time.perf_counter()
+            _, norm = step(ids)
+            sync()
+            times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float("nan")
+        fused = {k: f for r in reports for k, f in r.fused.items()}
+        unfused = {k: w for r in reports for k, w in r.unfused.items() if k not in fused}
+        say(f"\n== {method}: {1e3 * statistics.median(times):.2f} ms/step (median of {a.steps}; "
+            f"all {[round(1e3 * t, 1) for t in times]}), peak {peak:.2f} GiB over the timed "
+            f"steps, warm-up {warm:.0f} s, last total norm {float(norm):.4f}, compiles {len(reports)}")
+        if method == "forge":
+            from_ops = sum(f.norm_from_operands for f in fused.values())
+            say(f"  fused {len(fused)} weights ({from_ops} with their norm from dY and X); "
+                f"not fused {len(unfused)}")
+            for name, why in list(unfused.items())[:6]:
+                say(f"    {name}: {why[:160]}")
+        del step, opt, model
+        if cuda:
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
