@@ -1,7 +1,8 @@
 """Rewrite a weight gradient's 2-norm to read the GEMM's operands instead of the gradient.
 
 ``torch.nn.utils.clip_grad_norm_`` computes ``‖g‖`` of every gradient (``_foreach_norm`` over
-the list, or ``linalg_vector_norm`` of each), then scales every gradient by
+the list; with ``foreach=False`` AOTAutograd's ``sum(pow(g, 2))`` of each, as a hand-written
+clip's ``(g ** 2).sum()``; or ``linalg_vector_norm``), then scales every gradient by
 ``min(max_norm / (total + 1e-6), 1)`` before the update. The scale is an elementwise product with
 a 0-d value, which the fused update takes as a scalar; what kept every weight unfused was the
 norm, a reader of the gradient outside the update. Here each weight gradient's norm becomes
@@ -17,7 +18,8 @@ would. A norm is rewritten only where the operands take fewer bytes than the gra
 their norm, and that weight stays unfused with the reason that its norm reads the gradient.
 
 Entries of ``_foreach_norm`` that are not weight gradients (biases, norms, embeddings) stay in
-a ``_foreach_norm`` over them alone.
+a ``_foreach_norm`` over them alone. A gradient whose update is then refused for another reason
+(a hook's stash of it, say) keeps the rewritten norm: the same value, for one GEMM more.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from torch._dynamo.utils import counters
 from forge_compile.context import PassContext
 from forge_compile.kernels.grad_norm import grad_sqnorm  # noqa: F401 (registers the op)
 from forge_compile.passes.fused_linear_update import (_TRANSPARENT, NORM_FROM_OPERANDS,
-                                                     NORM_KEPT, _product_operands,
+                                                     NORM_KEPT, _product_operands, _val,
                                                      grad_source, lower_rules)
 
 __all__ = ["rewrite_grad_norms"]
@@ -39,10 +41,6 @@ __all__ = ["rewrite_grad_norms"]
 log = logging.getLogger("forge_compile")
 aten = torch.ops.aten
 SQNORM_OP = torch.ops.forge_compile.grad_sqnorm.default
-
-
-def _val(n):
-    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
 
 
 def _nbytes(n) -> int:
@@ -110,21 +108,15 @@ def _cast_like(graph: torch.fx.Graph, out: torch.fx.Node, like: torch.fx.Node) -
     return cast
 
 
-def _sqnorm_of(graph: torch.fx.Graph, gemm, a, b, like: torch.fx.Node) -> torch.fx.Node:
-    """``grad_sqnorm(a, b)`` in the dtype of the sum of squares ``like`` it replaces."""
-    sq = graph.call_function(SQNORM_OP, (a, b))
-    sq.meta["val"] = _val(a).new_empty((), dtype=torch.float32)
-    gemm.meta[NORM_FROM_OPERANDS] = True
-    counters["forge_compile"]["grad norm from the GEMM operands"] += 1
-    return _cast_like(graph, sq, like)
-
-
-def _norm_of(graph: torch.fx.Graph, gemm, a, b, like: torch.fx.Node) -> torch.fx.Node:
-    """``sqrt(grad_sqnorm(a, b))`` in the dtype of the norm ``like`` it replaces."""
-    sq = graph.call_function(SQNORM_OP, (a, b))
-    sq.meta["val"] = _val(a).new_empty((), dtype=torch.float32)
-    out = graph.call_function(aten.sqrt.default, (sq,))
-    out.meta["val"] = sq.meta["val"]
+def _norm_of(graph: torch.fx.Graph, gemm, a, b, like: torch.fx.Node,
+             root: bool = True) -> torch.fx.Node:
+    """``sqrt(grad_sqnorm(a, b))`` (``root=False``: the sum of squares itself) in the dtype of
+    the node ``like`` it replaces."""
+    out = graph.call_function(SQNORM_OP, (a, b))
+    out.meta["val"] = _val(a).new_empty((), dtype=torch.float32)
+    if root:
+        out = graph.call_function(aten.sqrt.default, (out,))
+        out.meta["val"] = out.args[0].meta["val"]
     gemm.meta[NORM_FROM_OPERANDS] = True
     counters["forge_compile"]["grad norm from the GEMM operands"] += 1
     return _cast_like(graph, out, like)
@@ -198,14 +190,16 @@ def _rewrite_sum_of_squares(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
             or len(sq.users) != 1 or keepdim or node.kwargs.get("dtype") is not None):
         return False
     g = sq.args[0]
-    rank = _val(g).dim() if isinstance(_val(g), torch.Tensor) else -1
+    if not isinstance(_val(g), torch.Tensor):
+        return False
+    rank = _val(g).dim()
     if dims not in (None, []) and sorted(d % rank for d in dims) != list(range(rank)):
         return False
     found = _operands(g)
     if found is None:
         return False
     with graph.inserting_before(node):
-        new = _sqnorm_of(graph, *found, like=node)
+        new = _norm_of(graph, *found, like=node, root=False)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     graph.erase_node(sq)
