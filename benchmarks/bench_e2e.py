@@ -140,6 +140,50 @@ def add_model_args(p, layers: int, amp: str) -> None:
     p.add_argument("--device", default="cuda")
 
 
+def line_writer(out_dir, name: str, header: str):
+    """say(line) for the triage scripts: prints the line and, with ``out_dir``, rewrites
+    ``out_dir/name`` with every line so far (a run cut short keeps what it measured); says
+    ``header`` first."""
+    lines, path = [], None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, name)
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+        if path:
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
+    say(header)
+    return say
+
+
+def warm_and_time(step, warm_batches, timed_batches, device):
+    """Run ``step`` on the warm-up batches, reset the peak memory, then time each timed batch
+    (synchronised). -> (warm-up s, [step s], [step outputs], peak GiB over the timed steps;
+    nan off CUDA)."""
+    import torch
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for ids in warm_batches:
+        step(ids)
+    sync()
+    warm = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times, outs = [], []
+    for ids in timed_batches:
+        sync()
+        t = time.perf_counter()
+        outs.append(step(ids))
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    return warm, times, outs, peak
+
+
 def model_setup(a):
     """(cfg, batch, seq, device, build) of ``add_model_args``' options: ``build()`` makes a fresh
     model in the config's checkpointing and ``--amp``'s dtype."""

@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -45,22 +44,9 @@ def main() -> int:
     a = p.parse_args()
     from forge_compile.explain import listen
     cfg, batch, seq, dev, build = B.model_setup(a)
-    cuda = dev.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    lines = [f"{B.model_name(cfg, a.amp)}, {a.config}, clip_grad_norm_({a.max_norm}), torch "
-             f"{torch.__version__}, {B.device_name(dev)}"]
-    path = None
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"diag_clip_{a.config.replace('+', '_')}_{a.amp}.txt")
-
-    def say(s=""):
-        print(s, flush=True)
-        lines.append(s)
-        if path:                     # rewritten each line: a run cut short keeps what it measured
-            with open(path, "w") as f:
-                f.write("\n".join(lines) + "\n")
-    say(lines.pop())
+    say = B.line_writer(a.out, f"diag_clip_{a.config.replace('+', '_')}_{a.amp}.txt",
+                        f"{B.model_name(cfg, a.amp)}, {a.config}, clip_grad_norm_({a.max_norm}), "
+                        f"torch {torch.__version__}, {B.device_name(dev)}")
     for method in a.methods.split(","):
         torch._dynamo.reset()
         model = build()
@@ -73,22 +59,9 @@ def main() -> int:
         elif method != "eager_fused":
             raise SystemExit(f"unknown method {method!r}")
         data = B.make_batches(cfg, batch, seq, 2 + a.steps, dev)
-        t0 = time.perf_counter()
-        with listen() as reports:
-            for ids in data[:2]:
-                step(ids)
-            sync()
-        warm = time.perf_counter() - t0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-        times = []
-        for ids in data[2:]:
-            sync()
-            t = time.perf_counter()
-            _, norm = step(ids)
-            sync()
-            times.append(time.perf_counter() - t)
-        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float("nan")
+        with listen() as reports:        # the compiles happen in the warm-up steps
+            warm, times, outs, peak = B.warm_and_time(step, data[:2], data[2:], dev)
+        norm = outs[-1][1]
         fused = {k: f for r in reports for k, f in r.fused.items()}
         unfused = {k: w for r in reports for k, w in r.unfused.items() if k not in fused}
         say(f"\n== {method}: {1e3 * statistics.median(times):.2f} ms/step (median of {a.steps}; "
@@ -101,7 +74,7 @@ def main() -> int:
             for name, why in list(unfused.items())[:6]:
                 say(f"    {name}: {why[:160]}")
         del step, opt, model
-        if cuda:
+        if dev.type == "cuda":
             torch.cuda.empty_cache()
     return 0
 

@@ -11,7 +11,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -48,45 +47,19 @@ def main() -> int:
     cfg, batch, seq, dev, build = B.model_setup(a)
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    lines = [f"{B.model_name(cfg, a.amp)}, {a.config}, torch {torch.__version__}, "
-             f"{B.device_name(dev)}"]
-
-    path = None
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"diag_e2e_step_{a.config.replace('+', '_')}_{a.amp}.txt")
-
-    def say(s=""):
-        print(s, flush=True)
-        lines.append(s)
-        if path:                     # rewritten each line: a run cut short keeps what it measured
-            with open(path, "w") as f:
-                f.write("\n".join(lines) + "\n")
-    say(lines.pop())
+    say = B.line_writer(a.out, f"diag_e2e_step_{a.config.replace('+', '_')}_{a.amp}.txt",
+                        f"{B.model_name(cfg, a.amp)}, {a.config}, torch {torch.__version__}, "
+                        f"{B.device_name(dev)}")
     for method in a.methods.split(","):
         torch._dynamo.reset()
         model = build()
         step, keep = B.make_method(method, model, "inductor", B.forward_context(a.amp, dev.type))
         data = B.make_batches(cfg, batch, seq, 2 + a.steps + 2, dev)
-        t0 = time.perf_counter()
-        for ids in data[:2]:
-            step(ids)
-        sync()
-        warm = time.perf_counter() - t0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-        times = []
-        for ids in data[2:2 + a.steps]:
-            sync()
-            t = time.perf_counter()
-            step(ids)
-            sync()
-            times.append(time.perf_counter() - t)
+        warm, times, _, peak = B.warm_and_time(step, data[:2], data[2:2 + a.steps], dev)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             for ids in data[-2:]:
                 step(ids)
             sync()
-        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else float("nan")
         gpu_ms, launches, top = kernel_table(prof, 2, a.top)
         wall = 1e3 * statistics.median(times)
         say(f"\n== {method}: {wall:.2f} ms/step (median of {a.steps}; all {[round(1e3 * t, 1) for t in times]}), "
