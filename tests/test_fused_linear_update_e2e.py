@@ -639,6 +639,43 @@ def test_bf16_weights_fused_under_inductor():
     _check_bf16_steps("cpu", "adamw", "nearest", "inductor", steps=2)
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_bf16_weights_clipped_sgd_is_the_exact_step_rounded_once(inner):
+    """clip_grad_norm_ on bf16 weights: the norm (bf16, as eager's) comes from dY and X, the
+    clip's scale is computed in bf16 as eager computes it, and the fused SGD step is the exact
+    w − lr·scale·g (g the unrounded GEMM) rounded to nearest once: within 0.5 bf16 ulp plus the
+    fp32 allowance (_bf16_ulps). 8 tokens: dY and X (1408 B) lighter than the gradient (3840 B);
+    operands on a grid of 1/8, so the GEMM is exact."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(BF16_K, BF16_N, bias=False).to(torch.bfloat16)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+
+    def step(x, r):
+        (lin(x) * r).sum().backward()
+        norm = torch.nn.utils.clip_grad_norm_(lin.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+    compiled = forge_compile.compile(step, inner=inner, bf16_rounding="nearest")
+    g = torch.Generator().manual_seed(7)
+    with listen() as reports:
+        for _ in range(2):
+            x = (torch.randint(-8, 9, (8, BF16_K), generator=g) / 8).bfloat16()
+            r = (torch.randint(-8, 9, (8, BF16_N), generator=g) / 8).bfloat16()
+            w_old = lin.weight.detach().clone()
+            norm = compiled(x, r)
+            grad = r.double().t() @ x.double()
+            assert norm.dtype == torch.bfloat16
+            assert abs(norm.double() - grad.norm()) <= 2 ** -8 * grad.norm(), (norm, grad.norm())
+            scale = torch.clamp(0.5 / (norm + 1e-6), max=1.0)     # eager's bf16 arithmetic
+            assert scale < 1                                         # the clip bites
+            want = w_old.double() - 0.1 * scale.double() * grad
+            _, over = _bf16_ulps(lin.weight.detach(), want, w_old)
+            assert over.max() <= 0.5, over.max()
+    fused = _fused_in(reports)
+    assert list(fused) == ["weight"] and fused["weight"].norm_from_operands, fused
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])

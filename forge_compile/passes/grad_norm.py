@@ -103,7 +103,10 @@ def _operands(g: torch.fx.Node) -> Optional[tuple]:
 def _cast_like(graph: torch.fx.Graph, out: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
     if _val(like).dtype == torch.float32:
         return out
-    cast = graph.call_function(aten._to_copy.default, (out,), {"dtype": _val(like).dtype})
+    # prims.convert_element_type, not aten._to_copy: the post-grad graph is decomposed, and
+    # Inductor refuses a _to_copy there ("both a fallback and a decomp for same op")
+    cast = graph.call_function(torch.ops.prims.convert_element_type.default,
+                               (out, _val(like).dtype))
     cast.meta["val"] = _val(like)
     return cast
 
