@@ -372,10 +372,7 @@ class _Analysis:
         self.sinks_by_dest = sinks          # placeholder → its copy_ node
         self.names = names
 
-    # -- 1. find the gradient GEMM ----------------------------------------------------------------
-    def _grad_source(self, n: torch.fx.Node) -> Tuple[Optional[torch.fx.Node], int]:
-        return grad_source(n)
-
+    # -- 1. find the gradient GEMM (grad_source) ---------------------------------------------------
     def _reads_gemm(self, f: torch.fx.Node, wshape) -> bool:
         """True when an input of ``f`` is a W-shaped GEMM seen through elementwise ops."""
         seen, stack = set(), list(f.all_input_nodes)
@@ -384,7 +381,7 @@ class _Analysis:
             if n in seen or n.op != "call_function" or _shape(n) not in (wshape, wshape[::-1]):
                 continue
             seen.add(n)
-            if self._grad_source(n)[0] is not None:
+            if grad_source(n)[0] is not None:
                 return True
             if n.target in lower_rules or n.target in _TRANSPARENT:
                 stack.extend(n.all_input_nodes)
@@ -406,7 +403,7 @@ class _Analysis:
                 outside.append(self.names[n])
             if n.op != "call_function" or _is_scalar_tensor(n) or _shape(n) != wshape:
                 continue
-            mm, _ = self._grad_source(n)
+            mm, _ = grad_source(n)
             if mm is not None:
                 mms.add(mm)
                 continue
