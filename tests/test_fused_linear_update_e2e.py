@@ -272,36 +272,48 @@ def test_clip_grad_value_is_fused_and_matches_eager(opt_name, foreach, inner):
     _fused_names_ok(model, fused)
 
 
-def _clip_norm_check(widths, tokens, want, foreach, inner, device="cpu"):
+def _clip_norm_check(widths, tokens, want, foreach, inner, device="cpu", dynamic=False):
     """clip_grad_norm_ (max_norm 0.05) on a ``widths`` MLP, AdamW, ``tokens`` rows a step, 6
     steps: eager-equal (fp32, RTOL 1e-5), every step's total norm above max_norm (the clip
-    bites), ``want`` fused with their norms from dY and X, the rest refused for the norm."""
+    bites), ``want`` fused with their norms from dY and X, the rest refused for the norm.
+    ``dynamic``: compiled with dynamic=True, the token count symbolic and changing each step
+    (tokens-2 .. tokens+3), one graph."""
     clip = 0.05
     torch.manual_seed(0)
     model = MLP(*widths).to(device)
     ref = copy.deepcopy(model)
     opt, ref_opt = (make_optimizer("adamw", m.parameters(), foreach) for m in (model, ref))
 
-    def make(m, o, norms):
+    def make(m, o):
+        # the norm is returned, not appended to a list: Dynamo guards on a list's length
         def step(x, y):
             loss = _mlp_loss(m, x, y)
             loss.backward()
-            norms.append(torch.nn.utils.clip_grad_norm_(m.parameters(), clip, foreach=foreach))
+            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), clip, foreach=foreach)
             o.step()
             o.zero_grad(set_to_none=True)
-            return loss.detach()
+            return loss.detach(), norm
         return step
     seen, ref_seen = [], []
-    compiled = forge_compile.compile(make(model, opt, seen), inner=inner)
-    eager = make(ref, ref_opt, ref_seen)
+    if dynamic:
+        compiled = torch.compile(make(model, opt), dynamic=True, backend=forge_compile.ForgeBackend(
+            forge_compile.ForgeOptions(inner=inner)))
+    else:
+        compiled = forge_compile.compile(make(model, opt), inner=inner)
+    eager = make(ref, ref_opt)
     g = torch.Generator().manual_seed(5)
     with listen() as reports:
-        for _ in range(6):
-            x = torch.randn(tokens, widths[0], generator=g).to(device)
-            y = torch.randn(tokens, widths[2], generator=g).to(device)
-            compiled(x, y)
-            eager(x, y)
+        for i in range(6):
+            rows = tokens - 2 + i if dynamic else tokens
+            x = torch.randn(rows, widths[0], generator=g).to(device)
+            y = torch.randn(rows, widths[2], generator=g).to(device)
+            seen.append(compiled(x, y)[1])
+            ref_seen.append(eager(x, y)[1])
     assert min(float(n) for n in ref_seen) > clip, ref_seen
+    # the total norm the clip returns, computed from dY and X: fp32, RTOL 1e-5
+    torch.testing.assert_close(torch.stack(seen).cpu(), torch.stack(ref_seen).cpu(),
+                               rtol=RTOL, atol=0)
+    assert len(reports) == 1, len(reports)
     _assert_close(model, ref, opt, ref_opt)
     fused = _fused_in(reports)
     assert sorted(fused) == want and all(f.norm_from_operands for f in fused.values())
@@ -321,6 +333,15 @@ def test_clip_grad_norm_fused_from_the_operands(widths, tokens, want, foreach, i
     update is fused with the clip's scale as a scalar; a weight where they take more keeps its
     gradient and is refused for the norm (_clip_norm_check)."""
     _clip_norm_check(widths, tokens, want, foreach, inner)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_clip_grad_norm_with_a_symbolic_token_count(inner):
+    """dynamic=True: the bytes of dY and X are symbolic; the pass weighs them at their value
+    when compiled, without a guard (the CUDA test's second model met Dynamo's automatic dynamic
+    shapes and the byte counts were SymInts, which the refusal's message could not format).
+    64-128-12 at 19-24 tokens: up fused from its operands, down refused for the norm."""
+    _clip_norm_check((64, 128, 12), 21, ["up.weight"], False, inner, dynamic=True)
 
 
 @pytest.mark.gpu

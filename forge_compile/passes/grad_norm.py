@@ -29,6 +29,7 @@ from typing import List, Optional
 
 import torch
 from torch._dynamo.utils import counters
+from torch.fx.experimental import symbolic_shapes
 
 from forge_compile.context import PassContext
 from forge_compile.kernels.grad_norm import grad_sqnorm  # noqa: F401 (registers the op)
@@ -43,9 +44,22 @@ aten = torch.ops.aten
 SQNORM_OP = torch.ops.forge_compile.grad_sqnorm.default
 
 
-def _nbytes(n) -> int:
+# a size's hint without a guard: optimization_hint on torch 2.13, hint_int on 2.11
+_size_hint = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.hint_int
+
+
+def _nbytes(n) -> Optional[int]:
+    """``n``'s bytes; with a symbolic shape (dynamic=True, or Dynamo's automatic dynamic after
+    a shape change) the value at this compile, without a guard, so a token count that crosses
+    the operands-against-gradient line later does not recompile: only the memory differs, the
+    norm is the same value either way. None where a size has no hint (data-dependent)."""
     v = _val(n)
-    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+    if not isinstance(v, torch.Tensor):
+        return 0
+    try:
+        return int(_size_hint(v.numel() * v.element_size()))
+    except Exception:   # an unbacked size: no value to weigh
+        return None
 
 
 def _is_two(ord_) -> bool:
@@ -89,7 +103,12 @@ def _operands(g: torch.fx.Node) -> Optional[tuple]:
     if not all(isinstance(x, torch.fx.Node) and isinstance(_val(x), torch.Tensor)
                for x in (a, b)):
         return None
-    held, grad = _nbytes(a) + _nbytes(b), _nbytes(g)
+    sizes = _nbytes(a), _nbytes(b), _nbytes(g)
+    if None in sizes:
+        log.info("forge_compile: the norm of %s reads the gradient: its operands' sizes are "
+                 "data-dependent", g.name)
+        return None
+    held, grad = sizes[0] + sizes[1], sizes[2]
     if held >= grad:
         gemm.meta[NORM_KEPT] = (held, grad)
         counters["forge_compile"]["grad norm kept: operands larger than the gradient"] += 1
