@@ -44,8 +44,10 @@ aten = torch.ops.aten
 SQNORM_OP = torch.ops.forge_compile.grad_sqnorm.default
 
 
-# a size's hint without a guard: optimization_hint on torch 2.13, hint_int on 2.11
-_size_hint = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.hint_int
+# a size's hint without a guard: optimization_hint on torch 2.13, size_hint on 2.11 (where
+# hint_int warns that it is deprecated for size_hint)
+_size_hint = (getattr(symbolic_shapes, "optimization_hint", None)
+              or getattr(symbolic_shapes, "size_hint", None) or symbolic_shapes.hint_int)
 
 
 def _nbytes(n) -> Optional[int]:
