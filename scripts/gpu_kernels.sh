@@ -2,8 +2,9 @@
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
 #   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|pingpong|
-#                                store-policy|bf16-weights|llama-shapes|ncu-bf16|all]
-#   (default all; stream, ncu-stream, ws-study, pingpong and store-policy: not in all)
+#                                store-policy|bf16-weights|llama-shapes|ncu-bf16|grad-norm|all]
+#   (default all; stream, ncu-stream, ws-study, pingpong, store-policy and grad-norm: not in
+#   all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -183,6 +184,17 @@ if [[ $WHAT == ncu-bf16 ]]; then
     > "$OUT/ncu_bf16_src.csv" 2>/dev/null && $PY scripts/ncu_stalls.py --parse "$OUT/ncu_bf16_src.csv" \
     | tee "$OUT/ncu_bf16_stalls.txt" | head -30
   rm -f "$OUT/ncu_bf16_src.ncu-rep"
+fi
+# forge_compile::grad_sqnorm (clip_grad_norm_ from dY and X): its GPU tests, then every
+# implementation timed on the Llama's shapes (benchmarks/bench_grad_norm.py)
+if [[ $WHAT == grad-norm ]]; then
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_grad_norm.py \
+    2>&1 | tee "$OUT/grad_norm_tests.log" | tail -5
+  rc=$(( rc | $? ))
+  timeout "${BENCH_TIMEOUT:-400}" $PY benchmarks/bench_grad_norm.py ${BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_grad_norm.log"
+  rc=$(( rc | $? ))
+  cp benchmarks/results/grad_norm.jsonl "$OUT/" 2>/dev/null || true
 fi
 if [[ $WHAT == all || $WHAT == ncu ]]; then
   # Evidence for the memory-bound rows: DRAM throughput, occupancy, registers, warp stalls of

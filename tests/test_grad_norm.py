@@ -41,3 +41,109 @@ def test_grad_sqnorm_fake_and_bad_shapes():
         assert out.shape == () and out.dtype == torch.float32
         with pytest.raises(ValueError, match="needs 2-D a .* and b"):
             SQNORM(torch.empty(8, 4), torch.empty(5, 6))
+
+
+# ============================================================================ Triton kernel
+# The kernel against the product's norm², the partials poisoned with NaN (an unwritten tile
+# makes the sum NaN). Tolerance 1e-6 relative for every dtype: fp32 (IEEE dots) against the
+# float64 product, whose fp32 accumulation errs by ~sqrt(T)·6e-8 an element and averages out
+# in the sum; bf16/fp16 against torch.mm's product in that dtype (rounded once from fp32 as the
+# kernel rounds its tile), where a rounding that flips by one ulp between the two accumulation
+# orders is rarer than 1 element in 1,000 and moves the sum by less than 1e-7.
+SQNORM_RTOL = 1e-6
+_INTERP_CASES = {   # name -> (dtype, m, k, n): m×k (a, dYᵀ) times k×n (b, X)
+    "ragged_fp32": (torch.float32, 37, 19, 23),
+    "ragged_bf16": (torch.bfloat16, 37, 19, 23),
+    "ragged_fp16": (torch.float16, 37, 19, 23),
+    "even_bf16": (torch.bfloat16, 64, 32, 64),      # EVEN_T and EVEN_NK with 32x32x16 tiles
+    "strided_bf16": (torch.bfloat16, 40, 17, 33),   # b a column slice with stride 2
+}
+
+
+def _reference(a, b) -> float:
+    prod = torch.mm(a.double(), b.double()) if a.dtype == torch.float32 else torch.mm(a, b)
+    return float(prod.double().square().sum())
+
+
+def _interp_operands(name):
+    dtype, m, k, n = _INTERP_CASES[name]
+    a, b = _operands(dtype, m, k, n, seed=len(name))
+    if name.startswith("strided"):
+        b = _operands(dtype, m, k, 2 * n, seed=1)[1][:, ::2]
+    return a, b
+
+
+def _main_interpreter():
+    """Run in a subprocess with TRITON_INTERPRET=1 and FORGE_CPU_TRITON=1: each case through
+    the op (which must pick the Triton kernel), the relative error printed as JSON."""
+    import json
+    grad_norm.POISON = float("nan")
+    out = {}
+    for name in _INTERP_CASES:
+        a, b = _interp_operands(name)
+        how = grad_norm.chosen(a, b)
+        got = float(SQNORM(a, b))
+        want = _reference(a, b)
+        out[name] = {"how": repr(how), "rel": abs(got - want) / want}
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    import json
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    env = dict(os.environ, TRITON_INTERPRET="1", FORGE_CPU_TRITON="1")
+    env.setdefault("FORGE_COMPILE_CACHE_DIR", os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"forge_compile_test_{os.getuid()}"))
+    proc = subprocess.run([sys.executable, __file__, "--interpreter"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(_INTERP_CASES))
+def test_grad_sqnorm_triton_interpreted(interpreted, name):
+    """The Triton kernel under the interpreter, through the op: ragged tiles and T, fp32 /
+    bf16 / fp16, strided operands, within SQNORM_RTOL of the product's norm²."""
+    res = interpreted[name]
+    assert res["how"].startswith("SqnormConfig("), res
+    assert res["rel"] <= SQNORM_RTOL, res
+
+
+def test_grad_sqnorm_mm_on_cpu_without_the_interpreter(monkeypatch):
+    """Without FORGE_CPU_TRITON the CPU op runs torch.mm blocks."""
+    monkeypatch.delenv("FORGE_CPU_TRITON", raising=False)
+    a, b = _operands(torch.bfloat16)
+    assert grad_norm.chosen(a, b) == "mm"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(1000, 333, 3000), (512, 256, 768)],
+                         ids=["1000x333x3000", "512x256x768"])
+def test_gpu_grad_sqnorm_every_candidate(dtype, shape, monkeypatch):
+    """Every CUDA candidate (Triton configs and "mm") and the op's timed pick, a = dYᵀ as a
+    transposed view, within SQNORM_RTOL of the product's norm², partials poisoned."""
+    monkeypatch.setattr(grad_norm, "POISON", float("nan"))
+    m, k, n = shape
+    g = torch.Generator(device="cuda").manual_seed(m + k)
+    a = torch.randn(k, m, generator=g, device="cuda").to(dtype).t()
+    b = torch.randn(k, n, generator=g, device="cuda").to(dtype)
+    want = _reference(a, b)
+    for how in grad_norm.sqnorm_candidates(a, b):
+        got = float(grad_norm._run(a, b, how))
+        assert abs(got - want) <= SQNORM_RTOL * want, (how, got, want)
+    assert abs(float(SQNORM(a, b)) - want) <= SQNORM_RTOL * want
+
+
+if __name__ == "__main__" and "--interpreter" in __import__("sys").argv:
+    import os
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _main_interpreter()

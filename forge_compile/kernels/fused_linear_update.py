@@ -366,6 +366,30 @@ for t0 in range(0, T, BLOCK_T):
     x_ptrs += BLOCK_T * s_x_t"""
 
 
+# One program's BLOCK_N × BLOCK_K tile (pid, pid_n, pid_k, rn, rk, mask_n, mask_k, mask_nk) in
+# grouped order: GROUP_N consecutive row-blocks sweep the K tiles together, so the dy columns
+# and x columns they share are read from L2, not HBM.
+_TILE_ORDER = """\
+pid = tl.program_id(0)
+num_n = tl.cdiv(N, BLOCK_N)
+num_k = tl.cdiv(K, BLOCK_K)
+per_group = GROUP_N * num_k
+first_n = (pid // per_group) * GROUP_N
+group_n = tl.minimum(num_n - first_n, GROUP_N)
+pid_n = first_n + (pid % per_group) % group_n
+pid_k = (pid % per_group) // group_n
+rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+mask_n = rn < N
+mask_k = rk < K
+mask_nk = mask_n[:, None] & mask_k[None, :]"""
+
+
+def tile_order(indent: str) -> str:
+    """``_TILE_ORDER`` indented for a kernel template."""
+    return textwrap.indent(_TILE_ORDER, indent)
+
+
 def gemm_t_loop(indent: str) -> str:
     """``_GEMM_T_LOOP`` indented for a kernel template."""
     return textwrap.indent(_GEMM_T_LOOP, indent)
@@ -456,23 +480,9 @@ def _fused_linear_update_kernel(
     EPI_PIPE: tl.constexpr, SAME_STRIDES: tl.constexpr, GRAD_IN: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, STOCHASTIC_ROUND: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_N consecutive row-blocks sweep the K tiles together, so the
-    # dy columns and x columns they share are read from L2, not HBM. dy/x loads are
-    # evict_last, the once-touched weight/state streams evict_first: at T=2048 dy and x are
-    # 32 MB of the 50 MB L2 and must not be flushed by the 400 MB of state traffic.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_k = tl.cdiv(K, BLOCK_K)
-    per_group = GROUP_N * num_k
-    first_n = (pid // per_group) * GROUP_N
-    group_n = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_n
-    pid_k = (pid % per_group) // group_n
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_n = rn < N
-    mask_k = rk < K
-    mask_nk = mask_n[:, None] & mask_k[None, :]
+    # dy/x loads are evict_last, the once-touched weight/state streams evict_first: at T=2048
+    # dy and x are 32 MB of the 50 MB L2 and must not be flushed by the 400 MB of state traffic.
+{tile_order("    ")}
 
     # PREFETCH issues the weight/state loads before the T loop, so their HBM latency overlaps
     # the GEMM (costs registers: one fp32 tile per tensor).
