@@ -70,7 +70,7 @@ def main() -> int:
                                tflops_best=2 * N * K * T / tri[best] / 1e9)
                     f.write(json.dumps(row) + "\n")
                     print(f"| {dt} | {N}×{K} | {T} | {mm_only:.4f} | {mm:.4f} | "
-                          f"{tri[best]:.4f} ({best[13:-1]}) | {pick if pick == "mm" else repr(pick)[13:-1]} | "
+                          f"{tri[best]:.4f} ({best[13:-1]}) | {pick if pick == 'mm' else repr(pick)[13:-1]} | "
                           f"{tri[best] / mm:.2f}× |", flush=True)
     return 0
 

@@ -67,11 +67,18 @@ def main() -> int:
         with listen() as reports:        # the compiles happen in the warm-up steps
             warm, times, outs, peak = B.warm_and_time(step, data[:2], data[2:], dev)
         norm = outs[-1][1]
+        pool = ""
+        if mode and dev.type == "cuda":
+            # the CUDA graphs' private pools: what a replay's intermediates hold there is not in
+            # max_memory_allocated; count the pools' reserved bytes, as bench_e2e's rows do
+            reserved, allocated = B.graph_pool_bytes()
+            peak += (reserved - allocated) / 2**30
+            pool = f" (with the graph pools' {reserved / 2**30:.2f} GiB reserved)"
         fused = {k: f for r in reports for k, f in r.fused.items()}
         unfused = {k: w for r in reports for k, w in r.unfused.items() if k not in fused}
         say(f"\n== {method}: {1e3 * statistics.median(times):.2f} ms/step (median of {a.steps}; "
             f"all {[round(1e3 * t, 1) for t in times]}), peak {peak:.2f} GiB over the timed "
-            f"steps, warm-up {warm:.0f} s, last total norm {float(norm):.4f}, compiles {len(reports)}")
+            f"steps{pool}, warm-up {warm:.0f} s, last total norm {float(norm):.4f}, compiles {len(reports)}")
         if method.startswith("forge"):
             from_ops = sum(f.norm_from_operands for f in fused.values())
             say(f"  fused {len(fused)} weights ({from_ops} with their norm from dY and X); "
