@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 import forge_compile
 from forge_compile.explain import listen
 
-from forge_models import OPTIMIZERS, MLP, TinyLM, bf16_ulp, make_optimizer
+from forge_models import OPTIMIZERS, MLP, GatedMLP, TinyLM, bf16_ulp, make_optimizer
 
 STEPS = 20
 RTOL = 1e-5
@@ -272,7 +272,8 @@ def test_clip_grad_value_is_fused_and_matches_eager(opt_name, foreach, inner):
     _fused_names_ok(model, fused)
 
 
-def _clip_norm_check(widths, tokens, want, foreach, inner, device="cpu", dynamic=False):
+def _clip_norm_check(widths, tokens, want, foreach, inner, device="cpu", dynamic=False,
+                     model_cls=MLP):
     """clip_grad_norm_ (max_norm 0.05) on a ``widths`` MLP, AdamW, ``tokens`` rows a step, 6
     steps: eager-equal (fp32, RTOL 1e-5), every step's total norm above max_norm (the clip
     bites), ``want`` fused with their norms from dY and X, the rest refused for the norm.
@@ -280,7 +281,7 @@ def _clip_norm_check(widths, tokens, want, foreach, inner, device="cpu", dynamic
     (tokens-2 .. tokens+3), one graph."""
     clip = 0.05
     torch.manual_seed(0)
-    model = MLP(*widths).to(device)
+    model = model_cls(*widths).to(device)
     ref = copy.deepcopy(model)
     opt, ref_opt = (make_optimizer("adamw", m.parameters(), foreach) for m in (model, ref))
 
@@ -318,8 +319,11 @@ def _clip_norm_check(widths, tokens, want, foreach, inner, device="cpu", dynamic
     fused = _fused_in(reports)
     assert sorted(fused) == want and all(f.norm_from_operands for f in fused.values())
     unfused = {k: v for r in reports for k, v in r.unfused.items() if k not in fused}
+    assert sorted(unfused) == sorted(
+        n for n, p in model.named_parameters() if n not in fused), unfused
+    # every weight (2-D) not fused was refused for the norm; a bias has no gradient GEMM
     assert all("its norm (clip_grad_norm_) reads the gradient" in why
-               for why in unfused.values()), unfused
+               for k, why in unfused.items() if dict(model.named_parameters())[k].dim() == 2), unfused
 
 
 @pytest.mark.parametrize("widths,tokens,want", [
@@ -342,6 +346,19 @@ def test_clip_grad_norm_with_a_symbolic_token_count(inner):
     shapes and the byte counts were SymInts, which the refusal's message could not format).
     64-128-12 at 19-24 tokens: up fused from its operands, down refused for the norm."""
     _clip_norm_check((64, 128, 12), 21, ["up.weight"], False, inner, dynamic=True)
+
+
+@pytest.mark.parametrize("tokens,want", [
+    (24, ["gate.weight", "up.weight"]),     # X + two dY: 24·160 values against 2·64·32
+    (28, [])])                              # 28·160 against 2·64·32: all keep their gradients
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_clip_grad_norm_weighs_a_shared_input_once(tokens, want, inner):
+    """gate and up read one X (as q, k and v do): held for both, it counts once against the two
+    gradients they free. A 32-64-32 gated MLP (up with a bias, whose norm stays) at 24 tokens: alone, each weight's dY and X
+    (24·96 values) outweigh its gradient (64·32), together they do not, so both are fused from
+    their operands; down (24·96 against 64·32) keeps its gradient. At 28 tokens none is."""
+    _clip_norm_check((32, 64, 32), tokens, want, False, inner,
+                     model_cls=lambda d, hidden, _: GatedMLP(d, hidden))
 
 
 @pytest.mark.gpu

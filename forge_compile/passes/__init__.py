@@ -11,6 +11,7 @@ from typing import Callable, List
 import torch
 
 from forge_compile.context import PassContext
+from forge_compile.passes.dedupe_casts import dedupe_casts
 from forge_compile.passes.decompose_fused_optimizers import decompose_fused_optimizers
 from forge_compile.passes.fused_linear_update import fuse_linear_updates
 from forge_compile.passes.grad_norm import rewrite_grad_norms
@@ -21,6 +22,9 @@ __all__ = ["PASSES", "run_passes"]
 Pass = Callable[[torch.fx.GraphModule, PassContext], torch.fx.GraphModule]
 
 PASSES: List[Pass] = [
+    # 0. autocast casts one input once per linear (q, k, v): identical casts alive together
+    #    become one buffer, as stock torch.compile's partitioner CSE makes them. Value-preserving.
+    dedupe_casts,
     # 1. fused=True optimizers are one op over lists (_fused_adamw): rewrite them as the
     #    equivalent _foreach_* / per-element ATen ops first, so that 2. also unrolls them.
     decompose_fused_optimizers,

@@ -172,6 +172,10 @@ _TRANSPARENT = {
     aten.t_copy.default: 0, aten.permute_copy.default: 0, aten.transpose_copy.int: 0,
     aten.view_copy.default: 0, aten.alias_copy.default: 0,
 }
+# the _TRANSPARENT nodes that alias their input's buffer (a clone or a cast makes a new one)
+VIEWS = frozenset(t for t in _TRANSPARENT if t not in (
+    aten.clone.default, aten._to_copy.default, prims.convert_element_type.default,
+    aten.copy.default, aten.contiguous.default, aten.lift_fresh_copy.default))
 _PERMUTES = (aten.permute.default, aten.permute_copy.default)
 _TS = (aten.t.default, aten.t_copy.default)
 _TRANSPOSES = (aten.transpose.int, aten.transpose_copy.int)

@@ -13,9 +13,11 @@ on dY and X, not on the gradient, so the liveness proof holds.
 
 The cost is memory as well as the GEMM: every such update waits for the last norm, so the
 weight's dY and X stay alive until the backward ends, where without the rewrite its gradient
-would. A norm is rewritten only where the operands take fewer bytes than the gradient (the
-953M Llama: below ~3,000 tokens a step, docs/README.md); the others keep their gradient and
-their norm, and that weight stays unfused with the reason that its norm reads the gradient.
+would. A norm is rewritten only where the operands take fewer bytes than the gradient; weights
+that read one operand buffer (q, k and v one X) are weighed together, the buffer counted once
+(``_weigh``; the 953M Llama: o_proj below 2,048 tokens a step, q/k/v below 3,072, the others
+about 3,000-3,850, docs/README.md). The others keep their gradient and their norm, and that
+weight stays unfused with the reason that its norm reads the gradient.
 
 Entries of ``_foreach_norm`` that are not weight gradients (biases, norms, embeddings) stay in
 a ``_foreach_norm`` over them alone. A gradient whose update is then refused for another reason
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch._dynamo.utils import counters
@@ -34,8 +36,8 @@ from torch.fx.experimental import symbolic_shapes
 from forge_compile.context import PassContext
 from forge_compile.kernels.grad_norm import grad_sqnorm  # noqa: F401 (registers the op)
 from forge_compile.passes.fused_linear_update import (_TRANSPARENT, NORM_FROM_OPERANDS,
-                                                     NORM_KEPT, _product_operands, _val,
-                                                     grad_source, lower_rules)
+                                                     NORM_KEPT, VIEWS, _product_operands,
+                                                     _val, grad_source, lower_rules)
 
 __all__ = ["rewrite_grad_norms"]
 
@@ -92,10 +94,9 @@ def _feeds_an_update(g: torch.fx.Node) -> bool:
     return False
 
 
-def _operands(g: torch.fx.Node) -> Optional[tuple]:
+def _candidate(g: torch.fx.Node) -> Optional[tuple]:
     """(gemm, A, B) when ``g`` is a weight gradient A·B (through views and casts up) that feeds
-    an update and whose operands take fewer bytes than it, else None (logged and counted where
-    only the bytes decide)."""
+    an update and whose operands' sizes are known, else None."""
     if not isinstance(g, torch.fx.Node) or not isinstance(_val(g), torch.Tensor):
         return None
     gemm, _ = grad_source(g)
@@ -105,20 +106,66 @@ def _operands(g: torch.fx.Node) -> Optional[tuple]:
     if not all(isinstance(x, torch.fx.Node) and isinstance(_val(x), torch.Tensor)
                for x in (a, b)):
         return None
-    sizes = _nbytes(a), _nbytes(b), _nbytes(g)
-    if None in sizes:
+    if None in (_nbytes(a), _nbytes(b), _nbytes(g)):
         log.info("forge_compile: the norm of %s reads the gradient: its operands' sizes are "
                  "data-dependent", g.name)
         return None
-    held, grad = sizes[0] + sizes[1], sizes[2]
-    if held >= grad:
-        gemm.meta[NORM_KEPT] = (held, grad)
-        counters["forge_compile"]["grad norm kept: operands larger than the gradient"] += 1
-        log.info("forge_compile: the norm of %s reads the gradient: its GEMM's operands "
-                 "(%d bytes, held until the clip's scale is known) take more than the gradient "
-                 "(%d bytes)", g.name, held, grad)
-        return None
     return gemm, a, b
+
+
+def _buffer(n: torch.fx.Node) -> torch.fx.Node:
+    """The node whose buffer ``n`` views (an X that q, k and v read through their own views
+    is one buffer, held once)."""
+    while n.op == "call_function" and n.target in VIEWS and \
+            isinstance(n.args[_TRANSPARENT[n.target]], torch.fx.Node):
+        n = n.args[_TRANSPARENT[n.target]]
+    return n
+
+
+def _weigh(grads: List[torch.fx.Node]) -> Dict[torch.fx.Node, tuple]:
+    """The gradients among ``grads`` whose norms are computed from their GEMM's operands:
+    g -> (gemm, A, B). Gradients that share an operand buffer (q, k and v read one X; gate
+    and up another) are weighed together: the buffers they hold, each once, against the
+    gradients they free. A group that holds more is weighed weight by weight; a weight whose
+    dY and X alone outweigh its gradient keeps it (NORM_KEPT: the bytes, for its refusal)."""
+    found = {}
+    for g in dict.fromkeys(grads):
+        c = _candidate(g)
+        if c is not None:
+            found[g] = c
+    # groups: the connected components of gradients and the operand buffers they read
+    parent: Dict[torch.fx.Node, torch.fx.Node] = {}
+
+    def root(x):
+        while parent.setdefault(x, x) is not x:
+            x = parent[x]
+        return x
+    for g, (_, a, b) in found.items():
+        for buf in (_buffer(a), _buffer(b)):
+            parent[root(buf)] = root(g)
+    groups: Dict[torch.fx.Node, List[torch.fx.Node]] = {}
+    for g in found:
+        groups.setdefault(root(g), []).append(g)
+    out = {}
+    for members in groups.values():
+        bufs = {_buffer(x): x for g in members for x in found[g][1:]}
+        held = sum(_nbytes(x) for x in bufs.values())
+        freed = sum(_nbytes(g) for g in members)
+        if len(members) > 1 and held < freed:
+            out.update((g, found[g]) for g in members)
+            continue
+        for g in members:
+            gemm, a, b = found[g]
+            alone, grad = _nbytes(a) + _nbytes(b), _nbytes(g)
+            if alone < grad:
+                out[g] = found[g]
+                continue
+            gemm.meta[NORM_KEPT] = (alone, grad)
+            counters["forge_compile"]["grad norm kept: operands larger than the gradient"] += 1
+            log.info("forge_compile: the norm of %s reads the gradient: its GEMM's operands "
+                     "(%d bytes, held until the clip's scale is known) take more than the "
+                     "gradient (%d bytes)", g.name, alone, grad)
+    return out
 
 
 def _cast_like(graph: torch.fx.Graph, out: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
@@ -146,20 +193,60 @@ def _norm_of(graph: torch.fx.Graph, gemm, a, b, like: torch.fx.Node,
     return _cast_like(graph, out, like)
 
 
-def _rewrite_foreach(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+def _norm_reads(node: torch.fx.Node) -> List[torch.fx.Node]:
+    """The tensors whose whole 2-norm ``node`` computes in a form this pass rewrites: the
+    entries of a ``_foreach_norm`` read through getitem, the input of a whole-tensor
+    ``linalg_vector_norm``, ``g`` of ``sum(pow(g, 2))`` over every dimension."""
+    if node.op != "call_function":
+        return []
+    if node.target is aten._foreach_norm.Scalar:
+        if not _is_two(node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)) or \
+                node.kwargs.get("dtype") is not None:
+            return []
+        if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
+            return []
+        read = {u.args[1] for u in node.users}
+        return [t for i, t in enumerate(node.args[0]) if i in read]
+    if node.target is aten.linalg_vector_norm.default:
+        # linalg_vector_norm(self, ord=2, dim=None, keepdim=False, *, dtype=None)
+        ord_ = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+        if not _is_two(ord_) or dim is not None or keepdim or node.kwargs.get("dtype") is not None:
+            return []
+        return [node.args[0]]
+    if node.target in (aten.sum.dim_IntList, aten.sum.default):
+        # sum(pow(g, 2)) over every dimension: how AOTAutograd decomposes the norm of
+        # clip_grad_norm_(foreach=False) (pow(·, 0.5) follows), and a hand-written clip's
+        # (p.grad ** 2).sum()
+        sq = node.args[0]
+        whole = node.target is aten.sum.default     # sum(x, *, dtype=None): every dimension
+        dims = None if whole else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        keepdim = False if whole else (node.args[2] if len(node.args) > 2
+                                       else node.kwargs.get("keepdim", False))
+        if (not isinstance(sq, torch.fx.Node) or sq.op != "call_function"
+                or sq.target is not aten.pow.Tensor_Scalar or not _is_two(sq.args[1])
+                or len(sq.users) != 1 or keepdim or node.kwargs.get("dtype") is not None):
+            return []
+        g = sq.args[0]
+        if not isinstance(_val(g), torch.Tensor):
+            return []
+        rank = _val(g).dim()
+        if dims not in (None, []) and sorted(d % rank for d in dims) != list(range(rank)):
+            return []
+        return [g]
+    return []
+
+
+def _rewrite_foreach(graph: torch.fx.Graph, node: torch.fx.Node, chosen: dict) -> bool:
     tensors = list(node.args[0])
-    if not _is_two(node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)) or \
-            node.kwargs.get("dtype") is not None:
-        return False
     users = {}
     for u in node.users:
-        if u.op != "call_function" or u.target is not operator.getitem:
-            return False
         users.setdefault(u.args[1], []).append(u)
     keep: List[int] = []
     done = False
     for i, t in enumerate(tensors):
-        found = _operands(t) if i in users else None
+        found = chosen.get(t) if i in users else None
         if found is None:
             keep.append(i)
             continue
@@ -183,68 +270,37 @@ def _rewrite_foreach(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
     return True
 
 
-def _rewrite_one(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
-    # linalg_vector_norm(self, ord=2, dim=None, keepdim=False, *, dtype=None)
-    ord_ = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
-    if not _is_two(ord_) or dim is not None or keepdim or node.kwargs.get("dtype") is not None:
-        return False
-    found = _operands(node.args[0])
-    if found is None:
-        return False
+def _rewrite_whole(graph: torch.fx.Graph, node: torch.fx.Node, found: tuple) -> None:
+    """``node`` (a whole-tensor norm, or a sum of squares) becomes the norm (the sum of
+    squares) of ``found``'s operands."""
+    squares = node.target in (aten.sum.dim_IntList, aten.sum.default)
     with graph.inserting_before(node):
-        new = _norm_of(graph, *found, like=node)
+        new = _norm_of(graph, *found, like=node, root=not squares)
     node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return True
-
-
-def _rewrite_sum_of_squares(graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
-    """``sum(pow(g, 2))`` over every dimension: how AOTAutograd decomposes the norm of
-    ``clip_grad_norm_(foreach=False)`` (``pow(·, 0.5)`` follows), and a hand-written clip's
-    ``(p.grad ** 2).sum()``: the sum becomes ``grad_sqnorm(A, B)``."""
     sq = node.args[0]
-    whole = node.target is aten.sum.default     # sum(x, *, dtype=None): every dimension
-    dims = None if whole else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
-    keepdim = False if whole else (node.args[2] if len(node.args) > 2
-                                   else node.kwargs.get("keepdim", False))
-    if (not isinstance(sq, torch.fx.Node) or sq.op != "call_function"
-            or sq.target is not aten.pow.Tensor_Scalar or not _is_two(sq.args[1])
-            or len(sq.users) != 1 or keepdim or node.kwargs.get("dtype") is not None):
-        return False
-    g = sq.args[0]
-    if not isinstance(_val(g), torch.Tensor):
-        return False
-    rank = _val(g).dim()
-    if dims not in (None, []) and sorted(d % rank for d in dims) != list(range(rank)):
-        return False
-    found = _operands(g)
-    if found is None:
-        return False
-    with graph.inserting_before(node):
-        new = _norm_of(graph, *found, like=node, root=False)
-    node.replace_all_uses_with(new)
     graph.erase_node(node)
-    graph.erase_node(sq)
-    return True
+    if squares:
+        graph.erase_node(sq)
 
 
 def rewrite_grad_norms(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.fx.GraphModule:
     """Replace the 2-norm of each weight gradient (``_foreach_norm`` entries, whole-tensor
     ``linalg_vector_norm``, ``sum(pow(g, 2))``) by ``grad_sqnorm(A, B)`` on its GEMM's
-    operands (its square root where the norm itself was read)."""
+    operands (its square root where the norm itself was read), where ``_weigh`` finds that
+    holding the operands takes fewer bytes than the gradients."""
     graph = gm.graph
+    reads = {n: _norm_reads(n) for n in graph.nodes}
+    reads = {n: r for n, r in reads.items() if r}
+    if not reads:
+        return gm
+    chosen = _weigh([g for r in reads.values() for g in r])
     changed = False
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
+    for node, read in reads.items():
         if node.target is aten._foreach_norm.Scalar:
-            changed |= _rewrite_foreach(graph, node)
-        elif node.target is aten.linalg_vector_norm.default:
-            changed |= _rewrite_one(graph, node)
-        elif node.target in (aten.sum.dim_IntList, aten.sum.default):
-            changed |= _rewrite_sum_of_squares(graph, node)
+            changed |= _rewrite_foreach(graph, node, chosen)
+        elif read[0] in chosen:
+            _rewrite_whole(graph, node, chosen[read[0]])
+            changed = True
     if changed:
         graph.lint()
         gm.recompile()
