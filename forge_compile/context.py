@@ -77,6 +77,10 @@ class CompileReport:
     # outputs of the step returned detached: their autograd graph was consumed by the traced
     # loss.backward() (capture._detach_consumed_outputs), e.g. ``return loss``
     detached_outputs: List[str] = dataclasses.field(default_factory=list)
+    # dedupe_casts: identical casts merged into an earlier one, and the bytes of the copies
+    # (autocast's bf16 X of q, k, v) no longer kept
+    casts_merged: int = 0
+    cast_bytes_merged: int = 0
 
     @property
     def gradient_bytes_eliminated(self) -> int:

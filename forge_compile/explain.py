@@ -130,6 +130,12 @@ class ExplainReport:
             lines.append(f"CUDA graphs: the fused updates read their per-step scalars (lr, "
                          f"1 - lr·wd, ...) on the GPU, {copies} host-to-device cop"
                          f"{'y' if copies == 1 else 'ies'} a step, outside the graphs")
+        merged = sum(r.casts_merged for r in self.compiles)
+        if merged:
+            cast_bytes = sum(r.cast_bytes_merged for r in self.compiles)
+            lines.append(f"casts merged: {merged} identical cast(s) alive together read one copy "
+                         f"(autocast's bf16 input of q/k/v, gate/up), {cast_bytes:,} B "
+                         f"({cast_bytes / 2**20:.2f} MiB) of copies not kept")
         ubytes = self.unfused_bytes
         lines.append(f"not fused: {len(unfused)} parameter(s), gradient bytes still materialised: "
                      f"{sum(ubytes.values()):,} ({sum(ubytes.values()) / 2**20:.2f} MiB)")

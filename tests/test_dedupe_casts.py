@@ -79,6 +79,27 @@ def test_a_mutation_between_keeps_both():
     assert len(_casts(gm)) == 2
 
 
+def test_explain_names_the_merged_casts():
+    """explain() counts the merged casts and their bytes: a 32-64-32 gated MLP at 16 tokens
+    under CPU autocast, gate and up read X (16×32 bf16, 1,024 B): one copy not kept."""
+    torch.manual_seed(0)
+    model = GatedMLP(32, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(x, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    rep = forge_compile.explain(forge_compile.compile(step, inner="aot_eager"),
+                                torch.randn(16, 32), torch.randn(16, 32))
+    assert sum(r.casts_merged for r in rep.compiles) == 1
+    assert sum(r.cast_bytes_merged for r in rep.compiles) == 16 * 32 * 2
+    assert "casts merged: 1 identical cast(s) alive together read one copy" in str(rep)
+
+
 def test_autocast_step_is_bit_identical_without_the_pass(monkeypatch):
     """A gated MLP (gate and up read one X) under CPU autocast, AdamW, 4 steps, forge with
     Inductor: the casts of X merge, and every parameter and state tensor equals, bit for bit,

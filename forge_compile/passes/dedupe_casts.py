@@ -51,6 +51,14 @@ def _last_read(n: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> int:
     return last
 
 
+def _size(v: torch.Tensor) -> int:
+    """Bytes of ``v``, a symbolic size at its hint (the report only)."""
+    try:
+        return int(v.numel()) * v.element_size()
+    except Exception:   # noqa: BLE001 - an unbacked size: not counted
+        return 0
+
+
 def _key(n: torch.fx.Node):
     try:
         return (n.target, n.args[0], tuple(n.args[1:]), tuple(sorted(n.kwargs.items())),
@@ -78,6 +86,9 @@ def dedupe_casts(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.
         for n in nodes:
             end = _last_read(n, order)
             if keep is not None and order[n] <= last:
+                v = n.meta.get("val")
+                if isinstance(v, torch.Tensor) and ctx is not None:
+                    ctx.report.cast_bytes_merged += _size(v)
                 n.replace_all_uses_with(keep)
                 graph.erase_node(n)
                 last = max(last, end)
@@ -86,6 +97,8 @@ def dedupe_casts(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.
                 keep, last = n, end
     if merged:
         counters["forge_compile"]["casts merged"] += merged
+        if ctx is not None:
+            ctx.report.casts_merged += merged
         graph.lint()
         gm.recompile()
     return gm
