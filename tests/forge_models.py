@@ -1,12 +1,34 @@
-"""Small models and optimizers shared by the forge end-to-end tests (CPU-sized), and the
-bf16 ulp their tolerances are stated in."""
+"""Small models and optimizers shared by the forge end-to-end tests (CPU-sized), the bf16 ulp
+their tolerances are stated in, and the Triton-interpreter subprocess of the kernel tests."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["MLP", "Block", "TinyLM", "Lion", "LambLike", "make_optimizer", "OPTIMIZERS", "bf16_ulp"]
+__all__ = ["MLP", "Block", "TinyLM", "Lion", "LambLike", "make_optimizer", "OPTIMIZERS", "bf16_ulp",
+           "interpreted_json"]
+
+
+def interpreted_json(script: str, timeout: int) -> dict:
+    """Run ``python script --interpreter`` with TRITON_INTERPRET=1 and FORGE_CPU_TRITON=1 (Triton
+    reads the first when a kernel is decorated, so it needs a fresh process) and return the
+    JSON object its last stdout line prints."""
+    import pytest
+    pytest.importorskip("triton")
+    pytest.importorskip("numpy")
+    env = dict(os.environ, TRITON_INTERPRET="1", FORGE_CPU_TRITON="1")
+    env.setdefault("FORGE_COMPILE_CACHE_DIR", os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"forge_compile_test_{os.getuid()}"))
+    proc = subprocess.run([sys.executable, script, "--interpreter"], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def bf16_ulp(ref: torch.Tensor) -> torch.Tensor:

@@ -70,18 +70,19 @@ def test_a_mutation_between_keeps_both():
     """w cast, then w overwritten (the step's copy_), then cast again while the first is still
     read: the two casts see different values and stay two."""
     def build(g):
-        x, w, new = g.placeholder("x"), g.placeholder("w"), g.placeholder("new")
+        w, new = g.placeholder("w"), g.placeholder("new")
         c1 = g.call_function(CAST, (w, torch.bfloat16))
         g.call_function(aten.copy_.default, (w, new))
         c2 = g.call_function(CAST, (w, torch.bfloat16))
-        return (g.call_function(aten.add.Tensor, (c1, c2)),)
+        return (g.call_function(aten.sub.Tensor, (c2, c1)),)
     gm = dedupe_casts(_module(build), None)
     assert len(_casts(gm)) == 2
+    w, new = torch.zeros(4), torch.ones(4)
+    assert torch.equal(gm(w, new)[0], torch.ones(4, dtype=torch.bfloat16))   # new - old
 
 
-def test_explain_names_the_merged_casts():
-    """explain() counts the merged casts and their bytes: a 32-64-32 gated MLP at 16 tokens
-    under CPU autocast, gate and up read X (16×32 bf16, 1,024 B): one copy not kept."""
+def _gated_step():
+    """(model, opt, step): a 32-64-32 gated MLP, AdamW, a step under CPU bf16 autocast."""
     torch.manual_seed(0)
     model = GatedMLP(32, 64)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -93,6 +94,13 @@ def test_explain_names_the_merged_casts():
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
+    return model, opt, step
+
+
+def test_explain_names_the_merged_casts():
+    """explain() counts the merged casts and their bytes: a 32-64-32 gated MLP at 16 tokens
+    under CPU autocast, gate and up read X (16×32 bf16, 1,024 B): one copy not kept."""
+    model, opt, step = _gated_step()
     rep = forge_compile.explain(forge_compile.compile(step, inner="aot_eager"),
                                 torch.randn(16, 32), torch.randn(16, 32))
     assert sum(r.casts_merged for r in rep.compiles) == 1
@@ -107,17 +115,7 @@ def test_autocast_step_is_bit_identical_without_the_pass(monkeypatch):
     def train(drop: bool):
         if drop:
             monkeypatch.setattr(passes, "PASSES", [p for p in passes.PASSES if p is not dedupe_casts])
-        torch.manual_seed(0)
-        model = GatedMLP(32, 64)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-        def step(x, y):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
+        model, opt, step = _gated_step()
         torch._dynamo.reset()
         counters.clear()
         compiled = forge_compile.compile(step)

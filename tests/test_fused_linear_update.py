@@ -30,7 +30,7 @@ import torch
 from forge_compile import rules
 from forge_compile.epilogue import OPS, EpilogueProgram, Instr
 from forge_compile.kernels import fused_linear_update as flu
-from forge_models import bf16_ulp
+from forge_models import bf16_ulp, interpreted_json
 
 # (operand dtype, rtol). fp32 operands, IEEE dot: fp32 rounding of the T-long dot and of ~10
 # epilogue ops, ≤ ~1e-6 measured; 1e-5 is the bound. bf16 operands: a bf16×bf16
@@ -1537,15 +1537,7 @@ def _check_interp(name, res):
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    pytest.importorskip("triton")
-    pytest.importorskip("numpy")
-    env = dict(os.environ, TRITON_INTERPRET="1", FORGE_CPU_TRITON="1")
-    env.setdefault("FORGE_COMPILE_CACHE_DIR", os.path.join(
-        os.environ.get("TMPDIR", "/tmp"), f"forge_compile_test_{os.getuid()}"))
-    proc = subprocess.run([sys.executable, __file__, "--interpreter"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_json(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("name", sorted(_interpreter_cases()))

@@ -5,6 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from forge_compile.kernels import grad_norm
+from forge_models import interpreted_json
 
 SQNORM = torch.ops.forge_compile.grad_sqnorm.default
 
@@ -90,19 +91,7 @@ def _main_interpreter():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    import json
-    import os
-    import subprocess
-    import sys
-    pytest.importorskip("triton")
-    pytest.importorskip("numpy")
-    env = dict(os.environ, TRITON_INTERPRET="1", FORGE_CPU_TRITON="1")
-    env.setdefault("FORGE_COMPILE_CACHE_DIR", os.path.join(
-        os.environ.get("TMPDIR", "/tmp"), f"forge_compile_test_{os.getuid()}"))
-    proc = subprocess.run([sys.executable, __file__, "--interpreter"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_json(__file__, timeout=300)
 
 
 @pytest.mark.parametrize("name", sorted(_INTERP_CASES))
