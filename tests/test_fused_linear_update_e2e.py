@@ -533,6 +533,48 @@ def test_autocast_bf16_gemm_fused_with_fp32_gradient():
     assert "3.9e-03 relative, 2^-8" in text
 
 
+def test_autocast_clip_weighs_the_one_bf16_x_of_gate_and_up():
+    """Under autocast gate and up each cast X to bf16; dedupe_casts leaves one copy, and the
+    grad-norm pass weighs it once: a 32-64-32 gated MLP at 48 tokens, where alone each weight's
+    dY and X (48·96 bf16 values, 9,216 B) outweigh its fp32 gradient (8,192 B) but together
+    (48·160 values, 15,360 B) they do not (16,384 B). gate and up are fused with their norms
+    from dY and X, down keeps its gradient. The first step's total norm is eager's within 1e-5
+    (fp32 sums of the same bf16-rounded products); the parameters after 6 steps within the
+    autocast bound of the test above (5e-4: forge's update reads the fp32 accumulator)."""
+    torch.manual_seed(0)
+    model = GatedMLP(32, 64)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+
+    def make(m, o):
+        def step(x, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            loss = torch.nn.functional.mse_loss(out.float(), y)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+            o.step()
+            o.zero_grad(set_to_none=True)
+            return loss.detach(), norm
+        return step
+    compiled = forge_compile.compile(make(model, opt), inner="aot_eager")
+    eager = make(ref, ref_opt)
+    g = torch.Generator().manual_seed(3)
+    norms = []
+    with listen() as reports:
+        for _ in range(6):
+            x, y = torch.randn(48, 32, generator=g), torch.randn(48, 32, generator=g)
+            norms.append((compiled(x, y)[1], eager(x, y)[1]))
+    assert min(float(e) for _, e in norms) > 0.05       # the clip bites at every step
+    assert abs(float(norms[0][0]) - float(norms[0][1])) <= 1e-5 * float(norms[0][1]), norms[0]
+    fused = _fused_in(reports)
+    assert sorted(fused) == ["gate.weight", "up.weight"]
+    assert all(f.norm_from_operands for f in fused.values())
+    assert "its norm (clip_grad_norm_) reads the gradient" in reports[-1].unfused["down.weight"]
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert _rel(p, q) < 5e-4
+
+
 def test_autocast_forward_after_the_step_reads_the_fused_update():
     """An evaluation forward under autocast after ``opt.step()``, in the step: it reads each new
     weight through autocast's bf16 cast, an elementwise op of the new weight that no update
