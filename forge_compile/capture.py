@@ -289,7 +289,9 @@ SPLIT_BEFORE_BACKWARD = (
     "forward run outside the compiled step), so the weight-gradient GEMMs are not in this graph "
     "and no update can be fused; the backward runs eagerly. Move the forward and the backward "
     "into one compiled step, with nothing that breaks the graph between them (a loss.item() "
-    "the step only returns: torch._dynamo.config.capture_scalar_outputs = True traces it)")
+    "the step only returns: torch._dynamo.config.capture_scalar_outputs = True traces it; "
+    "print(loss) or print(f'{loss:.4f}'): torch._dynamo.config.reorderable_logging_functions"
+    ".add(print) defers the print to the end of the step)")
 
 
 def _break_if_used_before_backward(self, tx) -> None:

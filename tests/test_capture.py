@@ -638,6 +638,39 @@ def test_a_loss_item_returned_is_traced_with_capture_scalar_outputs(inner):
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_a_loss_printed_before_backward_with_print_reorderable(inner, capsys):
+    """The fix SPLIT_BEFORE_BACKWARD names for printing the loss before the backward: with
+    print in Dynamo's reorderable_logging_functions the print is deferred to the end of the
+    step's graph, the step stays one graph with every weight fused, eager-equal, and the
+    printed lines are eager's (the loss is not updated in place, so deferring does not change
+    it; a weight would print its new value, docs/capture.md)."""
+    def print_step(model, opt):
+        def train_step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            print(f"loss {loss:.6f}")
+            return _backward_and_step(loss, opt)
+        return train_step
+    torch._dynamo.reset()
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    ref_step = print_step(ref_model, ref_opt)
+    funcs = torch._dynamo.config.reorderable_logging_functions | {print}
+    with torch._dynamo.config.patch(reorderable_logging_functions=funcs), listen() as reports:
+        step = forge_compile.compile(print_step(model, opt), inner=inner)
+        printed = []
+        for i in range(3):
+            capsys.readouterr()
+            step(*batch(i))
+            got = capsys.readouterr().out
+            ref_step(*batch(i))
+            printed.append((got, capsys.readouterr().out))
+    assert all(got == want and want.startswith("loss ") for got, want in printed), printed
+    assert len(reports) == 1 and set(reports[0].fused) == {"0.weight", "2.weight"}, \
+        [r.unfused for r in reports]
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
 def test_a_forward_run_outside_the_compiled_step_trains_as_eager(caplog):
     """The model's forward outside the compiled function, the loss, backward and optimizer
     inside: the frame holds no leaf, and Dynamo traced the backward as a no-op, so the weights
