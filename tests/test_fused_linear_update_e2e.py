@@ -533,6 +533,28 @@ def test_autocast_bf16_gemm_fused_with_fp32_gradient():
     assert "3.9e-03 relative, 2^-8" in text
 
 
+def _autocast_steps(model, between=None, after=None):
+    """(model, a copy, forge's step, eager's step): AdamW on each under CPU bf16 autocast, the
+    loss in fp32; ``between(m)`` runs between the backward and the update (a clip),
+    ``after(m, x, y)`` after it (an evaluation); a step returns (loss, between's, after's)."""
+    ref = copy.deepcopy(model)
+
+    def make(m):
+        o = make_optimizer("adamw", m.parameters())
+
+        def step(x, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            loss = torch.nn.functional.mse_loss(out.float(), y)
+            loss.backward()
+            b = between(m) if between else None
+            o.step()
+            o.zero_grad(set_to_none=True)
+            return loss.detach(), b, after(m, x, y) if after else None
+        return step
+    return model, ref, forge_compile.compile(make(model), inner="aot_eager"), make(ref)
+
+
 def test_autocast_clip_weighs_the_one_bf16_x_of_gate_and_up():
     """Under autocast gate and up each cast X to bf16; dedupe_casts leaves one copy, and the
     grad-norm pass weighs it once: a 32-64-32 gated MLP at 48 tokens, where alone each weight's
@@ -542,29 +564,14 @@ def test_autocast_clip_weighs_the_one_bf16_x_of_gate_and_up():
     (fp32 sums of the same bf16-rounded products); the parameters after 6 steps within the
     autocast bound of the test above (5e-4: forge's update reads the fp32 accumulator)."""
     torch.manual_seed(0)
-    model = GatedMLP(32, 64)
-    ref = copy.deepcopy(model)
-    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
-
-    def make(m, o):
-        def step(x, y):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = m(x)
-            loss = torch.nn.functional.mse_loss(out.float(), y)
-            loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
-            o.step()
-            o.zero_grad(set_to_none=True)
-            return loss.detach(), norm
-        return step
-    compiled = forge_compile.compile(make(model, opt), inner="aot_eager")
-    eager = make(ref, ref_opt)
+    model, ref, compiled, eager = _autocast_steps(
+        GatedMLP(32, 64), between=lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05))
     g = torch.Generator().manual_seed(3)
     norms = []
     with listen() as reports:
         for _ in range(6):
             x, y = torch.randn(48, 32, generator=g), torch.randn(48, 32, generator=g)
-            norms.append((compiled(x, y)[1], eager(x, y)[1]))
+            norms.append((compiled(x, y)[1], eager(x, y)[1]))      # (loss, norm, None)
     assert min(float(e) for _, e in norms) > 0.05       # the clip bites at every step
     assert abs(float(norms[0][0]) - float(norms[0][1])) <= 1e-5 * float(norms[0][1]), norms[0]
     fused = _fused_in(reports)
@@ -582,29 +589,15 @@ def test_autocast_forward_after_the_step_reads_the_fused_update():
     weight is fused and explain() counts the reader. Against eager: the parameters within the
     autocast bound above (5e-4), the evaluation loss within 5e-3 (bf16 forward activations,
     8 significant bits, on parameters that differ by that much)."""
+    def evaluate(m, x, y):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.nn.functional.mse_loss(m(x).float(), y)
     torch.manual_seed(0)
-    model = MLP()
-    ref = copy.deepcopy(model)
-    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
-
-    def make(m, o):
-        def step(x, y):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = m(x)
-            loss = torch.nn.functional.mse_loss(out.float(), y)
-            loss.backward()
-            o.step()
-            o.zero_grad(set_to_none=True)
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                after = torch.nn.functional.mse_loss(m(x).float(), y)
-            return loss.detach(), after
-        return step
-    compiled = forge_compile.compile(make(model, opt), inner="aot_eager")
-    eager = make(ref, ref_opt)
+    model, ref, compiled, eager = _autocast_steps(MLP(), after=evaluate)
     with listen() as reports:
         for i in range(STEPS):
             batch = _mlp_data(i)
-            (_, after), (_, ref_after) = compiled(*batch), eager(*batch)
+            (_, _, after), (_, _, ref_after) = compiled(*batch), eager(*batch)
             assert _rel(after, ref_after) < 5e-3, (i, after, ref_after)
     fused = _fused_in(reports)
     _fused_names_ok(model, fused)
