@@ -131,6 +131,25 @@ def test_gpu_grad_sqnorm_every_candidate(dtype, shape, monkeypatch):
     assert abs(float(SQNORM(a, b)) - want) <= SQNORM_RTOL * want
 
 
+def test_grad_sqnorm_deterministic_mode_runs_mm(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the op runs "mm" in every process (the
+    timed pick may differ between processes, and each candidate sums in its own order); where
+    the Triton kernel could run (the interpreter's environment) it is picked otherwise."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FORGE_CPU_TRITON", "1")
+    monkeypatch.setattr(grad_norm, "_CHOSEN", {})
+    a, b = _operands(torch.bfloat16)
+    assert isinstance(grad_norm.chosen(a, b), grad_norm.SqnormConfig)
+    monkeypatch.setattr(grad_norm, "_CHOSEN", {})
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert grad_norm.chosen(a, b) == "mm"
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 if __name__ == "__main__" and "--interpreter" in __import__("sys").argv:
     import os
     import sys

@@ -18,7 +18,9 @@ Two implementations, the same value:
   the product reaches memory.
 
 On CUDA the op times the candidates (the Triton configs and "mm") once per shape key and
-process with the fused kernel's clock (``gpu_time_ms``) and keeps the fastest.
+process with the fused kernel's clock (``gpu_time_ms``) and keeps the fastest; each sums in its
+own order, so two processes may differ in the last bits of a norm. Under
+``torch.use_deterministic_algorithms(True)`` it always runs "mm".
 
 Precision, as eager makes and reads the gradient: bf16/fp16 operands give a product rounded to
 their dtype (a bf16 GEMM's output is bf16 under autocast, and eager's norm reads that rounded
@@ -204,6 +206,10 @@ def chosen(a: Tensor, b: Tensor) -> Union[SqnormConfig, str]:
     if pick is not None:
         return pick
     if triton_unsupported_reason(a, b) is not None:
+        pick = "mm"
+    elif torch.are_deterministic_algorithms_enabled():
+        # the pick is timed per process, and each candidate sums in its own order: the same
+        # implementation in every process, so a run's norms repeat bit for bit
         pick = "mm"
     else:
         cands = sqnorm_candidates(a, b)
