@@ -105,9 +105,12 @@ def graph_input_names(gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Li
              **dict(gm.named_buffers(remove_duplicate=False))}
     # parameters lifted as attributes (they reach the frame only through opt.param_groups, e.g.
     # an optimizer-only graph after a graph break) take the name an earlier graph gave them
+    # (or, where none did, their place in the optimizer, "param_groups.0.params.1")
     for t in attrs.values():
-        if isinstance(t, torch.nn.Parameter) and t in _PARAM_NAMES:
-            by_id[id(t)] = _PARAM_NAMES[t]
+        if isinstance(t, torch.nn.Parameter) and id(t) not in by_id:
+            name = _PARAM_NAMES.get(t) or capture.group_name(t)
+            if name is not None:
+                by_id[id(t)] = name
     lifted: List[Optional[str]] = []
     for attr, t in attrs.items():
         owner = capture.state_owner(t)

@@ -391,12 +391,26 @@ def _pending_grads(self, tx) -> Dict[torch.Tensor, Any]:
 _STATE_OWNERS = WeakIdKeyDictionary()
 
 
+# parameter -> "param_groups.<i>.params.<j>", its place in the optimizer, held weakly: the name
+# of last resort, for a graph that reaches a parameter only through the optimizer when no forge
+# graph saw its module path (the forward and backward ran eagerly)
+_GROUP_NAMES = WeakIdKeyDictionary()
+
+
 def _record_state_owners(opt: torch.optim.Optimizer) -> None:
     import weakref
     for p, st in opt.state.items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
                 _STATE_OWNERS[v] = (weakref.ref(p), k)
+    for i, g in enumerate(opt.param_groups):
+        for j, p in enumerate(g["params"]):
+            _GROUP_NAMES.setdefault(p, f"param_groups.{i}.params.{j}")
+
+
+def group_name(p: torch.Tensor) -> Optional[str]:
+    """``param_groups.<i>.params.<j>`` of a parameter a forge trace saw in an optimizer."""
+    return _GROUP_NAMES.get(p)
 
 
 def state_owner(t: torch.Tensor):

@@ -348,6 +348,66 @@ def test_clip_grad_norm_with_a_symbolic_token_count(inner):
     _clip_norm_check((64, 128, 12), 21, ["up.weight"], False, inner, dynamic=True)
 
 
+def test_clip_grad_norm_error_if_nonfinite_is_refused_and_exact():
+    """clip_grad_norm_(error_if_nonfinite=True) branches on the norm's value: Dynamo breaks
+    the graph inside it, and the optimizer's graph reads gradients made outside it: nothing
+    fused, eager-equal (fp32, RTOL 1e-5), each weight refused with that reason."""
+    torch.manual_seed(0)
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+
+    def make(m, o):
+        def step(x, y):
+            loss = _mlp_loss(m, x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05, error_if_nonfinite=True)
+            o.step()
+            o.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+    compiled = forge_compile.compile(make(model, opt), inner="aot_eager")
+    eager = make(ref, ref_opt)
+    with listen() as reports:
+        for i in range(3):
+            compiled(*_mlp_data(i))
+            eager(*_mlp_data(i))
+    _assert_close(model, ref, opt, ref_opt)
+    assert not _fused_in(reports)
+    unfused = {k: v for r in reports for k, v in r.unfused.items()}
+    # the two weights, by module path where the backward's graph named them, and their
+    # optimizer state with them (not as weights of their own)
+    assert len(unfused) == 2 and not any("state" in k for k in unfused), unfused
+    assert all("gradient computed outside the graph" in v for v in unfused.values()), unfused
+
+
+def test_an_optimizer_only_step_names_weights_by_their_place_in_the_optimizer():
+    """forge on opt.step() alone, the forward and backward eager: no forge graph saw the
+    module paths, so explain() names each weight by its place in the optimizer
+    (param_groups.0.params.<j>) and its state with it; nothing fused, eager-equal."""
+    torch.manual_seed(0)
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+
+    def make(o):
+        def update():
+            o.step()
+            o.zero_grad(set_to_none=True)
+        return update
+    compiled = forge_compile.compile(make(opt), inner="aot_eager")
+    eager = make(ref_opt)
+    with listen() as reports:
+        for i in range(3):
+            for m, f in ((model, compiled), (ref, eager)):
+                _mlp_loss(m, *_mlp_data(i)).backward()
+                f()
+    _assert_close(model, ref, opt, ref_opt)
+    assert not _fused_in(reports)
+    unfused = {k: v for r in reports for k, v in r.unfused.items()}
+    assert sorted(unfused) == ["param_groups.0.params.0", "param_groups.0.params.1"], unfused
+
+
 @pytest.mark.parametrize("tokens,want", [
     (24, ["gate.weight", "up.weight"]),     # X + two dY: 24·160 values against 2·64·32
     (28, [])])                              # 28·160 against 2·64·32: all keep their gradients
