@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 
 import forge_compile
 import forge_compile.passes as passes
+from forge_compile.explain import listen
 from forge_compile.passes.dedupe_casts import dedupe_casts
 
 from forge_models import GatedMLP
@@ -133,3 +134,17 @@ def test_autocast_step_is_bit_identical_without_the_pass(monkeypatch):
         assert torch.equal(p, q), n
         for k, v in opt.state[p].items():
             assert torch.equal(v, ref_opt.state[q][k]), (n, k)
+
+
+def test_a_symbolic_token_count_is_not_guarded():
+    """dynamic=True, 12-16 tokens: the merged casts' bytes are symbolic; the report takes them
+    at this compile's value without a guard, so the step compiles once."""
+    model, opt, step = _gated_step()
+    compiled = torch.compile(step, dynamic=True, backend=forge_compile.ForgeBackend(
+        forge_compile.ForgeOptions(inner="aot_eager")))
+    g = torch.Generator().manual_seed(2)
+    with listen() as reports:
+        for rows in range(12, 17):
+            compiled(torch.randn(rows, 32, generator=g), torch.randn(rows, 32, generator=g))
+    assert len(reports) == 1 and reports[0].casts_merged == 1
+    assert reports[0].cast_bytes_merged == 12 * 32 * 2

@@ -23,18 +23,13 @@ import torch
 from torch._dynamo.utils import counters
 
 from forge_compile.context import PassContext
-from forge_compile.passes.fused_linear_update import VIEWS
+from forge_compile.passes.fused_linear_update import hint_nbytes
+from forge_compile.passes.liveness import is_view
 
 __all__ = ["dedupe_casts"]
 
 aten = torch.ops.aten
 _CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
-# views that _TRANSPARENT (VIEWS) leaves out: a slice or an expansion of X keeps it alive too
-_MORE_VIEWS = frozenset((aten.slice.Tensor, aten.select.int, aten.expand.default,
-                         aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-                         aten.as_strided.default))
-
-
 def _last_read(n: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> int:
     """Where ``n``'s buffer is read last: its readers', through views of it (X reaches both
     of its GEMMs, the forward's and the weight gradient's, through views)."""
@@ -46,17 +41,9 @@ def _last_read(n: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> int:
                 continue
             seen.add(u)
             last = max(last, order[u])
-            if u.op == "call_function" and (u.target in VIEWS or u.target in _MORE_VIEWS):
+            if is_view(u):
                 stack.append(u)
     return last
-
-
-def _size(v: torch.Tensor) -> int:
-    """Bytes of ``v``, a symbolic size at its hint (the report only)."""
-    try:
-        return int(v.numel()) * v.element_size()
-    except Exception:   # noqa: BLE001 - an unbacked size: not counted
-        return 0
 
 
 def _key(n: torch.fx.Node):
@@ -88,7 +75,7 @@ def dedupe_casts(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.
             if keep is not None and order[n] <= last:
                 v = n.meta.get("val")
                 if isinstance(v, torch.Tensor) and ctx is not None:
-                    ctx.report.cast_bytes_merged += _size(v)
+                    ctx.report.cast_bytes_merged += hint_nbytes(v) or 0
                 n.replace_all_uses_with(keep)
                 graph.erase_node(n)
                 last = max(last, end)

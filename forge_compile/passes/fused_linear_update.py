@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import torch
 import torch._inductor.inductor_prims  # noqa: F401 (registers torch.ops.prims.fma)
 from torch._dynamo.utils import counters
+from torch.fx.experimental import symbolic_shapes
 
 from forge_compile import patterns as _patterns
 from forge_compile.context import FusedParam, PassContext
@@ -172,10 +173,6 @@ _TRANSPARENT = {
     aten.t_copy.default: 0, aten.permute_copy.default: 0, aten.transpose_copy.int: 0,
     aten.view_copy.default: 0, aten.alias_copy.default: 0,
 }
-# the _TRANSPARENT nodes that alias their input's buffer (a clone or a cast makes a new one)
-VIEWS = frozenset(t for t in _TRANSPARENT if t not in (
-    aten.clone.default, aten._to_copy.default, prims.convert_element_type.default,
-    aten.copy.default, aten.contiguous.default, aten.lift_fresh_copy.default))
 _PERMUTES = (aten.permute.default, aten.permute_copy.default)
 _TS = (aten.t.default, aten.t_copy.default)
 _TRANSPOSES = (aten.transpose.int, aten.transpose_copy.int)
@@ -187,6 +184,22 @@ _ZERO_ONE = {aten.zeros_like.default: 0.0, aten.ones_like.default: 1.0,
 
 def _val(n):
     return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+# a size's hint without a guard: optimization_hint on torch 2.13, size_hint on 2.11 (where
+# hint_int warns that it is deprecated for size_hint)
+_size_hint = (getattr(symbolic_shapes, "optimization_hint", None)
+              or getattr(symbolic_shapes, "size_hint", None) or symbolic_shapes.hint_int)
+
+
+def hint_nbytes(v: torch.Tensor) -> Optional[int]:
+    """Bytes of ``v``; a symbolic size at its value for this compile, without a guard (a
+    decision on memory, or a report, must not recompile the step for each token count). None
+    where a size has no value (data-dependent)."""
+    try:
+        return int(_size_hint(v.numel() * v.element_size()))
+    except Exception:   # noqa: BLE001 - an unbacked size
+        return None
 
 
 def _shape(n):

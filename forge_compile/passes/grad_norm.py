@@ -31,13 +31,14 @@ from typing import Dict, List, Optional
 
 import torch
 from torch._dynamo.utils import counters
-from torch.fx.experimental import symbolic_shapes
 
 from forge_compile.context import PassContext
 from forge_compile.kernels.grad_norm import grad_sqnorm  # noqa: F401 (registers the op)
+from forge_compile.passes.liveness import is_view
 from forge_compile.passes.fused_linear_update import (_TRANSPARENT, NORM_FROM_OPERANDS,
-                                                     NORM_KEPT, VIEWS, _product_operands,
-                                                     _val, grad_source, lower_rules)
+                                                     NORM_KEPT, _product_operands,
+                                                     _val, grad_source, hint_nbytes,
+                                                     lower_rules)
 
 __all__ = ["rewrite_grad_norms"]
 
@@ -46,24 +47,13 @@ aten = torch.ops.aten
 SQNORM_OP = torch.ops.forge_compile.grad_sqnorm.default
 
 
-# a size's hint without a guard: optimization_hint on torch 2.13, size_hint on 2.11 (where
-# hint_int warns that it is deprecated for size_hint)
-_size_hint = (getattr(symbolic_shapes, "optimization_hint", None)
-              or getattr(symbolic_shapes, "size_hint", None) or symbolic_shapes.hint_int)
-
-
 def _nbytes(n) -> Optional[int]:
     """``n``'s bytes; with a symbolic shape (dynamic=True, or Dynamo's automatic dynamic after
     a shape change) the value at this compile, without a guard, so a token count that crosses
     the operands-against-gradient line later does not recompile: only the memory differs, the
     norm is the same value either way. None where a size has no hint (data-dependent)."""
     v = _val(n)
-    if not isinstance(v, torch.Tensor):
-        return 0
-    try:
-        return int(_size_hint(v.numel() * v.element_size()))
-    except Exception:   # an unbacked size: no value to weigh
-        return None
+    return hint_nbytes(v) if isinstance(v, torch.Tensor) else 0
 
 
 def _is_two(ord_) -> bool:
@@ -116,9 +106,8 @@ def _candidate(g: torch.fx.Node) -> Optional[tuple]:
 def _buffer(n: torch.fx.Node) -> torch.fx.Node:
     """The node whose buffer ``n`` views (an X that q, k and v read through their own views
     is one buffer, held once)."""
-    while n.op == "call_function" and n.target in VIEWS and \
-            isinstance(n.args[_TRANSPARENT[n.target]], torch.fx.Node):
-        n = n.args[_TRANSPARENT[n.target]]
+    while is_view(n) and n.args and isinstance(n.args[0], torch.fx.Node):
+        n = n.args[0]
     return n
 
 
