@@ -133,8 +133,9 @@ def test_gpu_grad_sqnorm_every_candidate(dtype, shape, monkeypatch):
 
 def test_grad_sqnorm_deterministic_mode_runs_mm(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the op runs "mm" in every process (the
-    timed pick may differ between processes, and each candidate sums in its own order); where
-    the Triton kernel could run (the interpreter's environment) it is picked otherwise."""
+    timed pick may differ between processes, and each candidate sums in its own order), unless
+    torch.mm's fp32 dots are not the fused update's; where the Triton kernel could run (the
+    interpreter's environment) it is picked otherwise."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FORGE_CPU_TRITON", "1")
@@ -146,6 +147,13 @@ def test_grad_sqnorm_deterministic_mode_runs_mm(monkeypatch):
     torch.use_deterministic_algorithms(True)
     try:
         assert grad_norm.chosen(a, b) == "mm"
+        # fp32 with FORGE_FP32_DOT=tf32: torch.mm (TF32 flag off) would not compute the dots
+        # the fused update uses, so even here the Triton kernel runs
+        a32, b32 = _operands(torch.float32)
+        assert grad_norm.chosen(a32, b32) == "mm"
+        monkeypatch.setenv("FORGE_FP32_DOT", "tf32")
+        monkeypatch.setattr(grad_norm, "_CHOSEN", {})
+        assert isinstance(grad_norm.chosen(a32, b32), grad_norm.SqnormConfig)
     finally:
         torch.use_deterministic_algorithms(was)
 

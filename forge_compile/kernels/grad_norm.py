@@ -26,7 +26,8 @@ Precision, as eager makes and reads the gradient: bf16/fp16 operands give a prod
 their dtype (a bf16 GEMM's output is bf16 under autocast, and eager's norm reads that rounded
 value; the kernel rounds each fp32 tile to nearest even), squares summed in fp32, as
 ``_foreach_norm`` does on fp32 gradients. fp32 operands: IEEE dots unless TF32 is allowed, as
-the fused update (``_input_precision``).
+the fused update (``_input_precision``); the mm path is a candidate only where torch.mm's dots
+are those (its TF32 flag against ``FORGE_FP32_DOT``).
 """
 from __future__ import annotations
 
@@ -197,7 +198,8 @@ _CHOSEN: Dict[tuple, Union[SqnormConfig, str]] = {}
 def chosen(a: Tensor, b: Tensor) -> Union[SqnormConfig, str]:
     """The implementation the op runs for these operands: "mm" or a Triton config."""
     from forge_compile.kernels.fused_linear_update import (ENV_CPU_TRITON, ENV_NO_TUNE,
-                                                           _input_precision, gpu_time_ms)
+                                                           _input_precision, gpu_time_ms,
+                                                           split_gemm_unsupported_reason)
     if a.device.type == "cpu" and os.environ.get(ENV_CPU_TRITON) != "1":
         return "mm"
     key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, b.dtype,
@@ -207,17 +209,21 @@ def chosen(a: Tensor, b: Tensor) -> Union[SqnormConfig, str]:
         return pick
     if triton_unsupported_reason(a, b) is not None:
         pick = "mm"
-    elif torch.are_deterministic_algorithms_enabled():
-        # the pick is timed per process, and each candidate sums in its own order: the same
-        # implementation in every process, so a run's norms repeat bit for bit
-        pick = "mm"
     else:
-        cands = sqnorm_candidates(a, b)
-        if a.device.type != "cuda" or os.environ.get(ENV_NO_TUNE) == "1":
+        # torch.mm follows torch's TF32 flag; the norm must use the dots the fused update uses
+        # (_input_precision, which FORGE_FP32_DOT may set otherwise): where they differ, only
+        # the Triton kernel computes the update's gradient
+        mm_ok = a.dtype != torch.float32 or split_gemm_unsupported_reason(a, b) is None
+        cands = [c for c in sqnorm_candidates(a, b) if c != "mm" or mm_ok]
+        if torch.are_deterministic_algorithms_enabled():
+            # the pick is timed per process, and each candidate sums in its own order: the
+            # same implementation in every process, so a run's norms repeat bit for bit
+            pick = "mm" if mm_ok else cands[0]
+        elif a.device.type != "cuda" or os.environ.get(ENV_NO_TUNE) == "1":
             pick = cands[0]
         elif torch.cuda.is_current_stream_capturing():
-            pick = "mm"     # no timing inside a CUDA graph capture; not remembered
-            return pick
+            # no timing inside a CUDA graph capture; not remembered
+            return "mm" if mm_ok else cands[0]
         else:
             timed = []
             for c in cands:
