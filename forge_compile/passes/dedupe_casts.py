@@ -67,6 +67,10 @@ def dedupe_casts(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.
             key = _key(n)
             if key is not None:
                 groups.setdefault(key, []).append(n)
+    # the ids are dropped again: Inductor's pattern matcher computes them only where the first
+    # node has none, and after the later passes add their mutating fused ops ours would be stale
+    for n in graph.nodes:
+        n.meta.pop("mutation_region_id", None)
     merged = 0
     for nodes in groups.values():
         keep, last = None, -1
