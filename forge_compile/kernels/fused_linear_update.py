@@ -45,7 +45,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -547,18 +547,25 @@ def _import_generated(src: str, stem: str):
     return mod
 
 
-def _kernel(prog: EpilogueProgram):
-    """The jitted kernel for ``prog``: generated, written to the cache dir, imported (cached)."""
-    key = (prog.dumps(), _interpreting())
+def generated_kernel(key: tuple, source: Callable[[], str], stem: str, name: str):
+    """The jitted kernel ``name`` of the module ``source()`` generates: written to the cache
+    dir and imported once per (``stem``, ``key``, interpreter or not), then cached in-process
+    (thread-safe)."""
+    key = (stem, *key, _interpreting())
     k = _KERNELS.get(key)
     if k is not None:
         return k
     with _LOCK:
         k = _KERNELS.get(key)
         if k is None:
-            k = _KERNELS[key] = _import_generated(
-                kernel_source(prog), "flu")._fused_linear_update_kernel
+            k = _KERNELS[key] = getattr(_import_generated(source(), stem), name)
         return k
+
+
+def _kernel(prog: EpilogueProgram):
+    """The jitted kernel for ``prog``: generated, written to the cache dir, imported (cached)."""
+    return generated_kernel((prog.dumps(),), lambda: kernel_source(prog), "flu",
+                            "_fused_linear_update_kernel")
 
 
 # ============================================================================ configs + tuning

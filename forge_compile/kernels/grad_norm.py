@@ -32,7 +32,6 @@ are those (its TF32 flag against ``FORGE_FP32_DOT``).
 from __future__ import annotations
 
 import os
-import threading
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -94,21 +93,9 @@ def _grad_sqnorm_kernel(
 '''
 
 
-_KERNEL: Dict[bool, object] = {}
-_LOCK = threading.Lock()
-
-
 def _kernel():
-    from forge_compile.kernels.fused_linear_update import _import_generated, _interpreting
-    key = _interpreting()
-    k = _KERNEL.get(key)
-    if k is None:
-        with _LOCK:
-            k = _KERNEL.get(key)
-            if k is None:
-                k = _KERNEL[key] = _import_generated(kernel_source(),
-                                                     "grad_sqnorm")._grad_sqnorm_kernel
-    return k
+    from forge_compile.kernels.fused_linear_update import generated_kernel
+    return generated_kernel((), kernel_source, "grad_sqnorm", "_grad_sqnorm_kernel")
 
 
 class SqnormConfig:
