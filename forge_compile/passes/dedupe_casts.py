@@ -30,6 +30,8 @@ __all__ = ["dedupe_casts"]
 
 aten = torch.ops.aten
 _CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+
+
 def _last_read(n: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> int:
     """Where ``n``'s buffer is read last: its readers', through views of it (X reaches both
     of its GEMMs, the forward's and the weight gradient's, through views)."""
@@ -47,11 +49,13 @@ def _last_read(n: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> int:
 
 
 def _key(n: torch.fx.Node):
+    key = (n.target, n.args[0], tuple(n.args[1:]), tuple(sorted(n.kwargs.items())),
+           n.meta["mutation_region_id"])
     try:
-        return (n.target, n.args[0], tuple(n.args[1:]), tuple(sorted(n.kwargs.items())),
-                n.meta["mutation_region_id"])
+        hash(key)
     except TypeError:       # an argument that does not hash: leave that cast alone
         return None
+    return key
 
 
 def dedupe_casts(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) -> torch.fx.GraphModule:
