@@ -523,6 +523,36 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_numpy_compat() -> bool:
+    """Make Triton's interpreter take a scalar argument as a loop bound under NumPy ≥ 2.4.
+
+    Triton ≤ 3.6 turns a scalar into an index with ``int()`` of a one-element array, which
+    NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every
+    ``for t0 in range(0, T, BLOCK_T)`` failed under ``TRITON_INTERPRET=1`` with torch 2.11's
+    Triton 3.6 (the GPU device's CPU suite, 2026-11-25: 27 interpreter tests). This is upstream's
+    one-line fix (triton-lang/triton#9171, PR #9172: ``squeeze()`` first), applied only where the
+    installed interpreter still has the old line. Returns whether it was applied."""
+    import inspect
+    from triton.runtime import interpreter
+    orig = getattr(interpreter, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_forge_numpy_compat", False):
+        return False
+    try:
+        old = "int(self.handle.data))" in inspect.getsource(orig)
+    except (OSError, TypeError):
+        return False
+    if not old:
+        return False
+
+    def _patch_lang_tensor(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._forge_numpy_compat = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
 _KERNELS: dict = {}
 _LOCK = threading.Lock()
 
@@ -540,6 +570,8 @@ def _import_generated(src: str, stem: str):
             f.write(src)
         os.replace(tmp, path)      # atomic: concurrent processes never see half a file
     name = f"forge_compile_generated.{stem}_{digest}_{int(_interpreting())}"
+    if _interpreting():
+        interpreter_numpy_compat()
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
