@@ -294,6 +294,21 @@ SPLIT_BEFORE_BACKWARD = (
     ".add(print) defers the print to the end of the step)")
 
 
+DISTRIBUTED_NOTE = (
+    "torch.distributed is initialized: under DistributedDataParallel the model's forward runs "
+    "outside Dynamo's graph (DDP's forward is on Dynamo's skip list) and every gradient is "
+    "all-reduced across ranks before opt.step() (FSDP reduce-scatters them), so each gradient "
+    "must exist as a tensor and none can be fused; the step computes what eager DDP computes")
+
+
+def distributed_note() -> str:
+    """DISTRIBUTED_NOTE where torch.distributed is initialized (a data-parallel step: its
+    gradients are reduced across ranks, so a backward outside forge's graph is expected), else
+    an empty string."""
+    dist = torch.distributed
+    return DISTRIBUTED_NOTE if dist.is_available() and dist.is_initialized() else ""
+
+
 def _break_if_used_before_backward(self, tx) -> None:
     # Stock Dynamo bug (torch 2.13, also with backend="eager"): touching opt.param_groups before
     # the forward marks the parameters static, they become graph constants, and loss.backward()
@@ -635,7 +650,9 @@ def _make_method_backward(orig):
         if not is_forge_tracing():
             return orig(self, tx, *args, **kwargs)
         if _built_outside(self):
-            _break_for(SPLIT_BEFORE_BACKWARD, "forge: backward of a graph built outside",
+            note = distributed_note()
+            _break_for(f"{SPLIT_BEFORE_BACKWARD}. {note}" if note else SPLIT_BEFORE_BACKWARD,
+                       "forge: backward of a graph built outside",
                        "compile forward and backward in one step, no graph break between them")
         if not tag:
             return orig(self, tx, *args, **kwargs)

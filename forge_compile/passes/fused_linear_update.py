@@ -444,9 +444,12 @@ class _Analysis:
                           f"the update reads {f.name} = {_op_name(f)} (bias, norm or embedding "
                           f"gradient, or a non-elementwise update)")
         if not mms and outside:
+            from forge_compile.capture import distributed_note
+            note = distributed_note()
             raise Refused("gradient computed outside the graph",
                           f"the update reads {outside[0]}, computed before this graph (its "
-                          "backward ran in another graph or eagerly, e.g. after a graph break)")
+                          "backward ran in another graph or eagerly, e.g. after a graph break)"
+                          + (f"; {note}" if note else ""))
         if not mms:
             raise Refused("no gradient", "the update of this tensor reads no gradient")
         if len(mms) > 1:

@@ -1,0 +1,122 @@
+"""A data-parallel step under forge: DistributedDataParallel over two CPU ranks (gloo).
+
+DDP all-reduces every gradient between the backward and opt.step(), so each gradient must exist
+and none can be fused. What forge must do: compute what eager DDP computes (the ranks stay in
+sync), fuse nothing, and say why in explain() and the log, naming DDP rather than a generic
+graph break."""
+import logging
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import forge_compile
+from forge_compile import capture
+from forge_compile.explain import listen
+from forge_models import MLP, make_optimizer
+
+WORLD = 2
+STEPS = 3
+RTOL = 1e-5     # the e2e tests' bound: compiled AdamW's fp32 rounding against eager's
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _worker(rank: int, port: int, q) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("forge_compile").addHandler(handler)
+    try:
+        out = {}
+        for mode in ("eager", "forge"):
+            torch.manual_seed(0)
+            model = MLP()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            opt = make_optimizer("adamw", ddp.parameters())
+
+            def step(x, y):
+                loss = torch.nn.functional.mse_loss(ddp(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach()
+            run = step if mode == "eager" else forge_compile.compile(step, inner="aot_eager")
+            g = torch.Generator().manual_seed(100 + rank)     # each rank its own data
+            batches = [(torch.randn(12, 24, generator=g), torch.randn(12, 12, generator=g))
+                       for _ in range(STEPS)]
+            out["x0"] = batches[0][0].tolist()
+            with listen() as reports:
+                for x, y in batches:
+                    run(x, y)
+            out[mode] = [p.detach().tolist() for p in model.parameters()]
+            if mode == "forge":
+                out["fused"] = sorted(k for r in reports for k in r.fused)
+                out["unfused"] = {k: v for r in reports for k, v in r.unfused.items()}
+        out["log"] = [r.getMessage() for r in records]
+        q.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, q)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(q.get(timeout=240) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [got[r] for r in range(WORLD)]
+
+
+def test_ddp_step_equals_eager_ddp_on_every_rank(ranks):
+    for rank, out in enumerate(ranks):
+        for i, (f, e) in enumerate(zip(out["forge"], out["eager"])):
+            err = _rel(torch.tensor(f), torch.tensor(e))
+            assert err <= RTOL, (rank, i, err)
+
+
+def test_ddp_ranks_stay_in_sync(ranks):
+    """Each rank saw its own data: equal weights on both mean the gradients were reduced."""
+    assert ranks[0]["x0"] != ranks[1]["x0"]
+    a, b = ([torch.tensor(t) for t in out["forge"]] for out in ranks)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_ddp_nothing_fused_and_the_reason_names_ddp(ranks):
+    for out in ranks:
+        assert out["fused"] == [], out["fused"]
+        assert len(out["unfused"]) == 2, out["unfused"]        # MLP: two bias-free weights
+        for name, why in out["unfused"].items():
+            assert "gradient computed outside the graph" in why, (name, why)
+            assert capture.DISTRIBUTED_NOTE in why, (name, why)
+        split = [m for m in out["log"] if m.startswith(capture.SPLIT_BEFORE_BACKWARD)]
+        assert split and all(capture.DISTRIBUTED_NOTE in m for m in split), out["log"]
+
+
+def test_distributed_note_is_empty_without_a_process_group():
+    assert not dist.is_initialized()
+    assert capture.distributed_note() == ""
