@@ -117,6 +117,33 @@ class TinyLM(nn.Module):
         return [n for n, m in self.named_modules() if isinstance(m, nn.Linear) for n in [n + ".weight"]]
 
 
+class LoRALinear(nn.Module):
+    """A frozen Linear (weight and bias) plus a trainable low-rank update B·A, scaled by alpha/r
+    (Hu et al. 2021): the adapters' gradients are GEMMs through the rank-r bottleneck."""
+
+    def __init__(self, d_in, d_out, r=4, alpha=8.0):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out, bias=True).requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(r, d_in) * 0.1)
+        self.B = nn.Parameter(torch.randn(d_out, r) * 0.1)   # non-zero: both adapters move
+        self.scale = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
+
+
+class LoRAMLP(nn.Module):
+    """MLP's shape with both layers frozen and adapted (LoRA fine-tuning)."""
+
+    def __init__(self, d_in=24, d_hidden=40, d_out=12):
+        super().__init__()
+        self.up = LoRALinear(d_in, d_hidden)
+        self.down = LoRALinear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
 class Lion(torch.optim.Optimizer):
     """A user-written optimizer in plain torch ops (Chen et al. 2023); nothing registered."""
 
