@@ -295,10 +295,11 @@ SPLIT_BEFORE_BACKWARD = (
 
 
 DISTRIBUTED_NOTE = (
-    "torch.distributed is initialized: under DistributedDataParallel the model's forward runs "
-    "outside Dynamo's graph (DDP's forward is on Dynamo's skip list) and every gradient is "
-    "all-reduced across ranks before opt.step() (FSDP reduce-scatters them), so each gradient "
-    "must exist as a tensor and none can be fused; the step computes what eager DDP computes")
+    "torch.distributed is initialized: under DistributedDataParallel or FSDP the model's "
+    "forward breaks Dynamo's graph (DDP's forward is on Dynamo's skip list, FSDP's hooks are "
+    "dynamo-disabled) and every gradient is reduced across ranks before opt.step() (DDP "
+    "all-reduces, FSDP reduce-scatters), so each gradient must exist as a tensor and none can "
+    "be fused; the step computes what the eager data-parallel step computes")
 
 
 def distributed_note() -> str:
