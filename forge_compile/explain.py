@@ -141,6 +141,10 @@ class ExplainReport:
                      f"{sum(ubytes.values()):,} ({sum(ubytes.values()) / 2**20:.2f} MiB)")
         lines += [f"  {n} ({ubytes[n]:,} B): {why}" if n in ubytes else f"  {n}: {why}"
                   for n, why in unfused.items()]
+        if not fused and not unfused:
+            lines.append("no optimizer update was traced in a forge graph: opt.step() ran "
+                         "outside them (see the breaks above), or the step has no optimizer "
+                         "step")
         return "\n".join(lines)
 
 

@@ -72,8 +72,11 @@ def _worker(kind: str, rank: int, port: int, q) -> None:
                        for _ in range(STEPS)]
             out["x0"] = batches[0][0].tolist()
             with listen() as reports:
-                for x, y in batches:
-                    run(x, y)
+                for i, (x, y) in enumerate(batches):
+                    if mode == "forge" and i == 0:
+                        out["explain"] = str(forge_compile.explain(run, x, y))
+                    else:
+                        run(x, y)
             out[mode] = [_full(p) for p in model.parameters()]
             if mode == "forge":
                 out["fused"] = sorted(k for r in reports for k in r.fused)
@@ -141,6 +144,9 @@ def test_nothing_fused_and_the_reason_names_data_parallelism(ranks):
         for name, why in out["unfused"].items():
             assert "gradient computed outside the graph" in why, (name, why)
             assert capture.DISTRIBUTED_NOTE in why, (name, why)
+        # explain() says why its lists are empty where they are (FSDP)
+        assert (kind == "fsdp") == ("no optimizer update was traced" in out["explain"]), \
+            out["explain"]
         split = [m for m in out["log"] if m.startswith(capture.SPLIT_BEFORE_BACKWARD)]
         assert split and all(capture.DISTRIBUTED_NOTE in m for m in split), out["log"]
 
