@@ -420,6 +420,35 @@ def test_gpu_lora_adapters_on_a_frozen_base_are_fused():
     _lora_check("inductor", "cuda")
 
 
+def test_deterministic_mode_makes_steps_bit_reproducible():
+    """Under torch.use_deterministic_algorithms(True) two runs of the same fused steps are bit
+    for bit equal. Without it they need not be, as in eager PyTorch: the LM's embedding gradient
+    is an index_put with accumulation in forge's graph (Inductor's decomposition of
+    embedding_dense_backward), which on the CPU adds repeated rows in a varying order, and
+    which deterministic mode sorts. At this size (1,024 tokens into 64 rows) 5 of 5 runs
+    differed from a first one without it and 0 of 5 with it (2 CPU threads, torch 2.13,
+    2026-11-25); the example's final loss varied in its 4th digit between runs."""
+    def run():
+        torch.manual_seed(0)
+        model = TinyLM(vocab=64, d=32, heads=2, hidden=64).randomize_()
+        opt = make_optimizer("adamw", model.parameters())
+        step = forge_compile.compile(_make_step(model, opt, _lm_loss), inner="aot_eager")
+        with listen() as reports:
+            for i in range(3):
+                g = torch.Generator().manual_seed(100 + i)
+                step(*(torch.randint(0, 64, (8, 128), generator=g) for _ in range(2)))
+        assert "head.weight" in _fused_in(reports)
+        return [p.detach().clone() for p in model.parameters()]
+
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_an_optimizer_only_step_names_weights_by_their_place_in_the_optimizer():
     """forge on opt.step() alone, the forward and backward eager: no forge graph saw the
     module paths, so explain() names each weight by its place in the optimizer
