@@ -529,7 +529,7 @@ def interpreter_numpy_compat() -> bool:
     Triton ≤ 3.6 turns a scalar into an index with ``int()`` of a one-element array, which
     NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every
     ``for t0 in range(0, T, BLOCK_T)`` failed under ``TRITON_INTERPRET=1`` with torch 2.11's
-    Triton 3.6 (the GPU device's CPU suite, 2026-11-25: 27 interpreter tests). This is upstream's
+    Triton 3.6 (the GPU device's CPU suite, 2026-11-25: 26 interpreter cases failed, 5 errored). This is upstream's
     one-line fix (triton-lang/triton#9171, PR #9172: ``squeeze()`` first), applied only where the
     installed interpreter still has the old line. Returns whether it was applied."""
     import inspect
