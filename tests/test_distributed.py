@@ -7,7 +7,9 @@ data-parallel step computes (the ranks stay in sync), fuse nothing, and say why 
 and the log, naming data parallelism rather than a generic graph break."""
 import logging
 import os
+import queue
 import socket
+import time
 
 import pytest
 import torch
@@ -106,8 +108,17 @@ def ranks(request):
     procs = [ctx.Process(target=_worker, args=(request.param, r, port, q)) for r in range(WORLD)]
     for p in procs:
         p.start()
+    got, deadline = {}, time.monotonic() + 240
     try:
-        got = dict(q.get(timeout=240) for _ in procs)
+        while len(got) < WORLD:
+            try:
+                rank, out = q.get(timeout=2)
+                got[rank] = out
+            except queue.Empty:
+                # a rank that raised exits non-zero without a result: fail now, not at the deadline
+                codes = [p.exitcode for p in procs]
+                assert not any(c not in (None, 0) for c in codes), f"a rank failed: {codes}"
+                assert time.monotonic() < deadline, "the ranks did not finish in 240 s"
     finally:
         for p in procs:
             p.join(timeout=60)
