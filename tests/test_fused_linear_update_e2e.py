@@ -382,6 +382,36 @@ def test_clip_grad_norm_error_if_nonfinite_is_refused_and_exact():
     assert all("gradient computed outside the graph" in v for v in unfused.values()), unfused
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_two_param_groups_and_a_schedule_fuse_every_linear_weight(inner):
+    """The usual LLM recipe: AdamW with weight decay on the 2-D weights and none (at its own lr)
+    on biases and norms, a LambdaLR stepped every step. Both groups' lrs change each step
+    without a recompile, every Linear weight is fused, and after 8 steps the model is within
+    RTOL of eager's."""
+    torch.manual_seed(0)
+    model = TinyLM().randomize_()
+    ref = copy.deepcopy(model)
+
+    def make(m):
+        opt = torch.optim.AdamW(
+            [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+             {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0,
+              "lr": 2e-3}], lr=1e-3)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9 ** s)
+    (opt, sched), (ref_opt, ref_sched) = make(model), make(ref)
+    compiled = forge_compile.compile(_make_step(model, opt, _lm_loss), inner=inner)
+    eager = _make_step(ref, ref_opt, _lm_loss)
+    with listen() as reports:
+        for i in range(8):
+            compiled(*_lm_data(i))
+            eager(*_lm_data(i))
+            sched.step()
+            ref_sched.step()
+    assert len(reports) == 1, [r.frame_compile_id for r in reports]
+    assert sorted(_fused_in(reports)) == sorted(model.linear_weights())
+    _assert_close(model, ref, opt, ref_opt)
+
+
 def _lora_check(inner, device="cpu"):
     torch.manual_seed(0)
     model = LoRAMLP().to(device)
