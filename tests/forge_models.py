@@ -201,6 +201,10 @@ def make_optimizer(name: str, params, foreach=None):
         return O.Adam(params, lr=1e-3, **kw)
     if name == "adamw":
         return O.AdamW(params, lr=1e-3, weight_decay=0.1, **kw)
+    if name == "adamw_amsgrad":     # a third state tensor, max_exp_avg_sq, read by the update
+        return O.AdamW(params, lr=1e-3, weight_decay=0.1, amsgrad=True, **kw)
+    if name == "adam_maximize":     # the gradient negated in the rule
+        return O.Adam(params, lr=1e-3, maximize=True, **kw)
     if name == "adamw_fused":
         return O.AdamW(params, lr=1e-3, weight_decay=0.1, fused=True)
     if name == "adagrad":
@@ -218,4 +222,5 @@ def make_optimizer(name: str, params, foreach=None):
     raise KeyError(name)
 
 
-OPTIMIZERS = ["sgd", "sgd_nesterov", "adam", "adamw", "adagrad", "rmsprop", "adamax", "nadam", "lion"]
+OPTIMIZERS = ["sgd", "sgd_nesterov", "adam", "adamw", "adagrad", "rmsprop", "adamax", "nadam", "lion",
+              "adamw_amsgrad", "adam_maximize"]
