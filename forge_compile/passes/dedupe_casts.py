@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 
 from forge_compile.context import PassContext
 from forge_compile.passes.fused_linear_update import hint_nbytes
-from forge_compile.passes.liveness import is_view
+from forge_compile.passes.liveness import aliases
 
 __all__ = ["dedupe_casts"]
 
@@ -35,17 +35,7 @@ _CASTS = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
 def _last_read(n: torch.fx.Node, order: Dict[torch.fx.Node, int]) -> int:
     """Where ``n``'s buffer is read last: its readers', through views of it (X reaches both
     of its GEMMs, the forward's and the weight gradient's, through views)."""
-    last, stack, seen = order[n], [n], set()
-    while stack:
-        v = stack.pop()
-        for u in v.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            last = max(last, order[u])
-            if is_view(u):
-                stack.append(u)
-    return last
+    return max([order[n]] + [order[u] for a in aliases(n) for u in a.users])
 
 
 def _key(n: torch.fx.Node):

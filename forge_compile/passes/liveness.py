@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 import networkx as nx
 import torch
 
-__all__ = ["GraphFacts", "is_mutation", "is_view"]
+__all__ = ["GraphFacts", "aliases", "is_mutation", "is_view"]
 
 
 def is_view(n: torch.fx.Node) -> bool:
@@ -33,6 +33,17 @@ def is_view(n: torch.fx.Node) -> bool:
     # ATen marks aliasing outputs in the schema (Tensor(a) self -> Tensor(a))
     return bool(schema.returns) and schema.returns[0].alias_info is not None \
         and not schema.returns[0].alias_info.is_write
+
+
+def aliases(t: torch.fx.Node) -> Set[torch.fx.Node]:
+    """``t`` and every view of it (a view reads ``t``'s storage when ITS readers run)."""
+    out, work = {t}, [t]
+    while work:
+        for u in work.pop().users:
+            if u not in out and is_view(u):
+                out.add(u)
+                work.append(u)
+    return out
 
 
 def is_mutation(n: torch.fx.Node) -> bool:
@@ -83,16 +94,6 @@ class GraphFacts:
         """True when ``node`` is computed (transitively) from a node of ``region``."""
         return not region.isdisjoint(nx.ancestors(self.dg, node))
 
-    def aliases(self, t: torch.fx.Node) -> Set[torch.fx.Node]:
-        """``t`` and every view of it (a view reads ``t``'s storage when ITS readers run)."""
-        out, work = {t}, [t]
-        while work:
-            for u in self.dg.successors(work.pop()):
-                if u not in out and is_view(u):
-                    out.add(u)
-                    work.append(u)
-        return out
-
     def last_reader(self, tensors: Iterable[torch.fx.Node],
                     exclude: Set[torch.fx.Node]) -> Optional[torch.fx.Node]:
         """The last node in graph order reading any of ``tensors`` (or a view of them),
@@ -102,7 +103,7 @@ class GraphFacts:
         of dX, reads W at the mm."""
         best, memo = None, {}
         for t in tensors:
-            for a in self.aliases(t):
+            for a in aliases(t):
                 for u in self.dg.successors(a):
                     if u in exclude or (is_view(u) and u is not a):
                         continue
