@@ -523,19 +523,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def interpreter_numpy_compat() -> bool:
     """Make Triton's interpreter take a scalar argument as a loop bound under NumPy ≥ 2.4.
 
     Triton ≤ 3.6 turns a scalar into an index with ``int()`` of a one-element array, which
     NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every
     ``for t0 in range(0, T, BLOCK_T)`` failed under ``TRITON_INTERPRET=1`` with torch 2.11's
-    Triton 3.6 (the GPU device's CPU suite, 2026-11-25: 26 interpreter cases failed, 5 errored). This is upstream's
-    one-line fix (triton-lang/triton#9171, PR #9172: ``squeeze()`` first), applied only where the
-    installed interpreter still has the old line. Returns whether it was applied."""
+    Triton 3.6 (the GPU device's CPU suite, 2026-11-25: 26 interpreter cases failed, 5
+    errored). This is upstream's one-line fix (triton-lang/triton#9171, PR #9172:
+    ``squeeze()`` first), applied only where the installed interpreter still has the old line,
+    once per process. Returns whether it was applied."""
     import inspect
     from triton.runtime import interpreter
     orig = getattr(interpreter, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_forge_numpy_compat", False):
+    if orig is None:
         return False
     try:
         old = "int(self.handle.data))" in inspect.getsource(orig)
@@ -548,7 +550,6 @@ def interpreter_numpy_compat() -> bool:
         orig(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
-    _patch_lang_tensor._forge_numpy_compat = True
     interpreter._patch_lang_tensor = _patch_lang_tensor
     return True
 
