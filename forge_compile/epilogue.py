@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Dict, Mapping, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -82,6 +82,11 @@ class EpilogueProgram:
     # rounded to nearest, as eager does): "stochastic" (unbiased: an update below half a bf16
     # ulp still moves the weight in expectation, FORGE's choice) or "nearest" (eager's rounding)
     param_rounding: str = "stochastic"
+    # the scalar (by name) that holds a per-call random seed drawn on the device, a float in
+    # [0, 2^24): the stochastic rounding's seed is the launch's seed XOR its value. Under CUDA
+    # graphs a host seed is frozen at capture; torch's graph-safe RNG draws a fresh device
+    # value at every replay (passes/fused_linear_update.py). None: the launch's seed alone.
+    seed_scalar: Optional[str] = None
 
     def __post_init__(self):
         self.validate()
@@ -111,6 +116,9 @@ class EpilogueProgram:
         if self.param_rounding not in ROUNDINGS:
             raise ValueError(f"param_rounding={self.param_rounding!r}: use one of "
                              f"{', '.join(map(repr, ROUNDINGS))}")
+        if self.seed_scalar is not None and self.seed_scalar not in self.scalars:
+            raise ValueError(f"seed_scalar={self.seed_scalar!r} is not one of the scalars "
+                             f"{self.scalars}")
         for dst, val in self.outputs:
             if dst == GRAD or dst not in self.tensors:
                 raise ValueError(f"output {dst!r} must overwrite the param or a state tensor")
@@ -128,6 +136,8 @@ class EpilogueProgram:
                  "outputs": self.outputs}
             if self.param_rounding != "stochastic":     # the default keeps older strings valid
                 d["param_rounding"] = self.param_rounding
+            if self.seed_scalar is not None:
+                d["seed_scalar"] = self.seed_scalar
             s = json.dumps(d, separators=(",", ":"))
             object.__setattr__(self, "_dumps", s)
         return s
@@ -139,7 +149,8 @@ class EpilogueProgram:
             tensors=tuple(d["tensors"]), scalars=tuple(d["scalars"]),
             ops=tuple(Instr(o, op, tuple(a)) for o, op, a in d["ops"]),
             outputs=tuple((k, v) for k, v in d["outputs"]),
-            param_rounding=d.get("param_rounding", "stochastic"))
+            param_rounding=d.get("param_rounding", "stochastic"),
+            seed_scalar=d.get("seed_scalar"))
 
     def __str__(self) -> str:
         lines = [f"epilogue({', '.join(self.tensors)}; scalars: {', '.join(self.scalars) or '-'})"]
@@ -147,6 +158,8 @@ class EpilogueProgram:
         lines += [f"  {dst} <- {val}" for dst, val in self.outputs]
         if self.param_rounding != "stochastic":
             lines.append(f"  (a bf16 {PARAM} is rounded to {self.param_rounding})")
+        if self.seed_scalar is not None:
+            lines.append(f"  (stochastic rounding's seed: the launch's XOR {self.seed_scalar})")
         return "\n".join(lines)
 
 

@@ -391,6 +391,12 @@ WS_PREFETCH_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH=2),
 WS_WALK_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=16, WS_L2="dy_last"),
                  dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1024, WS_L2="dy_last"),
                  dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1, WS_L2="x_last"))
+def _seeded(prog):
+    """``prog`` with a device-drawn seed scalar (what the pass builds under CUDA graphs)."""
+    return dataclasses.replace(prog, scalars=prog.scalars + ("__seed__",),
+                               seed_scalar="__seed__")
+
+
 def _triton_version() -> tuple:
     try:
         import triton
@@ -1131,6 +1137,19 @@ _SM90_CASES = [(f"shipped{i}", flu._GPU_WS_CONFIGS[i], rule, dt) for i, rule, dt
                      ("sgd_momentum", "bf16model"))]
 
 
+@pytest.mark.parametrize("ws", [9, 10])
+def test_ws_kernel_with_a_device_seed_compiles_for_sm90_without_spills(ws):
+    """The bf16 picks (T=512: ws9, T=2048: ws10) with the seed XORed from a device scalar (CUDA
+    graphs): the rounding reads it, and the kernel stays spill-free."""
+    cfg, prog = flu._GPU_WS_CONFIGS[ws], _seeded(_rules()["adamw"][0])
+    src = _ws().kernel_source(prog, *_ws().kernel_args(cfg))
+    k = prog.scalars.index("__seed__")
+    assert f"(seed ^ c{k}.to(gl.int32))" in src
+    assert "_round_bf16_stochastic(o_0, seed," not in src
+    res, smem = _sm90_resources(cfg, prog, "bf16model")
+    assert res["LOCAL"] == "0" and res["STACK"] == "0", res
+
+
 @pytest.mark.parametrize("name,cfg,rule,param_dtype", _SM90_CASES,
                          ids=[f"{n}-{r}-{d}" for n, _, r, d in (
                              c.values if hasattr(c, "values") else c for c in _SM90_CASES)])
@@ -1433,6 +1452,35 @@ def _interpreter_cases():
     for rounding in ("nearest", "stochastic"):
         cases[f"bf16-model-{rounding}"] = functools.partial(bf16_model, rounding)
 
+    def device_seed():
+        # a program whose seed comes from a scalar drawn on the device (CUDA graphs): the
+        # kernel's rounding is the launch's seed XOR the scalar's value, bit for bit what a
+        # launch with that seed alone writes and what the CPU path writes
+        prog, sc = _rules()["adamw"]
+        seeded = dataclasses.replace(prog, scalars=prog.scalars + ("__seed__",),
+                                     seed_scalar="__seed__")
+        dy, x, p, s = _inputs(prog, 200, 300, 32, torch.bfloat16, "cpu",
+                              param_dtype=torch.bfloat16, state_dtype=torch.bfloat16)
+        dy, x = _exact_gemm_operands(dy, x)
+        dev = torch.tensor(float(0xABCDE))          # < 2^24: exact in fp32
+        runs = {}
+        for name, pr, scal, seed in (("device", seeded, [*sc, dev], 11),
+                                     ("host", prog, sc, 11 ^ 0xABCDE),
+                                     ("launch_only", prog, sc, 11)):
+            p1, s1 = p.clone(), [t.clone() for t in s]
+            flu.fused_linear_update_triton(dy, x, p1, s1, scal, pr, config=big, seed=seed)
+            runs[name] = [p1, *s1]
+        p2, s2 = p.clone(), [t.clone() for t in s]
+        flu._fused_linear_update_tiled(dy, x, p2, s2, [*sc, dev], seeded, seed=11)
+        bits = [t.view(torch.int16) for t in runs["device"]]
+        return {"same_as_host_seed": all(torch.equal(a, b.view(torch.int16))
+                                         for a, b in zip(bits, runs["host"])),
+                "same_as_cpu_path": all(torch.equal(a, b.view(torch.int16))
+                                        for a, b in zip(bits, [p2, *s2])),
+                "differs_from_launch_seed_alone": not torch.equal(
+                    bits[0], runs["launch_only"][0].view(torch.int16))}
+    cases["device-seed"] = device_seed
+
     def op_dispatch():
         prog, sc = _rules()["adamw"]
         dy, x, p, s = _inputs(prog, *shape, torch.float32, "cpu")
@@ -1535,6 +1583,9 @@ def _check_bf16_model(res, rounding):
 
 
 def _check_interp(name, res):
+    if name == "device-seed":
+        assert all(res.values()), res
+        return
     if name.startswith("bf16-model-"):
         _check_bf16_model(res, name[len("bf16-model-"):])
         return
@@ -1805,6 +1856,34 @@ def test_gpu_bf16_model(rule, kernel, rounding):
         res = _bf16_model_stats(prog, dy, x, p, s, sc, lambda *a: flu.fused_linear_update_triton(
             *a, config=cfg))
         _check_bf16_model(res, rounding)
+
+
+@gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["plain", "ws9", "ws10"])
+def test_gpu_device_seed_is_the_launch_seed_xor_its_value(kernel):
+    """The interpreter's device-seed case on CUDA (what the pass builds under CUDA graphs): a
+    bf16 model's AdamW with the seed read from a GPU scalar writes, bit for bit, what a launch
+    with the launch's seed XOR the scalar's value writes, and not what the launch's seed alone
+    writes; on the plain kernel and the bf16 picks."""
+    prog, sc = _rules("cuda")["adamw"]
+    dy, x, p, s = _inputs(prog, *RAGGED, torch.bfloat16, "cuda", param_dtype=torch.bfloat16,
+                          state_dtype=torch.bfloat16)
+    dy, x = _exact_gemm_operands(dy, x)
+    if kernel == "plain":
+        cfg = flu.candidate_configs(dy)[0]
+    else:
+        _ws_or_skip(dy, x, p, s)
+        cfg = flu._GPU_WS_CONFIGS[int(kernel[2:])]
+    dev = torch.tensor(float(0xABCDE), device="cuda")
+    runs = []
+    for pr, scal, seed in ((_seeded(prog), [*sc, dev], 11), (prog, sc, 11 ^ 0xABCDE),
+                           (prog, sc, 11)):
+        p1, s1 = p.clone(), [t.clone() for t in s]
+        flu.fused_linear_update_triton(dy, x, p1, s1, scal, pr, config=cfg, seed=seed)
+        runs.append([t.view(torch.int16) for t in (p1, *s1)])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not torch.equal(runs[0][0], runs[2][0])
 
 
 @gpu

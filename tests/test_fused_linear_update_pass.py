@@ -14,6 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import forge_compile.patterns as patterns
 from forge_compile.context import CompileReport, ForgeOptions, PassContext
+from forge_compile.epilogue import EpilogueProgram
 from forge_compile.passes import run_passes
 
 aten = torch.ops.aten
@@ -697,6 +698,41 @@ def _sgd_wd_two_weights(dy1, x1, dy2, x2, w1, w2, b1, b2, lr):
         w.copy_(w * (1 - lr * 0.01) - lr * nb)
         b.copy_(nb)
     return (dy1.sum(),)
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_cudagraphs_bf16_weights_round_with_a_seed_drawn_on_the_device(cudagraphs):
+    """bf16 weights, stochastic rounding: a host seed would be frozen into a CUDA graph at
+    capture, so under CUDA graphs the pass draws one random value on the weights' device per
+    graph (aten.randint, which Inductor runs as a fallback kernel: torch's graph-safe RNG
+    redraws it at every replay) and hands it to every fused op as its program's seed_scalar.
+    Without CUDA graphs the launch's host seed is fresh per call: no draw."""
+    bf = dict(device="meta", dtype=torch.bfloat16)
+    args = [torch.empty(*sh, **bf) for sh in ((T, N), (T, K), (T, K), (T, N), (N, K), (K, N),
+                                             (N, K), (K, N))] + [torch.tensor(0.1)]
+    gm = _trace(_sgd_wd_two_weights, args)
+    names = ["dy1", "x1", "dy2", "x2", "a.weight", "b.weight",
+             "opt.state[a.weight].momentum_buffer", "opt.state[b.weight].momentum_buffer", "lr"]
+    ctx = _ctx(names)
+    ctx.cudagraphs = cudagraphs
+    gm = run_passes(gm, ctx)
+    assert sorted(ctx.report.fused) == ["a.weight", "b.weight"]
+    ops = [n for n in gm.graph.nodes if n.target is FUSED]
+    draws = [n for n in gm.graph.nodes if n.target is torch.ops.aten.randint.low]
+    progs = [EpilogueProgram.loads(op.args[5]) for op in ops]
+    if cudagraphs:
+        assert len(draws) == 1 and draws[0].meta["val"].device.type == "meta"
+        assert draws[0].args[:2] == (0, 1 << 24)         # exact as fp32, as an int32 in the kernel
+        assert all(op.args[4][-1] is draws[0] for op in ops)
+        assert all(p.seed_scalar == p.scalars[-1] == "__seed__" for p in progs)
+        assert all(p.param_rounding == "stochastic" for p in progs)
+        from torch._inductor.lowering import lowerings
+        assert torch.ops.aten.randint.low in lowerings
+        notes = [f.precision_note for f in ctx.report.fused.values()]
+        assert all("its seed drawn on the GPU at every CUDA-graph replay" in n for n in notes)
+    else:
+        assert not draws and all(p.seed_scalar is None for p in progs)
+    gm.graph.lint()
 
 
 @pytest.mark.parametrize("cudagraphs", [False, True])

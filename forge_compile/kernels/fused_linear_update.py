@@ -212,6 +212,10 @@ class _Epilogue:
             env[ins.out] = (name, is_tile, None)
         used.update(val for _, val in prog.outputs)
         self.env, self.used = env, used
+        # the stochastic rounding's seed: the launch's, XOR a device-drawn scalar's value
+        # (EpilogueProgram.seed_scalar: a float in [0, 2^24), exact as an int32)
+        self.seed = ("seed" if prog.seed_scalar is None else
+                     f"(seed ^ c{prog.scalars.index(prog.seed_scalar)}.to(tl.int32))")
 
     def loads(self, ind: str, sfx: str, rk: str, mask: str) -> List[str]:
         out = []
@@ -275,7 +279,7 @@ class _Epilogue:
             out.append(f"{ind}o_{v} = {e}")
             if dst == PARAM:
                 out += [f"{ind}if STOCHASTIC_ROUND:",
-                        f"{ind}    o_{v} = _round_bf16_stochastic(o_{v}, seed, "
+                        f"{ind}    o_{v} = _round_bf16_stochastic(o_{v}, {self.seed}, "
                         f"rn[:, None] * K + {rk}[None, :])"]
             ptr = self.ptr[dst]
             val = (f"_to_stored(o_{v}, {ptr})" if self.interpreted else
@@ -1566,6 +1570,8 @@ def _fused_linear_update_tiled(dy: Tensor, x: Tensor, param: Tensor, state: List
     stochastic = stochastic_rounding(param, prog)
     if seed is None:
         seed = _default_seed(stochastic)
+    if stochastic and prog.seed_scalar is not None:
+        seed ^= int(float(scalars[prog.scalars.index(prog.seed_scalar)]))
     for n0 in range(0, N, TILE_N):
         n1 = min(n0 + TILE_N, N)
         dyt = dy[:, n0:n1].t().to(cdt)

@@ -1174,7 +1174,7 @@ def kernel_source(program, split: int, pipe: bool, state: str, epilogue: bool = 
             out.append(f"        o{sfx} = {e}")
             if dst == PARAM:
                 out += ["        if STOCHASTIC_ROUND:",
-                        f"            o{sfx} = _round_bf16_stochastic(o{sfx}, seed, "
+                        f"            o{sfx} = _round_bf16_stochastic(o{sfx}, {_gl(ep.seed)}, "
                         f"{rn(sfx)}[:, None] * K + rk{sfx}[None, :])"]
             if tma_store:        # back into the slot; TMA writes it out below
                 out.append(f"        {smems[idx]}.index(slot).store("

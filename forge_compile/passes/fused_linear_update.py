@@ -28,6 +28,7 @@ Anything not proven is left unfused, with ``ctx.report.unfused[name] = reason``,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Dict, List, Optional, Set, Tuple
@@ -246,11 +247,13 @@ def _precision_note(gemm_dtype: torch.dtype, update_dtype: torch.dtype,
       accumulator to the update instead;
     - a bf16 weight (and state): eager rounds the gradient and each optimizer op's result to
       bf16; the fused update computes in fp32 and rounds once, the weight as ``rounding`` says
-      (``replayed``: to nearest because the step replays from CUDA graphs)."""
+      (``replayed``: the step replays from CUDA graphs, and a stochastic rounding's seed is
+      drawn on the device at each replay)."""
     if update_dtype is torch.bfloat16:
-        how = ("to nearest, as eager does (stochastic rounding needs a fresh seed each step, "
-               "and a CUDA-graph replay repeats the one of its capture)" if replayed else
-               "to nearest, as eager does" if rounding == "nearest" else
+        how = ("to nearest, as eager does" if rounding == "nearest" else
+               "stochastically (unbiased, within one bf16 ulp of the fp32 value; eager rounds to "
+               "nearest: options={'bf16_rounding': 'nearest'} does too), its seed drawn on the "
+               "GPU at every CUDA-graph replay" if replayed else
                "stochastically (unbiased, within one bf16 ulp of the fp32 value; eager rounds to "
                "nearest: options={'bf16_rounding': 'nearest'} does too)")
         return ("bf16 weight: updated in fp32 from the unrounded fp32 gradient and rounded once, "
@@ -789,10 +792,9 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
     rounding = ctx.options.bf16_rounding if ctx is not None else "stochastic"
     # stochastic rounding draws a fresh seed on the host at each call; a CUDA-graph replay
     # repeats the one drawn at capture, so every step would round each weight the same way
-    # (biased where the same small update recurs): there bf16 weights round to nearest
+    # (biased where the same small update recurs): there the seed is XORed with a value drawn
+    # on the device in the graph, which torch's graph-safe RNG redraws at every replay
     replayed = rounding == "stochastic" and ctx is not None and ctx.cudagraphs
-    if replayed:
-        rounding = "nearest"
     for dest in list(sinks):
         if dest in done or not isinstance(_val(dest), torch.Tensor) or _val(dest).dim() == 0:
             continue
@@ -823,8 +825,8 @@ def fuse_linear_updates(gm: torch.fx.GraphModule, ctx: Optional[PassContext]) ->
         if names.get(param) and names.get(param) != name and not _is_param_name(names.get(param)):
             pname = name
         done.update([param] + list(state))
-        _rewrite(graph, a, param, state, prog, pos, scalar_copies,
-                 ctx.report if scalar_copies is not None else None)
+        prog = _rewrite(graph, a, param, state, prog, pos, scalar_copies,
+                        ctx.report if scalar_copies is not None else None)
         changed = True
         # the gradient the update reads: the GEMM's output, or its cast up (autocast's bf16 GEMM
         # cast to fp32: eager holds the fp32 one in .grad until the step)
@@ -1081,8 +1083,31 @@ def _on_device(graph, s: torch.fx.Node, device: torch.device,
     return copies[key]
 
 
+# the program's name for the device-drawn seed (EpilogueProgram.seed_scalar); the dunder keeps
+# it apart from the scalars the matcher names
+SEED_SCALAR = "__seed__"
+_SEED_META = "forge_device_seed"
+
+
+def _device_seed(graph, device: torch.device, like) -> torch.fx.Node:
+    """One random 0-d float32 in [0, 2^24) on ``device`` per graph, drawn after the
+    placeholders: Inductor runs aten.randint as a fallback kernel, which under CUDA graphs
+    draws from torch's graph-safe generator, so every replay gets a fresh value."""
+    for n in graph.nodes:
+        if n.meta.get(_SEED_META) == str(device):
+            return n
+    where = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(where):
+        s = graph.call_function(aten.randint.low, (0, 1 << 24, []),
+                                {"dtype": torch.float32, "device": device})
+    s.meta["val"] = _fake_scalar(like, torch.float32, device)
+    s.meta[_SEED_META] = str(device)
+    return s
+
+
 def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, report=None):
-    """Insert the fused op after ``pos``; erase the sinks and the dead region. With
+    """Insert the fused op after ``pos``; erase the sinks and the dead region; return the
+    program the op runs (``prog``, with a device seed where the step replays). With
     ``scalar_copies`` (a dict, shared by the graph's ops), every scalar the op reads is passed on
     W's device: under CUDA graphs the op's launch, host code included, is captured once, so a
     CPU scalar it read by value (an lr tensor on the CPU, and 1 - lr·wd computed from it) would
@@ -1107,6 +1132,10 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
         if scalar_copies is not None:
             scal = [_on_device(graph, t, _val(param).device, scalar_copies, report)
                     for t in scal]
+            if _val(param).dtype == torch.bfloat16 and prog.param_rounding == "stochastic":
+                scal.append(_device_seed(graph, _val(param).device, _val(a.gemm)))
+                prog = dataclasses.replace(prog, scalars=prog.scalars + (SEED_SCALAR,),
+                                           seed_scalar=SEED_SCALAR)
         fresh = []
         for n, _ in a.new_outputs:
             v = _val(n)
@@ -1116,6 +1145,8 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
             fresh.append(buf)
         op = graph.call_function(FUSED_OP, (dy, x, param, list(state) + fresh, scal, prog.dumps()))
         op.meta["val"] = None
+    if prog.seed_scalar is not None and _after(scal[-1], op):
+        op.prepend(scal[-1])    # the draw (no inputs) moves before an op placed above it
     if scalar_copies:
         # a copy made for an earlier op may sit after this one (an op right after the inputs);
         # FX keeps each node's place in graph order as its _sort_key (torch >= 2.5): only the
@@ -1150,6 +1181,7 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
                 cands.discard(n)
                 graph.erase_node(n)
                 changed = True
+    return prog
 
 
 def _after(a: torch.fx.Node, b: torch.fx.Node) -> bool:
