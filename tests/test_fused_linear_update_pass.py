@@ -700,6 +700,21 @@ def _sgd_wd_two_weights(dy1, x1, dy2, x2, w1, w2, b1, b2, lr):
     return (dy1.sum(),)
 
 
+def _two_weights_on_meta(dtype, cudagraphs):
+    """_sgd_wd_two_weights traced with ``dtype`` tensors on "meta" (standing in for CUDA) and a
+    CPU lr, through the passes: (graph module, context, the fused ops); both weights fused."""
+    args = [torch.empty(*sh, device="meta", dtype=dtype)
+            for sh in ((T, N), (T, K), (T, K), (T, N), (N, K), (K, N), (N, K), (K, N))]
+    gm = _trace(_sgd_wd_two_weights, args + [torch.tensor(0.1)])
+    ctx = _ctx(["dy1", "x1", "dy2", "x2", "a.weight", "b.weight",
+                "opt.state[a.weight].momentum_buffer", "opt.state[b.weight].momentum_buffer",
+                "lr"])
+    ctx.cudagraphs = cudagraphs
+    gm = run_passes(gm, ctx)
+    assert sorted(ctx.report.fused) == ["a.weight", "b.weight"]
+    return gm, ctx, [n for n in gm.graph.nodes if n.target is FUSED]
+
+
 @pytest.mark.parametrize("cudagraphs", [False, True])
 def test_cudagraphs_bf16_weights_round_with_a_seed_drawn_on_the_device(cudagraphs):
     """bf16 weights, stochastic rounding: a host seed would be frozen into a CUDA graph at
@@ -707,17 +722,7 @@ def test_cudagraphs_bf16_weights_round_with_a_seed_drawn_on_the_device(cudagraph
     graph (aten.randint, which Inductor runs as a fallback kernel: torch's graph-safe RNG
     redraws it at every replay) and hands it to every fused op as its program's seed_scalar.
     Without CUDA graphs the launch's host seed is fresh per call: no draw."""
-    bf = dict(device="meta", dtype=torch.bfloat16)
-    args = [torch.empty(*sh, **bf) for sh in ((T, N), (T, K), (T, K), (T, N), (N, K), (K, N),
-                                             (N, K), (K, N))] + [torch.tensor(0.1)]
-    gm = _trace(_sgd_wd_two_weights, args)
-    names = ["dy1", "x1", "dy2", "x2", "a.weight", "b.weight",
-             "opt.state[a.weight].momentum_buffer", "opt.state[b.weight].momentum_buffer", "lr"]
-    ctx = _ctx(names)
-    ctx.cudagraphs = cudagraphs
-    gm = run_passes(gm, ctx)
-    assert sorted(ctx.report.fused) == ["a.weight", "b.weight"]
-    ops = [n for n in gm.graph.nodes if n.target is FUSED]
+    gm, ctx, ops = _two_weights_on_meta(torch.bfloat16, cudagraphs)
     draws = [n for n in gm.graph.nodes if n.target is torch.ops.aten.randint.low]
     progs = [EpilogueProgram.loads(op.args[5]) for op in ops]
     if cudagraphs:
@@ -741,18 +746,7 @@ def test_cudagraphs_pass_every_scalar_on_the_weights_device(cudagraphs):
     CUDA graphs the op reads each scalar on W's device (one copy per scalar for the whole graph),
     since a CPU scalar read by value at capture would be replayed at its capture-time value;
     without CUDA graphs the CPU scalars are passed as they are (read per call, no copy)."""
-    meta = [torch.empty(*s, device="meta") for s in ((T, N), (T, K), (T, K), (T, N), (N, K),
-                                                      (K, N), (N, K), (K, N))]
-    args = meta + [torch.tensor(0.1)]
-    gm = make_fx(torch.func.functionalize(_sgd_wd_two_weights, remove="mutations"),
-                 tracing_mode="fake")(*args)
-    names = ["dy1", "x1", "dy2", "x2", "a.weight", "b.weight",
-             "opt.state[a.weight].momentum_buffer", "opt.state[b.weight].momentum_buffer", "lr"]
-    ctx = _ctx(names)
-    ctx.cudagraphs = cudagraphs
-    gm = run_passes(gm, ctx)
-    assert sorted(ctx.report.fused) == ["a.weight", "b.weight"]
-    ops = [n for n in gm.graph.nodes if n.target is FUSED]
+    gm, ctx, ops = _two_weights_on_meta(torch.float32, cudagraphs)
     scalars = [s for op in ops for s in op.args[4]]
     assert len(scalars) == 4
     devices = {s.meta["val"].device.type for s in scalars}
