@@ -2,9 +2,10 @@
 # On the GPU device: install forge_compile (editable, no deps), run the fused-kernel GPU tests and
 # the benchmark. Logs and results go under $OUT (default ./gpu_out).
 #   bash scripts/gpu_kernels.sh [tests|bench|profile|ncu|stream|ncu-stream|ws-study|pingpong|
-#                                store-policy|bf16-weights|llama-shapes|ncu-bf16|grad-norm|all]
-#   (default all; stream, ncu-stream, ws-study, pingpong, store-policy and grad-norm: not in
-#   all)
+#                                store-policy|bf16-weights|llama-shapes|ncu-bf16|grad-norm|
+#                                device-seed|all]
+#   (default all; stream, ncu-stream, ws-study, pingpong, store-policy, grad-norm and
+#   device-seed: not in all)
 # Env: TEST_TIMEOUT / BENCH_TIMEOUT (s), BENCH_ARGS (extra args for the benchmark).
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -195,6 +196,18 @@ if [[ $WHAT == grad-norm ]]; then
     | tee "$OUT/bench_grad_norm.log"
   rc=$(( rc | $? ))
   cp benchmarks/results/grad_norm.jsonl "$OUT/" 2>/dev/null || true
+fi
+# bf16 weights under CUDA graphs: the seed XORed from a GPU scalar (the kernels, bit for bit
+# against a launch with that seed) and the replayed step (unbiased, two replays round
+# differently), then the rest of the bf16-weight e2e tests
+if [[ $WHAT == device-seed ]]; then
+  timeout "${TEST_TIMEOUT:-400}" $PY -m pytest -q -rfE -p no:cacheprovider -m gpu \
+    tests/test_fused_linear_update.py -k "device_seed or bf16_model" \
+    2>&1 | tee "$OUT/device_seed_kernels.log" | tail -5
+  rc=$(( rc | $? ))
+  timeout "${TEST_TIMEOUT:-400}" $PY -m pytest -q -rfE -p no:cacheprovider -m gpu \
+    tests/test_fused_linear_update_e2e.py -k bf16 2>&1 | tee "$OUT/device_seed_e2e.log" | tail -5
+  rc=$(( rc | $? ))
 fi
 if [[ $WHAT == all || $WHAT == ncu ]]; then
   # Evidence for the memory-bound rows: DRAM throughput, occupancy, registers, warp stalls of
