@@ -92,12 +92,14 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """Embedding, one transformer block (attention + gated MLP, 3-D activations), LM head."""
 
-    def __init__(self, vocab=29, d=16, heads=2, hidden=36):
+    def __init__(self, vocab=29, d=16, heads=2, hidden=36, tie=False):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList([Block(d, heads, hidden)])
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
+        if tie:     # GPT-2's and Llama 3.2's tie_word_embeddings: one table, two uses
+            self.head.weight = self.emb.weight
 
     def forward(self, idx):
         x = self.emb(idx)

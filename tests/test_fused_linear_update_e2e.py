@@ -119,6 +119,30 @@ def _run(kind, opt_name, foreach=None, inner="aot_eager", steps=STEPS, **step_kw
     return model, fused, {k: v for k, v in unfused.items() if k not in fused}, last
 
 
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_weight_tied_to_the_embedding_stays_unfused_and_says_why(inner):
+    """A tied LM head (one table, the embedding's and the head's): its gradient is the head's
+    GEMM plus the embedding's scatter-add, so it exists before the update and the table stays
+    unfused, with a reason that names the tie; every other Linear weight is fused, and training
+    equals eager's."""
+    torch.manual_seed(0)
+    model = TinyLM(tie=True).randomize_()
+    assert model.head.weight is model.emb.weight
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
+    compiled = forge_compile.compile(_make_step(model, opt, _lm_loss), inner=inner)
+    eager = _make_step(ref, ref_opt, _lm_loss)
+    with listen() as reports:
+        for i in range(4):
+            compiled(*_lm_data(i))
+            eager(*_lm_data(i))
+    _assert_close(model, ref, opt, ref_opt)
+    fused = _fused_in(reports)
+    assert sorted(fused) == sorted(w for w in _linear_weights(model) if w != "head.weight")
+    why = {k: v for r in reports for k, v in r.unfused.items()}["emb.weight"]
+    assert why.startswith("GEMM plus another gradient") and "tie_word_embeddings" in why, why
+
+
 def _fused_in(reports):
     """Every parameter fused in any of the compiles (name -> FusedParam)."""
     return {k: v for r in reports for k, v in r.fused.items()}

@@ -631,6 +631,22 @@ def test_refuses_tied_weight_two_gemms():
     assert "several gradient GEMMs" in why
 
 
+def test_refuses_weight_tied_to_an_embedding_naming_the_tie():
+    # a weight that is both an LM head and an embedding table: its gradient is the head's GEMM
+    # plus the embedding's scatter-add (index_put with accumulate) of the rows the tokens hit
+    def f(dy, x, demb, w, buf, idx):
+        g = torch.mm(dy.t(), x) + aten.index_put(torch.zeros_like(w), [idx], demb, True)
+        b = buf * 0.9 + g
+        w.copy_(w - 0.01 * b)
+        buf.copy_(b)
+        return (dy.sum(),)
+    idx = torch.randint(0, N, (T,), generator=torch.Generator().manual_seed(3))
+    why = _refused(f, [*_inputs((T, N), (T, K), (T, K), (N, K), (N, K)), idx],
+                   ["dy", "x", "demb", "w", "opt.state[w].momentum_buffer", "idx"])
+    assert why.startswith("GEMM plus another gradient"), why
+    assert "index_put" in why and "tie_word_embeddings" in why
+
+
 # -- placement: per-step scalars are hoisted so the fused op does not wait for the optimizer ----
 
 def _closure(nodes):

@@ -441,6 +441,13 @@ class _Analysis:
                 raise Refused("not elementwise",
                               f"the update reads {f.name} = {_op_name(f)}, computed from a GEMM "
                               "by an op with no epilogue rule (see forge_compile.register_pattern)")
+        if foreign and mms:
+            f, mm = foreign[0], next(iter(mms))
+            raise Refused("GEMM plus another gradient",
+                          f"the gradient sums the GEMM {mm.name} and {f.name} = {_op_name(f)}, "
+                          "which is no GEMM (a weight tied to an embedding, e.g. "
+                          "tie_word_embeddings=True, also takes the embedding's scatter-add): "
+                          "the sum exists before the update, so the update stays unfused")
         if foreign:
             f = foreign[0]
             raise Refused("gradient is not a GEMM",
