@@ -467,6 +467,51 @@ def test_gradient_accumulation_across_calls():
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+def test_gradient_accumulation_across_calls_leaves_the_last_step_unfused_and_says_why():
+    """The usual accumulation loop with forge on: micro-steps that only backward, then a last
+    micro-step that also steps and zeroes. The last step's backward adds its GEMM to a .grad
+    that earlier calls filled, and must write the sum into that tensor: every weight stays
+    unfused, with a reason naming accumulation, and training equals eager's."""
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+
+    def micro(m):
+        def f(x, y):
+            loss = torch.nn.functional.mse_loss(m(x), y) / 3
+            loss.backward()
+            return loss.detach()
+        return f
+
+    def last(m, o):
+        def f(x, y):
+            loss = micro(m)(x, y)
+            o.step()
+            o.zero_grad(set_to_none=True)
+            return loss
+        return f
+
+    c_micro, c_last = (forge_compile.compile(f, inner="aot_eager")
+                       for f in (micro(model), last(model, opt)))
+    report = None
+    for s in range(3):
+        for k in range(3):
+            b = batch(3 * s + k)
+            if k < 2:
+                c_micro(*b)
+                micro(ref_model)(*b)
+            elif s == 2:
+                report = forge_compile.explain(c_last, *b)
+                last(ref_model, ref_opt)(*b)
+            else:
+                c_last(*b)
+                last(ref_model, ref_opt)(*b)
+    assert_same_training(model, opt, ref_model, ref_opt)
+    assert report.fused == {}
+    for w in ("0.weight", "2.weight"):
+        assert report.unfused[w].startswith(".grad kept across steps"), report.unfused
+        assert "micro-batches accumulated by earlier calls" in report.unfused[w]
+
+
 # --- backend registration and isolation ---------------------------------------------------------
 
 def test_unknown_option_fails_fast():

@@ -874,7 +874,10 @@ def _plan(a: _Analysis, names, dup, rounding: str = "stochastic"):
         nm = names.get(d)
         if nm and nm.endswith(".grad"):
             raise Refused(".grad kept across steps",
-                          f"the gradient is accumulated into {nm}, which survives the step")
+                          f"the gradient is accumulated into {nm}, a tensor from before this "
+                          "step (micro-batches accumulated by earlier calls, or a .grad that "
+                          "survives the step): the sum must be written into it, so it exists; "
+                          "gradient accumulation keeps every weight's gradient by design")
     for s in a.sinks:
         if s.users:
             raise Refused("update is a graph output",
