@@ -9,6 +9,7 @@ torch.compile for that reason).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -440,17 +441,21 @@ def test_a_read_of_the_updates_intermediate_stays_refused():
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+def _micro_step(m, parts):
+    """A micro-step of gradient accumulation over ``parts`` micro-batches: backward only."""
+    def f(x, y):
+        loss = torch.nn.functional.mse_loss(m(x), y) / parts
+        loss.backward()
+        return loss.detach()
+    return f
+
+
 def test_gradient_accumulation_across_calls():
     """micro-steps that only backward (grads accumulate in .grad), then a step+zero_grad call."""
     model, opt, _ = make("sgd_momentum", False, schedule=False)
     ref_model, ref_opt, _ = make("sgd_momentum", False, schedule=False)
 
-    def micro(m):
-        def f(x, y):
-            loss = torch.nn.functional.mse_loss(m(x), y) / 4
-            loss.backward()
-            return loss.detach()
-        return f
+    micro = functools.partial(_micro_step, parts=4)
 
     def update(o):
         def f():
@@ -475,12 +480,7 @@ def test_gradient_accumulation_across_calls_leaves_the_last_step_unfused_and_say
     model, opt, _ = make("adamw", False, schedule=False)
     ref_model, ref_opt, _ = make("adamw", False, schedule=False)
 
-    def micro(m):
-        def f(x, y):
-            loss = torch.nn.functional.mse_loss(m(x), y) / 3
-            loss.backward()
-            return loss.detach()
-        return f
+    micro = functools.partial(_micro_step, parts=3)
 
     def last(m, o):
         def f(x, y):

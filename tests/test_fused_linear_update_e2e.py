@@ -119,6 +119,22 @@ def _run(kind, opt_name, foreach=None, inner="aot_eager", steps=STEPS, **step_kw
     return model, fused, {k: v for k, v in unfused.items() if k not in fused}, last
 
 
+def _train_pair(model, opt, ref, ref_opt, loss_fn, data, steps, inner, device="cpu",
+                after_step=None):
+    """``steps`` steps of forge (``model``, ``opt``) and eager (``ref``, ``ref_opt``) on the same
+    batches; ``after_step()`` after each (an LR schedule); the forge compiles' reports."""
+    compiled = forge_compile.compile(_make_step(model, opt, loss_fn), inner=inner)
+    eager = _make_step(ref, ref_opt, loss_fn)
+    with listen() as reports:
+        for i in range(steps):
+            batch = [t.to(device) for t in data(i)]
+            compiled(*batch)
+            eager(*batch)
+            if after_step is not None:
+                after_step()
+    return reports
+
+
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
 def test_weight_tied_to_the_embedding_stays_unfused_and_says_why(inner):
     """A tied LM head (one table, the embedding's and the head's): its gradient is the head's
@@ -130,12 +146,7 @@ def test_weight_tied_to_the_embedding_stays_unfused_and_says_why(inner):
     assert model.head.weight is model.emb.weight
     ref = copy.deepcopy(model)
     opt, ref_opt = (make_optimizer("adamw", m.parameters()) for m in (model, ref))
-    compiled = forge_compile.compile(_make_step(model, opt, _lm_loss), inner=inner)
-    eager = _make_step(ref, ref_opt, _lm_loss)
-    with listen() as reports:
-        for i in range(4):
-            compiled(*_lm_data(i))
-            eager(*_lm_data(i))
+    reports = _train_pair(model, opt, ref, ref_opt, _lm_loss, _lm_data, 4, inner)
     _assert_close(model, ref, opt, ref_opt)
     fused = _fused_in(reports)
     assert sorted(fused) == sorted(w for w in _linear_weights(model) if w != "head.weight")
@@ -423,14 +434,8 @@ def test_two_param_groups_and_a_schedule_fuse_every_linear_weight(inner):
               "lr": 2e-3}], lr=1e-3)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9 ** s)
     (opt, sched), (ref_opt, ref_sched) = make(model), make(ref)
-    compiled = forge_compile.compile(_make_step(model, opt, _lm_loss), inner=inner)
-    eager = _make_step(ref, ref_opt, _lm_loss)
-    with listen() as reports:
-        for i in range(8):
-            compiled(*_lm_data(i))
-            eager(*_lm_data(i))
-            sched.step()
-            ref_sched.step()
+    reports = _train_pair(model, opt, ref, ref_opt, _lm_loss, _lm_data, 8, inner,
+                          after_step=lambda: (sched.step(), ref_sched.step()))
     assert len(reports) == 1, [r.frame_compile_id for r in reports]
     assert sorted(_fused_in(reports)) == sorted(model.linear_weights())
     _assert_close(model, ref, opt, ref_opt)
@@ -442,14 +447,8 @@ def _lora_check(inner, device="cpu"):
     ref = copy.deepcopy(model)
     opt, ref_opt = (make_optimizer("adamw", [p for p in m.parameters() if p.requires_grad])
                     for m in (model, ref))
-    compiled = forge_compile.compile(_make_step(model, opt, _mlp_loss), inner=inner)
-    eager = _make_step(ref, ref_opt, _mlp_loss)
     start = {n: p.clone() for n, p in model.named_parameters()}
-    with listen() as reports:
-        for i in range(6):
-            batch = [t.to(device) for t in _mlp_data(i)]
-            compiled(*batch)
-            eager(*batch)
+    reports = _train_pair(model, opt, ref, ref_opt, _mlp_loss, _mlp_data, 6, inner, device)
     _assert_close(model, ref, opt, ref_opt)
     assert sorted(_fused_in(reports)) == ["down.A", "down.B", "up.A", "up.B"]
     for n, p in model.named_parameters():
