@@ -26,6 +26,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | ``OptimizerVariable.graph_break_if_pending_mutation`` | the pending mutation is the traced ``.grad``; handled by ``_init_group`` below |
 | ``OptimizerVariable.call_method`` (``_init_group``) | run the real ``_init_group`` with zero-memory placeholder grads for params whose ``.grad`` is a traced value, so the first call already updates (else every param is skipped: a graph that never trains) and the optimizer state exists before tracing |
 | ``OptimizerVariable.wrap_tensor`` | map each placeholder back to its traced gradient |
+| ``LoggingLoggerVariable.call_method`` | a ``logging.Logger`` call (``logger.warning_once(...)`` in Hugging Face's loss and config code) breaks Dynamo's graph, and one in the forward split the step before the backward, so nothing was fused (HF GPT-2: ``GPT2LMHeadModel``'s loss warns about ``loss_type`` at every trace). A call whose arguments are all constants (no tensor, no keyword) is deferred to the end of the graph instead, as Dynamo defers a ``reorderable_logging_functions`` call, but kept in the outermost frame's list: Dynamo drops the deferred calls of inlined functions (torch 2.13, ``debug_locals``). With constant arguments the message is the same; it comes out at the end of the step's graph |
 | ``remat_using_tags_for_fwd_loss_bwd_graph_pass.has_recomputable_rng_ops`` | activation checkpointing inside the one graph refuses any op tagged ``nondeterministic_seeded`` in a recompute region, and the SDPA kernels carry that tag for their dropout even at ``dropout_p=0``; a dropout-free SDPA recomputes deterministically, so it is not counted. A real RNG op (dropout) would fail the whole compile: the checkpoint tags are dropped instead (activations kept) with a logged warning (forge compiles only) |
 
 Two changes to the optimizer object itself, made on its first forge trace, with their reasons:
@@ -684,6 +685,38 @@ def _built_outside(var) -> bool:
     return False
 
 
+def _make_logger_call(orig):
+    def call_method(self, tx, name, args, kwargs):
+        if is_forge_tracing() and not tx.export and not kwargs and _all_constant(args):
+            method = getattr(self.value, name, None)
+            if callable(method):
+                from torch._dynamo.source import GlobalSource
+                from torch._dynamo.variables.constant import ConstantVariable
+                from torch._dynamo.variables.misc import DebuggingVariable
+                root = tx
+                while getattr(root, "parent", None) is not None:
+                    root = root.parent
+                glob = tx.output.install_global_by_id("forge_deferred_log", method)
+                root.debug_locals.append((DebuggingVariable(method, source=GlobalSource(glob)),
+                                          list(args)))
+                return ConstantVariable.create(None)
+        return orig(self, tx, name, args, kwargs)
+    return call_method
+
+
+def _all_constant(args) -> bool:
+    from torch._dynamo.variables.constant import ConstantVariable
+    return all(type(a) is ConstantVariable for a in args)
+
+
+def _optional_logger_patch() -> List[Patch]:
+    from torch._dynamo.variables import misc
+    if not (hasattr(misc, "LoggingLoggerVariable") and hasattr(misc, "DebuggingVariable")):
+        return []
+    return [Patch(misc.LoggingLoggerVariable, "call_method", _make_logger_call,
+                  "defer a logger call with constant arguments to the graph's end, not break")]
+
+
 def _remat_pass():
     """torch's remat pass of a forward-loss-backward graph (a module), or None in a torch that
     has none."""
@@ -713,7 +746,8 @@ def _build_patches() -> List[Patch]:
     symbolic_convert, builder, functions, optimizer = _dynamo_modules()
     OV = optimizer.OptimizerVariable
     from torch._dynamo.variables.tensor import TensorVariable
-    return _optional_remat_patch() + _optional_output_patch() + _optional_constant_patches() + [
+    return (_optional_remat_patch() + _optional_output_patch() + _optional_constant_patches()
+            + _optional_logger_patch() + [
         Patch(TensorVariable, "method_backward", _make_method_backward,
               "break before a backward of a loss built before the frame (Dynamo traces it as "
               "a no-op: no gradient at all)" + ("; tag the traced backward so torch 2.11's "
@@ -729,7 +763,7 @@ def _build_patches() -> List[Patch]:
         Patch(OV, "call_method", _make_call_method,
               "_init_group with placeholder grads: first call already updates"),
         Patch(OV, "wrap_tensor", _make_wrap_tensor, "placeholder grad -> traced grad"),
-    ]
+    ])
 
 
 PATCHES: List[Patch] = []

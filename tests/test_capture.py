@@ -10,6 +10,7 @@ torch.compile for that reason).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import subprocess
@@ -607,6 +608,77 @@ def _backward_and_step(loss, opt):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+_MODEL_LOG = logging.getLogger("forge_test.model")
+
+
+class _WarnsInForward(torch.nn.Module):
+    """An MLP whose forward warns through a module logger, from a helper function (inlined by
+    Dynamo), with a constant message: what Hugging Face models do with warning_once."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+
+    def _check(self, arg):
+        if arg:
+            _MODEL_LOG.warning("config value %s is deprecated", "x")
+        else:
+            _MODEL_LOG.warning("a tensor argument: %s", self.net[0].weight.sum())
+
+    def forward(self, x, const=True):
+        self._check(const)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_a_logger_call_in_the_forward_is_deferred_not_a_split(inner, caplog):
+    """A logging.Logger call with constant arguments in the forward used to break the graph
+    before the backward: the step split and nothing was fused. It is deferred to the end of
+    the graph: one graph, every weight fused, eager-equal, and the message logged once per step
+    (from an inlined function too, whose deferred calls Dynamo itself would drop)."""
+    torch.manual_seed(0)
+    model, ref_model = _WarnsInForward(), _WarnsInForward()
+    ref_model.load_state_dict(model.state_dict())
+    opt, ref_opt = (OPTIMIZERS["adamw"](m.parameters(), False) for m in (model, ref_model))
+    step = forge_compile.compile(train_step_fn(model, opt), inner=inner)
+    ref_step = train_step_fn(ref_model, ref_opt)
+    with caplog.at_level("WARNING", logger="forge_test.model"):
+        report = forge_compile.explain(step, *batch(0))
+        for i in range(1, 4):
+            step(*batch(i))
+    forge_logs = [r.getMessage() for r in caplog.records if r.name == "forge_test.model"]
+    for i in range(4):
+        ref_step(*batch(i))
+    assert report.graph_count == 1 and report.graph_breaks == [], report.graph_breaks
+    assert sorted(report.fused) == ["net.0.weight", "net.2.weight"], report.unfused
+    assert forge_logs == ["config value x is deprecated"] * 4, forge_logs
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
+def test_a_logger_call_with_a_tensor_argument_still_splits_the_step():
+    """A tensor argument would be read when the deferred call runs, after the update changed
+    it, so that call is left to Dynamo: its graph break, the step split, eager-equal."""
+    torch.manual_seed(0)
+    model, ref_model = _WarnsInForward(), _WarnsInForward()
+    ref_model.load_state_dict(model.state_dict())
+    opt, ref_opt = (OPTIMIZERS["adamw"](m.parameters(), False) for m in (model, ref_model))
+
+    def step_fn(m, o):
+        def f(x, y):
+            loss = torch.nn.functional.mse_loss(m(x, const=False), y)
+            loss.backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+            return loss.detach()
+        return f
+    report = forge_compile.explain(forge_compile.compile(step_fn(model, opt), inner="aot_eager"),
+                                   *batch(0))
+    step_fn(ref_model, ref_opt)(*batch(0))
+    assert report.fused == {}
+    assert any("logging.Logger" in b for b in report.graph_breaks), report.graph_breaks
+    assert_same_training(model, opt, ref_model, ref_opt)
 
 
 @pytest.mark.parametrize("read", ["log", "branch"])
