@@ -26,7 +26,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | ``OptimizerVariable.graph_break_if_pending_mutation`` | the pending mutation is the traced ``.grad``; handled by ``_init_group`` below |
 | ``OptimizerVariable.call_method`` (``_init_group``) | run the real ``_init_group`` with zero-memory placeholder grads for params whose ``.grad`` is a traced value, so the first call already updates (else every param is skipped: a graph that never trains) and the optimizer state exists before tracing |
 | ``OptimizerVariable.wrap_tensor`` | map each placeholder back to its traced gradient |
-| ``LoggingLoggerVariable.call_method`` | a ``logging.Logger`` call (``logger.warning_once(...)`` in Hugging Face's loss and config code) breaks Dynamo's graph, and one in the forward split the step before the backward, so nothing was fused (HF GPT-2: ``GPT2LMHeadModel``'s loss warns about ``loss_type`` at every trace). A call whose arguments are all constants (no tensor, no keyword) is deferred to the end of the graph instead, as Dynamo defers a ``reorderable_logging_functions`` call, but kept in the outermost frame's list: Dynamo drops the deferred calls of inlined functions (torch 2.13, ``debug_locals``). With constant arguments the message is the same; it comes out at the end of the step's graph |
+| ``LoggingLoggerVariable.call_method`` | a ``logging.Logger`` call (``logger.warning_once(...)`` in Hugging Face's loss and config code) breaks Dynamo's graph, and one in the forward split the step before the backward, so nothing was fused (HF GPT-2: ``GPT2LMHeadModel``'s loss warns about ``loss_type`` at every trace). An emitting call (``debug`` … ``critical``, ``log``, HF's ``*_once``; never a query such as ``isEnabledFor``) whose arguments are all constants (no tensor, no keyword) is deferred to the end of the graph instead, as Dynamo defers a ``reorderable_logging_functions`` call, but kept in the outermost frame's list: Dynamo drops the deferred calls of inlined functions (torch 2.13, ``debug_locals``). With constant arguments the message is the same; it comes out at the end of the step's graph |
 | ``remat_using_tags_for_fwd_loss_bwd_graph_pass.has_recomputable_rng_ops`` | activation checkpointing inside the one graph refuses any op tagged ``nondeterministic_seeded`` in a recompute region, and the SDPA kernels carry that tag for their dropout even at ``dropout_p=0``; a dropout-free SDPA recomputes deterministically, so it is not counted. A real RNG op (dropout) would fail the whole compile: the checkpoint tags are dropped instead (activations kept) with a logged warning (forge compiles only) |
 
 Two changes to the optimizer object itself, made on its first forge trace, with their reasons:
@@ -687,7 +687,8 @@ def _built_outside(var) -> bool:
 
 def _make_logger_call(orig):
     def call_method(self, tx, name, args, kwargs):
-        if is_forge_tracing() and not tx.export and not kwargs and _all_constant(args):
+        if (is_forge_tracing() and not tx.export and _deferrable(name) and not kwargs
+                and _all_constant(args)):
             method = getattr(self.value, name, None)
             if callable(method):
                 from torch._dynamo.source import GlobalSource
@@ -702,6 +703,17 @@ def _make_logger_call(orig):
                 return ConstantVariable.create(None)
         return orig(self, tx, name, args, kwargs)
     return call_method
+
+
+# the Logger methods that only emit and return None (HF adds warning_once/info_once); never a
+# query (isEnabledFor, getEffectiveLevel: their value is used) nor exception() (it reads the
+# exception being handled, which a deferred call would not see)
+_DEFERRED_LOG_METHODS = frozenset({"debug", "info", "warning", "warn", "error", "critical",
+                                   "fatal", "log"})
+
+
+def _deferrable(name: str) -> bool:
+    return name in _DEFERRED_LOG_METHODS or (name.endswith("_once") and not name.startswith("_"))
 
 
 def _all_constant(args) -> bool:

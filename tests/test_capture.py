@@ -657,6 +657,28 @@ def test_a_logger_call_in_the_forward_is_deferred_not_a_split(inner, caplog):
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+def test_a_logger_query_in_the_forward_keeps_its_value():
+    """``logger.isEnabledFor`` returns a value the forward uses: it is never deferred (a
+    deferred call returns None), so the forward computes what eager computes."""
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x):
+            if _MODEL_LOG.isEnabledFor(logging.CRITICAL):
+                x = x * 2
+            return self.net(x)
+    torch.manual_seed(0)
+    model, ref_model = Gated(), Gated()
+    ref_model.load_state_dict(model.state_dict())
+    opt, ref_opt = (OPTIMIZERS["adamw"](m.parameters(), False) for m in (model, ref_model))
+    step = forge_compile.compile(train_step_fn(model, opt), inner="aot_eager")
+    for i in range(3):
+        assert rel(step(*batch(i)), train_step_fn(ref_model, ref_opt)(*batch(i))) <= RTOL_FP32
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
 def test_a_logger_call_with_a_tensor_argument_still_splits_the_step():
     """A tensor argument would be read when the deferred call runs, after the update changed
     it, so that call is left to Dynamo: its graph break, the step split, eager-equal."""
