@@ -717,8 +717,11 @@ def _deferrable(name: str) -> bool:
 
 
 def _all_constant(args) -> bool:
+    # a global read (logging.DEBUG, a module-level message) arrives unrealized (lazy): realized,
+    # it is a constant guarded on its value
     from torch._dynamo.variables.constant import ConstantVariable
-    return all(type(a) is ConstantVariable for a in args)
+    return all(type(a.realize() if hasattr(a, "realize") else a) is ConstantVariable
+               for a in args)
 
 
 def _optional_logger_patch() -> List[Patch]:

@@ -611,6 +611,7 @@ def _backward_and_step(loss, opt):
 
 
 _MODEL_LOG = logging.getLogger("forge_test.model")
+_DEPRECATED = "x"
 
 
 class _WarnsInForward(torch.nn.Module):
@@ -622,8 +623,8 @@ class _WarnsInForward(torch.nn.Module):
         self.net = _mlp()
 
     def _check(self, arg):
-        if arg:
-            _MODEL_LOG.warning("config value %s is deprecated", "x")
+        if arg:     # a literal and a global (lazy until realized): both constants
+            _MODEL_LOG.warning("config value %s is deprecated", _DEPRECATED)
         else:
             _MODEL_LOG.warning("a tensor argument: %s", self.net[0].weight.sum())
 
@@ -666,7 +667,7 @@ def test_a_logger_query_in_the_forward_keeps_its_value():
             self.net = _mlp()
 
         def forward(self, x):
-            if _MODEL_LOG.isEnabledFor(logging.CRITICAL):
+            if _MODEL_LOG.isEnabledFor(50):     # a literal: a constant argument
                 x = x * 2
             return self.net(x)
     torch.manual_seed(0)
