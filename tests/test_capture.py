@@ -620,7 +620,7 @@ class _WarnsInForward(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = _mlp()
+        self.net = _mlp().to(DEVICE)
 
     def _check(self, arg):
         if arg:     # a literal and a global (lazy until realized): both constants
@@ -664,7 +664,7 @@ def test_a_logger_query_in_the_forward_keeps_its_value():
     class Gated(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = _mlp()
+            self.net = _mlp().to(DEVICE)
 
         def forward(self, x):
             if _MODEL_LOG.isEnabledFor(50):     # a literal: a constant argument

@@ -3,6 +3,7 @@ what users run. GPT-2 (Conv1D layers, ``x·W`` with W [in, out]; a head tied to 
 embedding; a loss whose code warns through a logger at every trace) and Llama (Linear layers,
 untied head). AdamW, 4 steps, relative error ≤ 1e-5 (the e2e tests' bound for fp32)."""
 import copy
+import os
 import re
 
 import pytest
@@ -15,6 +16,8 @@ transformers = pytest.importorskip("transformers")
 
 RTOL = 1e-5
 VOCAB, B, T = 64, 2, 8
+# FORGE_TEST_CUDA=1 on the GPU device: the same tests through the fused CUDA kernels
+DEVICE = "cuda" if os.environ.get("FORGE_TEST_CUDA") == "1" and torch.cuda.is_available() else "cpu"
 
 
 def _gpt2():
@@ -34,7 +37,7 @@ def _llama():
 
 def _train(make, inner):
     torch.manual_seed(0)
-    model = make()
+    model = make().to(DEVICE)
     ref = copy.deepcopy(model)
     opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, ref))
 
@@ -51,7 +54,7 @@ def _train(make, inner):
     g = torch.Generator().manual_seed(1)
     with listen() as reports:
         for i in range(4):
-            idx = torch.randint(0, VOCAB, (B, T), generator=g)
+            idx = torch.randint(0, VOCAB, (B, T), generator=g).to(DEVICE)
             if i == 0:
                 report = forge_compile.explain(compiled, idx)
             else:
