@@ -3,7 +3,9 @@ what users run. GPT-2 (Conv1D layers, ``x·W`` with W [in, out]; a head tied to 
 embedding; a loss whose code warns through a logger at every trace) and Llama (Linear layers,
 untied head). AdamW, 4 steps, relative error ≤ 1e-5 (the e2e tests' bound for fp32)."""
 import copy
+import importlib.util
 import os
+import pathlib
 import re
 
 import pytest
@@ -13,6 +15,12 @@ import forge_compile
 from forge_compile.explain import listen
 
 transformers = pytest.importorskip("transformers")
+
+# the benchmark's Hugging Face step (input_ids as labels; backward, step, zero_grad)
+_spec = importlib.util.spec_from_file_location(
+    "bench_e2e", pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_e2e.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
 
 RTOL = 1e-5
 VOCAB, B, T = 64, 2, 8
@@ -44,15 +52,7 @@ def _train(make, inner, exact=False):
     f64 = copy.deepcopy(model).double() if exact else None
     opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, ref))
     f64_step = None
-
-    def step_fn(m, o):
-        def step(idx):
-            loss = m(input_ids=idx, labels=idx).loss
-            loss.backward()
-            o.step()
-            o.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step
+    step_fn = _bench.plain_step
     compiled = forge_compile.compile(step_fn(model, opt), inner=inner)
     eager = step_fn(ref, ref_opt)
     if exact:
