@@ -73,6 +73,14 @@ def _train(make, inner, exact=False):
     return model, ref, report, fused, unfused, f64
 
 
+def _assert_as_exact_as_eager(model, ref, f64):
+    """Every 2-D weight of forge's fp32 run (``model``) is as close to the float64 run as
+    eager's fp32 run (``ref``) is, to RTOL."""
+    for (n, p), q, x in zip(model.named_parameters(), ref.parameters(), f64.parameters()):
+        if p.dim() == 2:
+            assert _rel(p, x) <= _rel(q, x) + RTOL, (n, _rel(p, x), _rel(q, x))
+
+
 def _rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm()).item()
@@ -160,6 +168,26 @@ def test_causal_lm_is_one_graph_with_every_untied_linear_fused(arch):
     if any(w is emb for w in linear.values()):
         emb_name = next(n for n, p in model.named_parameters() if p is emb)
         assert unfused[emb_name].startswith("GEMM plus another gradient"), unfused[emb_name]
-    for (n, p), q, x in zip(model.named_parameters(), ref.parameters(), f64.parameters()):
-        if p.dim() == 2:
-            assert _rel(p, x) <= _rel(q, x) + RTOL, (n, _rel(p, x), _rel(q, x))
+    _assert_as_exact_as_eager(model, ref, f64)
+
+
+def _checkpointed(make):
+    def made():
+        m = make()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return m
+    return made
+
+
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_gradient_checkpointing_keeps_one_fused_graph(make):
+    """HF's ``gradient_checkpointing_enable()`` (torch.utils.checkpoint, non-reentrant): the
+    checkpointed step is still one graph with every untied weight fused, and each 2-D weight
+    as close to the float64 run as eager's fp32, to 1e-5."""
+    model, ref, report, fused, unfused, f64 = _train(_checkpointed(make), "aot_eager", exact=True)
+    assert report.graph_count == 1 and report.graph_breaks == [], report.graph_breaks
+    emb = model.get_input_embeddings().weight
+    gemm = {n + ".weight": m.weight for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, transformers.pytorch_utils.Conv1D))}
+    assert sorted(fused) == sorted(n for n, w in gemm.items() if w is not emb), unfused
+    _assert_as_exact_as_eager(model, ref, f64)
