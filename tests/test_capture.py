@@ -658,6 +658,37 @@ def test_a_logger_call_in_the_forward_is_deferred_not_a_split(inner, caplog):
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+def test_a_logger_call_inside_a_checkpoint_is_deferred_once_a_step(caplog):
+    """A logger call inside a checkpointed function: still one graph with both weights fused;
+    the call is deferred once a step, where eager logs it again in the backward's recompute."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(_WarnsInForward):
+        def forward(self, x, const=True):
+            return checkpoint(super().forward, x, use_reentrant=False)
+    torch.manual_seed(0)
+    model, ref_model = Checkpointed(), Checkpointed()
+    ref_model.load_state_dict(model.state_dict())
+    opt, ref_opt = (OPTIMIZERS["adamw"](m.parameters(), False) for m in (model, ref_model))
+    step = forge_compile.compile(train_step_fn(model, opt), inner="aot_eager")
+    ref_step = train_step_fn(ref_model, ref_opt)
+    counts = []
+    for run in (step, ref_step):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="forge_test.model"):
+            if run is step:
+                report = forge_compile.explain(step, *batch(0))
+            else:
+                run(*batch(0))
+            for i in range(1, 3):
+                run(*batch(i))
+        counts.append(sum(r.name == "forge_test.model" for r in caplog.records))
+    assert report.graph_count == 1 and report.graph_breaks == [], report.graph_breaks
+    assert sorted(report.fused) == ["net.0.weight", "net.2.weight"], report.unfused
+    assert counts == [3, 6], counts
+    assert_same_training(model, opt, ref_model, ref_opt)
+
+
 def test_a_logger_query_in_the_forward_keeps_its_value():
     """``logger.isEnabledFor`` returns a value the forward uses: it is never deferred (a
     deferred call returns None), so the forward computes what eager computes."""
