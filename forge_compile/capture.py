@@ -27,6 +27,7 @@ What is patched and why (each row is one entry of ``PATCHES``):
 | ``OptimizerVariable.call_method`` (``_init_group``) | run the real ``_init_group`` with zero-memory placeholder grads for params whose ``.grad`` is a traced value, so the first call already updates (else every param is skipped: a graph that never trains) and the optimizer state exists before tracing |
 | ``OptimizerVariable.wrap_tensor`` | map each placeholder back to its traced gradient |
 | ``LoggingLoggerVariable.call_method`` | a ``logging.Logger`` call (``logger.warning_once(...)`` in Hugging Face's loss and config code) breaks Dynamo's graph, and one in the forward split the step before the backward, so nothing was fused (HF GPT-2: ``GPT2LMHeadModel``'s loss warns about ``loss_type`` at every trace). An emitting call (``debug`` … ``critical``, ``log``, HF's ``*_once``; never a query such as ``isEnabledFor``) whose arguments are all constants (no tensor, no keyword) is deferred to the end of the graph instead, as Dynamo defers a ``reorderable_logging_functions`` call, but kept in the outermost frame's list: Dynamo drops the deferred calls of inlined functions (torch 2.13, ``debug_locals``). With constant arguments the message is the same; it comes out at the end of the step's graph |
+| ``DebuggingVariable.call_function`` | a call of a ``reorderable_logging_functions`` function (``print``, once the user adds it) inside a function the step calls was silently dropped: Dynamo keeps each inlined frame's deferred calls in that frame's ``debug_locals`` and emits only the outermost frame's (torch 2.11 and 2.13). In forge frames the entry moves to the outermost frame's list |
 | ``remat_using_tags_for_fwd_loss_bwd_graph_pass.has_recomputable_rng_ops`` | activation checkpointing inside the one graph refuses any op tagged ``nondeterministic_seeded`` in a recompute region, and the SDPA kernels carry that tag for their dropout even at ``dropout_p=0``; a dropout-free SDPA recomputes deterministically, so it is not counted. A real RNG op (dropout) would fail the whole compile: the checkpoint tags are dropped instead (activations kept) with a logged warning (forge compiles only) |
 
 Two changes to the optimizer object itself, made on its first forge trace, with their reasons:
@@ -691,18 +692,39 @@ def _make_logger_call(orig):
                 and _all_constant(args)):
             method = getattr(self.value, name, None)
             if callable(method):
-                from torch._dynamo.source import GlobalSource
                 from torch._dynamo.variables.constant import ConstantVariable
-                from torch._dynamo.variables.misc import DebuggingVariable
-                root = tx
-                while getattr(root, "parent", None) is not None:
-                    root = root.parent
-                glob = tx.output.install_global_by_id("forge_deferred_log", method)
-                root.debug_locals.append((DebuggingVariable(method, source=GlobalSource(glob)),
-                                          list(args)))
+                _defer_to_root(tx, method, list(args))
                 return ConstantVariable.create(None)
         return orig(self, tx, name, args, kwargs)
     return call_method
+
+
+def _defer_to_root(tx, fn, args) -> None:
+    """Call ``fn(*args)`` at the end of the graph: an entry of the outermost frame's
+    ``debug_locals``, the list Dynamo emits after the graph (an inlined frame's own list is
+    never emitted), with ``fn`` loaded from a global installed for it (the inlined frame's
+    source of it may not load from the outermost frame)."""
+    from torch._dynamo.source import GlobalSource
+    from torch._dynamo.variables.misc import DebuggingVariable
+    root = tx
+    while getattr(root, "parent", None) is not None:
+        root = root.parent
+    glob = tx.output.install_global_by_id("forge_deferred_log", fn)
+    root.debug_locals.append((DebuggingVariable(fn, source=GlobalSource(glob)), args))
+
+
+def _make_debug_call(orig):
+    def call_function(self, tx, args, kwargs):
+        if not is_forge_tracing() or getattr(tx, "parent", None) is None:
+            return orig(self, tx, args, kwargs)
+        n = len(tx.debug_locals)
+        out = orig(self, tx, args, kwargs)
+        moved = tx.debug_locals[n:]
+        del tx.debug_locals[n:]
+        for var, a in moved:
+            _defer_to_root(tx, var.value, a)
+        return out
+    return call_function
 
 
 # the Logger methods that only emit and return None (HF adds warning_once/info_once); never a
@@ -724,12 +746,14 @@ def _all_constant(args) -> bool:
                for a in args)
 
 
-def _optional_logger_patch() -> List[Patch]:
+def _optional_logging_patches() -> List[Patch]:
     from torch._dynamo.variables import misc
     if not (hasattr(misc, "LoggingLoggerVariable") and hasattr(misc, "DebuggingVariable")):
         return []
     return [Patch(misc.LoggingLoggerVariable, "call_method", _make_logger_call,
-                  "defer a logger call with constant arguments to the graph's end, not break")]
+                  "defer a logger call with constant arguments to the graph's end, not break"),
+            Patch(misc.DebuggingVariable, "call_function", _make_debug_call,
+                  "a reorderable logging call in an inlined function is emitted, not dropped")]
 
 
 def _remat_pass():
@@ -762,7 +786,7 @@ def _build_patches() -> List[Patch]:
     OV = optimizer.OptimizerVariable
     from torch._dynamo.variables.tensor import TensorVariable
     return (_optional_remat_patch() + _optional_output_patch() + _optional_constant_patches()
-            + _optional_logger_patch() + [
+            + _optional_logging_patches() + [
         Patch(TensorVariable, "method_backward", _make_method_backward,
               "break before a backward of a loss built before the frame (Dynamo traces it as "
               "a no-op: no gradient at all)" + ("; tag the traced backward so torch 2.11's "

@@ -809,17 +809,27 @@ def test_a_loss_item_returned_is_traced_with_capture_scalar_outputs(inner):
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+def _print_loss(loss):
+    print(f"loss {loss:.6f}")
+
+
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
-def test_a_loss_printed_before_backward_with_print_reorderable(inner, capsys):
+@pytest.mark.parametrize("where", ["step", "helper"])
+def test_a_loss_printed_before_backward_with_print_reorderable(inner, where, capsys):
     """The fix SPLIT_BEFORE_BACKWARD names for printing the loss before the backward: with
     print in Dynamo's reorderable_logging_functions the print is deferred to the end of the
     step's graph, the step stays one graph with every weight fused, eager-equal, and the
     printed lines are eager's (the loss is not updated in place, so deferring does not change
-    it; a weight would print its new value, docs/capture.md)."""
+    it; a weight would print its new value, docs/capture.md). ``helper``: the print inside a
+    function the step calls, which Dynamo alone drops (an inlined frame's deferred calls are
+    never emitted); forge moves it to the step's frame."""
     def print_step(model, opt):
         def train_step(x, y):
             loss = torch.nn.functional.mse_loss(model(x), y)
-            print(f"loss {loss:.6f}")
+            if where == "step":
+                print(f"loss {loss:.6f}")
+            else:
+                _print_loss(loss)
             return _backward_and_step(loss, opt)
         return train_step
     torch._dynamo.reset()
