@@ -187,6 +187,25 @@ def _cudagraphs(mode_patches: Dict[str, Any], example_inputs: List[Any]) -> bool
     return bool(wanted) and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
 
 
+# logged once per backend: a graph whose outputs require grad and that holds no optimizer update
+# is a forward whose backward runs outside it (torch.compile(model, backend="forge"), or HF
+# Trainer's torch_compile_backend="forge", which compiles the model): nothing can be fused
+FORWARD_ONLY = ("a graph that returns tensors requiring grad and holds no optimizer update: "
+                "its backward and opt.step() run outside it, so none of its weight gradients "
+                "can be fused. A compiled model (torch.compile(model, backend='forge'), or "
+                "Hugging Face Trainer's torch_compile_backend='forge') is the forward only: "
+                "compile the whole training step instead (forward, loss.backward(), "
+                "opt.step(), opt.zero_grad()); a step split by a graph break: see the break")
+
+
+def _returns_grad_requiring(gm: torch.fx.GraphModule) -> bool:
+    """Whether a Dynamo graph returns a tensor that requires grad (its backward runs later)."""
+    outs: List[torch.fx.Node] = []
+    for n in gm.graph.find_nodes(op="output"):
+        torch.fx.node.map_arg(n.args, outs.append)
+    return any(getattr(n.meta.get("example_value"), "requires_grad", False) for n in outs)
+
+
 class ForgeBackend:
     """The forge compiler function: ``backend(gm, example_inputs, **torch_compile_kwargs)``."""
 
@@ -196,6 +215,7 @@ class ForgeBackend:
         self.options = options
         self.__name__ = "forge"
         self.compiles = 0
+        self._warned_forward_only = False
 
     def __repr__(self) -> str:
         return f"ForgeBackend({self.options})"
@@ -226,6 +246,10 @@ class ForgeBackend:
                 compiled = self._inductor(gm, example_inputs, ctx, mode_patches)
             else:
                 compiled = self._aot_eager(gm, example_inputs, ctx)
+        if (options.fuse and not report.fused and not report.unfused
+                and _returns_grad_requiring(gm) and not self._warned_forward_only):
+            self._warned_forward_only = True
+            log.warning("forge_compile: %s", FORWARD_ONLY)
         # Reported only once compiled: Dynamo may abandon an attempt and trace again (e.g. a
         # TensorifyScalarRestartAnalysis raised from inside AOTAutograd).
         for listener in current_reports():

@@ -473,6 +473,33 @@ def test_gradient_accumulation_across_calls():
     assert_same_training(model, opt, ref_model, ref_opt)
 
 
+def test_a_compiled_model_warns_once_that_nothing_can_be_fused(caplog):
+    """torch.compile(model, backend=forge) (what Hugging Face Trainer's
+    torch_compile_backend="forge" does) compiles the forward only: the backward and the
+    optimizer run outside, nothing can be fused, and forge says so once, with the fix. A whole
+    step compiled with forge does not get the warning."""
+    from forge_compile.backend import FORWARD_ONLY
+    model, opt, _ = make("adamw", False, schedule=False)
+    ref_model, ref_opt, _ = make("adamw", False, schedule=False)
+    compiled = torch.compile(model, backend=forge_compile.ForgeBackend())
+    with caplog.at_level("WARNING", logger="forge_compile"):
+        for i in range(3):
+            for m, o in ((compiled, opt), (ref_model, ref_opt)):
+                torch.nn.functional.mse_loss(m(*batch(i)[:1]), batch(i)[1]).backward()
+                o.step()
+                o.zero_grad(set_to_none=True)
+    warned = [r for r in caplog.records if FORWARD_ONLY in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert_same_training(model, opt, ref_model, ref_opt)
+    caplog.clear()
+    model, opt, _ = make("adamw", False, schedule=False)
+    with caplog.at_level("WARNING", logger="forge_compile"):
+        report = forge_compile.explain(
+            forge_compile.compile(train_step_fn(model, opt), inner="aot_eager"), *batch(0))
+    assert sorted(report.fused) == ["0.weight", "2.weight"]
+    assert not any(FORWARD_ONLY in r.getMessage() for r in caplog.records)
+
+
 def test_gradient_accumulation_across_calls_leaves_the_last_step_unfused_and_says_why():
     """The usual accumulation loop with forge on: micro-steps that only backward, then a last
     micro-step that also steps and zeroes. The last step's backward adds its GEMM to a .grad
