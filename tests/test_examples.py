@@ -68,3 +68,22 @@ def test_resume_with_scheduler_matches_uninterrupted():
                   r"-> EQUAL", out, re.M)
     assert m, out
     assert float(m.group(3)) <= 1e-5
+
+
+def test_train_hf_causal_lm_gpt2_and_llama():
+    """The Hugging Face example: GPT-2's 8 Conv1D weights fused and its tied head named with
+    the reason; Llama's 15 Linear weights (lm_head included) fused; one graph each, and the
+    loss falls below ln(256) = 5.55 (uniform over byte tokens)."""
+    for arch, fused in (("gpt2", 8), ("llama", 15)):
+        out = run_example("train_hf_causal_lm.py", "--arch", arch, "--steps", "6",
+                          "--inner", "aot_eager", "--device", "cpu", "--log-every", "3")
+        assert "forge_compile.explain: 1 graph(s), 0 graph break(s)" in out, out
+        m = re.search(r"^fused: (\d+) parameter\(s\)", out, re.M)
+        assert m and int(m.group(1)) == fused, out
+        if arch == "gpt2":
+            assert re.search(r"^  transformer\.wte\.weight \([\d,]+ B\): GEMM plus another "
+                             r"gradient", out, re.M), out
+        else:
+            assert re.search(r"^  lm_head\.weight \(256, 128\)", out, re.M), out
+        m = re.search(r"^\[forge\] step 6/6 loss (\d+\.\d+)", out, re.M)
+        assert m and 0 < float(m.group(1)) < 5.55, out
