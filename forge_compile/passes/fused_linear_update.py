@@ -252,10 +252,8 @@ def _precision_note(gemm_dtype: torch.dtype, update_dtype: torch.dtype,
     if update_dtype is torch.bfloat16:
         how = ("to nearest, as eager does" if rounding == "nearest" else
                "stochastically (unbiased, within one bf16 ulp of the fp32 value; eager rounds to "
-               "nearest: options={'bf16_rounding': 'nearest'} does too), its seed drawn on the "
-               "GPU at every CUDA-graph replay" if replayed else
-               "stochastically (unbiased, within one bf16 ulp of the fp32 value; eager rounds to "
-               "nearest: options={'bf16_rounding': 'nearest'} does too)")
+               "nearest: options={'bf16_rounding': 'nearest'} does too)"
+               + (", its seed drawn on the GPU at every CUDA-graph replay" if replayed else ""))
         return ("bf16 weight: updated in fp32 from the unrounded fp32 gradient and rounded once, "
                 "where eager rounds the gradient and every optimizer op's result to bf16 (as "
                 "torch.compile's Inductor does, intermediate values stay fp32); the state is "
@@ -1069,7 +1067,7 @@ def _hoist_step_scalars(facts: GraphFacts, scalars: List[torch.fx.Node]) -> bool
 
 
 def _on_device(graph, s: torch.fx.Node, device: torch.device,
-               copies: Dict[Tuple[torch.fx.Node, torch.device], torch.fx.Node],
+               copies: Dict[Tuple[object, torch.device], torch.fx.Node],
                report) -> torch.fx.Node:
     """``s`` (a 0-d scalar) as a tensor on ``device``: a copy made once per graph, right where
     ``s`` is known (after the placeholders for an input), counted in ``report``."""
@@ -1096,23 +1094,24 @@ def _on_device(graph, s: torch.fx.Node, device: torch.device,
 # the program's name for the device-drawn seed (EpilogueProgram.seed_scalar); the dunder keeps
 # it apart from the scalars the matcher names
 SEED_SCALAR = "__seed__"
-_SEED_META = "forge_device_seed"
 
 
-def _device_seed(graph, device: torch.device, like) -> torch.fx.Node:
+def _device_seed(graph, device: torch.device, like,
+                 copies: Dict[Tuple[object, torch.device], torch.fx.Node]) -> torch.fx.Node:
     """One random 0-d float32 in [0, 2^24) on ``device`` per graph, drawn after the
     placeholders: Inductor runs aten.randint as a fallback kernel, which under CUDA graphs
-    draws from torch's graph-safe generator, so every replay gets a fresh value."""
-    for n in graph.nodes:
-        if n.meta.get(_SEED_META) == str(device):
-            return n
-    where = next(n for n in graph.nodes if n.op != "placeholder")
-    with graph.inserting_before(where):
-        s = graph.call_function(aten.randint.low, (0, 1 << 24, []),
-                                {"dtype": torch.float32, "device": device})
-    s.meta["val"] = _fake_scalar(like, torch.float32, device)
-    s.meta[_SEED_META] = str(device)
-    return s
+    draws from torch's graph-safe generator, so every replay gets a fresh value. Kept in
+    ``copies`` (the graph's scalar copies, ``_on_device``) under (SEED_SCALAR, device), so
+    ``_rewrite`` moves it above an op placed before it as it moves those copies."""
+    key = (SEED_SCALAR, device)
+    if key not in copies:
+        where = next(n for n in graph.nodes if n.op != "placeholder")
+        with graph.inserting_before(where):
+            s = graph.call_function(aten.randint.low, (0, 1 << 24, []),
+                                    {"dtype": torch.float32, "device": device})
+        s.meta["val"] = _fake_scalar(like, torch.float32, device)
+        copies[key] = s
+    return copies[key]
 
 
 def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, report=None):
@@ -1143,7 +1142,8 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
             scal = [_on_device(graph, t, _val(param).device, scalar_copies, report)
                     for t in scal]
             if _val(param).dtype == torch.bfloat16 and prog.param_rounding == "stochastic":
-                scal.append(_device_seed(graph, _val(param).device, _val(a.gemm)))
+                scal.append(_device_seed(graph, _val(param).device, _val(a.gemm),
+                                         scalar_copies))
                 prog = dataclasses.replace(prog, scalars=prog.scalars + (SEED_SCALAR,),
                                            seed_scalar=SEED_SCALAR)
         fresh = []
@@ -1155,13 +1155,11 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
             fresh.append(buf)
         op = graph.call_function(FUSED_OP, (dy, x, param, list(state) + fresh, scal, prog.dumps()))
         op.meta["val"] = None
-    if prog.seed_scalar is not None and _after(scal[-1], op):
-        op.prepend(scal[-1])    # the draw (no inputs) moves before an op placed above it
     if scalar_copies:
-        # a copy made for an earlier op may sit after this one (an op right after the inputs);
-        # FX keeps each node's place in graph order as its _sort_key (torch >= 2.5): only the
-        # copies past the op are looked for, so the scan stops at the last of them instead of
-        # walking to the graph's end for every op
+        # a copy (or the seed's draw) made for an earlier op may sit after this one (an op
+        # right after the inputs); FX keeps each node's place in graph order as its _sort_key
+        # (torch >= 2.5): only the copies past the op are looked for, so the scan stops at the
+        # last of them instead of walking to the graph's end for every op
         made = set(scalar_copies.values())
         late = {c for c in scal if c in made and _after(c, op)}
         n = op.next
