@@ -26,15 +26,16 @@ from tiny_llama import batches, load_corpus  # noqa: E402  (byte tokens of the s
 
 import forge_compile  # noqa: E402,F401  (registers the "forge" backend)
 
-# small configs of two architectures, vocab 256 (byte tokens); dropout off, so forge and eager
-# compute the same step
+# small configs of two architectures, vocab 256 (byte tokens), MAX_SEQ positions; dropout off,
+# so forge and eager compute the same step
+MAX_SEQ = 128
 ARCHS = {
-    "gpt2": ("GPT2Config", dict(vocab_size=256, n_positions=128, n_embd=128, n_layer=2,
+    "gpt2": ("GPT2Config", dict(vocab_size=256, n_positions=MAX_SEQ, n_embd=128, n_layer=2,
                                 n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                 bos_token_id=0, eos_token_id=0)),
     "llama": ("LlamaConfig", dict(vocab_size=256, hidden_size=128, intermediate_size=352,
                                   num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=128,
+                                  num_key_value_heads=2, max_position_embeddings=MAX_SEQ,
                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)),
 }
 
@@ -52,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="forge's inner compiler (aot_eager: no code generation, quicker on a CPU)")
     p.add_argument("--log-every", type=int, default=10)
     a = p.parse_args(argv)
-    if a.seq > ARCHS[a.arch][1].get("n_positions", ARCHS[a.arch][1].get("max_position_embeddings")):
-        p.error(f"--seq {a.seq} is longer than the {a.arch} config's positions: use --seq ≤ 128")
+    if a.seq > MAX_SEQ:
+        p.error(f"--seq {a.seq} is longer than the configs' {MAX_SEQ} positions: use --seq ≤ {MAX_SEQ}")
     return a
 
 

@@ -72,8 +72,9 @@ def _worker(kind: str, rank: int, port: int, q) -> None:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 return loss.detach()
-            run = {"eager": step, "forge": forge_compile.compile(step, inner="aot_eager"),
-                   "stock": torch.compile(step, backend="eager")}[mode]
+            run = (step if mode == "eager" else
+                   forge_compile.compile(step, inner="aot_eager") if mode == "forge" else
+                   torch.compile(step, backend="eager"))
             g = torch.Generator().manual_seed(100 + rank)     # each rank its own data
             batches = [(torch.randn(12, 24, generator=g), torch.randn(12, 12, generator=g))
                        for _ in range(STEPS)]
