@@ -18,6 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import bench_e2e as B                                        # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+
 
 def kernel_table(prof, steps: int, top: int):
     """-> (GPU kernel ms per step, kernel launches per step, [(ms per step, calls per step,
@@ -42,6 +44,9 @@ def main() -> int:
     p.add_argument("--out")
     p.add_argument("--cprofile", type=int, default=0,
                    help="also run this many steps under cProfile: the host functions by own time")
+    p.add_argument("--trace", action="store_true",
+                   help="also write the profiled steps' chrome trace (gzipped, under --out) and "
+                        "where the GPU waited in it (scripts/trace_gaps.py)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg, batch, seq, dev, build = B.model_setup(a)
@@ -61,6 +66,17 @@ def main() -> int:
                 step(ids)
             sync()
         gpu_ms, launches, top = kernel_table(prof, 2, a.top)
+        if a.trace and a.out:
+            import gzip
+            import shutil
+
+            import trace_gaps
+            raw = os.path.join(a.out, f"trace_{method}.json")
+            prof.export_chrome_trace(raw)
+            gaps = trace_gaps.analyse(trace_gaps.load(raw), top=a.top)
+            with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.remove(raw)
         wall = 1e3 * statistics.median(times)
         say(f"\n== {method}: {wall:.2f} ms/step (median of {a.steps}; all {[round(1e3 * t, 1) for t in times]}), "
             f"GPU kernels {gpu_ms:.2f} ms/step ({100 * gpu_ms / wall:.0f}% of the wall, "
@@ -68,6 +84,10 @@ def main() -> int:
             f"{peak:.2f} GiB over the timed steps, warm-up {warm:.0f} s")
         for ms, calls, name in top:
             say(f"  {ms:8.3f} ms  {calls:6.1f}x  {name[:110]}")
+        if a.trace and a.out:
+            say("  where the GPU waited, 2 steps (scripts/trace_gaps.py):")
+            for ln in gaps:
+                say("    " + ln)
         if a.cprofile:
             import cProfile
             import io

@@ -1182,22 +1182,27 @@ def test_gpu_reduce_overhead_follows_an_lr_schedule(kind):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_compiled_step_reuses_its_launch_plans(monkeypatch):
+@pytest.mark.parametrize("kernel", ["fused", "split"])
+def test_gpu_compiled_step_reuses_its_launch_plans(monkeypatch, kernel):
     """Without CUDA graphs, each fused call of a step after the first runs the launch plan made
     for its weight, wherever the allocator put that step's temporaries. Dynamo makes the
     compiled AdamW capturable (its ``step`` on the GPU), so the op's bias corrections are
     fresh GPU tensors every step; a plan keyed by their addresses was made anew on every other
     step of the 953M Llama (113 calls at ~250 µs of host time each, 36 → 64 ms a step). Here
     held outputs and stray allocations move them between steps. Parameters and state stay
-    within 1e-5 of eager."""
+    within 1e-5 of eager. ``kernel``: the tuned fused kernels (split-GEMM off), or the
+    split-GEMM mode (its first candidate for fp32 operands, untimed) in row blocks of 32:
+    the 40-row weight in two blocks, each with its own gradient."""
     from forge_compile.kernels import fused_linear_update as flu
     # counted from an empty plan table: an earlier test's freed weights may have left plans at
     # the addresses these weights get, which their first calls would (rightly) take
     monkeypatch.setattr(flu, "_PLANS", type(flu._PLANS)())
-    # the MLP's fp32 weights may tune to a split-GEMM config (cuBLAS blocks, one launch each:
-    # never a plan), as both did on the H100 at 2026-11-24 23:50 UTC (made 0 on every step):
-    # the plans are what this test is about, so the tuner is kept to the Triton/WS kernels
-    monkeypatch.setenv(flu.ENV_SPLIT_GEMM, "0")
+    monkeypatch.setattr(flu, "SPLIT_GEMM_BLOCKS", {})
+    if kernel == "fused":
+        monkeypatch.setenv(flu.ENV_SPLIT_GEMM, "0")
+    else:
+        monkeypatch.setenv(flu.ENV_NO_TUNE, "1")
+        monkeypatch.setenv(flu.ENV_SPLIT_GEMM, str(32 * 4 * 24 / 2 ** 20))   # up: K=24
     model, ref, opt, ref_opt, loss_fn, data = _setup_on("mlp", "cuda")
     compiled = torch.compile(_make_step(model, opt, loss_fn), backend="forge")
     eager = _make_step(ref, ref_opt, loss_fn)
@@ -1221,6 +1226,9 @@ def test_gpu_compiled_step_reuses_its_launch_plans(monkeypatch):
     _fused_names_ok(model, fused)
     assert made[0] >= n and made[1:] == [0] * 7, made
     assert hits[1:] == [n] * 7, hits
+    # the mode each weight ran in: (N, K) -> the largest fp32 gradient block, in bytes
+    assert flu.SPLIT_GEMM_BLOCKS == ({} if kernel == "fused" else
+                                     {(40, 24): 32 * 24 * 4, (12, 40): 12 * 40 * 4})
 
 
 def _returning_step(model, opt, loss_fn):

@@ -43,23 +43,50 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
+# A gradient element whose fp32 value (eager's) is off the float64 one by more than this, at any
+# step, is ill-conditioned: its terms cancel (Phi's layer-1 v_proj holds one of 512 at 7.8e-8,
+# the median 1.2e-2, that fp32 rounding moves by 13%), and AdamW turns that rounding into a
+# step of a fraction of lr on the element, whichever fp32 run makes it. One such element moves
+# a weight by ~1e-5 relative, so no fp32 run is a 1e-5 reference on it. Below, the well-
+# conditioned elements are held to RTOL and the ill-conditioned ones (at most ILL_MAX of a
+# tensor: the most seen is Gemma's layer-0 q_proj, 11 of 1024) only to what AdamW's steps can
+# move an element. The mask comes from eager's and the float64 run's gradients alone.
+ILL_REL = 1e-3
+ILL_MAX = 0.05
+LR, STEPS = 1e-3, 4
+
+
+def _record_grads(model):
+    """name -> the list of the gradients each backward accumulated into that parameter."""
+    grads = {}
+    for n, p in model.named_parameters():
+        grads[n] = []
+        p.register_post_accumulate_grad_hook(
+            lambda p, out=grads[n]: out.append(p.grad.detach().double().clone()))
+    return grads
+
+
 def _train(make, inner, exact=False):
     """4 AdamW steps of forge and of eager from one init; with ``exact``, eager's in float64
-    too (the exact trajectory both fp32 runs are measured against), returned last."""
+    too (the exact trajectory both fp32 runs are measured against), returned last, with the
+    ill-conditioned gradient elements of each parameter (a bool mask: ILL_REL, any step).
+    Gradients are recorded on eager's and the float64 model only: a hook on forge's model
+    would (rightly) keep its weights unfused."""
     torch.manual_seed(0)
     model = make().to(DEVICE)
     ref = copy.deepcopy(model)
     f64 = copy.deepcopy(model).double() if exact else None
-    opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, ref))
+    opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=LR) for m in (model, ref))
     f64_step = None
     step_fn = _bench.plain_step
     compiled = forge_compile.compile(step_fn(model, opt), inner=inner)
     eager = step_fn(ref, ref_opt)
     if exact:
-        f64_step = step_fn(f64, torch.optim.AdamW(f64.parameters(), lr=1e-3))
+        f64_step = step_fn(f64, torch.optim.AdamW(f64.parameters(), lr=LR))
+        g32, g64 = _record_grads(ref), _record_grads(f64)
     g = torch.Generator().manual_seed(1)
     with listen() as reports:
-        for i in range(4):
+        for i in range(STEPS):
             idx = torch.randint(0, VOCAB, (B, T), generator=g).to(DEVICE)
             if i == 0:
                 report = forge_compile.explain(compiled, idx)
@@ -70,15 +97,37 @@ def _train(make, inner, exact=False):
                 f64_step(idx)
     fused = {k for r in reports for k in r.fused}
     unfused = {k: v for r in reports for k, v in r.unfused.items() if k not in fused}
-    return model, ref, report, fused, unfused, f64
+    exact_run = None
+    if exact:
+        ill = {}
+        for n, p in f64.named_parameters():
+            ill[n] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+            for a, b in zip(g32[n], g64[n]):
+                ill[n] |= (a - b).abs() > ILL_REL * b.abs()
+        exact_run = (f64, ill)
+    return model, ref, report, fused, unfused, exact_run
 
 
-def _assert_as_exact_as_eager(model, ref, f64):
-    """Every 2-D weight of forge's fp32 run (``model``) is as close to the float64 run as
-    eager's fp32 run (``ref``) is, to RTOL."""
+def _assert_as_exact_as_eager(model, ref, exact_run, dims=(2,), skip=None):
+    """Every parameter with ``dims`` dimensions of forge's fp32 run (``model``) is as close to
+    the float64 run as eager's fp32 run (``ref``) is, to RTOL, on its well-conditioned
+    elements; at most ILL_MAX of its elements are ill-conditioned, and those stay within what
+    STEPS AdamW steps of two runs can move an element apart (each step moves it by at most
+    ~3 lr, the bias-corrected ratio of the first steps, in either direction) of the float64
+    run. ``skip``: name -> a bool mask of elements left out (a gradient zero in exact
+    arithmetic)."""
+    f64, ill = exact_run
     for (n, p), q, x in zip(model.named_parameters(), ref.parameters(), f64.parameters()):
-        if p.dim() == 2:
-            assert _rel(p, x) <= _rel(q, x) + RTOL, (n, _rel(p, x), _rel(q, x))
+        if p.dim() not in dims:
+            continue
+        keep = ~(skip or {}).get(n, torch.zeros_like(ill[n]))
+        p, q, x, bad = p[keep], q[keep], x[keep], ill[n][keep]
+        assert bad.float().mean().item() <= ILL_MAX, (n, int(bad.sum()), bad.numel())
+        ok = ~bad
+        assert _rel(p[ok], x[ok]) <= _rel(q[ok], x[ok]) + RTOL, \
+            (n, _rel(p[ok], x[ok]), _rel(q[ok], x[ok]), int(bad.sum()))
+        if bad.any():
+            assert (p.detach().double() - x.detach())[bad].abs().max().item() <= 2 * 3 * LR * STEPS, n
 
 
 def _rel(a, b):
@@ -88,20 +137,34 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
 def test_gpt2_conv1d_weights_fuse_and_the_tied_head_says_why(inner):
-    model, ref, report, fused, unfused, _ = _train(_gpt2, inner)
+    """One graph, the 8 Conv1D weights fused, the tied head refused with its reason. Under
+    aot_eager every parameter stays within RTOL of eager; under Inductor the unfused ones
+    (biases, LayerNorms) run Inductor's kernels, whose fp32 sums differ from eager's as stock
+    torch.compile's do (a LayerNorm bias ended 1.14e-5 from eager on the H100), so there every
+    parameter is held to the float64 run, as close as eager is."""
+    model, ref, report, fused, unfused, exact_run = _train(_gpt2, inner,
+                                                           exact=inner == "inductor")
     # one graph: the loss's logger.warning_once is deferred, not a split before the backward
     assert report.graph_count == 1 and report.graph_breaks == [], report.graph_breaks
     conv1d = sorted(n + ".weight" for n, m in model.named_modules()
                     if isinstance(m, transformers.pytorch_utils.Conv1D))
     assert len(conv1d) == 8 and sorted(fused) == conv1d, (sorted(fused), unfused)
     assert unfused["transformer.wte.weight"].startswith("GEMM plus another gradient")
-    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+    # a c_attn bias's key third has a zero gradient in exact arithmetic (softmax ignores a
+    # shift of every key by one vector), so AdamW turns the rounding noise of each run into
+    # lr-sized steps (stock torch.compile: 4.5e-4 from eager on the whole bias); the query
+    # and value thirds are compared
+    key_third = {}
+    for n, p in model.named_parameters():
         if re.fullmatch(r"transformer\.h\.\d\.attn\.c_attn\.bias", n):
-            # its key third has a zero gradient in exact arithmetic (softmax ignores a shift
-            # of every key by one vector), so AdamW turns the rounding noise of each run
-            # into lr-sized steps (stock torch.compile: 4.5e-4 from eager on the whole bias);
-            # the query and value thirds are compared
-            p, q = torch.cat([p[:32], p[64:]]), torch.cat([q[:32], q[64:]])
+            key_third[n] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+            key_third[n][32:64] = True
+    if exact_run is not None:
+        _assert_as_exact_as_eager(model, ref, exact_run, dims=(1, 2), skip=key_third)
+        return
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        if n in key_third:
+            p, q = p[~key_third[n]], q[~key_third[n]]
         assert _rel(p, q) <= RTOL, (n, _rel(p, q))
 
 
@@ -149,16 +212,25 @@ ARCHS = {
 def test_causal_lm_is_one_graph_with_every_untied_linear_fused(arch):
     """Each architecture's step is one graph; every Linear weight is fused except a head tied
     to the embedding, which says so; and every 2-D weight is as close to the float64
-    trajectory as eager's fp32 one, to 1e-5. Against float64, not eager: in fp32 some weights
-    of these tiny models are ill-conditioned under AdamW (Phi's layer-1 v_proj: eager ends
-    3.3e-5 from float64, forge 1.5e-5, 1.7e-5 apart), so eager is no 1e-5 reference there.
-    (Biases are not compared: a key projection's bias has a zero gradient in exact
-    arithmetic, see the GPT-2 test.)"""
+    trajectory as eager's fp32 one, to 1e-5, on its well-conditioned elements. Against
+    float64, not eager: in fp32 a weight with one ill-conditioned gradient element is no 1e-5
+    reference (Phi's layer-1 v_proj: on the CPU eager ends 3.3e-5 from float64 and forge
+    1.5e-5; on the H100 eager 1.3e-5 and forge 2.8e-5), see ILL_REL. (Biases are not
+    compared: a key projection's bias has a zero gradient in exact arithmetic, see the GPT-2
+    test.)"""
     name, kw = ARCHS[arch]
     if not hasattr(transformers, name):
         pytest.skip(f"transformers {transformers.__version__} has no {name}")
     make = lambda: transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**kw))
-    model, ref, report, fused, unfused, f64 = _train(make, "aot_eager", exact=True)
+    model, ref, report, fused, unfused, exact_run = _train(make, "aot_eager", exact=True)
+    if arch == "OPT" and _opt_layerdrop_branches():
+        # the step splits at OPT's LayerDrop, for any backend: forge names the break
+        assert report.graph_count > 1, report
+        assert any(b.startswith("Data-dependent branching") for b in report.graph_breaks), \
+            report.graph_breaks
+        pytest.xfail(f"transformers {transformers.__version__}: OPTDecoder draws torch.rand([]) "
+                     "and branches on it in training even with layerdrop=0 (a graph break "
+                     "for stock torch.compile too; transformers 5.24 checks layerdrop > 0 first)")
     assert report.graph_count == 1 and report.graph_breaks == [], report.graph_breaks
     emb = model.get_input_embeddings().weight
     linear = {n + ".weight": m.weight for n, m in model.named_modules()
@@ -168,7 +240,16 @@ def test_causal_lm_is_one_graph_with_every_untied_linear_fused(arch):
     if any(w is emb for w in linear.values()):
         emb_name = next(n for n, p in model.named_parameters() if p is emb)
         assert unfused[emb_name].startswith("GEMM plus another gradient"), unfused[emb_name]
-    _assert_as_exact_as_eager(model, ref, f64)
+    _assert_as_exact_as_eager(model, ref, exact_run)
+
+
+def _opt_layerdrop_branches() -> bool:
+    """Whether this transformers' OPT decoder branches on a random tensor in training whatever
+    its layerdrop (transformers 5.17: ``if self.training: if torch.rand([]) < self.layerdrop``),
+    so that Dynamo splits the step there."""
+    import inspect
+    src = inspect.getsource(transformers.models.opt.modeling_opt.OPTDecoder.forward)
+    return "torch.rand([])" in src and "layerdrop > 0" not in src
 
 
 def _checkpointed(make):
@@ -184,10 +265,11 @@ def test_gradient_checkpointing_keeps_one_fused_graph(make):
     """HF's ``gradient_checkpointing_enable()`` (torch.utils.checkpoint, non-reentrant): the
     checkpointed step is still one graph with every untied weight fused, and each 2-D weight
     as close to the float64 run as eager's fp32, to 1e-5."""
-    model, ref, report, fused, unfused, f64 = _train(_checkpointed(make), "aot_eager", exact=True)
+    model, ref, report, fused, unfused, exact_run = _train(_checkpointed(make), "aot_eager",
+                                                           exact=True)
     assert report.graph_count == 1 and report.graph_breaks == [], report.graph_breaks
     emb = model.get_input_embeddings().weight
     gemm = {n + ".weight": m.weight for n, m in model.named_modules()
             if isinstance(m, (torch.nn.Linear, transformers.pytorch_utils.Conv1D))}
     assert sorted(fused) == sorted(n for n, w in gemm.items() if w is not emb), unfused
-    _assert_as_exact_as_eager(model, ref, f64)
+    _assert_as_exact_as_eager(model, ref, exact_run)

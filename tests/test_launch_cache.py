@@ -12,6 +12,7 @@ and of the warp-specialised kernel's cached TensorDescriptors.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -229,10 +230,12 @@ def _reset(p, s, p0, s0):
 
 
 def _plan_case(kind, seed):
-    """The config of kernel ``kind`` ("ws" or "triton"), AdamW's program and a 64-token case
+    """The config of kernel ``kind`` ("ws", "triton" or "split": cuBLAS and the epilogue
+    kernel, in 4 row blocks of the 512-row weight), AdamW's program and a 64-token case
     (dY, X, W, state); skipped where the WS kernel does not apply."""
-    cfg = flu._GPU_WS_CONFIGS[0] if kind == "ws" else flu._GPU_CONFIGS[0]
     dy, x, p, s = _case(64, seed=seed)
+    cfg = {"ws": flu._GPU_WS_CONFIGS[0], "triton": flu._GPU_CONFIGS[0],
+           "split": _split_cfg(160, x.shape[1])}[kind]
     if cfg.WS:
         why = _ws().ws_unsupported_reason(dy, x, p, s)
         if why:
@@ -243,7 +246,7 @@ def _plan_case(kind, seed):
 @pytest.mark.usefixtures("no_plans")
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["ws", "triton"])
+@pytest.mark.parametrize("kind", ["ws", "triton", "split"])
 def test_gpu_launch_plan_repeats_the_checked_launch(monkeypatch, kind):
     """A repeated call on the same tensors goes through its plan and writes, bit for bit, what
     the full path (checks, config, launch cache) writes; a learning rate passed by value that
@@ -315,7 +318,7 @@ def test_gpu_op_plan_equals_the_first_call(monkeypatch):
 @pytest.mark.usefixtures("no_plans")
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["ws", "triton"])
+@pytest.mark.parametrize("kind", ["ws", "triton", "split"])
 def test_gpu_launch_plan_takes_each_calls_activations(monkeypatch, kind):
     """Activations at other addresses (a step whose dY and X the allocator placed elsewhere) run
     the plan made for the first ones, and the plan reads theirs: bit for bit what the full path
@@ -348,7 +351,7 @@ def test_gpu_launch_plan_takes_each_calls_activations(monkeypatch, kind):
 @pytest.mark.usefixtures("no_plans")
 @gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["ws", "triton"])
+@pytest.mark.parametrize("kind", ["ws", "triton", "split"])
 def test_gpu_launch_plan_takes_each_calls_scalar_pointers(monkeypatch, kind):
     """GPU scalars at other addresses (a compiled step's bias corrections, fresh temporaries
     each step) run the plan made for the first ones, and the plan reads theirs: bit for bit
@@ -522,3 +525,53 @@ def test_plan_triton_slots_take_each_calls_pointers():
     plan.run([], 0, dy2, x2)
     moved, vals = ck.calls[0][:-1], vals[:-1]
     assert moved[:2] == (dy2.data_ptr(), x2.data_ptr()) and moved[2:] == vals[2:]
+
+
+def _split_cfg(rows: int, K: int):
+    """The split-GEMM config with a block cap of ``rows`` rows of fp32 gradient (a multiple of
+    its BLOCK_N): several blocks on a small weight."""
+    cfg = flu._GPU_SPLIT_CONFIGS[0]
+    return dataclasses.replace(cfg, SPLIT_GEMM_MB=rows * 4 * K / 2 ** 20)
+
+
+def test_split_plan_runs_each_block_with_its_gradient():
+    """A split-GEMM plan: per row block of W, cuBLAS's gradient of that block, then the block's
+    epilogue launch with this call's dY rows, X and gradient at their slots, the block's seed,
+    and the block's W and state as remembered. Built on CPU tensors (recorded, no launch)."""
+    prog = rules.adamw_program()
+    T, N, K = 4, 96, 8
+    cfg = _split_cfg(32, K)
+    rows = flu._split_rows(cfg, N, K)
+    assert rows == 32
+    dy, x, p = torch.zeros(T, N), torch.zeros(T, K), torch.zeros(N, K)
+    s = [torch.zeros_like(p), torch.zeros_like(p)]
+    sc = rules.adamw_scalars(1e-3, step=1)
+    ck = _RecordingKernel()
+    blocks = []
+    for i, n0 in enumerate(range(0, N, rows)):
+        dyb, g = dy[:, n0:n0 + rows], torch.zeros(rows, K)
+        k, _, args, kwargs = flu._launch_args(dyb, x, p[n0:n0 + rows], [t[n0:n0 + rows] for t in s],
+                                              sc, prog, cfg, "ieee", flu._block_seed(0, i), None, g)
+        slots = flu._operand_slots(dyb, x, args, cfg, g)
+        assert sorted((at, which) for at, which, _ in slots) == [(0, 0), (1, 1), (2, 2)]
+        names = list(k.arg_names)
+        vals = list(args) + [kwargs.get(n) for n in names[len(args):]]
+        vals = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v for v in vals)
+        blocks.append((n0, n0 + rows, flu._Plan(ck, (1, 1, 1), vals, names.index("seed"), (),
+                                                False, slots, (dyb.data_ptr(), x.data_ptr(),
+                                                               g.data_ptr()))))
+    plan = flu._SplitPlan(tuple(blocks), False)
+    dy2, x2 = torch.zeros(T, N), torch.zeros(T, K)
+    hits0 = flu.PLAN_STATS["hits"]
+    plan.run(sc, 7, dy2, x2)
+    assert flu.PLAN_STATS["hits"] - hits0 == 1      # one call, however many blocks
+    assert len(ck.calls) == 3
+    seed_at = list(flu._kernel(prog).arg_names).index("seed")
+    for i, (n0, n1, block) in enumerate(blocks):
+        c = ck.calls[i]
+        assert c[0] == dy2[:, n0:n1].data_ptr() and c[1] == x2.data_ptr()
+        assert c[3] == p[n0:n1].data_ptr() and c[4] == s[0][n0:n1].data_ptr()
+        assert c[seed_at] == flu._block_seed(7, i)
+        assert c[2] not in (p.data_ptr(), dy2.data_ptr(), x2.data_ptr())    # a gradient block
+        assert [v for j, v in enumerate(c) if j not in (0, 1, 2, seed_at)] == \
+            [v for j, v in enumerate(block.vals) if j not in (0, 1, 2, seed_at)]

@@ -1164,9 +1164,9 @@ def triton_unsupported_reason(dy: Tensor, x: Tensor, param: Tensor, state: List[
 
 def _run(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, seed: int,
          scalar_pointers: Optional[bool] = None, plan_key: Optional[tuple] = None):
-    if cfg.SPLIT_GEMM_MB:       # cuBLAS and a launch per block: no plan
+    if cfg.SPLIT_GEMM_MB:       # cuBLAS and a launch per block (_SplitPlan)
         return _launch_split_gemm(dy, x, param, state, scalars, prog, cfg, precision, seed,
-                                  scalar_pointers)
+                                  scalar_pointers, plan_key)
     if cfg.WS:
         from forge_compile.kernels.fused_linear_update_ws import ws_launch_args
         k, grid, args, kwargs = ws_launch_args(dy, x, param, state, scalars, prog, cfg, seed,
@@ -1176,18 +1176,19 @@ def _run(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, 
                                              precision, seed, scalar_pointers)
     ck = launch_cache.launch(k, grid, *args, **kwargs)
     if plan_key is not None:        # the launch a repeated call makes again (_Plan)
-        _remember_plan(plan_key, k, ck, grid, args, kwargs, scalars,
-                       stochastic_rounding(param, prog), _operand_slots(dy, x, args, cfg))
+        _remember_plan(plan_key, _new_plan(k, ck, grid, args, kwargs, scalars,
+                                           stochastic_rounding(param, prog),
+                                           _operand_slots(dy, x, args, cfg)))
     return ck
 
 
-def _operand_slots(dy, x, args, cfg: KernelConfig) -> tuple:
-    """Where a launch's arguments hold dY and X, so that a plan can take each call's own:
-    ``(position, 0 for dY / 1 for X, None for a pointer or the function that makes the
-    descriptor of an address)``. Found by identity among the arguments the launch was built
-    with (the Triton kernel's pointers; the WS kernel's TMA descriptors, and its pointers with
-    WS_PREFETCH_GEMM)."""
-    slots = []
+def _operand_slots(dy, x, args, cfg: KernelConfig, grad: Optional[Tensor] = None) -> tuple:
+    """Where a launch's arguments hold dY and X (and ``grad``, a split-GEMM block's gradient),
+    so that a plan can take each call's own: ``(position, 0 for dY / 1 for X / 2 for the
+    gradient, None for a pointer or the function that makes the descriptor of an address)``.
+    Found by identity among the arguments the launch was built with (the Triton kernel's
+    pointers; the WS kernel's TMA descriptors, and its pointers with WS_PREFETCH_GEMM)."""
+    slots = [(at, 2, None) for at, a in enumerate(args) if grad is not None and a is grad]
     descs = {}
     if cfg.WS:
         from forge_compile.kernels.fused_linear_update_ws import desc
@@ -1229,21 +1230,37 @@ SPLIT_GEMM_BLOCKS: Dict[Tuple[int, int], int] = {}
 
 
 def _launch_split_gemm(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str,
-                       seed: int, scalar_pointers: Optional[bool] = None):
-    """cuBLAS gradient of one row block of W at a time, each consumed by the epilogue kernel."""
+                       seed: int, scalar_pointers: Optional[bool] = None,
+                       plan_key: Optional[tuple] = None):
+    """cuBLAS gradient of one row block of W at a time, each consumed by the epilogue kernel.
+    ``plan_key``: remember the blocks' launches for repeated calls (_SplitPlan)."""
     T, N = dy.shape
     K = x.shape[1]
     rows = _split_rows(cfg, N, K)
     ck = None
+    bf16 = stochastic_rounding(param, prog)
+    blocks = []
     for i, n0 in enumerate(range(0, N, rows)):
         n1 = min(N, n0 + rows)
-        g = _mm_fp32(dy[:, n0:n1].t(), x)
-        # a different stochastic-rounding stream per block (the noise offsets restart at 0)
-        ck = _launch(dy[:, n0:n1], x, param[n0:n1], [s[n0:n1] for s in state], scalars, prog,
-                     cfg, precision, (seed + 0x9E3779B1 * i) % (1 << 31), scalar_pointers,
-                     grad=g)
+        dyb = dy[:, n0:n1]
+        g = _mm_fp32(dyb.t(), x)
+        k, grid, args, kwargs = _launch_args(dyb, x, param[n0:n1], [s[n0:n1] for s in state],
+                                             scalars, prog, cfg, precision, _block_seed(seed, i),
+                                             scalar_pointers, g)
+        ck = launch_cache.launch(k, grid, *args, **kwargs)
+        if plan_key is not None:
+            blocks.append((n0, n1, _new_plan(k, ck, grid, args, kwargs, scalars, bf16,
+                                             _operand_slots(dyb, x, args, cfg, g))))
         del g       # freed before the next block's GEMM: the allocator reuses its memory
+    if plan_key is not None and all(b[2] is not None for b in blocks):
+        _remember_plan(plan_key, _SplitPlan(tuple(blocks), bf16))
     return ck
+
+
+def _block_seed(seed: int, i: int) -> int:
+    # a different stochastic-rounding stream per split-GEMM block (the noise offsets restart at
+    # 0 in each block)
+    return (seed + 0x9E3779B1 * i) % (1 << 31)
 
 
 def scalar_args(scalars, scalar_pointers: Optional[bool] = None):
@@ -1390,7 +1407,7 @@ def _triton_checked(dy, x, param, state, scalars, program, prog: EpilogueProgram
 # exactly these arguments, what all of that decided (the checks passed, the tuned config, the
 # descriptors, the compiled kernel and its argument list), so a repeated call only sets the
 # seed and the scalars passed by value and launches.
-_PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
+_PLANS: "collections.OrderedDict[tuple, Union[_Plan, _SplitPlan]]" = collections.OrderedDict()
 # One plan per (weight, activation buffers) seen: a model's linear layers, times the
 # activation addresses a step reuses. Least recently used ones go first.
 _PLANS_MAX = 4096
@@ -1412,19 +1429,47 @@ class _Plan:
         self.by_pointer = by_pointer
 
     def run(self, scalars, seed: Optional[int], dy: Tensor, x: Tensor):
+        PLAN_STATS["hits"] += 1
+        return self.launch(scalars, seed if seed is not None else _default_seed(self.bf16),
+                           (dy.data_ptr(), x.data_ptr()))
+
+    def launch(self, scalars, seed: int, ptrs: tuple):
+        """The launch with this call's seed, scalars and operand addresses ``ptrs`` (dY's, X's
+        and, in a split-GEMM block, its gradient's)."""
         vals = list(self.vals)
-        ptrs = (dy.data_ptr(), x.data_ptr())
         if ptrs != self.ptrs:       # the activations moved: this call's, same layout
             for at, which, make in self.operands:
                 vals[at] = ptrs[which] if make is None else make(ptrs[which])
-        vals[self.seed_at] = seed if seed is not None else _default_seed(self.bf16)
+        vals[self.seed_at] = seed
         for at, i in self.by_value:
             vals[at] = float(scalars[i])
         for at, i in self.by_pointer:
             vals[at] = scalars[i].data_ptr()
-        PLAN_STATS["hits"] += 1
         self.ck[self.grid](*vals)
         return self.ck
+
+
+class _SplitPlan:
+    """A split-GEMM launch's plan: per row block ``(n0, n1, plan)`` of W, cuBLAS's fp32
+    gradient of the block, then the epilogue kernel's launch through the block's _Plan (its
+    third operand the gradient, at this call's address). Without it every split call ran the
+    full path: its checks, the tuned-config lookup and the launch arguments of each block's
+    kernel (the 953M bf16 Llama at 4×1024 runs 64 such calls a step)."""
+    __slots__ = ("blocks", "bf16")
+
+    def __init__(self, blocks: tuple, bf16: bool):
+        self.blocks, self.bf16 = blocks, bf16
+
+    def run(self, scalars, seed: Optional[int], dy: Tensor, x: Tensor):
+        PLAN_STATS["hits"] += 1
+        seed = seed if seed is not None else _default_seed(self.bf16)
+        ck, xp = None, x.data_ptr()
+        for i, (n0, n1, plan) in enumerate(self.blocks):
+            dyb = dy[:, n0:n1]
+            g = _mm_fp32(dyb.t(), x)
+            ck = plan.launch(scalars, _block_seed(seed, i), (dyb.data_ptr(), xp, g.data_ptr()))
+            del g       # as _launch_split_gemm: the next block's GEMM reuses its memory
+        return ck
 
 
 def _plan_key(dy, x, param, state, scalars, program, config, scalar_pointers) -> Optional[tuple]:
@@ -1456,7 +1501,7 @@ def _scalar_key(s):
     return type(s)
 
 
-def _plan(key: Optional[tuple]) -> "Optional[_Plan]":
+def _plan(key: Optional[tuple]) -> "Optional[Union[_Plan, _SplitPlan]]":
     if key is None or not launch_cache.enabled():
         return None
     plan = _PLANS.get(key)
@@ -1477,29 +1522,36 @@ def _scalar_slots(names, kwargs, n: int) -> Tuple[tuple, tuple]:
     return tuple(slots[0]), tuple(slots[1])
 
 
-def _remember_plan(key: tuple, jit, ck, grid, args, kwargs, scalars, bf16: bool,
-                   operands: tuple) -> None:
+def _new_plan(jit, ck, grid, args, kwargs, scalars, bf16: bool,
+              operands: tuple) -> "Optional[_Plan]":
+    """The plan that repeats this launch, or None where it cannot be made."""
     bound = launch_cache.bound(jit, args, kwargs)
     if bound is None or ck is None:
-        return
+        return None
     names, vals = bound
     by_value, by_pointer = _scalar_slots(names, kwargs, len(scalars))
     # tensors by address (Triton's launcher takes an int for a pointer): a plan keeps no
     # weight or state alive, and one for a freed tensor is right for a new tensor the key
     # describes the same way (the descriptors, _desc_of, work the same way)
     vals = tuple(v.data_ptr() if isinstance(v, Tensor) else v for v in vals)
-    # a plan takes each call's dY and X (its key has no address of theirs): without a slot
-    # for each, no plan (a call would read the first call's activations)
+    # a plan takes each call's dY and X (its key has no address of theirs), and a split-GEMM
+    # block's gradient: without a slot for each, no plan (a call would read the first call's)
     covered = {which for _, which, _ in operands}
-    if covered != {0, 1}:
-        return
-    # the addresses of dY and X this launch was made with: a call at the same ones passes vals
+    if covered not in ({0, 1}, {0, 1, 2}):
+        return None
+    # the operands' addresses this launch was made with: a call at the same ones passes vals
     # as they are
-    ptrs = [0, 0]
+    ptrs = [0] * len(covered)
     for at, which, make in operands:
         ptrs[which] = vals[at] if make is None else vals[at].base.data_ptr()
-    _PLANS[key] = _Plan(ck, launch_cache.grid3(grid), vals, names.index("seed"), by_value,
-                        bf16, operands, tuple(ptrs), by_pointer)
+    return _Plan(ck, launch_cache.grid3(grid), vals, names.index("seed"), by_value, bf16,
+                 operands, tuple(ptrs), by_pointer)
+
+
+def _remember_plan(key: tuple, plan) -> None:
+    if plan is None:
+        return
+    _PLANS[key] = plan
     PLAN_STATS["made"] += 1
     while len(_PLANS) > _PLANS_MAX:
         _PLANS.popitem(last=False)
