@@ -47,6 +47,10 @@ def main() -> int:
     p.add_argument("--trace", action="store_true",
                    help="also write the profiled steps' chrome trace (gzipped, under --out) and "
                         "where the GPU waited in it (scripts/trace_gaps.py)")
+    p.add_argument("--cuda-only", action="store_true",
+                   help="profile the GPU side alone (kernels and the runtime's launch calls, no "
+                        "host ops: less profiler time on the host, so the gaps are nearer an "
+                        "unprofiled step's; the trace then names no host op)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg, batch, seq, dev, build = B.model_setup(a)
@@ -61,7 +65,9 @@ def main() -> int:
         step, keep = B.make_method(method, model, "inductor", B.forward_context(a.amp, dev.type))
         data = B.make_batches(cfg, batch, seq, 2 + a.steps + 2, dev)
         warm, times, _, peak = B.warm_and_time(step, data[:2], data[2:2 + a.steps], dev)
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        acts = ([] if a.cuda_only and cuda else [ProfilerActivity.CPU]) + \
+            ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
             for ids in data[-2:]:
                 step(ids)
             sync()
