@@ -22,7 +22,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--layers-only", action="store_true", help="only the per-layer table")
+    ap.add_argument("--split-only", action="store_true",
+                    help="only the split-GEMM mode's host time (its plan, cuBLAS's mm with an "
+                         "fp32 result beside a plain mm) and its cProfile")
     a = ap.parse_args()
+    if a.split_only:
+        split(a.n, a.top)
+        return
     layers(a.n)
     if a.layers_only:
         return
@@ -41,6 +47,27 @@ def main() -> None:
     prof = cProfile.Profile()
     host_us_per_launch(None, a.n, profile=prof, launch=flu.fused_linear_update_)
     pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
+
+
+def split(n: int, top: int) -> None:
+    """Host µs per call of the split-GEMM mode on the tiny shape, through its plan (one row
+    block), beside its parts: torch.mm with an fp32 result (the block's gradient) and a plain
+    bf16 torch.mm; then where the plan's calls spend it (cProfile)."""
+    import torch
+    from benchmarks.bench_fused_linear_update import host_us_per_launch, make_case, us_per_call
+    from forge_compile.kernels import fused_linear_update as flu
+    cfg = flu._GPU_SPLIT_CONFIGS[0]
+    c = make_case(256, 256, 64, "adamw")
+    a, b = c["dy"].t(), c["x"]
+    print(f"== torch.mm, fp32 result: {us_per_call(lambda: flu._mm_fp32(a, b), n):.1f} us; "
+          f"plain: {us_per_call(lambda: torch.mm(a, b), n):.1f} us", flush=True)
+    hits = flu.PLAN_STATS["hits"]
+    us = host_us_per_launch(cfg, n)
+    print(f"== split-GEMM ({cfg}): {us:.1f} us per call, "
+          f"{flu.PLAN_STATS['hits'] - hits} plan hits", flush=True)
+    prof = cProfile.Profile()
+    host_us_per_launch(cfg, n, profile=prof)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
 def layers(n: int) -> None:
