@@ -575,3 +575,21 @@ def test_split_plan_runs_each_block_with_its_gradient():
         assert c[2] not in (p.data_ptr(), dy2.data_ptr(), x2.data_ptr())    # a gradient block
         assert [v for j, v in enumerate(c) if j not in (0, 1, 2, seed_at)] == \
             [v for j, v in enumerate(block.vals) if j not in (0, 1, 2, seed_at)]
+
+
+
+def test_split_block_plan_needs_a_gradient_slot():
+    """A split-GEMM block's plan is made only where its launch's gradient argument was found:
+    without that slot a repeated call would pass the first call's gradient block, long freed."""
+    prog = rules.adamw_program()
+    cfg = _split_cfg(32, 8)
+    dy, x, p = torch.zeros(4, 32), torch.zeros(4, 8), torch.zeros(32, 8)
+    s = [torch.zeros_like(p), torch.zeros_like(p)]
+    sc = rules.adamw_scalars(1e-3, step=1)
+    g = torch.zeros(32, 8)
+    k, grid, args, kwargs = flu._launch_args(dy, x, p, s, sc, prog, cfg, "ieee", 0, None, g)
+    assert {w for _, w, _ in flu._operand_slots(dy, x, args, cfg, g)} == {0, 1, 2}
+    # the launch's slots found without the gradient (none is asked for): no block plan. (A
+    # plan that is made needs the launch cache's binding, a GPU driver: the GPU plan tests.)
+    assert flu._new_plan(k, _RecordingKernel(), grid, args, kwargs, sc, False,
+                         flu._operand_slots(dy, x, args, cfg), kinds=3) is None

@@ -1250,7 +1250,7 @@ def _launch_split_gemm(dy, x, param, state, scalars, prog, cfg: KernelConfig, pr
         ck = launch_cache.launch(k, grid, *args, **kwargs)
         if plan_key is not None:
             blocks.append((n0, n1, _new_plan(k, ck, grid, args, kwargs, scalars, bf16,
-                                             _operand_slots(dyb, x, args, cfg, g))))
+                                             _operand_slots(dyb, x, args, cfg, g), kinds=3)))
         del g       # freed before the next block's GEMM: the allocator reuses its memory
     if plan_key is not None and all(b[2] is not None for b in blocks):
         _remember_plan(plan_key, _SplitPlan(tuple(blocks), bf16))
@@ -1274,13 +1274,6 @@ def scalar_args(scalars, scalar_pointers: Optional[bool] = None):
         args.append(s if ptr else float(s))
         flags[f"SCALAR_PTR_{i}"] = ptr
     return args, flags
-
-
-def _launch(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str, seed: int,
-            scalar_pointers: Optional[bool] = None, grad: Optional[Tensor] = None):
-    k, grid, args, kwargs = _launch_args(dy, x, param, state, scalars, prog, cfg, precision,
-                                         seed, scalar_pointers, grad)
-    return launch_cache.launch(k, grid, *args, **kwargs)
 
 
 def _launch_args(dy, x, param, state, scalars, prog, cfg: KernelConfig, precision: str,
@@ -1522,9 +1515,15 @@ def _scalar_slots(names, kwargs, n: int) -> Tuple[tuple, tuple]:
     return tuple(slots[0]), tuple(slots[1])
 
 
-def _new_plan(jit, ck, grid, args, kwargs, scalars, bf16: bool,
-              operands: tuple) -> "Optional[_Plan]":
-    """The plan that repeats this launch, or None where it cannot be made."""
+def _new_plan(jit, ck, grid, args, kwargs, scalars, bf16: bool, operands: tuple,
+              kinds: int = 2) -> "Optional[_Plan]":
+    """The plan that repeats this launch, or None where it cannot be made. ``kinds``: the
+    operands it must find a slot for, 2 (dY, X) or 3 (and a split-GEMM block's gradient)."""
+    # a plan takes each call's dY and X (its key has no address of theirs), and a split-GEMM
+    # block's gradient: without a slot for each, no plan (a call would read the first call's)
+    covered = {which for _, which, _ in operands}
+    if covered != set(range(kinds)):
+        return None
     bound = launch_cache.bound(jit, args, kwargs)
     if bound is None or ck is None:
         return None
@@ -1534,11 +1533,6 @@ def _new_plan(jit, ck, grid, args, kwargs, scalars, bf16: bool,
     # weight or state alive, and one for a freed tensor is right for a new tensor the key
     # describes the same way (the descriptors, _desc_of, work the same way)
     vals = tuple(v.data_ptr() if isinstance(v, Tensor) else v for v in vals)
-    # a plan takes each call's dY and X (its key has no address of theirs), and a split-GEMM
-    # block's gradient: without a slot for each, no plan (a call would read the first call's)
-    covered = {which for _, which, _ in operands}
-    if covered not in ({0, 1}, {0, 1, 2}):
-        return None
     # the operands' addresses this launch was made with: a call at the same ones passes vals
     # as they are
     ptrs = [0] * len(covered)
