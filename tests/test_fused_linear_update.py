@@ -391,6 +391,8 @@ WS_PREFETCH_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], WS_PREFETCH=2),
 WS_WALK_STUDY = (dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=16, WS_L2="dy_last"),
                  dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1024, WS_L2="dy_last"),
                  dataclasses.replace(flu._GPU_WS_CONFIGS[4], GROUP_N=1, WS_L2="x_last"))
+
+
 def _seeded(prog):
     """``prog`` with a device-drawn seed scalar (what the pass builds under CUDA graphs)."""
     return dataclasses.replace(prog, scalars=prog.scalars + ("__seed__",),
@@ -1457,8 +1459,7 @@ def _interpreter_cases():
         # kernel's rounding is the launch's seed XOR the scalar's value, bit for bit what a
         # launch with that seed alone writes and what the CPU path writes
         prog, sc = _rules()["adamw"]
-        seeded = dataclasses.replace(prog, scalars=prog.scalars + ("__seed__",),
-                                     seed_scalar="__seed__")
+        seeded = _seeded(prog)
         dy, x, p, s = _inputs(prog, 200, 300, 32, torch.bfloat16, "cpu",
                               param_dtype=torch.bfloat16, state_dtype=torch.bfloat16)
         dy, x = _exact_gemm_operands(dy, x)

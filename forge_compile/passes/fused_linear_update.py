@@ -41,7 +41,8 @@ from torch.fx.experimental import symbolic_shapes
 from forge_compile import patterns as _patterns
 from forge_compile.context import FusedParam, PassContext
 from forge_compile.epilogue import GRAD, PARAM, OPS, EpilogueProgram, Instr
-from forge_compile.kernels.fused_linear_update import fused_linear_update_  # noqa: F401 (registers op)
+# importing the kernel module registers the fused op (FUSED_OP below)
+from forge_compile.kernels.fused_linear_update import stochastic_rounding
 from forge_compile.passes.liveness import GraphFacts, is_mutation, is_view
 
 __all__ = ["fuse_linear_updates", "Refused", "lower_rules"]
@@ -1141,7 +1142,7 @@ def _rewrite(graph, a: _Analysis, param, state, prog, pos, scalar_copies=None, r
         if scalar_copies is not None:
             scal = [_on_device(graph, t, _val(param).device, scalar_copies, report)
                     for t in scal]
-            if _val(param).dtype == torch.bfloat16 and prog.param_rounding == "stochastic":
+            if stochastic_rounding(_val(param), prog):
                 scal.append(_device_seed(graph, _val(param).device, _val(a.gemm),
                                          scalar_copies))
                 prog = dataclasses.replace(prog, scalars=prog.scalars + (SEED_SCALAR,),
